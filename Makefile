@@ -1,0 +1,30 @@
+# Two commands set up a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+RUN_DIR ?= demo_run
+
+.PHONY: demo test install bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch/torchvision pinned in pyproject (2.14.1 / 0.29.1): these install from local disk here.
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/brvo-augment demo $(RUN_DIR)
+
+test: $(BIN)/.installed
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/preprocess_bench.py
+	$(BIN)/python benchmarks/train_bench.py
+	$(BIN)/python benchmarks/crgan_bench.py
+
+clean:
+	rm -rf $(RUN_DIR) .pytest_cache

@@ -1,0 +1,369 @@
+"""The one writer and reader of the 'brvo-paired' v1 HDF5 format (DESIGN section 4).
+
+Layout::
+
+    /images          uint8 (N, H, W), chunks (1, H, W), compressed
+    /labels          uint8 (N, H, W), 0/1 (vessel = 1), same chunks/compression
+    /meta/<column>   1-D, length N, one dataset per column
+    root attrs       format, format_version, created_utc, image_size, n_real,
+                     n_synthetic, config_json, code_version, source_sha256, ...
+
+The preprocessed file (soul.h5) and the augmented file (augmented.h5) share it.
+Strings are stored as fixed-length ASCII/UTF-8 bytes so every HDF5 tool reads them;
+use ``Dataset.asstr()`` (h5py) or :func:`read_meta` to get Python strings back.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from storage.atomic import atomic_path
+from storage.errors import DatasetFormatError
+
+FORMAT_NAME = "brvo-paired"
+FORMAT_VERSION = 1
+STAGE_NAMES = ("s1t1", "s1t2", "s2t1", "s2t2", "s3t1", "s3t2")
+SPLITS = ("train", "val", "test")
+LABEL_SOURCES = ("annotation", "pix2pix")
+
+#: Required meta columns and their numpy kind ('S' string, 'i' int, 'b' bool).
+REQUIRED_META: dict[str, str] = {
+    "patient_id": "S",
+    "stage": "i",
+    "exam_id": "S",
+    "subset": "S",
+    "split": "S",
+    "is_synthetic": "b",
+    "label_source": "S",
+}
+#: Per-sample score columns (float32, NaN where not applicable, e.g. for real rows).
+SCORE_COLUMNS = ("consistency_ssim", "realism", "density_z", "label_confidence")
+#: Optional columns the augmented file adds; real rows get the defaults shown.
+OPTIONAL_META_DEFAULTS: dict[str, Any] = {
+    "accepted": True,
+    "sample_seed": -1,
+    "sample_index": -1,
+}
+REQUIRED_ATTRS = ("format", "format_version", "created_utc", "image_size", "n_real", "n_synthetic")
+
+#: name -> (h5py compression, compression_opts). 'none' exists for benchmarks only:
+#: the format requires compressed images.
+COMPRESSIONS: dict[str, tuple[str | None, int | None]] = {
+    "gzip-1": ("gzip", 1),
+    "gzip-4": ("gzip", 4),
+    "lzf": ("lzf", None),
+    "none": (None, None),
+}
+DEFAULT_COMPRESSION = "gzip-1"
+
+
+def code_version() -> str:
+    """Package version plus git commit when run from a checkout (provenance attribute)."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("brvo-augment")
+    except metadata.PackageNotFoundError:
+        version = "0+unknown"
+    head = Path(__file__).resolve().parent.parent / ".git" / "HEAD"
+    try:
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            ref_file = head.parent / ref[5:]
+            commit = ref_file.read_text().strip() if ref_file.exists() else ""
+        else:
+            commit = ref
+        if commit:
+            version += f"+g{commit[:10]}"
+    except OSError:
+        pass
+    return version
+
+
+class PairedDatasetWriter:
+    """Stream (image, label, meta) rows into a new 'brvo-paired' file, atomically.
+
+    Rows are appended in batches; images go straight to disk chunk by chunk, so
+    memory does not grow with N (only the small meta columns are kept). The file
+    appears at ``path`` only when :meth:`close` succeeds; on an exception inside
+    the ``with`` block nothing is left behind.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        image_size: int,
+        *,
+        compression: str = DEFAULT_COMPRESSION,
+        attrs: Mapping[str, Any] | None = None,
+        extra_columns: Iterable[str] = (),
+    ) -> None:
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"unknown compression {compression!r}; choose one of {sorted(COMPRESSIONS)}")
+        self.path = Path(path)
+        self.image_size = int(image_size)
+        self.compression = compression
+        self.attrs = dict(attrs or {})
+        self._columns: dict[str, list] = {k: [] for k in REQUIRED_META}
+        for k in SCORE_COLUMNS:
+            self._columns[k] = []
+        for k in OPTIONAL_META_DEFAULTS:
+            self._columns[k] = []
+        for k in extra_columns:
+            self._columns.setdefault(k, [])
+        self._n = 0
+        self._ctx = atomic_path(self.path)
+        self._tmp = self._ctx.__enter__()
+        self._file = h5py.File(self._tmp, "w")
+        comp, opts = COMPRESSIONS[compression]
+        shape = (0, self.image_size, self.image_size)
+        maxshape = (None, self.image_size, self.image_size)
+        chunks = (1, self.image_size, self.image_size)
+        kw = dict(dtype=np.uint8, chunks=chunks, maxshape=maxshape, compression=comp, compression_opts=opts)
+        if comp is not None:
+            kw["shuffle"] = False
+        self._images = self._file.create_dataset("images", shape=shape, **kw)
+        self._labels = self._file.create_dataset("labels", shape=shape, **kw)
+        self._closed = False
+
+    def __enter__(self) -> "PairedDatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort(exc_type, exc, tb)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def append(self, images: np.ndarray, labels: np.ndarray, rows: pd.DataFrame | Mapping[str, Iterable]) -> None:
+        """Append a batch: ``images``/``labels`` uint8 (n, H, W); ``rows`` one entry per image."""
+        images = np.asarray(images)
+        labels = np.asarray(labels)
+        if images.ndim == 2:
+            images, labels = images[None], labels[None]
+        n = images.shape[0]
+        expected = (n, self.image_size, self.image_size)
+        if images.shape != expected or labels.shape != expected:
+            raise ValueError(f"batch shapes {images.shape}/{labels.shape}, expected {expected}")
+        if images.dtype != np.uint8 or labels.dtype != np.uint8:
+            raise ValueError(f"images and labels must be uint8, got {images.dtype}/{labels.dtype}")
+        if labels.size and labels.max() > 1:
+            raise ValueError("labels must be 0/1 (binarise before writing)")
+        table = pd.DataFrame(rows) if not isinstance(rows, pd.DataFrame) else rows
+        if len(table) != n:
+            raise ValueError(f"{len(table)} meta rows for {n} images")
+        missing = [k for k in REQUIRED_META if k not in table]
+        if missing:
+            raise ValueError(f"meta rows lack columns {missing}")
+        for k in self._columns:
+            if k in table:
+                values = table[k].tolist()
+            elif k in SCORE_COLUMNS:
+                values = [np.nan] * n
+            elif k in OPTIONAL_META_DEFAULTS:
+                values = [OPTIONAL_META_DEFAULTS[k]] * n
+            else:
+                raise ValueError(f"meta rows lack extra column {k!r}")
+            self._columns[k].extend(values)
+        start = self._n
+        self._images.resize(start + n, axis=0)
+        self._labels.resize(start + n, axis=0)
+        self._images[start : start + n] = images
+        self._labels[start : start + n] = labels
+        self._n += n
+
+    def close(self) -> Path:
+        """Write meta and attributes, then move the file into place atomically."""
+        if self._closed:
+            return self.path
+        meta = self._file.create_group("meta")
+        for name, values in self._columns.items():
+            meta.create_dataset(name, data=_column_array(name, values))
+        syn = np.asarray(self._columns["is_synthetic"], dtype=bool)
+        attrs = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "image_size": self.image_size,
+            "n_real": int((~syn).sum()),
+            "n_synthetic": int(syn.sum()),
+            "compression": self.compression,
+            "code_version": code_version(),
+            "stage_names": json.dumps(STAGE_NAMES),
+        }
+        for k, v in self.attrs.items():
+            attrs[k] = v if isinstance(v, (str, int, float, np.integer, np.floating)) else json.dumps(v)
+        for k, v in attrs.items():
+            self._file.attrs[k] = v
+        self._file.close()
+        self._closed = True
+        self._ctx.__exit__(None, None, None)
+        return self.path
+
+    def abort(self, *exc_info) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._file.close()
+        finally:
+            self._ctx.__exit__(*(exc_info or (None, None, None)))
+
+
+def _column_array(name: str, values: list) -> np.ndarray:
+    kind = REQUIRED_META.get(name)
+    if name in SCORE_COLUMNS:
+        return np.asarray(values, dtype=np.float32)
+    if kind == "S" or (kind is None and values and isinstance(values[0], str)):
+        encoded = [str(v).encode("utf-8") for v in values]
+        width = max([len(e) for e in encoded] + [1])
+        return np.asarray(encoded, dtype=f"S{width}")
+    if kind == "i":
+        return np.asarray(values, dtype=np.int16)
+    if kind == "b" or name == "accepted":
+        return np.asarray(values, dtype=bool)
+    arr = np.asarray(values)
+    if arr.dtype.kind == "f":
+        return arr.astype(np.float32)
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64)
+    return arr
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What :func:`validate` learned about a file."""
+
+    path: Path
+    n: int
+    n_real: int
+    n_synthetic: int
+    image_size: int
+    attrs: dict = field(default_factory=dict)
+
+
+def validate(path: str | os.PathLike) -> DatasetSummary:
+    """Check ``path`` against the format contract; raise :class:`DatasetFormatError` with one clear line."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetFormatError(f"{path}: no such file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise DatasetFormatError(f"{path}: not a readable HDF5 file ({_first_line(exc)}); re-run the step that writes it") from None
+    with f:
+        fmt = _attr_str(f.attrs.get("format"))
+        if fmt != FORMAT_NAME:
+            raise DatasetFormatError(f"{path}: format is {fmt!r}, expected {FORMAT_NAME!r}; is this a brvo-augment dataset?")
+        version = f.attrs.get("format_version")
+        if version is None or int(version) != FORMAT_VERSION:
+            raise DatasetFormatError(f"{path}: format_version {version!r}, this code reads version {FORMAT_VERSION}; re-run preprocess")
+        for a in REQUIRED_ATTRS:
+            if a not in f.attrs:
+                raise DatasetFormatError(f"{path}: missing root attribute {a!r}")
+        for key in ("images", "labels"):
+            if key not in f or not isinstance(f[key], h5py.Dataset):
+                raise DatasetFormatError(f"{path}: missing dataset /{key}")
+        images, labels = f["images"], f["labels"]
+        size = int(f.attrs["image_size"])
+        if images.ndim != 3 or images.shape[1:] != (size, size):
+            raise DatasetFormatError(f"{path}: /images has shape {images.shape}, expected (N, {size}, {size})")
+        if labels.shape != images.shape:
+            raise DatasetFormatError(f"{path}: /labels shape {labels.shape} differs from /images {images.shape}")
+        for key, ds in (("images", images), ("labels", labels)):
+            if ds.dtype != np.uint8:
+                raise DatasetFormatError(f"{path}: /{key} dtype is {ds.dtype}, expected uint8")
+        n = images.shape[0]
+        if "meta" not in f:
+            raise DatasetFormatError(f"{path}: missing group /meta")
+        meta = f["meta"]
+        for col, kind in REQUIRED_META.items():
+            if col not in meta:
+                raise DatasetFormatError(f"{path}: missing meta column {col!r}")
+            ds = meta[col]
+            if ds.shape != (n,):
+                raise DatasetFormatError(f"{path}: meta column {col!r} has shape {ds.shape}, expected ({n},)")
+            if not _kind_ok(ds.dtype, kind):
+                raise DatasetFormatError(f"{path}: meta column {col!r} has dtype {ds.dtype}, expected kind {kind!r}")
+        for col in meta:
+            if meta[col].shape != (n,):
+                raise DatasetFormatError(f"{path}: meta column {col!r} has shape {meta[col].shape}, expected ({n},)")
+        n_syn = int(np.asarray(meta["is_synthetic"][:], dtype=bool).sum())
+        if int(f.attrs["n_synthetic"]) != n_syn or int(f.attrs["n_real"]) != n - n_syn:
+            raise DatasetFormatError(f"{path}: attributes n_real/n_synthetic disagree with meta/is_synthetic")
+        attrs = {k: _attr_py(v) for k, v in f.attrs.items()}
+    return DatasetSummary(path=path, n=n, n_real=n - n_syn, n_synthetic=n_syn, image_size=size, attrs=attrs)
+
+
+def read_meta(path: str | os.PathLike) -> pd.DataFrame:
+    """All meta columns as a DataFrame (strings decoded), index = row number in the file."""
+    with h5py.File(path, "r") as f:
+        return meta_frame(f)
+
+
+def meta_frame(f: h5py.File) -> pd.DataFrame:
+    cols = {}
+    for k in f["meta"]:
+        ds = f["meta"][k]
+        cols[k] = ds.asstr()[:] if ds.dtype.kind in "SO" else ds[:]
+    return pd.DataFrame(cols)
+
+
+def read_arrays(path: str | os.PathLike, rows: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels (uint8) for ``rows`` (sorted or not), or for all rows."""
+    with h5py.File(path, "r") as f:
+        if rows is None:
+            return f["images"][:], f["labels"][:]
+        idx = np.asarray(list(rows), dtype=np.int64)
+        if idx.size == 0:
+            size = f["images"].shape[1:]
+            return np.zeros((0, *size), np.uint8), np.zeros((0, *size), np.uint8)
+        order = np.argsort(idx)
+        inverse = np.argsort(order)
+        sorted_idx = idx[order]
+        uniq, back = np.unique(sorted_idx, return_inverse=True)
+        imgs = f["images"][uniq][back][inverse]
+        labs = f["labels"][uniq][back][inverse]
+        return imgs, labs
+
+
+def _kind_ok(dtype: np.dtype, kind: str) -> bool:
+    if kind == "S":
+        return dtype.kind in "SOU" or h5py.check_string_dtype(dtype) is not None
+    if kind == "i":
+        return dtype.kind in "iu"
+    if kind == "b":
+        return dtype.kind == "b"
+    return True
+
+
+def _attr_str(v) -> str | None:
+    if isinstance(v, bytes):
+        return v.decode()
+    return None if v is None else str(v)
+
+
+def _attr_py(v):
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -1,0 +1,103 @@
+"""The pipeline's one typed config, with presets.
+
+Its fields are the augment flow's parameters, so
+``prefect deployment run augment/augment -p image_size=128`` works.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from brvo_models.configs import CRGANConfig, Pix2PixConfig
+from storage.errors import BrvoError
+
+PresetName = Literal["tiny", "demo", "full"]
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preset: str = "demo"
+    seed: int = 0
+    image_size: int = Field(64, description="side of the square images in soul.h5 (multiple of 32, at least 32)")
+    compression: str = Field("gzip-1", description="HDF5 compression: gzip-1 (default, portable), gzip-4, lzf")
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    workers: int = Field(2, description="processes for JPEG decoding in preprocess")
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda'")
+    pix2pix: Pix2PixConfig = Pix2PixConfig()
+    crgan: CRGANConfig = CRGANConfig()
+    samples_per_missing: int = Field(4, description="K synthetic images per missing (patient, stage)")
+    min_consistency_ssim: float = 0.2
+    min_realism: float = 0.05
+    max_abs_density_z: float = 3.0
+    min_label_confidence: float = 0.6
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    def with_overrides(self, **overrides) -> "PipelineConfig":
+        data = self.model_dump()
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if "." in key:
+                head, tail = key.split(".", 1)
+                data[head] = {**data[head], tail: value}
+            else:
+                data[key] = value
+        return PipelineConfig.model_validate(data)
+
+
+def preset(name: str) -> PipelineConfig:
+    """'tiny' (tests, 32 px, one epoch), 'demo' (CPU, 64 px, minutes), 'full' (GPU, 256 px)."""
+    if name == "tiny":
+        return PipelineConfig(
+            preset="tiny",
+            image_size=32,
+            pix2pix=Pix2PixConfig(ngf=8, ndf=8, n_layers_d=2, epochs=1, batch_size=4),
+            crgan=CRGANConfig(ngf=8, ndf=8, z_dim=8, patient_emb_dim=4, stage_emb_dim=4,
+                              context_dim=16, hidden_dim=16, epochs=1, batch_size=4),
+            samples_per_missing=2,
+        )
+    if name == "demo":
+        return PipelineConfig(
+            preset="demo",
+            image_size=64,
+            pix2pix=Pix2PixConfig(ngf=16, ndf=16, epochs=8, batch_size=8),
+            crgan=CRGANConfig(ngf=32, ndf=32, z_dim=32, context_dim=128, hidden_dim=128, epochs=60, batch_size=8),
+        )
+    if name == "full":
+        return PipelineConfig(
+            preset="full",
+            image_size=256,
+            pix2pix=Pix2PixConfig(epochs=200, batch_size=1),
+            crgan=CRGANConfig(epochs=400, batch_size=16),
+        )
+    raise BrvoError(f"unknown preset {name!r}; choose tiny, demo or full")
+
+
+def load_config(preset_name: str = "demo", config_file: str | Path | None = None, **overrides) -> PipelineConfig:
+    """Preset, then a JSON config file's fields, then explicit overrides (None = keep)."""
+    config = preset(preset_name)
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BrvoError(f"{path}: cannot read config file ({exc}); pass a JSON object of config fields") from None
+        config = config.with_overrides(**_flatten(data))
+    return config.with_overrides(**overrides)
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{k}."))
+        else:
+            out[prefix + k] = v
+    return out
