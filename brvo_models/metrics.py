@@ -1,0 +1,95 @@
+"""Image and label metrics (DESIGN section 6).
+
+Image metrics take float arrays in [0, 1] (data_range=1 unless given); label
+metrics take binary masks. SSIM is skimage's with Gaussian weights, sigma 1.5
+and an explicit data_range, as in the seed project.
+"""
+from __future__ import annotations
+
+import numpy as np
+from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
+from skimage.morphology import skeletonize
+
+_EPS = 1e-8
+
+
+def mse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(mean_squared_error(np.asarray(a, np.float64), np.asarray(b, np.float64)))
+
+
+def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
+    """PSNR in dB; identical images give +inf (skimage's convention), capped to 100 dB for averaging."""
+    err = mse(a, b)
+    if err == 0:
+        return 100.0
+    return float(peak_signal_noise_ratio(np.asarray(a, np.float64), np.asarray(b, np.float64), data_range=data_range))
+
+
+def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
+    return float(
+        structural_similarity(
+            np.asarray(a, np.float64),
+            np.asarray(b, np.float64),
+            data_range=data_range,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
+    )
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / denom) if denom > 0 else 0.0
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """2|P∩T| / (|P|+|T|); two empty masks agree perfectly (1.0)."""
+    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
+    total = p.sum() + t.sum()
+    return 1.0 if total == 0 else float(2.0 * np.logical_and(p, t).sum() / total)
+
+
+def iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
+    union = np.logical_or(p, t).sum()
+    return 1.0 if union == 0 else float(np.logical_and(p, t).sum() / union)
+
+
+def cldice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Centerline Dice (Shit et al. 2021): harmonic mean of topology precision and sensitivity.
+
+    Tprec = |S(P) ∩ T| / |S(P)|, Tsens = |S(T) ∩ P| / |S(T)| with S the skeleton.
+    """
+    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
+    if not p.any() and not t.any():
+        return 1.0
+    sp, st = skeletonize(p), skeletonize(t)
+    tprec = (sp & t).sum() / (sp.sum() + _EPS)
+    tsens = (st & p).sum() / (st.sum() + _EPS)
+    if tprec + tsens == 0:
+        return 0.0
+    return float(2.0 * tprec * tsens / (tprec + tsens))
+
+
+IMAGE_METRICS = {"mse": mse, "psnr": psnr, "ssim": ssim, "cosine": cosine}
+LABEL_METRICS = {"dice": dice, "iou": iou, "cldice": cldice}
+
+
+def image_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    return {name: fn(pred, truth) for name, fn in IMAGE_METRICS.items()}
+
+
+def label_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    return {name: fn(pred, truth) for name, fn in LABEL_METRICS.items()}
+
+
+def mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over rows, plus n."""
+    if not rows:
+        return {"n": 0}
+    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    out["n"] = len(rows)
+    return out

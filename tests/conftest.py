@@ -1,0 +1,56 @@
+"""Shared fixtures. One Prefect test harness per session (it starts a temporary server, ~15 s)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from storage.paired_format import PairedDatasetWriter, STAGE_NAMES  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """Use in tests that run flows: a temporary Prefect server for the whole session."""
+    results = tmp_path_factory.mktemp("prefect-results")
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(results)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def write_blob_dataset(path: Path, n_patients: int = 8, image_size: int = 32, seed: int = 0,
+                       missing_prob: float = 0.3) -> Path:
+    """A small, structured 'brvo-paired' file: per-patient blobs that fade with stage, labels = thick lines.
+
+    Good enough to exercise training loops and shapes before the phantom exists; not for quality bars.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:image_size, 0:image_size] / image_size
+    splits = ["train"] * max(1, n_patients - 4) + ["val", "val", "test", "test"]
+    with PairedDatasetWriter(path, image_size, attrs={"description": "test blobs"}) as w:
+        for p in range(n_patients):
+            cx, cy = rng.uniform(0.3, 0.7, 2)
+            for stage in range(6):
+                if stage > 0 and rng.random() < missing_prob:
+                    continue
+                for e in range(int(rng.integers(1, 3))):
+                    label = ((np.abs(np.sin((xx + yy * (1 + p % 3)) * 12)) < 0.25)).astype(np.uint8)
+                    blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (0.02 + 0.01 * stage))
+                    img = 0.5 * label + 0.4 * blob + 0.05 * rng.standard_normal(label.shape)
+                    img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+                    w.append(img[None], label[None], {
+                        "patient_id": [f"{p + 1:03d}"], "stage": [stage], "exam_id": [f"{p}{stage}{e}"],
+                        "subset": [STAGE_NAMES[stage]], "split": [splits[p % len(splits)]],
+                        "is_synthetic": [False], "label_source": ["annotation"],
+                    })
+    return path
+
+
+@pytest.fixture
+def blob_h5(tmp_path) -> Path:
+    return write_blob_dataset(tmp_path / "soul.h5")
