@@ -35,6 +35,7 @@ class PipelineConfig(BaseModel):
     min_realism: float = 0.05
     max_abs_density_z: float = 3.0
     min_label_confidence: float = 0.6
+    usefulness_steps: int = Field(300, description="optimisation steps per usefulness segmenter (both arms)")
 
     def to_json(self) -> str:
         return self.model_dump_json()
@@ -62,6 +63,7 @@ def preset(name: str) -> PipelineConfig:
             crgan=CRGANConfig(ngf=8, ndf=8, z_dim=8, patient_emb_dim=4, stage_emb_dim=4,
                               context_dim=16, hidden_dim=16, epochs=1, batch_size=4),
             samples_per_missing=2,
+            usefulness_steps=5,
         )
     if name == "demo":
         return PipelineConfig(

@@ -1,0 +1,157 @@
+"""`brvo-augment`: every pipeline step and the whole flow on a run directory.
+
+Each subcommand checks its inputs first (cheap, no Prefect), so a bad input is a
+one-line ``error: ...`` and exit code 2, never a traceback; then it calls the
+Prefect flow or task, so runs show up in Prefect when a server is configured and
+run ephemerally when not.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+EXIT_USER_ERROR = 2
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=["tiny", "demo", "full"], default=None,
+                   help="config preset (default: the run directory's run.json, else demo)")
+    p.add_argument("--config", type=Path, default=None, help="JSON file of config fields overriding the preset")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="brvo-augment", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write a SOUL-layout phantom dataset (built-in demo data)")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--patients", type=int, default=53)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("ingest", help="read a SOUL directory or manifest CSV: manifest.csv, quarantine.csv, stage table")
+    p.add_argument("soul_dir", type=Path)
+    p.add_argument("run_dir", type=Path)
+
+    p = sub.add_parser("preprocess", help="manifest.csv -> RUN_DIR/soul.h5")
+    p.add_argument("run_dir", type=Path)
+    _add_config_args(p)
+
+    p = sub.add_parser("prepare", help="ingest + preprocess (the 'prepare' flow)")
+    p.add_argument("soul_dir", type=Path)
+    p.add_argument("run_dir", type=Path)
+    _add_config_args(p)
+
+    for name, what in (("train-pix2pix", "Pix2Pix (image -> vessel label)"), ("train-crgan", "CRGAN (stage images)")):
+        p = sub.add_parser(name, help=f"train {what} on RUN_DIR/soul.h5 (resumes) and evaluate on held-out patients")
+        p.add_argument("run_dir", type=Path)
+        _add_config_args(p)
+
+    p = sub.add_parser("run", help="the whole augment flow: SOUL_DIR -> RUN_DIR/augmented.h5 + card, report, figures")
+    p.add_argument("soul_dir", type=Path)
+    p.add_argument("run_dir", type=Path)
+    _add_config_args(p)
+
+    p = sub.add_parser("demo", help="phantom (53 patients) + the whole augment flow with the demo preset")
+    p.add_argument("run_dir", type=Path, nargs="?", default=Path("demo_run"))
+    p.add_argument("--preset", choices=["tiny", "demo", "full"], default="demo")
+    p.add_argument("--patients", type=int, default=53)
+
+    p = sub.add_parser("inspect", help="validate a brvo-paired .h5 file and print counts per split and stage")
+    p.add_argument("file", type=Path)
+
+    p = sub.add_parser("serve", help="register and serve the 'augment' and 'retrain' deployments")
+    p.add_argument("--cron", default=None, help="retrain schedule (default weekly: '0 3 * * 1')")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace, run_dir: Path | None = None):
+    """Preset/config file from the command line; else the run directory's recorded config; else demo."""
+    from tasks.config import load_config
+    from tasks.run_record import recorded_config
+
+    if getattr(args, "preset", None) is None and getattr(args, "config", None) is None and run_dir is not None:
+        recorded = recorded_config(run_dir)
+        if recorded is not None:
+            return recorded
+    return load_config(getattr(args, "preset", None) or "demo", getattr(args, "config", None))
+
+
+def _run(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "phantom":
+        from tasks.phantom import phantom_task
+
+        summary = phantom_task(args.out_dir, n_patients=args.patients, seed=args.seed)
+        print(summary)
+    elif cmd == "ingest":
+        from tasks.ingest import check_source, ingest_task
+
+        check_source(args.soul_dir)
+        ingest_task(args.soul_dir, args.run_dir)
+    elif cmd == "preprocess":
+        from tasks.preprocess import preflight_preprocess, preprocess_task
+
+        config = resolve_config(args, args.run_dir)
+        preflight_preprocess(args.run_dir)
+        print(preprocess_task(args.run_dir, config))
+    elif cmd == "prepare":
+        from flows.prepare import prepare
+        from tasks.ingest import check_source
+
+        config = resolve_config(args, args.run_dir)
+        check_source(args.soul_dir)
+        print(prepare(args.soul_dir, args.run_dir, config_json=config.to_json()))
+    elif cmd == "train-pix2pix":
+        from tasks.train_pix2pix import preflight_train_pix2pix, train_pix2pix_task
+
+        config = resolve_config(args, args.run_dir)
+        preflight_train_pix2pix(args.run_dir, config)
+        print(train_pix2pix_task(args.run_dir, config))
+    elif cmd == "train-crgan":
+        from tasks.train_crgan import preflight_train_crgan, train_crgan_task
+
+        config = resolve_config(args, args.run_dir)
+        preflight_train_crgan(args.run_dir, config)
+        print(train_crgan_task(args.run_dir, config))
+    elif cmd == "run":
+        from flows.augment import run_augment
+        from tasks.ingest import check_source
+
+        config = resolve_config(args, args.run_dir)
+        check_source(args.soul_dir)
+        print(run_augment(args.soul_dir, args.run_dir, config))
+    elif cmd == "demo":
+        from flows.augment import run_demo
+
+        print(run_demo(args.run_dir, preset_name=args.preset, n_patients=args.patients))
+    elif cmd == "inspect":
+        from tasks.preprocess import inspect_dataset
+
+        print(inspect_dataset(args.file))
+    elif cmd == "serve":
+        from deployments.serve import serve_deployments
+
+        serve_deployments(cron=args.cron)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from storage.errors import BrvoError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except BrvoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

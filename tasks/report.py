@@ -1,0 +1,107 @@
+"""report.md and DATASET_CARD.md, rendered from report.json (the single source of the numbers)."""
+from __future__ import annotations
+
+from typing import Any
+
+PAPER_CONTEXT = ("The SOUL paper's segmenters (pre-trained on ROSE-1) reach Dice 0.72 (U-Net) to 0.77 (OCTA-Net) "
+                 "on real SOUL labels. That is a different dataset from this run's input when it is the phantom.")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
+    return str(v)
+
+
+def _table(rows: dict[str, dict[str, Any]], keys: list[str]) -> str:
+    lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, vals in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(vals.get(k, "")) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def render_report(report: dict[str, Any], data_source: str) -> str:
+    out = ["# brvo-augment run report", "", f"Input: {data_source}", ""]
+    p2p = report.get("pix2pix")
+    if p2p:
+        rows = {"Pix2Pix": p2p["test"], **{f"baseline: {k}": v for k, v in p2p.get("baselines", {}).items()}}
+        out += ["## Pix2Pix labels on held-out test patients", "",
+                _table(rows, ["dice", "iou", "cldice", "n"]), "", PAPER_CONTEXT, ""]
+    crg = report.get("crgan", {}).get("heldout")
+    if crg:
+        rows = {"CRGAN": crg["model"], **{f"baseline: {k}": v for k, v in crg.get("baselines", {}).items()}}
+        out += ["## CRGAN: held-out real stages hidden and regenerated (val + test patients)", "",
+                f"{crg.get('n', '?')} cases.", "", _table(rows, ["ssim", "psnr", "mse", "cosine"]), ""]
+        sq = report.get("crgan", {}).get("sample_quality")
+        if sq:
+            out += [f"Sample quality: diversity {_fmt(sq.get('diversity'))}; SSIM to own patient "
+                    f"{_fmt(sq.get('own_vs_other_ssim', {}).get('own'))} vs other patients "
+                    f"{_fmt(sq.get('own_vs_other_ssim', {}).get('other'))}.", ""]
+    syn = report.get("synthetic")
+    if syn:
+        out += ["## Synthetic samples", "", f"{syn['n']} samples, {syn['accepted']} accepted.", "",
+                _table(syn["per_stage"], ["real", "synthetic", "accepted"]), "",
+                _table(syn["scores"], ["mean", "p10", "p90"]), ""]
+    use = report.get("usefulness")
+    if use:
+        rows = {k: v for k, v in use.items() if isinstance(v, dict) and "dice" in v}
+        out += ["## Usefulness: segmenter trained on real vs real + accepted synthetic", "",
+                _table(rows, ["dice", "cldice", "dice_std", "cldice_std", "n_train"]), "",
+                use.get("verdict", ""), ""]
+    if report.get("timings_s"):
+        out += ["## Timings (s)", "", _table({"seconds": report["timings_s"]}, list(report["timings_s"])), ""]
+    out += ["## Figures", "", "- figures/timelines/ (one montage per patient; synthetic stages framed red)",
+            "- figures/score_histograms.png", "- figures/training_curves.png", ""]
+    return "\n".join(out)
+
+
+def render_card(report: dict[str, Any], attrs: dict[str, Any], data_source: str) -> str:
+    syn = report.get("synthetic", {})
+    per_stage = syn.get("per_stage", {})
+    return "\n".join([
+        "# Dataset card: brvo-augment augmented OCTA dataset",
+        "",
+        "## What it is",
+        "Paired (en-face OCTA image, binary vessel label) samples of Branch Retinal Vein Occlusion patients across six "
+        "anti-VEGF treatment stages (s1t1 < s1t2 < s2t1 < s2t2 < s3t1 < s3t2). Real rows come from the input; "
+        "synthetic rows fill each patient's missing stages.",
+        "",
+        "## How it was made",
+        f"Input: {data_source}. Pipeline: ingest -> preprocess ({attrs.get('image_size')} px) -> Pix2Pix "
+        "(image -> vessel label) -> CRGAN (patient + stage + noise, LSTM over stages) -> fill every missing "
+        f"(patient, stage) with {attrs.get('samples_per_missing')} samples -> label with Pix2Pix -> score -> export.",
+        f"Code version {attrs.get('code_version')}; Pix2Pix checkpoint sha256 {attrs.get('pix2pix_sha256')}; "
+        f"CRGAN checkpoint sha256 {attrs.get('crgan_sha256')}; source (soul.h5) sha256 {attrs.get('source_sha256')}.",
+        "",
+        "## Counts per stage",
+        _table(per_stage, ["real", "synthetic", "accepted"]) if per_stage else "(none)",
+        "",
+        f"Total: {attrs.get('n_real')} real, {attrs.get('n_synthetic')} synthetic ({syn.get('accepted', 0)} accepted).",
+        "",
+        "## Scores (synthetic rows; NaN on real rows)",
+        "consistency_ssim (SSIM to the patient's nearest real stage), realism (CRGAN discriminator probability), "
+        "density_z (label vessel density vs the patient's real labels, in population standard deviations), "
+        "label_confidence (mean per-pixel Pix2Pix confidence). `accepted` applies the run's thresholds; rejected "
+        "samples are kept so you can choose your own.",
+        "",
+        _table(syn.get("scores", {}), ["mean", "p10", "p90"]) if syn.get("scores") else "",
+        "",
+        "## Load it",
+        "```python",
+        "import h5py, pandas as pd",
+        "with h5py.File('augmented.h5') as f:",
+        "    meta = pd.DataFrame({k: f['meta'][k].asstr()[:] if f['meta'][k].dtype.kind == 'S' else f['meta'][k][:] for k in f['meta']})",
+        "    keep = (~meta.is_synthetic | meta.accepted).to_numpy()",
+        "    images, labels = f['images'][:][keep], f['labels'][:][keep]   # uint8 (N,H,W); labels 0/1",
+        "```",
+        "",
+        "## Licence and attribution",
+        "Derived from SOUL (Xue et al., Scientific Data 11:838, 2024, doi:10.1038/s41597-024-03665-7; "
+        "figshare doi:10.6084/m9.figshare.24893358), licensed CC BY 4.0; this derived dataset inherits CC BY 4.0. "
+        "Cite the SOUL paper when you use it. (When the input is the built-in phantom, all images are procedural.)",
+        "",
+        "## Caveat",
+        "Synthetic images and their Pix2Pix labels are for research augmentation only, not for diagnosis or any "
+        "clinical decision. Their labels are model outputs, not expert annotations (label_source = 'pix2pix').",
+        "",
+    ])

@@ -1,0 +1,137 @@
+"""Score every synthetic sample, and accept or reject it by configurable thresholds.
+
+Per sample (DESIGN section 6):
+- consistency_ssim: SSIM to the mean image of the patient's nearest real stage
+  (ties go to the earlier stage): does it still look like this patient?
+- realism: the CRGAN discriminator's probability that it is real, given (patient, stage);
+- density_z: vessel density of its Pix2Pix label minus the patient's mean real label
+  density, in units of the population's spread of real densities: plausible anatomy?
+- label_confidence: mean per-pixel confidence of the Pix2Pix label (from the label step).
+
+Rejected samples stay in the output with accepted = False, so users choose.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from pydantic import BaseModel
+
+from brvo_models.metrics import ssim
+from storage.atomic import atomic_path
+from storage.paired_format import read_arrays, read_meta
+from storage.run_dir import RunPaths
+from storage.work_files import read_work_array, read_work_table
+from tasks.caching import content_cache_key
+from tasks.config import PipelineConfig
+from tasks.reporting import run_log
+
+SCORE_NAMES = ("consistency_ssim", "realism", "density_z", "label_confidence")
+
+
+class ScoreResult(BaseModel):
+    scores_csv: str
+    n: int
+    n_accepted: int
+    per_stage_accepted: dict[int, int]
+    summary: dict[str, dict[str, float]]
+    seconds: float
+
+
+def nearest_observed_stage(observed: list[int], stage: int) -> int:
+    """The observed stage closest in time to ``stage``; ties go to the earlier one."""
+    if not observed:
+        raise ValueError("patient has no observed stage")
+    return min(observed, key=lambda s: (abs(s - stage), s))
+
+
+def density_z_scores(densities: np.ndarray, patient_means: np.ndarray, population_std: float) -> np.ndarray:
+    """(density - patient's mean real density) / spread of real densities across the population."""
+    return (np.asarray(densities, np.float64) - np.asarray(patient_means, np.float64)) / max(population_std, 1e-6)
+
+
+def accept_mask(scores: pd.DataFrame, config: PipelineConfig) -> np.ndarray:
+    """True where every score is inside its configured threshold."""
+    return (
+        (scores["consistency_ssim"].to_numpy() >= config.min_consistency_ssim)
+        & (scores["realism"].to_numpy() >= config.min_realism)
+        & (np.abs(scores["density_z"].to_numpy()) <= config.max_abs_density_z)
+        & (scores["label_confidence"].to_numpy() >= config.min_label_confidence)
+    )
+
+
+def summarise(scores: pd.DataFrame) -> dict[str, dict[str, float]]:
+    out = {}
+    for name in SCORE_NAMES:
+        v = scores[name].to_numpy(dtype=np.float64)
+        v = v[np.isfinite(v)]
+        out[name] = ({"mean": float(v.mean()), "p10": float(np.percentile(v, 10)), "p90": float(np.percentile(v, 90))}
+                     if v.size else {"mean": float("nan"), "p10": float("nan"), "p90": float("nan")})
+    return out
+
+
+def score_samples(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path, *, log=run_log) -> ScoreResult:
+    t0 = time.perf_counter()
+    paths = RunPaths.of(run_dir)
+    work = paths.synthetic_dir
+    table = read_work_table(work / "synthetic.h5")
+    images = read_work_array(work / "synthetic.h5", "images")
+    labels = read_work_array(work / "labels.h5", "labels")
+    confidence = read_work_array(work / "labels.h5", "label_confidence")
+
+    real_meta = read_meta(paths.soul_h5)
+    real_images, real_labels = read_arrays(paths.soul_h5)
+    real_density = real_labels.reshape(len(real_labels), -1).mean(axis=1)
+    population_std = float(real_density.std())
+    patient_density = pd.Series(real_density).groupby(real_meta["patient_id"].to_numpy()).mean()
+
+    stage_means: dict[tuple[str, int], np.ndarray] = {}
+    for (pid, stage), rows in real_meta.groupby(["patient_id", "stage"]).groups.items():
+        stage_means[(pid, int(stage))] = real_images[np.asarray(rows)].astype(np.float32).mean(axis=0) / 255.0
+    observed = real_meta.groupby("patient_id")["stage"].apply(lambda s: sorted(set(int(x) for x in s))).to_dict()
+
+    consistency = np.empty(len(table), np.float32)
+    for i, (pid, stage) in enumerate(zip(table["patient_id"], table["stage"])):
+        ref = stage_means[(pid, nearest_observed_stage(observed[pid], int(stage)))]
+        consistency[i] = ssim(images[i].astype(np.float32) / 255.0, ref)
+
+    from brvo_models.crgan import load_discriminator, realism
+
+    discriminator, patient_index = load_discriminator(crgan_checkpoint, config.crgan, config.image_size, config.device)
+    realism_p = realism(discriminator, images, table["stage"].to_numpy(dtype=np.int64),
+                        [patient_index.get(pid) for pid in table["patient_id"]], device=config.device)
+
+    densities = labels.reshape(len(labels), -1).mean(axis=1)
+    scores = pd.DataFrame({
+        "patient_id": table["patient_id"].to_numpy(),
+        "stage": table["stage"].to_numpy(),
+        "sample_index": table["sample_index"].to_numpy(),
+        "consistency_ssim": consistency,
+        "realism": np.asarray(realism_p, np.float32),
+        "density_z": density_z_scores(densities, patient_density.loc[table["patient_id"]].to_numpy(),
+                                      population_std).astype(np.float32),
+        "label_confidence": np.asarray(confidence, np.float32),
+    })
+    scores["accepted"] = accept_mask(scores, config)
+    out = work / "scores.csv"
+    with atomic_path(out) as tmp:
+        scores.to_csv(tmp, index=False)
+    n_acc = int(scores["accepted"].sum())
+    per_stage = {int(s): int(v) for s, v in scores.groupby("stage")["accepted"].sum().items()}
+    log(f"score: {n_acc}/{len(scores)} synthetic samples accepted")
+    return ScoreResult(scores_csv=str(out), n=len(scores), n_accepted=n_acc, per_stage_accepted=per_stage,
+                       summary=summarise(scores), seconds=time.perf_counter() - t0)
+
+
+score_task = task(
+    name="score",
+    cache_key_fn=content_cache_key("score", ["crgan_checkpoint"], lambda p: [
+        RunPaths.of(p["run_dir"]).soul_h5,
+        RunPaths.of(p["run_dir"]).synthetic_dir / "synthetic.h5",
+        RunPaths.of(p["run_dir"]).synthetic_dir / "labels.h5",
+    ]),
+    persist_result=True,
+)(score_samples)
