@@ -46,6 +46,8 @@ def content_cache_key(
         h = hashlib.sha256(step.encode())
         for name in sorted(parameters):
             value = parameters[name]
+            if callable(value) and not hasattr(value, "model_dump_json"):
+                continue  # loggers and callbacks: not inputs, and their repr changes per process
             if name in input_params:
                 h.update(f"{name}={path_fingerprint(value)}".encode())
             else:

@@ -54,3 +54,26 @@ def write_blob_dataset(path: Path, n_patients: int = 8, image_size: int = 32, se
 @pytest.fixture
 def blob_h5(tmp_path) -> Path:
     return write_blob_dataset(tmp_path / "soul.h5")
+
+
+TINY_PATIENTS = 8
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom(tmp_path_factory) -> Path:
+    """An 8-patient phantom in the SOUL layout, shared by the session."""
+    from tasks.phantom import generate_phantom
+
+    root = tmp_path_factory.mktemp("phantom") / "SOUL"
+    generate_phantom(root, n_patients=TINY_PATIENTS, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_augment_run(prefect_harness, tiny_phantom, tmp_path_factory):
+    """The whole augment flow once on the tiny phantom with the 'tiny' preset: (soul_dir, run_dir, result)."""
+    from flows.augment import augment
+
+    run_dir = tmp_path_factory.mktemp("runs") / "demo_run"
+    result = augment(soul_dir=str(tiny_phantom), run_dir=str(run_dir), preset="tiny")
+    return tiny_phantom, run_dir, result

@@ -1,0 +1,50 @@
+"""The CLI turns expected problems into one line on stderr and exit code 2, never a traceback."""
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+
+from flows.cli import main
+
+
+def _run_main(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_ingest_missing_root_is_one_line_exit_2(tmp_path, capsys):
+    code, err = _run_main(capsys, "ingest", str(tmp_path / "nope"), str(tmp_path / "run"))
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_ingest_root_without_soul_structure(tmp_path, capsys):
+    (tmp_path / "soul").mkdir()
+    (tmp_path / "soul" / "notes.txt").write_text("hello")
+    code, err = _run_main(capsys, "ingest", str(tmp_path / "soul"), str(tmp_path / "run"))
+    assert code == 2 and err.startswith("error: ")
+
+
+def test_inspect_rejects_non_dataset(tmp_path, capsys):
+    bad = tmp_path / "x.h5"
+    with h5py.File(bad, "w") as f:
+        f["images"] = np.zeros((1, 4, 4), np.uint8)
+    code, err = _run_main(capsys, "inspect", str(bad))
+    assert code == 2 and "format" in err
+
+
+def test_train_commands_without_soul_h5(tmp_path, capsys):
+    for cmd in ("train-pix2pix", "train-crgan", "preprocess"):
+        code, err = _run_main(capsys, cmd, str(tmp_path / "empty_run"), "--preset", "tiny")
+        assert code == 2, cmd
+        assert err.startswith("error: ") and err.count("\n") == 1, (cmd, err)
+
+
+def test_console_script_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "ingest", str(tmp_path / "missing"),
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")

@@ -1,0 +1,81 @@
+"""End to end: the augment flow on a tiny phantom under prefect_test_harness."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from storage.paired_format import read_meta, validate
+from storage.run_dir import RunPaths, read_report
+from tasks.config import preset
+from tasks.fill_stages import missing_stages
+
+CHECKER = Path(__file__).resolve().parents[2] / "shared" / "tools" / "check_format.py"
+pytestmark = pytest.mark.slow
+
+
+def test_output_validates_and_fills_exactly_the_holes(tiny_augment_run):
+    _, run_dir, result = tiny_augment_run
+    paths = RunPaths.of(run_dir)
+    summary = validate(paths.augmented_h5)
+    meta = read_meta(paths.augmented_h5)
+    real = meta[~meta["is_synthetic"]]
+    syn = meta[meta["is_synthetic"]]
+    k = preset("tiny").samples_per_missing
+    holes = {(pid, s) for pid, stages in missing_stages(real).items() for s in stages}
+    assert holes, "the tiny phantom must have missing stages"
+    got = syn.groupby(["patient_id", "stage"]).size()
+    assert set(got.index) == holes
+    assert (got == k).all()
+    assert summary.n_synthetic == len(holes) * k == result["n_synthetic"]
+    assert set(syn["label_source"]) == {"pix2pix"} and set(real["label_source"]) == {"annotation"}
+    assert syn["exam_id"].eq("").all()
+    # every real patient keeps one split, and synthetic rows inherit it
+    assert (meta.groupby("patient_id")["split"].nunique() == 1).all()
+
+
+def test_independent_format_checker_accepts_output(tiny_augment_run):
+    if not CHECKER.exists():
+        pytest.skip(f"independent checker not present at {CHECKER}")
+    _, run_dir, _ = tiny_augment_run
+    for name, extra in (("augmented.h5", ["--expect-synthetic"]), ("soul.h5", [])):
+        proc = subprocess.run([sys.executable, str(CHECKER), str(run_dir / name), *extra],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_documents_report_and_figures_written(tiny_augment_run):
+    _, run_dir, _ = tiny_augment_run
+    paths = RunPaths.of(run_dir)
+    report = read_report(run_dir)
+    for section in ("pix2pix", "crgan", "synthetic", "timings_s", "config", "versions", "usefulness"):
+        assert section in report, section
+    assert {"dice", "iou", "cldice", "n"} <= set(report["pix2pix"]["test"])
+    assert {"otsu", "frangi"} <= set(report["pix2pix"]["baselines"])
+    assert {"nearest", "neighbour_mean"} <= set(report["crgan"]["heldout"]["baselines"])
+    card = paths.dataset_card.read_text()
+    assert "CC BY 4.0" in card and "not for diagnosis" in card
+    assert "## Pix2Pix" in paths.report_md.read_text()
+    montages = list((paths.figures / "timelines").glob("patient_*.png"))
+    assert len(montages) == read_meta(paths.augmented_h5)["patient_id"].nunique()
+    assert (paths.figures / "score_histograms.png").stat().st_size > 0
+    assert (paths.figures / "training_curves.png").stat().st_size > 0
+
+
+def test_second_run_reuses_cached_steps(tiny_augment_run):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.augment import augment
+
+    soul_dir, run_dir, first = tiny_augment_run
+    before = (run_dir / "augmented.h5").stat().st_mtime_ns
+    state = augment(soul_dir=str(soul_dir), run_dir=str(run_dir), preset="tiny", return_state=True)
+    assert state.is_completed()
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    by_name = {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+    for step in ("ingest", "preprocess", "train-pix2pix", "train-crgan", "fill-stages", "label", "score", "export"):
+        assert by_name.get(step) == "Cached", (step, by_name)
+    assert (run_dir / "augmented.h5").stat().st_mtime_ns == before
