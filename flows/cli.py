@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Single steps run as standalone task runs; their logs have no flow run to attach to.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 EXIT_USER_ERROR = 2
 
