@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--patients", type=int, default=53)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing phantom in OUT_DIR")
 
     p = sub.add_parser("ingest", help="read a SOUL directory or manifest CSV: manifest.csv, quarantine.csv, stage table")
     p.add_argument("soul_dir", type=Path)
@@ -87,7 +88,7 @@ def _run(args: argparse.Namespace) -> int:
     if cmd == "phantom":
         from tasks.phantom import phantom_task
 
-        summary = phantom_task(args.out_dir, n_patients=args.patients, seed=args.seed)
+        summary = phantom_task(args.out_dir, n_patients=args.patients, seed=args.seed, overwrite=args.overwrite)
         print(summary)
     elif cmd == "ingest":
         from tasks.ingest import check_source, ingest_task
