@@ -17,9 +17,11 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -160,33 +162,70 @@ class PairedDatasetWriter:
             raise ValueError(f"images and labels must be uint8, got {images.dtype}/{labels.dtype}")
         if labels.size and labels.max() > 1:
             raise ValueError("labels must be 0/1 (binarise before writing)")
+        columns = self._meta_values(rows, n)
+        start = self._n
+        self._images.resize(start + n, axis=0)
+        self._labels.resize(start + n, axis=0)
+        self._images[start : start + n] = images
+        self._labels[start : start + n] = labels
+        self._commit(columns, n)
+
+    def append_encoded(
+        self, image_chunks: Sequence[bytes], label_chunks: Sequence[bytes], rows: pd.DataFrame | Mapping[str, Iterable]
+    ) -> None:
+        """Append rows whose chunks were already encoded by :func:`encode_pair` with this writer's
+        compression (e.g. in worker processes, so compression runs in parallel); the bytes are
+        stored as they are (``write_direct_chunk``)."""
+        if self.compression not in ENCODABLE:
+            raise ValueError(f"compression {self.compression!r} has no Python encoder; use append()")
+        n = len(image_chunks)
+        if len(label_chunks) != n:
+            raise ValueError(f"{n} image chunks but {len(label_chunks)} label chunks")
+        columns = self._meta_values(rows, n)
+        start = self._n
+        self._images.resize(start + n, axis=0)
+        self._labels.resize(start + n, axis=0)
+        for i, (im, lab) in enumerate(zip(image_chunks, label_chunks)):
+            self._images.id.write_direct_chunk((start + i, 0, 0), im)
+            self._labels.id.write_direct_chunk((start + i, 0, 0), lab)
+        self._commit(columns, n)
+
+    def _meta_values(self, rows: pd.DataFrame | Mapping[str, Iterable], n: int) -> dict[str, list]:
+        """Every column's values for a batch, checked before anything is stored (columns stay aligned)."""
         table = pd.DataFrame(rows) if not isinstance(rows, pd.DataFrame) else rows
         if len(table) != n:
             raise ValueError(f"{len(table)} meta rows for {n} images")
         missing = [k for k in REQUIRED_META if k not in table]
         if missing:
             raise ValueError(f"meta rows lack columns {missing}")
+        out = {}
         for k in self._columns:
             if k in table:
-                values = table[k].tolist()
+                out[k] = table[k].tolist()
             elif k in SCORE_COLUMNS:
-                values = [np.nan] * n
+                out[k] = [np.nan] * n
             elif k in OPTIONAL_META_DEFAULTS:
-                values = [OPTIONAL_META_DEFAULTS[k]] * n
+                out[k] = [OPTIONAL_META_DEFAULTS[k]] * n
             else:
                 raise ValueError(f"meta rows lack extra column {k!r}")
+        return out
+
+    def _commit(self, columns: dict[str, list], n: int) -> None:
+        for k, values in columns.items():
             self._columns[k].extend(values)
-        start = self._n
-        self._images.resize(start + n, axis=0)
-        self._labels.resize(start + n, axis=0)
-        self._images[start : start + n] = images
-        self._labels[start : start + n] = labels
         self._n += n
 
     def close(self) -> Path:
         """Write meta and attributes, then move the file into place atomically."""
         if self._closed:
             return self.path
+        try:
+            return self._finish()
+        except BaseException:  # e.g. a meta column that cannot be stored: leave nothing behind
+            self.abort(*sys.exc_info())
+            raise
+
+    def _finish(self) -> Path:
         meta = self._file.create_group("meta")
         for name, values in self._columns.items():
             meta.create_dataset(name, data=_column_array(name, values))
@@ -219,6 +258,29 @@ class PairedDatasetWriter:
             self._file.close()
         finally:
             self._ctx.__exit__(*(exc_info or (None, None, None)))
+
+
+#: compressions whose chunk bytes :func:`encode_pair` can produce without HDF5 (lzf cannot).
+ENCODABLE = ("gzip-1", "gzip-4", "none")
+
+
+def encode_pair(image: np.ndarray, label: np.ndarray, compression: str) -> tuple[bytes, bytes]:
+    """One row's image and label as the chunk bytes a writer with ``compression`` stores
+    (gzip-N: a zlib stream at level N, which is HDF5's deflate filter; none: raw bytes).
+    Checks what :meth:`PairedDatasetWriter.append` checks: 2-D, square, uint8, label 0/1."""
+    if compression not in ENCODABLE:
+        raise ValueError(f"compression {compression!r} cannot be encoded outside HDF5; choose one of {ENCODABLE}")
+    image, label = np.ascontiguousarray(image), np.ascontiguousarray(label)
+    if image.ndim != 2 or image.shape[0] != image.shape[1] or label.shape != image.shape:
+        raise ValueError(f"pair shapes {image.shape}/{label.shape}, expected two equal (S, S)")
+    if image.dtype != np.uint8 or label.dtype != np.uint8:
+        raise ValueError(f"images and labels must be uint8, got {image.dtype}/{label.dtype}")
+    if label.size and label.max() > 1:
+        raise ValueError("labels must be 0/1 (binarise before writing)")
+    _, level = COMPRESSIONS[compression]
+    if level is None:
+        return image.tobytes(), label.tobytes()
+    return zlib.compress(image.tobytes(), level), zlib.compress(label.tobytes(), level)
 
 
 def _column_array(name: str, values: list) -> np.ndarray:
@@ -269,8 +331,12 @@ def validate(path: str | os.PathLike) -> DatasetSummary:
         fmt = _attr_str(f.attrs.get("format"))
         if fmt != FORMAT_NAME:
             raise DatasetFormatError(f"{path}: format is {fmt!r}, expected {FORMAT_NAME!r}; is this a brvo-augment dataset?")
-        version = f.attrs.get("format_version")
-        if version is None or int(version) != FORMAT_VERSION:
+        version = _attr_py(f.attrs.get("format_version"))
+        try:
+            version_ok = version is not None and int(version) == FORMAT_VERSION
+        except (TypeError, ValueError):
+            version_ok = False
+        if not version_ok:
             raise DatasetFormatError(f"{path}: format_version {version!r}, this code reads version {FORMAT_VERSION}; re-run preprocess")
         for a in REQUIRED_ATTRS:
             if a not in f.attrs:

@@ -32,7 +32,6 @@ import time
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +43,7 @@ from scipy import ndimage
 
 from storage.errors import BrvoError
 from storage.paired_format import STAGE_NAMES
+from tasks.workers import reset_signals, worker_context
 
 #: SOUL Table 3: patients and images per subset (of 53 patients).
 PAPER_PATIENTS = (48, 36, 37, 26, 20, 11)
@@ -551,13 +551,6 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old)
 
 
-def _mp_context():
-    """'fork' where there is one: workers only run numpy/PIL on their own files, and unlike 'spawn'
-    it needs no ``if __name__ == '__main__'`` guard in a user's script or notebook (nor re-imports)."""
-    methods = get_all_start_methods()
-    return get_context("fork" if "fork" in methods else methods[0])
-
-
 def generate_phantom(out_dir: Path, n_patients: int = 53, seed: int = 0, image_size: int = 304,
                      workers: int = 2, overwrite: bool = False,
                      log: Callable[[str], None] | None = None) -> PhantomSummary:
@@ -597,7 +590,8 @@ def generate_phantom(out_dir: Path, n_patients: int = 53, seed: int = 0, image_s
         if workers == 1 or n_patients == 1:
             info = [_write_patient(j) for j in jobs]
         else:
-            with ProcessPoolExecutor(max_workers=min(workers, n_patients), mp_context=_mp_context()) as pool:
+            with ProcessPoolExecutor(max_workers=min(workers, n_patients), mp_context=worker_context(),
+                                     initializer=reset_signals) as pool:
                 info = list(pool.map(_write_patient, jobs))
         _write_xlsx_deterministic(_clinical_sheets(seed, exam_ids, info), tmp / SHEET_NAME)
         _move_into_place(tmp, out_dir)
