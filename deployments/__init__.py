@@ -1,0 +1,1 @@
+"""Deployment definitions: `python -m deployments.serve` (also `brvo-augment serve`) and ../prefect.yaml."""

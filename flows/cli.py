@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="register and serve the 'augment' and 'retrain' deployments")
     p.add_argument("--cron", default=None, help="retrain schedule (default weekly: '0 3 * * 1')")
+    p.add_argument("--timezone", default=None, help="timezone of the cron schedule (default UTC)")
+    p.add_argument("--soul-dir", default=None, help="retrain's data directory (default $BRVO_SOUL_DIR)")
+    p.add_argument("--registry-dir", default=None, help="model registry (default $BRVO_REGISTRY_DIR)")
+    p.add_argument("--retrain-preset", default=None, help="retrain's config preset (default demo)")
     return parser
 
 
@@ -138,7 +142,8 @@ def _run(args: argparse.Namespace) -> int:
     elif cmd == "serve":
         from deployments.serve import serve_deployments
 
-        serve_deployments(cron=args.cron)
+        serve_deployments(cron=args.cron, timezone=args.timezone, soul_dir=args.soul_dir,
+                          registry_dir=args.registry_dir, retrain_preset=args.retrain_preset)
     return 0
 
 

@@ -36,6 +36,7 @@ class PipelineConfig(BaseModel):
     max_abs_density_z: float = 3.0
     min_label_confidence: float = 0.6
     usefulness_steps: int = Field(300, description="optimisation steps per usefulness segmenter (both arms)")
+    usefulness_seeds: int = Field(3, description="training seeds per arm of the usefulness experiment")
 
     def to_json(self) -> str:
         return self.model_dump_json()
@@ -64,6 +65,7 @@ def preset(name: str) -> PipelineConfig:
                               context_dim=16, hidden_dim=16, epochs=1, batch_size=4),
             samples_per_missing=2,
             usefulness_steps=5,
+            usefulness_seeds=1,
         )
     if name == "demo":
         return PipelineConfig(

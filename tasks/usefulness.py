@@ -19,11 +19,7 @@ from storage.run_dir import RunPaths, update_report
 from tasks.config import PipelineConfig
 from tasks.reporting import run_log
 
-SEEDS = (0, 1, 2)
-
-
-def measure_usefulness(run_dir: Path, config: PipelineConfig, *, seeds=SEEDS, steps: int | None = None,
-                       log=run_log) -> dict:
+def measure_usefulness(run_dir: Path, config: PipelineConfig, *, steps: int | None = None, log=run_log) -> dict:
     t0 = time.perf_counter()
     path = RunPaths.of(run_dir).augmented_h5
     meta = read_meta(path)
@@ -32,6 +28,7 @@ def measure_usefulness(run_dir: Path, config: PipelineConfig, *, seeds=SEEDS, st
     syn_train = (meta["is_synthetic"] & meta["accepted"] & (meta["split"] == "train")).to_numpy()
     test = ((~meta["is_synthetic"]) & (meta["split"] == "test")).to_numpy()
     steps = steps if steps is not None else config.usefulness_steps
+    seeds = tuple(range(config.usefulness_seeds))
     arms = {"real_only": real_train, "real_plus_synthetic": real_train | syn_train}
     results: dict = {}
     for arm, mask in arms.items():

@@ -1,0 +1,202 @@
+"""The 'retrain' flow: when the SOUL data changed, retrain both models into the model registry.
+
+Scheduled weekly by ``brvo-augment serve``. It fingerprints the source (contents,
+cached by size and mtime, so an unchanged directory costs only ``stat`` calls) and
+compares it, with the config hash, to what the registry's ``latest`` version was
+trained on: the same means a quick ``no change`` result. Otherwise it runs ingest ->
+preprocess -> train Pix2Pix -> train CRGAN in a work directory and publishes the
+checkpoints as a new registry version; ``latest`` moves only after both models
+trained and validated (storage.registry). The work directory is named after the
+fingerprint and config, so a retrain that crashed resumes training from its last
+checkpoint when the schedule (or a user) runs it again.
+
+Every run also writes REGISTRY/last_retrain.json (status, version, fingerprint,
+times) for monitoring without Prefect.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+
+from storage.atomic import write_json_atomic
+from storage.errors import BrvoError
+from storage.fingerprint import SourceFingerprint, fingerprint_source
+from storage.locking import file_lock
+from storage.registry import ModelRegistry
+from tasks.config import PipelineConfig, preset as preset_config
+from tasks.reporting import run_log
+
+ENV_SOUL_DIR = "BRVO_SOUL_DIR"
+ENV_REGISTRY_DIR = "BRVO_REGISTRY_DIR"
+FINGERPRINT_CACHE = ".fingerprint_cache.json"
+STATUS_FILE = "last_retrain.json"
+LOCK_WAIT_S = 10.0
+
+
+def resolve_dirs(soul_dir: str | None, registry_dir: str | None) -> tuple[Path, Path]:
+    """Explicit parameters, else the BRVO_SOUL_DIR / BRVO_REGISTRY_DIR environment variables."""
+    soul = soul_dir or os.environ.get(ENV_SOUL_DIR)
+    registry = registry_dir or os.environ.get(ENV_REGISTRY_DIR)
+    if not soul:
+        raise BrvoError(f"no SOUL directory: pass soul_dir or set {ENV_SOUL_DIR} where the flow runs")
+    if not registry:
+        raise BrvoError(f"no model registry: pass registry_dir or set {ENV_REGISTRY_DIR} where the flow runs")
+    return Path(soul).expanduser(), Path(registry).expanduser()
+
+
+def make_config(preset: str = "demo", config_json: str | None = None) -> PipelineConfig:
+    """The preset, with the fields of ``config_json`` (a whole config or a partial one) on top."""
+    config = preset_config(preset)
+    if not config_json:
+        return config
+    try:
+        data = json.loads(config_json)
+    except json.JSONDecodeError as exc:
+        raise BrvoError(f"config_json is not valid JSON ({exc}); pass a JSON object of config fields") from None
+    if not isinstance(data, dict):
+        raise BrvoError("config_json must be a JSON object of config fields")
+    return config.with_overrides(**_flatten(data))
+
+
+def config_fingerprint(config: PipelineConfig) -> str:
+    """Stable hash of the whole config (a changed preset or field means new models).
+
+    Computed here rather than with storage.checkpoints.config_hash so the 'no change'
+    path never imports torch (seconds per scheduled run)."""
+    canonical = json.dumps(json.loads(config.to_json()), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def source_fingerprint(soul_dir: Path, registry_dir: Path) -> SourceFingerprint:
+    return fingerprint_source(soul_dir, cache_path=registry_dir / FINGERPRINT_CACHE)
+
+
+def is_unchanged(registry: ModelRegistry, fingerprint: SourceFingerprint, cfg_hash: str) -> bool:
+    """True when ``latest`` was trained on this exact source content and config."""
+    last = registry.latest_source()
+    return bool(last) and last.get("digest") == fingerprint.digest and last.get("config_hash") == cfg_hash
+
+
+fingerprint_task = task(name="fingerprint-source", retries=1, retry_delay_seconds=2)(source_fingerprint)
+
+
+@task(name="publish-models")
+def publish_task(work_dir: Path, registry_dir: Path, config: PipelineConfig, source: dict[str, Any]) -> str:
+    version = ModelRegistry(registry_dir).publish(work_dir, config, source)
+    run_log(f"published models {version} to {registry_dir} (latest -> {version})")
+    return version
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(
+    soul_dir: str | None = None,
+    registry_dir: str | None = None,
+    preset: str = "demo",
+    config_json: str | None = None,
+    work_dir: str | None = None,
+    force: bool = False,
+    keep_work: bool = False,
+) -> dict:
+    """Retrain Pix2Pix and CRGAN on ``soul_dir`` into ``registry_dir`` if the data or config changed.
+
+    soul_dir / registry_dir default to $BRVO_SOUL_DIR / $BRVO_REGISTRY_DIR. ``force`` retrains
+    even when nothing changed; ``keep_work`` keeps the work directory (soul.h5, checkpoints,
+    report.json) after a successful publish (default: removed, the registry holds what matters).
+    """
+    from tasks.ingest import check_source, ingest_task
+
+    t0 = time.perf_counter()
+    soul, reg_dir = resolve_dirs(soul_dir, registry_dir)
+    check_source(soul)
+    config = make_config(preset, config_json)
+    cfg_hash = config_fingerprint(config)
+    registry = ModelRegistry(reg_dir)
+    reg_dir.mkdir(parents=True, exist_ok=True)
+
+    fp = fingerprint_task(soul, reg_dir)
+    run_log(f"source {soul}: {fp.n_files} files, {fp.total_bytes / 1e6:.1f} MB, fingerprint {fp.digest[:12]} "
+            f"({fp.hashed} hashed, {fp.reused} from cache)")
+    base = {"soul_dir": str(soul), "registry_dir": str(reg_dir), "fingerprint": fp.digest,
+            "n_files": fp.n_files, "config_hash": cfg_hash}
+    if not force and is_unchanged(registry, fp, cfg_hash):
+        return _finish(registry, t0, {**base, "status": "no change", "version": registry.latest_version()},
+                       f"no change since {registry.latest_version()}: nothing to retrain")
+
+    busy = f"model registry {reg_dir} is being retrained by another run (pid {{pid}}); wait for it to finish"
+    with file_lock(reg_dir / ".retrain.lock", LOCK_WAIT_S, busy):
+        fp = source_fingerprint(soul, reg_dir)  # the data may have moved on while we waited
+        if not force and is_unchanged(registry, fp, cfg_hash):
+            return _finish(registry, t0, {**base, "fingerprint": fp.digest, "status": "no change",
+                                          "version": registry.latest_version()},
+                           f"no change since {registry.latest_version()} (published while waiting)")
+        from tasks.preprocess import preprocess_task  # torch: imported only when there is work to do
+        from tasks.train_crgan import train_crgan_task
+        from tasks.train_pix2pix import train_pix2pix_task
+
+        work = Path(work_dir) if work_dir else reg_dir / "work" / f"{fp.digest[:12]}-{cfg_hash[:8]}"
+        run_log(f"retraining in {work} (previous version: {registry.latest_version() or 'none'})")
+        try:
+            timings: dict[str, float] = {}
+            t = time.perf_counter()
+            ingest_task(soul, work)
+            timings["ingest"], t = time.perf_counter() - t, time.perf_counter()
+            preprocess_task(work, config)
+            timings["preprocess"], t = time.perf_counter() - t, time.perf_counter()
+            train_pix2pix_task(work, config)
+            timings["train_pix2pix"], t = time.perf_counter() - t, time.perf_counter()
+            train_crgan_task(work, config)
+            timings["train_crgan"], t = time.perf_counter() - t, time.perf_counter()
+            previous = registry.latest_version()
+            version = publish_task(work, reg_dir, config, {**fp.to_dict(), "config_hash": cfg_hash,
+                                                            "soul_dir": str(soul)})
+            timings["publish"] = time.perf_counter() - t
+            if not keep_work and not work_dir:
+                shutil.rmtree(work, ignore_errors=True)
+            result = {**base, "fingerprint": fp.digest, "status": "retrained", "version": version,
+                      "previous_version": previous, "metrics": _headline(registry.resolve(version).metrics),
+                      "timings_s": {k: round(v, 2) for k, v in timings.items()}}
+            return _finish(registry, t0, result, f"retrained: latest -> {version} (was {previous or 'none'})")
+        except Exception as exc:
+            _finish(registry, t0, {**base, "status": "failed", "work_dir": str(work),
+                                   "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"},
+                    f"failed; latest stays {registry.latest_version() or 'none'}, rerun to resume from {work}")
+            raise
+
+
+def _finish(registry: ModelRegistry, t0: float, result: dict[str, Any], message: str) -> dict[str, Any]:
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    result["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_json_atomic(registry.root / STATUS_FILE, result)
+    run_log(f"retrain: {message} ({result['seconds']} s)")
+    return result
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A few numbers for the run's result (the full sections stay in the registry's metrics.json)."""
+    out: dict[str, Any] = {}
+    test = metrics.get("pix2pix", {}).get("test", {})
+    for key in ("dice", "cldice"):
+        if isinstance(test, dict) and key in test:
+            out[f"pix2pix_{key}"] = test[key]
+    model = metrics.get("crgan", {}).get("heldout", {}).get("model", {})
+    for key in ("ssim", "psnr"):
+        if isinstance(model, dict) and key in model:
+            out[f"crgan_{key}"] = model[key]
+    return out
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
