@@ -27,7 +27,9 @@ class Pix2PixConfig(_Frozen):
     batch_size: int = 1
     epochs: int = Field(200, description="total epochs: the first half at constant lr, then linear decay")
     epochs_decay: int | None = Field(None, description="epochs of linear decay at the end (default: half of epochs)")
-    threshold: float = Field(0.5, description="probability above which a pixel is labelled vessel")
+    threshold: float | None = Field(
+        None, description="probability above which a pixel is labelled vessel; None (default): chosen for the best "
+        "Dice on the validation patients at every epoch and stored with the generator weights")
     augment: bool = Field(True, description="aligned flips and small rotations of (image, label)")
     max_rotation_deg: float = 10.0
 
@@ -51,3 +53,23 @@ class CRGANConfig(_Frozen):
     batch_size: int = 8
     epochs: int = 200
     hide_prob: float = Field(0.5, description="chance of hiding each observed stage from the context in a training step")
+    visible_l1_weight: float = Field(0.5, description="L1 weight of stages left in the context, relative to hidden ones")
+    unknown_patient_prob: float = Field(
+        0.5, description="chance a training sequence uses the 'unknown patient' embedding (how val/test patients are served)")
+    n_layers_d: int = Field(3, description="PatchGAN depth (capped by image size); 3 gives a 70x70 receptive field")
+    texture: bool = Field(True, description="samples get speckle and scan-line noise whose two amplitudes the "
+                                          "adversarial loss learns (the zero-noise sample is the estimate)")
+    adv_into_estimate: bool = Field(
+        False, description="let the adversarial gradient reach the generator's estimate too, not only its texture head")
+    lr_texture: float = Field(1e-2, description="learning rate of the two texture amplitudes (log scale)")
+    lambda_ssim: float = Field(0.0, description="weight of (1 - SSIM) of the estimate (see ssim_against)")
+    ssim_against: Literal["stage_mean", "single_scan"] = Field(
+        "stage_mean", description="SSIM loss reference: the stage's mean image or one random real scan of it")
+    context_subset_prob: float = Field(
+        0.5, description="chance a visible stage enters the training context as the mean of a random subset of "
+                         "its images (else all of them, as at generation time)")
+    repeats: int = Field(1, description="passes over the training patients per epoch")
+    decay_fraction: float = Field(0.5, description="final fraction of epochs with linearly decaying lr")
+    augment: bool = Field(True, description="random flips, the same for all stages of a sequence")
+    eval_samples: int = Field(4, description="K random samples per held-out case for the single-sample scores and "
+                                             "the diversity figure (the held-out model score uses the zero-noise sample)")

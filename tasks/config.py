@@ -72,7 +72,8 @@ def preset(name: str) -> PipelineConfig:
             preset="demo",
             image_size=64,
             pix2pix=Pix2PixConfig(ngf=16, ndf=16, epochs=8, batch_size=8),
-            crgan=CRGANConfig(ngf=32, ndf=32, z_dim=32, context_dim=128, hidden_dim=128, epochs=60, batch_size=8),
+            crgan=CRGANConfig(ngf=8, ndf=32, n_layers_d=2, z_dim=32, context_dim=128, hidden_dim=128, epochs=60,
+                              batch_size=8, lr_g=1e-3, lr_d=4e-4, lambda_adv=0.2, context_subset_prob=0.25),
         )
     if name == "full":
         return PipelineConfig(

@@ -1,0 +1,834 @@
+"""CRGAN: a conditional recurrent GAN that generates a patient's OCTA image at a treatment stage.
+
+The seed design (LSTM over a patient's six stages fed patient embedding + stage
+embedding + noise, transposed-conv decoder, discriminator conditioned on
+(image, patient, stage)) made to produce sharp, patient-specific images:
+
+* **Context.** Each observed stage enters as the mean of its real images plus their
+  count (at generation: all of them, the least noisy view of the patient's anatomy at
+  that stage; in training, sometimes a random subset, so noisier contexts are seen
+  too). Stages not in the context are zeroed before anything reads them, so a hidden
+  stage cannot leak (tested).
+* **Generator.** A conv context encoder turns each context stage into a vector; the
+  LSTM reads, at every stage, [stage embedding, patient embedding, z, masked mean of
+  the context vectors, this stage's vector (masked), mask bit], so a stage's state
+  depends on the stages before it and on what the patient looks like. Patients never
+  seen in training (val/test, new clinics) use an extra 'unknown patient' embedding
+  row, which training also uses at random: the context carries them. A U-Net decoder
+  (weights shared by the stages; transposed convs, Tanh) turns the LSTM state into
+  the image: its encoder reads three reference images of the patient — the nearest
+  context stage at or before the target, the nearest at or after it, and the
+  count-weighted mean of all context images — and its skips carry the patient's
+  vessel layout at full resolution; the LSTM state enters at the bottleneck and by
+  FiLM at every level. The output is residual: a learned per-pixel blend of the
+  references (equal at init) inside the Tanh, plus the decoder's correction, so the
+  network learns what changed (non-perfusion, noise) rather than how to copy.
+* **Noise.** z enters the LSTM; a texture head turns per-pixel noise (white speckle
+  and scan-line offsets) into zero-mean texture with amplitudes from the decoder
+  features. The zero-noise sample is the model's estimate of the anatomy (used for
+  the held-out score); random samples look like single scans and differ from each other.
+* **Discriminator.** PatchGAN (32 to 256 px) with a *projection* condition (Miyato &
+  Koyama 2018): per-patch logit = linear(features) + <features, e_stage + e_patient>.
+  Chosen over concatenated embedding maps because it adds no input channels,
+  conditions every patch, and is the better behaved of the two in conditional GANs;
+  its patient table has an 'unknown' row so it can score val/test patients.
+* **Losses.** The seed's adversarial losses in non-saturating form
+  (L_D = BCE(D(x),1) + BCE(D(G),0), L_G = BCE(D(G),1)) weighted by lambda_adv, plus
+  L1 of the estimate to the stage's mean real image: lambda_l1 on stages hidden from
+  the context (hole filling, the job), times visible_l1_weight on visible ones. The L1
+  target is the stage mean because repeat scans carry independent noise. By default
+  the adversarial gradient trains the texture, not the estimate (adv_into_estimate:
+  measured, it cost 0.7 dB held-out PSNR for +0.006 SSIM); an optional SSIM term
+  (lambda_ssim) exists but measured no gain.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from brvo_models.configs import CRGANConfig
+from brvo_models.runtime import autocast
+
+N_STAGES = 6
+MODEL_NAME = "crgan"
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class PatientSequence:
+    """One patient's real images per stage (uint8 (n, H, W) or None where the stage is missing)."""
+
+    patient_id: str
+    split: str
+    images: list[np.ndarray | None]
+    index: int | None = None  # embedding index for training patients, None = unknown patient
+
+    @property
+    def observed(self) -> list[int]:
+        return [s for s in range(N_STAGES) if self.images[s] is not None and len(self.images[s]) > 0]
+
+    def stage_mean(self, stage: int) -> np.ndarray:
+        """Mean of the stage's real images as float32 in [0, 1]."""
+        return self.images[stage].astype(np.float32).mean(axis=0) / 255.0
+
+
+def sequences_from_arrays(images: np.ndarray, meta) -> list[PatientSequence]:
+    """Group real rows (meta: DataFrame with patient_id, stage, split[, is_synthetic]) into sequences."""
+    keep = np.ones(len(meta), bool)
+    if "is_synthetic" in meta:
+        keep &= ~np.asarray(meta["is_synthetic"], bool)
+    seqs = []
+    for pid, group in meta[keep].groupby("patient_id", sort=True):
+        per_stage: list[np.ndarray | None] = [None] * N_STAGES
+        for stage, rows in group.groupby("stage"):
+            per_stage[int(stage)] = images[rows.index.to_numpy()]
+        seqs.append(PatientSequence(str(pid), str(group["split"].iloc[0]), per_stage))
+    return seqs
+
+
+def to_model(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """[0, 1] float -> [-1, 1] tensor."""
+    t = torch.as_tensor(x, dtype=torch.float32)
+    return t * 2.0 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] tensor -> uint8 array."""
+    return ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+def pixel_noise(n: int, image_size: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, 2, H, W): white noise per pixel, and one value per row broadcast along it (scan lines)."""
+    white = torch.randn(n, 1, image_size, image_size, generator=generator)
+    rows = torch.randn(n, 1, image_size, 1, generator=generator).expand(-1, -1, -1, image_size)
+    return torch.cat([white, rows], dim=1)
+
+
+def draw_noise(seed: int, z_dim: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise of one sample: z (z_dim,) and pixel noise for all six stages (6, 2, H, W).
+
+    Drawn on the CPU from a generator seeded by ``seed`` alone, so a sample is the same
+    on every device and for every subset of requested stages.
+    """
+    g = torch.Generator().manual_seed(int(seed) % (2**63))
+    z = torch.randn(z_dim, generator=g)
+    pix = pixel_noise(N_STAGES, image_size, g)
+    return z, pix
+
+
+def resolve_seeds(seeds: int | Sequence[int], k: int) -> list[int]:
+    """A base seed -> [base, base+1, ..., base+k-1]; a list is checked for length k."""
+    if isinstance(seeds, (int, np.integer)):
+        return [int(seeds) + i for i in range(k)]
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != k:
+        raise ValueError(f"{len(seeds)} seeds for k={k} samples")
+    return seeds
+
+
+# ------------------------------------------------------------------------------------ modules
+
+
+def _levels(image_size: int) -> int:
+    """Down-sampling levels of the U-Net: to a 4x4 bottleneck (64 px -> 4, 256 px -> 6)."""
+    levels = int(round(math.log2(image_size))) - 2
+    if image_size < 32 or 2 ** (levels + 2) != image_size:
+        raise ValueError(f"image_size must be a power of two >= 32, got {image_size}")
+    return levels
+
+
+def _gn(c: int) -> nn.GroupNorm:
+    # GroupNorm, not BatchNorm: an image never depends on what else is in the batch,
+    # so generation is the same alone or batched and in train or eval mode.
+    return nn.GroupNorm(min(8, c), c)
+
+
+def _init(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class ContextEncoder(nn.Module):
+    """Stage image (1, H, W) -> vector (context_dim): strided convs + global average pooling."""
+
+    def __init__(self, image_size: int, width: int, out_dim: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 1
+        for i in range(min(_levels(image_size), 4)):
+            c = width * min(2**i, 8)
+            layers += [nn.Conv2d(c_in, c, 4, 2, 1), _gn(c), nn.LeakyReLU(0.2, inplace=True)]
+            c_in = c
+        self.net = nn.Sequential(*layers)
+        self.out = nn.Linear(c_in, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.net(x).mean(dim=(2, 3)))
+
+
+class _Up(nn.Module):
+    """Transposed conv x2 -> GroupNorm -> FiLM(cond) -> ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, cond_dim: int) -> None:
+        super().__init__()
+        self.conv = nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)
+        self.norm = _gn(c_out)
+        self.film = nn.Linear(cond_dim, 2 * c_out)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.conv(x))
+        gamma, beta = self.film(cond).chunk(2, dim=1)
+        return F.relu(x * (1 + gamma[:, :, None, None]) + beta[:, :, None, None])
+
+
+class CRGANGenerator(nn.Module):
+    """(context images, visible mask, patient, z, pixel noise) -> images for selected (sequence, stage)."""
+
+    def __init__(self, config: CRGANConfig, image_size: int, n_patients: int) -> None:
+        super().__init__()
+        self.config = config
+        self.image_size = image_size
+        self.n_patients = n_patients
+        self.unknown_index = n_patients  # the extra embedding row for patients never seen in training
+        self.patient_ids: list[str] = []
+        c = config
+        self.patient_emb = nn.Embedding(n_patients + 1, c.patient_emb_dim)
+        self.stage_emb = nn.Embedding(N_STAGES, c.stage_emb_dim)
+        self.context_encoder = ContextEncoder(image_size, c.ngf, c.context_dim)
+        lstm_in = c.stage_emb_dim + c.patient_emb_dim + c.z_dim + 2 * c.context_dim + 1
+        self.lstm = nn.LSTM(lstm_in, c.hidden_dim, batch_first=True)
+        cond_dim = c.hidden_dim + c.stage_emb_dim + 4  # + gaps to the neighbours and their presence
+        self.cond = nn.Sequential(nn.Linear(cond_dim, c.hidden_dim), nn.ReLU(inplace=True))
+        L = _levels(image_size)
+        widths = [c.ngf * min(2**i, 8) for i in range(L)]
+        self.down = nn.ModuleList()
+        c_in = 3  # the nearest visible stage before and after the target, and the mean of all visible stages
+        for i, w in enumerate(widths):
+            block = [nn.Conv2d(c_in, w, 4, 2, 1)] + ([_gn(w)] if i > 0 else []) + [nn.LeakyReLU(0.2, inplace=True)]
+            self.down.append(nn.Sequential(*block))
+            c_in = w
+        bottleneck = widths[-1]
+        self.to_map = nn.Linear(c.hidden_dim, bottleneck * 16)
+        self.fuse = nn.Sequential(nn.Conv2d(2 * bottleneck, bottleneck, 3, 1, 1), _gn(bottleneck), nn.ReLU(inplace=True))
+        self.up = nn.ModuleList()
+        c_in = bottleneck
+        for i in reversed(range(L)):
+            w_out = widths[i - 1] if i > 0 else c.ngf
+            self.up.append(_Up(c_in, w_out, c.hidden_dim))
+            c_in = w_out + (widths[i - 1] if i > 0 else 3)  # concat the skip (or the raw references)
+        self.head = nn.Conv2d(c_in, 1, 3, 1, 1)
+        self.mix = nn.Conv2d(c_in, 3, 3, 1, 1)
+        # log amplitudes of multiplicative speckle and of scan-line offsets (see forward)
+        self.texture = nn.ParameterDict({"log_amp": nn.Parameter(torch.tensor([-3.0, -4.0]))}) if c.texture else None
+        _init(self)
+
+    # -- pieces ---------------------------------------------------------------------------
+
+    def encode_sequence(self, context: torch.Tensor, visible: torch.Tensor, patient: torch.Tensor,
+                        z: torch.Tensor) -> torch.Tensor:
+        """LSTM states (B, 6, hidden) from masked context (B, 6, 1, H, W), visible (B, 6)."""
+        B = context.shape[0]
+        m = visible.float()
+        enc = self.context_encoder(context.flatten(0, 1)).view(B, N_STAGES, -1) * m[..., None]
+        pooled = enc.sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)
+        stages = torch.arange(N_STAGES, device=context.device)
+        inputs = torch.cat([
+            self.stage_emb(stages)[None].expand(B, -1, -1),
+            self.patient_emb(patient)[:, None].expand(-1, N_STAGES, -1),
+            z[:, None].expand(-1, N_STAGES, -1),
+            pooled[:, None].expand(-1, N_STAGES, -1),
+            enc,
+            m[..., None],
+        ], dim=2)
+        out, _ = self.lstm(inputs)
+        return out
+
+    @staticmethod
+    def neighbours(visible: torch.Tensor, sel_b: torch.Tensor, sel_t: torch.Tensor):
+        """For each selected (b, t): nearest visible stage <= t and >= t (-1 where none)."""
+        vis = visible[sel_b]  # (N, 6)
+        stages = torch.arange(N_STAGES, device=visible.device)[None]
+        t = sel_t[:, None]
+        before = torch.where(vis & (stages <= t), stages, torch.full_like(stages, -1)).amax(1)
+        after = torch.where(vis & (stages >= t), stages, torch.full_like(stages, N_STAGES)).amin(1)
+        after = torch.where(after == N_STAGES, torch.full_like(after, -1), after)
+        return before, after
+
+    def forward(self, context: torch.Tensor, visible: torch.Tensor, patient: torch.Tensor, z: torch.Tensor,
+                pix: torch.Tensor, sel_b: torch.Tensor, sel_t: torch.Tensor, return_mean: bool = False,
+                counts: torch.Tensor | None = None):
+        """Images (N, 1, H, W) in [-1, 1] for the selected (sequence sel_b[i], stage sel_t[i]).
+
+        context (B, 6, 1, H, W) in [-1, 1]; visible (B, 6) bool; patient (B,) long;
+        z (B, z_dim); pix (N, 2, H, W) pixel noise of each selected image (:func:`pixel_noise`).
+        ``return_mean``: also return the image before the texture head (what L1 trains).
+        ``counts`` (B, 6): real images behind each context stage (weights of the pooled reference).
+        """
+        visible = visible.bool()
+        context = context * visible[:, :, None, None, None].to(context.dtype)  # nothing hidden gets in
+        states = self.encode_sequence(context, visible, patient, z)
+        before, after = self.neighbours(visible, sel_b, sel_t)
+        has_b, has_a = before >= 0, after >= 0
+        before_i = torch.where(has_b, before, after).clamp_min(0)
+        after_i = torch.where(has_a, after, before).clamp_min(0)
+        m = visible.to(context.dtype)
+        if counts is not None:
+            m = m * counts.to(context.dtype)
+        pooled = (context * m[:, :, None, None, None]).sum(1) / m.sum(1).clamp_min(1e-6)[:, None, None, None]
+        refs = torch.cat([context[sel_b, before_i], context[sel_b, after_i], pooled[sel_b]], dim=1)  # (N, 3, H, W)
+        refs = refs * (has_b | has_a).to(refs.dtype)[:, None, None, None]
+        t = sel_t.to(torch.float32)
+        gaps = torch.stack([
+            torch.where(has_b, (t - before.float()) / (N_STAGES - 1), torch.ones_like(t)),
+            torch.where(has_a, (after.float() - t) / (N_STAGES - 1), torch.ones_like(t)),
+            has_b.float(), has_a.float()], dim=1).to(states.dtype)
+        cond = self.cond(torch.cat([states[sel_b, sel_t], self.stage_emb(sel_t), gaps], dim=1))
+        skips = []
+        x = refs
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+        B, C = x.shape[:2]
+        x = self.fuse(torch.cat([x, self.to_map(cond).view(B, C, 4, 4)], dim=1))
+        skips = skips[:-1][::-1] + [refs]
+        for block, skip in zip(self.up, skips):
+            x = torch.cat([block(x, cond), skip], dim=1)
+        # Residual on the references: a learned per-pixel blend of the three reference images
+        # (equal weights at init) enters the Tanh's pre-activation, so the decoder learns the
+        # correction (where the stage changed, what is noise) rather than the copy.
+        w = torch.softmax(self.mix(x), dim=1)
+        base = (w * refs).sum(1, keepdim=True)
+        pre = self.head(x) + torch.atanh(0.98 * base)
+        mean = torch.tanh(pre)
+        if self.texture is None:
+            return (mean, mean) if return_mean else mean
+        # Texture, after the Tanh: multiplicative speckle (white noise scaled by intensity)
+        # and scan-line offsets (one value per row), both zero-mean, so the noise changes
+        # samples but not their expectation. Two learned amplitudes, trained only by the
+        # adversarial loss (L1 sees ``mean``): the discriminator sets the noise level of a
+        # single scan. A per-pixel amplitude map was tried: it learned to dither uncertain
+        # regions into salt-and-pepper. By default the adversarial gradient stops at the
+        # texture (config.adv_into_estimate): measured on the phantom, letting it reshape the
+        # estimate cost 0.7 dB held-out PSNR.
+        anchor = mean if self.config.adv_into_estimate else mean.detach()
+        amp = self.texture["log_amp"].exp().to(anchor.dtype)
+        pix = pix.to(anchor.dtype)
+        noise = amp[0] * (anchor + 1) / 2 * pix[:, :1] + amp[1] * pix[:, 1:]
+        sample = (anchor + 2 * noise).clamp(-1, 1)  # x2: amplitudes are on the [0, 1] scale
+        return (sample, mean) if return_mean else sample
+
+
+class CRGANDiscriminator(nn.Module):
+    """PatchGAN with a projection condition on (stage, patient): per-patch logits (N, 1, h, w)."""
+
+    def __init__(self, config: CRGANConfig, image_size: int, n_patients: int) -> None:
+        super().__init__()
+        sn = nn.utils.spectral_norm
+        n_layers = max(1, min(config.n_layers_d, _levels(image_size) - 1))
+        layers: list[nn.Module] = [sn(nn.Conv2d(1, config.ndf, 4, 2, 1)), nn.LeakyReLU(0.2, inplace=True)]
+        c_in = config.ndf
+        for i in range(1, n_layers):
+            c = config.ndf * min(2**i, 8)
+            layers += [sn(nn.Conv2d(c_in, c, 4, 2, 1)), nn.LeakyReLU(0.2, inplace=True)]
+            c_in = c
+        c = config.ndf * min(2**n_layers, 8)
+        layers += [sn(nn.Conv2d(c_in, c, 4, 1, 1)), nn.LeakyReLU(0.2, inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.linear = sn(nn.Conv2d(c, 1, 1))
+        self.stage_emb = nn.Embedding(N_STAGES, c)
+        self.patient_emb = nn.Embedding(n_patients + 1, c)
+        self.unknown_index = n_patients
+        nn.init.normal_(self.stage_emb.weight, 0.0, 0.02)
+        nn.init.normal_(self.patient_emb.weight, 0.0, 0.02)
+
+    def forward(self, images: torch.Tensor, stage: torch.Tensor, patient: torch.Tensor) -> torch.Tensor:
+        h = self.features(images)
+        e = self.stage_emb(stage) + self.patient_emb(patient)
+        return self.linear(h) + (h * e[:, :, None, None]).sum(1, keepdim=True)
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def _gauss_window(sigma: float = 1.5, truncate: float = 3.5) -> torch.Tensor:
+    r = int(truncate * sigma + 0.5)
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+def ssim_torch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (N,) of [-1, 1] images (N, 1, H, W), as skimage computes it for brvo_models.metrics
+    (on [0, 1], data_range 1, Gaussian weights sigma 1.5, population covariance, borders cropped)."""
+    x, y = (x.float() + 1) / 2, (y.float() + 1) / 2
+    w = _gauss_window().to(x.device)
+    mx, my = F.conv2d(x, w), F.conv2d(y, w)
+    vx = F.conv2d(x * x, w) - mx * mx
+    vy = F.conv2d(y * y, w) - my * my
+    cxy = F.conv2d(x * y, w) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
+
+def make_train_batches(seqs: list[PatientSequence], config: CRGANConfig, seed: int, epoch: int) -> list[dict]:
+    """One epoch of training batches, fully determined by (seed, epoch).
+
+    Each sequence appears ``config.repeats`` times per epoch in shuffled batches. Per
+    sequence: a whole-sequence random flip (augment), hide each observed stage with
+    ``hide_prob`` (at least one stays visible), context = mean of a random non-empty
+    subset of each visible stage's images, targets = every observed stage (L1 to its
+    mean image, D's real = one of its images), patient index dropped to 'unknown'
+    with ``unknown_patient_prob`` so unseen patients are served by the context alone.
+    """
+    rng = np.random.default_rng([seed, epoch, 7771])
+    order = np.concatenate([rng.permutation(len(seqs)) for _ in range(config.repeats)])
+    batches = []
+    for start in range(0, len(order), config.batch_size):
+        chunk = [seqs[i] for i in order[start:start + config.batch_size]]
+        batches.append(_train_batch(chunk, config, rng))
+    return batches
+
+
+def _train_batch(chunk: list[PatientSequence], config: CRGANConfig, rng: np.random.Generator) -> dict:
+    H = chunk[0].images[chunk[0].observed[0]].shape[-1]
+    B = len(chunk)
+    context = np.zeros((B, N_STAGES, H, H), np.float32)
+    visible = np.zeros((B, N_STAGES), bool)
+    counts = np.zeros((B, N_STAGES), np.float32)
+    patient = np.zeros(B, np.int64)
+    sel_b, sel_t, hidden, targets, reals = [], [], [], [], []
+    for b, seq in enumerate(chunk):
+        obs = seq.observed
+        hide = rng.random(len(obs)) < config.hide_prob if len(obs) > 1 else np.zeros(len(obs), bool)
+        if hide.all():
+            hide[rng.integers(len(obs))] = False
+        flip_h, flip_v = (rng.random(2) < 0.5) if config.augment else (False, False)
+
+        def aug(a: np.ndarray) -> np.ndarray:
+            if flip_h:
+                a = a[..., :, ::-1]
+            if flip_v:
+                a = a[..., ::-1, :]
+            return a
+
+        unknown = seq.index is None or rng.random() < config.unknown_patient_prob
+        patient[b] = -1 if unknown else seq.index
+        for s, h in zip(obs, hide):
+            imgs = seq.images[s]
+            if not h:
+                if rng.random() < config.context_subset_prob:
+                    subset = np.sort(rng.choice(len(imgs), size=int(rng.integers(1, len(imgs) + 1)), replace=False))
+                else:
+                    subset = np.arange(len(imgs))
+                context[b, s] = aug(imgs[subset].astype(np.float32).mean(0) / 255.0)
+                visible[b, s] = True
+                counts[b, s] = len(subset)
+            sel_b.append(b)
+            sel_t.append(s)
+            hidden.append(bool(h))
+            targets.append(aug(seq.stage_mean(s)))
+            reals.append(aug(imgs[rng.integers(len(imgs))].astype(np.float32) / 255.0))
+    return {
+        "context": context, "visible": visible, "counts": counts, "patient": patient,
+        "sel_b": np.asarray(sel_b, np.int64), "sel_t": np.asarray(sel_t, np.int64),
+        "hidden": np.asarray(hidden, bool), "targets": np.stack(targets), "reals": np.stack(reals),
+        "noise_seed": int(rng.integers(2**62)),
+    }
+
+
+def heldout_cases(seqs: Iterable[PatientSequence]) -> list[tuple[PatientSequence, int]]:
+    """(patient, stage) for every observed stage of a patient with at least one other observed stage."""
+    return [(seq, s) for seq in seqs if len(seq.observed) > 1 for s in seq.observed]
+
+
+class CRGAN:
+    """The CRGAN as a :class:`brvo_models.training.Trainable`."""
+
+    name = MODEL_NAME
+
+    def __init__(self, config: CRGANConfig, image_size: int, patient_ids: Sequence[str],
+                 device: torch.device | str = "cpu", val_seqs: Sequence[PatientSequence] = ()) -> None:
+        self.config = config
+        self.image_size = int(image_size)
+        self.device = torch.device(device)
+        self.patient_ids = [str(p) for p in patient_ids]
+        n = len(self.patient_ids)
+        self.generator = CRGANGenerator(config, image_size, n).to(self.device)
+        self.generator.patient_ids = list(self.patient_ids)
+        self.discriminator = CRGANDiscriminator(config, image_size, n).to(self.device)
+        betas = (config.beta1, config.beta2)
+        texture = set(self.generator.texture.parameters()) if self.generator.texture is not None else set()
+        groups = [{"params": [p for p in self.generator.parameters() if p not in texture], "lr": config.lr_g}]
+        if texture:
+            groups.append({"params": list(self.generator.texture.parameters()), "lr": config.lr_texture})
+        self.opt_g = torch.optim.Adam(groups, lr=config.lr_g, betas=betas)
+        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.lr_d, betas=betas)
+        total, decay = config.epochs, max(0, int(round(config.epochs * config.decay_fraction)))
+        keep = total - decay
+
+        def factor(epoch: int) -> float:
+            return 1.0 if epoch < keep else max(0.0, 1.0 - (epoch - keep + 1) / (decay + 1))
+
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, factor)
+        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, factor)
+        self.val_cases = heldout_cases(val_seqs)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator, "discriminator": self.discriminator}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"generator": self.opt_g, "discriminator": self.opt_d}
+
+    def schedulers(self) -> dict[str, Any]:
+        return {"generator": self.sched_g, "discriminator": self.sched_d}
+
+    def _tensors(self, batch: dict) -> dict[str, torch.Tensor]:
+        dev = self.device
+        patient = torch.as_tensor(batch["patient"])
+        patient = torch.where(patient < 0, torch.full_like(patient, self.generator.unknown_index), patient)
+        B, N = len(patient), len(batch["sel_b"])
+        g = torch.Generator().manual_seed(batch["noise_seed"])
+        z = torch.randn(B, self.config.z_dim, generator=g)
+        pix = pixel_noise(N, self.image_size, g)
+        return {
+            "context": to_model(batch["context"])[:, :, None].to(dev),
+            "visible": torch.as_tensor(batch["visible"]).to(dev),
+            "counts": torch.as_tensor(batch["counts"]).to(dev),
+            "patient": patient.to(dev), "z": z.to(dev), "pix": pix.to(dev),
+            "sel_b": torch.as_tensor(batch["sel_b"]).to(dev), "sel_t": torch.as_tensor(batch["sel_t"]).to(dev),
+            "hidden": torch.as_tensor(batch["hidden"]).to(dev),
+            "targets": to_model(batch["targets"])[:, None].to(dev),
+            "reals": to_model(batch["reals"])[:, None].to(dev),
+        }
+
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Generator loss terms on a batch (no optimiser step): used by train_step and tests."""
+        t = self._tensors(batch)
+        fake, mean = self._generate(t)
+        return self._g_losses(t, fake, mean)
+
+    def _generate(self, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.device):
+            fake, mean = self.generator(t["context"], t["visible"], t["patient"], t["z"], t["pix"], t["sel_b"],
+                                        t["sel_t"], return_mean=True, counts=t["counts"])
+        return fake.float(), mean.float()
+
+    def _d_logits(self, images: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast(self.device):
+            out = self.discriminator(images, t["sel_t"], t["patient"][t["sel_b"]])
+        return out.float()
+
+    def _g_losses(self, t: dict[str, torch.Tensor], fake: torch.Tensor, mean: torch.Tensor) -> dict[str, torch.Tensor]:
+        c = self.config
+        err = (mean - t["targets"]).abs().mean(dim=(1, 2, 3))
+        hid = t["hidden"].float()
+        l1_hidden = (err * hid).sum() / hid.sum().clamp_min(1.0)
+        l1_visible = (err * (1 - hid)).sum() / (1 - hid).sum().clamp_min(1.0)
+        logits = self._d_logits(fake, t) if c.lambda_adv > 0 else None
+        adv = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits)) if logits is not None \
+            else torch.zeros((), device=fake.device)
+        total = c.lambda_l1 * (l1_hidden + c.visible_l1_weight * l1_visible) + c.lambda_adv * adv
+        out = {"loss_g": total, "l1_hidden": l1_hidden, "l1_visible": l1_visible, "adv_g": adv}
+        if c.lambda_ssim > 0:
+            # SSIM of the estimate against single real scans (what the held-out score compares
+            # with): L1 to the stage mean alone gives estimates with too little local contrast.
+            s = ssim_torch(mean, t["reals"] if c.ssim_against == "single_scan" else t["targets"])
+            w = torch.where(t["hidden"], torch.ones_like(s), torch.full_like(s, c.visible_l1_weight))
+            ssim_loss = ((1 - s) * w).sum() / w.sum()
+            out["ssim_loss"] = ssim_loss
+            out["loss_g"] = total + c.lambda_ssim * ssim_loss
+        return out
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        t = self._tensors(batch)
+        fake, mean = self._generate(t)
+        out: dict[str, float] = {}
+        if self.config.lambda_adv > 0:
+            real_logits = self._d_logits(t["reals"], t)
+            fake_logits = self._d_logits(fake.detach(), t)
+            loss_d = 0.5 * (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+                            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+            self.opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            self.opt_d.step()
+            out["loss_d"] = float(loss_d.detach())
+        losses = self._g_losses(t, fake, mean)
+        self.opt_g.zero_grad(set_to_none=True)
+        losses["loss_g"].backward()
+        self.opt_g.step()
+        out.update({k: float(v.detach()) for k, v in losses.items()})
+        return out
+
+    def validate(self) -> dict[str, float]:
+        """Held-out reconstruction on val patients: each observed stage hidden in turn; score = mean SSIM."""
+        from brvo_models.metrics import mean_scores
+
+        if not self.val_cases:
+            return {"score": float("nan")}
+        # the zero-noise sample: the model's point estimate, as in the held-out report
+        preds = predict_heldout(self.generator, self.val_cases, seeds=[None], device=self.device)[:, 0]
+        rows = [case_scores(p, seq.images[s]) for p, (seq, s) in zip(preds, self.val_cases)]
+        m = mean_scores(rows)
+        return {"score": m["ssim"], "ssim": m["ssim"], "psnr": m["psnr"], "mse": m["mse"]}
+
+
+# ------------------------------------------------------------------------------------ inference
+
+
+def _context_from_images(context_images: dict[int, np.ndarray], image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """dict stage -> uint8 (n, H, W) -> (context (6, H, W) float32 in [0, 1]: each stage's mean image,
+    counts (6,) float32: its number of images, 0 for a missing stage)."""
+    context = np.zeros((N_STAGES, image_size, image_size), np.float32)
+    counts = np.zeros(N_STAGES, np.float32)
+    for s, imgs in context_images.items():
+        s = int(s)
+        if not 0 <= s < N_STAGES:
+            raise ValueError(f"stage {s} outside 0..{N_STAGES - 1}")
+        imgs = np.asarray(imgs)
+        if imgs.ndim == 2:
+            imgs = imgs[None]
+        if imgs.shape[0] == 0:
+            continue
+        if imgs.shape[1:] != (image_size, image_size):
+            raise ValueError(f"context images of stage {s} have shape {imgs.shape[1:]}, model needs {image_size}px")
+        context[s] = imgs.astype(np.float32).mean(0) / 255.0
+        counts[s] = len(imgs)
+    return context, counts
+
+
+@torch.no_grad()
+def generate_batch(generator: CRGANGenerator, contexts: np.ndarray, counts: np.ndarray,
+                   patients: Sequence[int | None], stages: Sequence[Sequence[int]], seeds: Sequence[int | None],
+                   device: torch.device | str, chunk: int = 64) -> list[torch.Tensor]:
+    """Core batched sampler. Per sequence i: context (6,H,W) in [0,1], counts (6,) (0 = missing
+    stage), patient index or None, the stages to decode and a seed (None: the zero-noise sample,
+    i.e. the model's point estimate). Returns per sequence a tensor (len(stages_i), H, W) in [-1, 1]."""
+    device = _device(device)
+    generator.eval()
+    H = generator.image_size
+    out: list[torch.Tensor] = []
+    for start in range(0, len(seeds), chunk):
+        idx = list(range(start, min(start + chunk, len(seeds))))
+        zs, pixs, sel_b, sel_t = [], [], [], []
+        for j, i in enumerate(idx):
+            if seeds[i] is None:
+                z, pix = torch.zeros(generator.config.z_dim), torch.zeros(N_STAGES, 2, H, H)
+            else:
+                z, pix = draw_noise(seeds[i], generator.config.z_dim, H)
+            zs.append(z)
+            pixs.append(pix[list(stages[i])])
+            sel_b += [j] * len(stages[i])
+            sel_t += list(stages[i])
+        pat = torch.tensor([generator.unknown_index if patients[i] is None else int(patients[i]) for i in idx])
+        ctx = to_model(contexts[idx])[:, :, None]
+        cnt = torch.as_tensor(np.asarray(counts)[idx], dtype=torch.float32)
+        with autocast(device):
+            imgs = generator(ctx.to(device), (cnt > 0).to(device), pat.to(device), torch.stack(zs).to(device),
+                             torch.cat(pixs).to(device), torch.tensor(sel_b, device=device),
+                             torch.tensor(sel_t, device=device), counts=cnt.to(device))
+        imgs = imgs.float()[:, 0].cpu()
+        pos = 0
+        for i in idx:
+            n = len(stages[i])
+            out.append(imgs[pos:pos + n])
+            pos += n
+    return out
+
+
+def generate(generator: CRGANGenerator, context_images: dict[int, np.ndarray], patient_index: int | None,
+             stages: Sequence[int], k: int, seeds: int | Sequence[int] | Sequence[Sequence[int]],
+             device: torch.device | str = "auto") -> np.ndarray:
+    """K samples of one patient at each of ``stages``: uint8 (len(stages), k, H, W).
+
+    ``context_images``: stage -> that stage's real images uint8 (n, H, W); each stage
+    enters as the mean of its images, stages not given are missing. ``patient_index``:
+    the embedding row of a training patient (``load_generator``'s mapping), None for
+    a patient not seen in training. ``seeds``: a base int (sample j uses base + j for
+    all stages), k ints (one per sample, shared by the stages), or len(stages) lists
+    of k ints (one seed per image). Same seeds -> same images; batched, no grad.
+    """
+    stages = [int(s) for s in stages]
+    H = generator.image_size
+    ctx, cnt = _context_from_images(context_images, H)
+    if isinstance(seeds, (list, tuple)) and seeds and isinstance(seeds[0], (list, tuple, np.ndarray)):
+        if len(seeds) != len(stages) or any(len(row) != k for row in seeds):
+            raise ValueError(f"per-image seeds must be {len(stages)} lists of {k}")
+        flat = [(si, int(sd)) for si in range(len(stages)) for sd in seeds[si]]
+        res = generate_batch(generator, np.repeat(ctx[None], len(flat), 0), np.repeat(cnt[None], len(flat), 0),
+                             [patient_index] * len(flat), [[stages[si]] for si, _ in flat],
+                             [sd for _, sd in flat], device)
+        out = torch.stack([r[0] for r in res]).view(len(stages), k, H, H) if res else torch.zeros(len(stages), k, H, H)
+        return to_uint8(out)
+    seeds = resolve_seeds(seeds, k)
+    res = generate_batch(generator, np.repeat(ctx[None], k, 0), np.repeat(cnt[None], k, 0),
+                         [patient_index] * k, [stages] * k, seeds, device)
+    out = torch.stack(res, dim=1) if res else torch.zeros(len(stages), 0, H, H)
+    return to_uint8(out)
+
+
+def _device(device: torch.device | str) -> torch.device:
+    from brvo_models.runtime import select_device
+
+    return select_device(device) if isinstance(device, str) else torch.device(device)
+
+
+def patient_index(generator: CRGANGenerator, patient_id: str) -> int | None:
+    """Embedding row of a training patient, None for any other (the 'unknown patient' row is used)."""
+    try:
+        return generator.patient_ids.index(str(patient_id))
+    except ValueError:
+        return None
+
+
+@torch.no_grad()
+def realism(discriminator: CRGANDiscriminator, images: np.ndarray, stages: Sequence[int],
+            patient_indices: Sequence[int | None] | None, device: torch.device | str = "cpu",
+            batch_size: int = 64) -> np.ndarray:
+    """Discriminator realism of uint8 images (N, H, W): mean sigmoid of the patch logits, float32 (N,).
+
+    ``stages`` (N,) ints; ``patient_indices`` embedding rows or None (unknown patient) per image."""
+    device = _device(device)
+    discriminator.eval()
+    images = np.asarray(images)
+    n = len(images)
+    if patient_indices is None:
+        patient_indices = [None] * n
+    pats = torch.tensor([discriminator.unknown_index if p is None else int(p) for p in patient_indices])
+    st = torch.as_tensor(np.asarray(stages, np.int64))
+    out = []
+    for i in range(0, n, batch_size):
+        x = to_model(images[i:i + batch_size].astype(np.float32) / 255.0)[:, None].to(device)
+        with autocast(device):
+            logits = discriminator(x, st[i:i + batch_size].to(device), pats[i:i + batch_size].to(device))
+        out.append(torch.sigmoid(logits.float()).mean(dim=(1, 2, 3)).cpu())
+    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+def predict_heldout(generator: CRGANGenerator, cases: Sequence[tuple[PatientSequence, int]],
+                    seeds: Sequence[int | None] = (None,), device="cpu") -> np.ndarray:
+    """For each (patient, stage) case: hide the stage and generate it from the patient's other stages.
+
+    Returns float [0, 1] images (len(cases), len(seeds), H, W): one per seed (None = the zero-noise
+    sample, the model's point estimate). The hidden stage is not in the context at all.
+    """
+    H = generator.image_size
+    ctxs, cnts, pats, stages, flat_seeds = [], [], [], [], []
+    for seq, s in cases:
+        ctx, cnt = _context_from_images({o: seq.images[o] for o in seq.observed if o != s}, H)
+        for sd in seeds:
+            ctxs.append(ctx)
+            cnts.append(cnt)
+            pats.append(seq.index)
+            stages.append([s])
+            flat_seeds.append(sd)
+    if not ctxs:
+        return np.zeros((0, len(seeds), H, H), np.float32)
+    res = generate_batch(generator, np.stack(ctxs), np.stack(cnts), pats, stages, flat_seeds, device)
+    out = (torch.stack([r[0] for r in res]).clamp(-1, 1) + 1) / 2
+    return out.numpy().reshape(len(cases), len(seeds), H, H)
+
+
+def case_scores(pred: np.ndarray, real_images: np.ndarray) -> dict[str, float]:
+    """Metrics of one prediction (float [0,1]) against EACH real image (uint8) of the stage, averaged."""
+    from brvo_models.metrics import image_scores, mean_scores
+
+    rows = [image_scores(pred, r.astype(np.float64) / 255.0) for r in real_images]
+    m = mean_scores(rows)
+    m.pop("n", None)
+    return m
+
+
+def baseline_predictions(seq: PatientSequence, stage: int) -> dict[str, np.ndarray]:
+    """The two baselines for a hidden stage, from the patient's other observed stages (stage means):
+    'nearest' copies the nearest observed stage (tie: the earlier one); 'neighbour_mean' averages
+    the nearest earlier and the nearest later observed stage (the nearest one where one side is empty)."""
+    others = [o for o in seq.observed if o != stage]
+    nearest = min(others, key=lambda o: (abs(o - stage), o))
+    before = [o for o in others if o < stage]
+    after = [o for o in others if o > stage]
+    if before and after:
+        mean = 0.5 * (seq.stage_mean(max(before)) + seq.stage_mean(min(after)))
+    else:
+        mean = seq.stage_mean(nearest)
+    return {"nearest": seq.stage_mean(nearest), "neighbour_mean": mean}
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def training_signature(config: CRGANConfig, seed: int) -> str:
+    """JSON of everything that changes training; its hash in checkpoint meta refuses a mismatched resume."""
+    import json
+
+    return json.dumps({"crgan": config.model_dump(), "seed": int(seed)}, sort_keys=True)
+
+
+def architecture_signature(config: CRGANConfig) -> str:
+    """The fields that shape the networks: what an inference load must agree on with the checkpoint."""
+    import json
+
+    keys = ("ngf", "ndf", "z_dim", "patient_emb_dim", "stage_emb_dim", "context_dim", "hidden_dim",
+            "n_layers_d", "texture")
+    return json.dumps({k: getattr(config, k) for k in keys}, sort_keys=True)
+
+
+def checkpoint_meta_for(config: CRGANConfig, image_size: int, seed: int, patient_ids: Sequence[str]) -> dict[str, Any]:
+    """Checkpoint meta: model, image size, training-config hash, architecture, and the training
+    patients in embedding order (a list of str, so ``weights_only`` loading keeps it)."""
+    from brvo_models.training import checkpoint_meta
+
+    meta = checkpoint_meta(MODEL_NAME, image_size, training_signature(config, seed))
+    meta["architecture"] = architecture_signature(config)
+    meta["patient_ids"] = [str(p) for p in patient_ids]
+    return meta
+
+
+def _inference_load(path, config, image_size: int, device) -> tuple[dict, dict[str, int], torch.device]:
+    from brvo_models.runtime import select_device
+    from storage.checkpoints import load_checkpoint
+
+    if hasattr(config, "crgan"):  # a PipelineConfig
+        config = config.crgan
+    device = select_device(device) if isinstance(device, str) else torch.device(device)
+    state = load_checkpoint(path, expect={"model": MODEL_NAME, "image_size": int(image_size),
+                                          "architecture": architecture_signature(config)})
+    ids = [str(p) for p in state["meta"]["patient_ids"]]
+    return state, {pid: i for i, pid in enumerate(ids)}, device
+
+
+def load_generator(checkpoint_path, config: CRGANConfig, image_size: int, device="auto"
+                   ) -> tuple[CRGANGenerator, dict[str, int], torch.device]:
+    """(generator in eval mode on ``device``, patient_id -> embedding index, device) from a checkpoint.
+
+    Patients not in the mapping (val/test, new ones) are generated with index None ('unknown').
+    """
+    state, index, device = _inference_load(checkpoint_path, config, image_size, device)
+    cfg = config.crgan if hasattr(config, "crgan") else config
+    gen = CRGANGenerator(cfg, int(image_size), len(index))
+    gen.load_state_dict(state["modules"]["generator"])
+    gen.patient_ids = list(index)
+    return gen.to(device).eval(), index, device
+
+
+def load_discriminator(checkpoint_path, config: CRGANConfig, image_size: int, device="auto"
+                       ) -> tuple[CRGANDiscriminator, dict[str, int]]:
+    """(discriminator in eval mode, patient_id -> embedding index) for :func:`realism`."""
+    state, index, device = _inference_load(checkpoint_path, config, image_size, device)
+    cfg = config.crgan if hasattr(config, "crgan") else config
+    disc = CRGANDiscriminator(cfg, int(image_size), len(index))
+    disc.load_state_dict(state["modules"]["discriminator"])
+    return disc.to(device).eval(), index

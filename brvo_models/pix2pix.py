@@ -1,0 +1,388 @@
+"""Pix2Pix (Isola et al. 2017): OCTA image -> vessel label, faithful to the reference code.
+
+Reference: junyanz/pytorch-CycleGAN-and-pix2pix (models/networks.py, models/pix2pix_model.py).
+What is kept as there, because the DESIGN asks for a faithful model:
+
+* U-Net generator built from nested skip blocks, 4x4 stride-2 convolutions, LeakyReLU(0.2)
+  on the way down, ReLU on the way up, dropout 0.5 in the inner ngf*8 decoder blocks, Tanh.
+  ``num_downs = log2(image_size)`` so the bottleneck is 1x1 at every size (unet_256 = 8 downs).
+* 70x70 PatchGAN (n_layers=3) on the channel-concatenated (image, label) pair.
+* BatchNorm (affine) by default, InstanceNorm (no affine, no running stats) as an option;
+  conv biases only when the norm is instance norm; normal(0, 0.02) init (BN weight N(1, 0.02)).
+* Vanilla GAN loss = BCE-with-logits, D loss halved, G loss = GAN + lambda_L1 * L1.
+* Adam(lr 2e-4, betas (0.5, 0.999)); lr constant, then linear decay to ~0 (LambdaLR).
+
+Images and labels are one channel in [-1, 1]; a label probability is (tanh + 1) / 2.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from brvo_models.configs import Pix2PixConfig
+from brvo_models.metrics import batch_dice, cldice
+from brvo_models.runtime import autocast
+
+MODEL_NAME = "pix2pix"
+
+
+# ------------------------------------------------------------------------------------ networks
+
+
+def _norm_layer(kind: str):
+    if kind == "batch":
+        return lambda c: nn.BatchNorm2d(c, affine=True)
+    if kind == "instance":
+        return lambda c: nn.InstanceNorm2d(c, affine=False, track_running_stats=False)
+    raise ValueError(f"unknown norm {kind!r}; choose 'batch' or 'instance'")
+
+
+class UnetSkipBlock(nn.Module):
+    """X -> [down -> submodule -> up] concatenated with X (the reference UnetSkipConnectionBlock)."""
+
+    def __init__(self, outer_nc: int, inner_nc: int, input_nc: int | None = None, submodule: nn.Module | None = None,
+                 outermost: bool = False, innermost: bool = False, norm: str = "batch", use_dropout: bool = False):
+        super().__init__()
+        self.outermost = outermost
+        make_norm = _norm_layer(norm)
+        use_bias = norm == "instance"
+        input_nc = outer_nc if input_nc is None else input_nc
+        downconv = nn.Conv2d(input_nc, inner_nc, kernel_size=4, stride=2, padding=1, bias=use_bias)
+        downrelu = nn.LeakyReLU(0.2, True)
+        uprelu = nn.ReLU(True)
+        if outermost:
+            upconv = nn.ConvTranspose2d(inner_nc * 2, outer_nc, kernel_size=4, stride=2, padding=1)
+            layers = [downconv, submodule, uprelu, upconv, nn.Tanh()]
+        elif innermost:
+            upconv = nn.ConvTranspose2d(inner_nc, outer_nc, kernel_size=4, stride=2, padding=1, bias=use_bias)
+            layers = [downrelu, downconv, uprelu, upconv, make_norm(outer_nc)]
+        else:
+            upconv = nn.ConvTranspose2d(inner_nc * 2, outer_nc, kernel_size=4, stride=2, padding=1, bias=use_bias)
+            layers = [downrelu, downconv, make_norm(inner_nc), submodule, uprelu, upconv, make_norm(outer_nc)]
+            if use_dropout:
+                layers.append(nn.Dropout(0.5))
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.outermost:
+            return self.model(x)
+        return torch.cat([x, self.model(x)], 1)
+
+
+class UnetGenerator(nn.Module):
+    """U-Net with ``num_downs`` downsamplings (>= 5); 2**num_downs px in -> 1x1 bottleneck."""
+
+    def __init__(self, input_nc: int = 1, output_nc: int = 1, num_downs: int = 6, ngf: int = 64,
+                 norm: str = "batch", use_dropout: bool = True):
+        super().__init__()
+        if num_downs < 5:
+            raise ValueError(f"U-Net needs at least 5 downsamplings (32 px), got {num_downs}")
+        block = UnetSkipBlock(ngf * 8, ngf * 8, innermost=True, norm=norm)
+        for _ in range(num_downs - 5):
+            block = UnetSkipBlock(ngf * 8, ngf * 8, submodule=block, norm=norm, use_dropout=use_dropout)
+        block = UnetSkipBlock(ngf * 4, ngf * 8, submodule=block, norm=norm)
+        block = UnetSkipBlock(ngf * 2, ngf * 4, submodule=block, norm=norm)
+        block = UnetSkipBlock(ngf, ngf * 2, submodule=block, norm=norm)
+        self.model = UnetSkipBlock(output_nc, ngf, input_nc=input_nc, submodule=block, outermost=True, norm=norm)
+        # Not in the reference: the labelling threshold chosen on validation patients travels with
+        # the weights (state_dict -> checkpoint), so every labeller uses the one it was selected with.
+        self.register_buffer("label_threshold", torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class PatchDiscriminator(nn.Module):
+    """The reference NLayerDiscriminator; n_layers=3 has a 70x70 receptive field. Outputs logits."""
+
+    def __init__(self, input_nc: int = 2, ndf: int = 64, n_layers: int = 3, norm: str = "batch"):
+        super().__init__()
+        make_norm = _norm_layer(norm)
+        use_bias = norm == "instance"
+        seq: list[nn.Module] = [nn.Conv2d(input_nc, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers):
+            prev, mult = mult, min(2**n, 8)
+            seq += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=2, padding=1, bias=use_bias),
+                    make_norm(ndf * mult), nn.LeakyReLU(0.2, True)]
+        prev, mult = mult, min(2**n_layers, 8)
+        seq += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=1, padding=1, bias=use_bias),
+                make_norm(ndf * mult), nn.LeakyReLU(0.2, True),
+                nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1)]
+        self.model = nn.Sequential(*seq)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def init_weights(net: nn.Module, gain: float = 0.02) -> nn.Module:
+    """The reference 'normal' init: conv weights N(0, gain), biases 0, BatchNorm weight N(1, gain)."""
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, gain)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, gain)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+def num_downs_for(image_size: int) -> int:
+    """log2(image_size); the size must be a power of two >= 32 so the bottleneck is exactly 1x1."""
+    n = int(round(math.log2(image_size))) if image_size > 0 else 0
+    if image_size < 32 or 2**n != image_size:
+        raise ValueError(f"Pix2Pix needs a power-of-two image size >= 32 (got {image_size})")
+    return n
+
+
+def build_generator(config: Pix2PixConfig, image_size: int) -> UnetGenerator:
+    return init_weights(UnetGenerator(1, 1, num_downs_for(image_size), config.ngf, config.norm, config.dropout))
+
+
+def build_discriminator(config: Pix2PixConfig) -> PatchDiscriminator:
+    return init_weights(PatchDiscriminator(2, config.ndf, config.n_layers_d, config.norm))
+
+
+def lr_lambda(epochs: int, epochs_decay: int | None):
+    """Reference 'linear' policy: lr factor 1 for (epochs - decay) epochs, then linearly towards 0."""
+    n_decay = epochs // 2 if epochs_decay is None else int(epochs_decay)
+    n_decay = max(0, min(n_decay, epochs))
+    n_const = epochs - n_decay
+
+    def rule(epoch: int) -> float:
+        return 1.0 - max(0, epoch + 1 - n_const) / float(n_decay + 1)
+
+    return rule
+
+
+# ------------------------------------------------------------------------ checkpoint identity
+
+
+def training_signature(config: Pix2PixConfig, seed: int) -> str:
+    """JSON of everything that changes training (the inference-only threshold excluded).
+
+    Its hash goes into checkpoint meta, so resuming with another config is refused.
+    """
+    fields = config.model_dump()
+    fields.pop("threshold", None)
+    return json.dumps({"pix2pix": fields, "seed": int(seed)}, sort_keys=True)
+
+
+def generator_signature(config: Pix2PixConfig) -> str:
+    """The generator's architecture: what a labeller must agree on with best.pt."""
+    return json.dumps({"ngf": config.ngf, "norm": config.norm, "dropout": config.dropout}, sort_keys=True)
+
+
+def checkpoint_meta_for(config: Pix2PixConfig, image_size: int, seed: int) -> dict[str, Any]:
+    from brvo_models.training import checkpoint_meta
+
+    meta = checkpoint_meta(MODEL_NAME, image_size, training_signature(config, seed))
+    meta["generator"] = generator_signature(config)
+    return meta
+
+
+# ----------------------------------------------------------------------------------- the model
+
+
+def _prep(images_uint8: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
+    x = torch.as_tensor(images_uint8)
+    if x.ndim == 3:
+        x = x[:, None]
+    return x.to(device=device, dtype=torch.float32).div_(127.5).sub_(1.0)
+
+
+class Pix2Pix:
+    """The Trainable (brvo_models.training) for Pix2Pix: G and D, their Adams and LambdaLRs.
+
+    ``train_step`` takes ``(image, label)`` float tensors (B, 1, H, W) in [-1, 1];
+    ``validate`` labels the validation arrays (uint8 images, 0/1 labels) and scores
+    mean Dice (``score``) and clDice at the config's threshold.
+    """
+
+    name = MODEL_NAME
+
+    def __init__(self, config: Pix2PixConfig, image_size: int, device: torch.device | str = "cpu",
+                 val_images: np.ndarray | None = None, val_labels: np.ndarray | None = None,
+                 channels_last: bool = False):
+        self.config = config
+        self.image_size = int(image_size)
+        self.device = torch.device(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.G = build_generator(config, image_size).to(self.device, memory_format=self.memory_format)
+        self.D = build_discriminator(config).to(self.device, memory_format=self.memory_format)
+        betas = (config.beta1, config.beta2)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=betas)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=config.lr, betas=betas)
+        rule = lr_lambda(config.epochs, config.epochs_decay)
+        self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G, rule)
+        self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D, rule)
+        self.gan_loss = nn.BCEWithLogitsLoss()
+        self.l1 = nn.L1Loss()
+        self.val_images = val_images
+        self.val_labels = val_labels
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"G": self.G, "D": self.D}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"G": self.opt_G, "D": self.opt_D}
+
+    def schedulers(self) -> dict[str, Any]:
+        return {"G": self.sched_G, "D": self.sched_D}
+
+    def _gan(self, logits: torch.Tensor, real: bool) -> torch.Tensor:
+        target = torch.ones_like(logits) if real else torch.zeros_like(logits)
+        return self.gan_loss(logits.float(), target.float())
+
+    def train_step(self, batch) -> dict[str, float]:
+        """One reference optimize_parameters(): D step on (real, fake.detach()), then G step."""
+        real_a, real_b = batch[0], batch[1]
+        real_a = real_a.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        real_b = real_b.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        with autocast(self.device):
+            fake_b = self.G(real_a)
+        # D: real pair -> 1, fake pair -> 0
+        self.D.requires_grad_(True)
+        self.opt_D.zero_grad(set_to_none=True)
+        with autocast(self.device):
+            pred_fake = self.D(torch.cat([real_a, fake_b.detach()], 1))
+            pred_real = self.D(torch.cat([real_a, real_b], 1))
+        loss_d_fake, loss_d_real = self._gan(pred_fake, False), self._gan(pred_real, True)
+        loss_d = 0.5 * (loss_d_fake + loss_d_real)
+        loss_d.backward()
+        self.opt_D.step()
+        # G: fool D and match the label (L1)
+        self.D.requires_grad_(False)
+        self.opt_G.zero_grad(set_to_none=True)
+        with autocast(self.device):
+            pred_fake = self.D(torch.cat([real_a, fake_b], 1))
+        loss_g_gan = self._gan(pred_fake, True)
+        loss_g_l1 = self.l1(fake_b.float(), real_b.float()) * self.config.lambda_l1
+        (loss_g_gan + loss_g_l1).backward()
+        self.opt_G.step()
+        self.D.requires_grad_(True)
+        return {"G_GAN": loss_g_gan.item(), "G_L1": loss_g_l1.item(),
+                "D_real": loss_d_real.item(), "D_fake": loss_d_fake.item()}
+
+    def validate(self) -> dict[str, float]:
+        """Mean val Dice (the score) and clDice; with ``threshold=None`` also picks the threshold.
+
+        The threshold maximising mean val Dice over THRESHOLD_GRID is stored in the generator's
+        ``label_threshold`` buffer (so it is saved with, and loaded from, each checkpoint).
+        """
+        if self.val_images is None or len(self.val_images) == 0:
+            return {"score": 0.0}
+        probs, _ = label_images(self.G, self.val_images, 0.5, batch_size=max(32, self.config.batch_size),
+                                device=self.device)
+        labels = np.asarray(self.val_labels)
+        if self.config.threshold is None:
+            scores = [float(np.mean(batch_dice(probs > t, labels))) for t in THRESHOLD_GRID]
+            threshold = float(THRESHOLD_GRID[int(np.argmax(scores))])
+        else:
+            threshold = float(self.config.threshold)
+        self.G.label_threshold.fill_(threshold)
+        masks = probs > threshold
+        d = batch_dice(masks, labels)
+        c = [cldice(m, t) for m, t in zip(masks, labels)]
+        return {"score": float(np.mean(d)), "dice": float(np.mean(d)), "cldice": float(np.mean(c)),
+                "threshold": threshold}
+
+
+#: Thresholds searched on validation patients when the config leaves ``threshold`` to be chosen.
+THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
+
+
+
+# ----------------------------------------------------------------------------------- inference
+
+
+def label_images(generator: nn.Module, images: np.ndarray, threshold: float | None = None, batch_size: int = 32,
+                 device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Label uint8 images (N, H, W): returns (probabilities float32 in [0, 1], masks uint8 0/1).
+
+    Batched, no-grad, generator in eval mode (BatchNorm running stats, no dropout; its previous
+    mode is restored). Probability = (tanh output + 1) / 2; mask = probability > threshold, where
+    ``threshold=None`` uses the one stored with the generator (chosen on validation patients).
+    """
+    if threshold is None:
+        threshold = float(getattr(generator, "label_threshold", torch.tensor(0.5)))
+    images = np.asarray(images)
+    if images.ndim != 3:
+        raise ValueError(f"images must be (N, H, W), got shape {images.shape}")
+    n = images.shape[0]
+    probs = np.zeros(images.shape, np.float32)
+    if n == 0:
+        return probs, np.zeros(images.shape, np.uint8)
+    device = next(generator.parameters()).device if device is None else torch.device(device)
+    was_training = generator.training
+    generator.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                x = _prep(images[start:start + batch_size], device)
+                with autocast(device):
+                    y = generator(x)
+                probs[start:start + batch_size] = ((y.float().clamp(-1, 1) + 1.0) * 0.5)[:, 0].cpu().numpy()
+    finally:
+        generator.train(was_training)
+    return probs, (probs > threshold).astype(np.uint8)
+
+
+def load_labeller(checkpoint_path: str | Path, config, image_size: int,
+                  device: torch.device | str = "auto") -> tuple[UnetGenerator, torch.device]:
+    """(trained generator in eval mode, its device) from ``checkpoint_path`` (best.pt).
+
+    ``config`` is a Pix2PixConfig or a PipelineConfig (its ``.pix2pix``); ``device`` is
+    'auto' (CUDA when present), 'cpu', 'cuda' or a torch.device. Loads with weights_only=True
+    and a verified sha256 (storage.checkpoints); a checkpoint of another image size or
+    generator architecture raises a one-line CheckpointError.
+    """
+    from brvo_models.runtime import select_device
+    from brvo_models.training import load_modules
+
+    p2p = getattr(config, "pix2pix", config)
+    device = device if isinstance(device, torch.device) else select_device(str(device))
+    generator = build_generator(p2p, image_size)
+    expect = {"model": MODEL_NAME, "image_size": int(image_size), "generator": generator_signature(p2p)}
+    load_modules(Path(checkpoint_path), {"G": generator}, expect)
+    return generator.to(device).eval(), device
+
+
+# -------------------------------------------------------------------------------- augmentation
+
+
+def aligned_augment(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+                    max_rotation_deg: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random flips and small rotation applied to each (image, label) pair of a batch.
+
+    ``images`` float (B, 1, H, W) in [0, 1], ``labels`` float 0/1 of the same shape. Every
+    random number comes from ``generator`` in a fixed order, so an epoch seeded the same way
+    augments the same way (exact resume). Images rotate bilinearly, labels with nearest
+    neighbour so they stay 0/1; corners outside the field of view become 0 in both.
+    """
+    b = images.shape[0]
+    hflip = torch.rand(b, generator=generator) < 0.5
+    vflip = torch.rand(b, generator=generator) < 0.5
+    angles = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(max_rotation_deg)
+    flip_h = hflip.view(b, 1, 1, 1).to(images.device)
+    flip_v = vflip.view(b, 1, 1, 1).to(images.device)
+    images = torch.where(flip_h, images.flip(-1), images)
+    labels = torch.where(flip_h, labels.flip(-1), labels)
+    images = torch.where(flip_v, images.flip(-2), images)
+    labels = torch.where(flip_v, labels.flip(-2), labels)
+    if max_rotation_deg > 0:
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        zero = torch.zeros_like(cos)
+        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+        theta = theta.to(images.device, images.dtype)
+        grid = nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+        images = nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        labels = nn.functional.grid_sample(labels, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return images, labels

@@ -1,0 +1,302 @@
+"""Step 4: train the CRGAN on soul.h5 and evaluate it on held-out real stages against baselines.
+
+* **Data.** soul.h5 is small, so the real rows are read once and grouped into one sequence
+  per patient (0..n images per stage). Training uses the train-split patients only; each
+  gets an embedding row. Val and test patients are never trained on: they are generated
+  with the 'unknown patient' row, from their own observed images (the context).
+* **Training** goes through :func:`brvo_models.training.fit`: atomic checkpoints with a
+  sha256 every epoch (RUN_DIR/checkpoints/crgan/last.pt, best.pt on the validation score),
+  exact resume (batches, hiding and noise are drawn from (seed, epoch)), CUDA with bf16
+  autocast when present. The validation score is the held-out reconstruction SSIM on the
+  val patients (each observed stage hidden in turn and regenerated from the others).
+* **Held-out evaluation** (:func:`evaluate_crgan`), on val + test patients (test alone also
+  reported): for every observed stage of a patient with another observed stage, hide it,
+  generate it from the rest, and compare with EACH real image of that stage (metrics
+  averaged over the stage's images, then over cases). The model's prediction is its
+  zero-noise sample (z = 0, pixel noise 0): the L1-trained estimate of the patient's anatomy
+  at that stage. K random samples per case are scored too (model_single_sample), and give
+  the diversity figure. Baselines, same cases, same comparison, each
+  stage entering as the mean of its real images (as in the model's context): (a) copy the
+  nearest observed stage (tie: the earlier); (b) the mean of the nearest earlier and later
+  observed stages (the nearest one where only one side exists).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from prefect import task
+from pydantic import BaseModel
+
+from brvo_models.crgan import (CRGAN, MODEL_NAME, N_STAGES, PatientSequence, _levels, baseline_predictions,
+                               case_scores, checkpoint_meta_for, heldout_cases, load_generator, make_train_batches,
+                               predict_heldout, sequences_from_arrays, training_signature)
+from brvo_models.metrics import mean_scores, ssim
+from brvo_models.runtime import seed_everything, select_device
+from brvo_models.training import BEST, LAST, fit
+from storage.checkpoints import checkpoint_sha256, load_checkpoint
+from storage.errors import BrvoError, CheckpointError
+from storage.paired_format import STAGE_NAMES, read_arrays, read_meta, validate
+from storage.run_dir import RunPaths, update_report
+from tasks.config import PipelineConfig
+from tasks.reporting import LogFn, ProgressArtifact, run_log
+
+METRIC_NOTES = (
+    "Cases: every observed stage of every val/test patient with at least one other observed stage, hidden "
+    "from the context and regenerated from the patient's other stages. Each prediction is compared with EACH "
+    "real image of the hidden stage (mse, psnr, ssim, cosine on [0,1] images, data_range 1; ssim: skimage, "
+    "Gaussian weights, sigma 1.5), averaged over that stage's images, then over cases. model = the zero-noise "
+    "sample (z = 0, pixel noise 0: the model's estimate of the anatomy); model_single_sample = K random-noise "
+    "samples (seeds in sample_seeds) each scored alone, averaged. Context "
+    "and baselines use each observed stage as the mean of its real images. nearest: copy the nearest observed "
+    "stage (tie: earlier). neighbour_mean: mean of the nearest earlier and later observed stages (the nearest "
+    "one where one side is empty). Val patients also chose best.pt; 'test_only' repeats the table on test "
+    "patients alone."
+)
+
+
+class CRGANResult(BaseModel):
+    """Small summary a flow passes on; the weights stay in ``best_path``."""
+
+    checkpoint_dir: str
+    best_path: str
+    best_sha256: str
+    best_epoch: int
+    best_val_ssim: float
+    epochs: int
+    resumed_from_epoch: int
+    n_train_patients: int
+    n_val_cases: int
+    seconds: float
+    history: list[dict[str, float]] = []
+    heldout: dict[str, Any] | None = None
+
+
+# --------------------------------------------------------------------------------- data + preflight
+
+
+def load_sequences(soul: Path) -> list[PatientSequence]:
+    """All real patients of soul.h5 as sequences; train patients get embedding rows 0..n-1 (sorted ids)."""
+    meta = read_meta(soul)
+    images, _ = read_arrays(soul)
+    seqs = sequences_from_arrays(images, meta)
+    for i, seq in enumerate(s for s in seqs if s.split == "train"):
+        seq.index = i
+    return seqs
+
+
+def preflight_train_crgan(run_dir: str | os.PathLike, config: PipelineConfig) -> Path:
+    """Every cheap check before training, each a one-line BrvoError; returns soul.h5's path.
+
+    Nothing is written here, so a refused run never touches an existing checkpoint.
+    """
+    paths = RunPaths.of(run_dir)
+    soul = paths.soul_h5
+    if not soul.is_file():
+        raise BrvoError(f"{soul}: not found; run preprocess first (brvo-augment preprocess {run_dir})")
+    summary = validate(soul)  # DatasetFormatError: one line naming the problem
+    if summary.image_size != config.image_size:
+        raise BrvoError(f"{soul}: images are {summary.image_size} px but the config asks for {config.image_size} px; "
+                        f"re-run preprocess with this config or use a config with image_size={summary.image_size}")
+    try:
+        _levels(config.image_size)
+    except ValueError as exc:
+        raise BrvoError(f"{exc}; choose image_size 32, 64, 128, 256 or 512") from None
+    seqs = load_sequences(soul)
+    train = [s for s in seqs if s.split == "train"]
+    val_cases = heldout_cases(s for s in seqs if s.split == "val")
+    eval_cases = heldout_cases(s for s in seqs if s.split in ("val", "test"))
+    if len(train) < 2 or not val_cases:
+        n_val_multi = sum(1 for s in seqs if s.split == "val" and len(s.observed) > 1)
+        raise BrvoError(
+            f"{soul}: {len(seqs)} patient(s), {len(train)} in train and {n_val_multi} val patient(s) with two or more "
+            f"observed stages; CRGAN needs at least 2 train patients and 1 such val patient to hold stages out "
+            f"({len(eval_cases)} val/test held-out cases now): add patients or raise val_fraction and re-run preprocess")
+    expect = checkpoint_meta_for(config.crgan, config.image_size, config.seed, [s.patient_id for s in train])
+    ckpt_dir = paths.checkpoints(MODEL_NAME)
+    for name in (LAST, BEST):
+        path = ckpt_dir / name
+        if path.exists():
+            state = load_checkpoint(path, expect={k: v for k, v in expect.items() if k != "patient_ids"})
+            if list(state["meta"].get("patient_ids", [])) != expect["patient_ids"]:
+                raise CheckpointError(
+                    f"{path}: checkpoint was trained on other train patients than {soul} now holds "
+                    f"({len(state['meta'].get('patient_ids', []))} vs {len(train)}); "
+                    f"use a fresh run directory or delete {ckpt_dir}")
+    return soul
+
+
+# ------------------------------------------------------------------------------------- train
+
+
+def train_crgan(
+    run_dir: str | os.PathLike,
+    config: PipelineConfig,
+    *,
+    log: LogFn = run_log,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    max_epochs_this_call: int | None = None,
+) -> CRGANResult:
+    """Train (or resume) the CRGAN on the train patients of RUN_DIR/soul.h5, validating on val each epoch."""
+    soul = preflight_train_crgan(run_dir, config)
+    c = config.crgan
+    seed_everything(config.seed)
+    device = select_device(config.device)
+    seqs = load_sequences(soul)
+    train = [s for s in seqs if s.split == "train"]
+    val = [s for s in seqs if s.split == "val"]
+    model = CRGAN(c, config.image_size, [s.patient_id for s in train], device, val_seqs=val)
+    log(f"crgan: {len(train)} train patients ({sum(len(s.observed) for s in train)} observed stages), "
+        f"{len(model.val_cases)} val held-out cases, {config.image_size} px, device {device}, ngf {c.ngf} "
+        f"ndf {c.ndf}, batch {c.batch_size}, {c.epochs} epochs")
+    fitted = fit(
+        model,
+        lambda epoch: make_train_batches(train, c, config.seed, epoch),
+        epochs=c.epochs,
+        checkpoint_dir=RunPaths.of(run_dir).checkpoints(MODEL_NAME),
+        meta=checkpoint_meta_for(c, config.image_size, config.seed, [s.patient_id for s in train]),
+        config_json=training_signature(c, config.seed),
+        on_epoch=on_epoch,
+        log=log,
+        max_epochs_this_call=max_epochs_this_call,
+    )
+    best = fitted.best_metrics
+    return CRGANResult(
+        checkpoint_dir=str(fitted.best_path.parent), best_path=str(fitted.best_path),
+        best_sha256=fitted.best_sha256, best_epoch=fitted.best_epoch,
+        best_val_ssim=float(best.get("val_ssim", float("nan"))), epochs=len(fitted.history),
+        resumed_from_epoch=fitted.resumed_from_epoch, n_train_patients=len(train),
+        n_val_cases=len(model.val_cases), seconds=round(fitted.seconds, 2), history=fitted.history,
+    )
+
+
+# ---------------------------------------------------------------------------------- evaluate
+
+
+def _table(rows_by_method: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, rows in rows_by_method.items():
+        m = mean_scores(rows)
+        m.pop("n", None)
+        out[name] = m
+    return out
+
+
+def _heldout_section(cases, scored: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    tab = _table(scored)
+    section: dict[str, Any] = {
+        "n": len(cases),
+        "n_patients": len({seq.patient_id for seq, _ in cases}),
+        "n_real_images": int(sum(len(seq.images[s]) for seq, s in cases)),
+        "model": tab["model"],
+        "model_single_sample": tab["model_single_sample"],
+        "baselines": {"nearest": tab["nearest"], "neighbour_mean": tab["neighbour_mean"]},
+    }
+    per_stage = {}
+    for stage in range(N_STAGES):
+        idx = [i for i, (_, s) in enumerate(cases) if s == stage]
+        if not idx:
+            continue
+        t = _table({k: [v[i] for i in idx] for k, v in scored.items()})
+        per_stage[STAGE_NAMES[stage]] = {"n": len(idx), "model": t["model"], "nearest": t["nearest"],
+                                         "neighbour_mean": t["neighbour_mean"]}
+    section["per_stage"] = per_stage
+    return section
+
+
+def _sample_quality(cases, samples: list[np.ndarray], seqs: list[PatientSequence]) -> dict[str, Any]:
+    """Diversity between different-noise samples of one (patient, stage), and own- vs other-patient SSIM."""
+    pair_div, pix_std = [], []
+    for s in samples:
+        pair_div += [1.0 - ssim(a, b) for a, b in itertools.combinations(s, 2)]
+        pix_std.append(float(s.std(axis=0).mean()))
+    by_stage: dict[int, list[PatientSequence]] = {t: [q for q in seqs if q.images[t] is not None] for t in range(N_STAGES)}
+    own, other = [], []
+    for (seq, stage), s in zip(cases, samples):
+        x = s[0]
+        own.append(np.mean([ssim(x, r / 255.0) for r in seq.images[stage]]))
+        others = [q for q in by_stage[stage] if q.patient_id != seq.patient_id]
+        if others:
+            other.append(np.mean([np.mean([ssim(x, r / 255.0) for r in q.images[stage]]) for q in others]))
+    return {
+        "diversity": float(np.mean(pair_div)) if pair_div else 0.0,
+        "diversity_pixel_std": float(np.mean(pix_std)) if pix_std else 0.0,
+        "own_vs_other_ssim": {"own": float(np.mean(own)) if own else float("nan"),
+                              "other": float(np.mean(other)) if other else float("nan"),
+                              "n_cases": len(own)},
+        "notes": ("diversity: mean pairwise (1 - SSIM) between the K samples (different noise) of each held-out "
+                  "(patient, stage); diversity_pixel_std: mean per-pixel std over those samples ([0,1] scale). "
+                  "own/other: SSIM of one generated sample to its own patient's real images at that stage vs to "
+                  "every other patient's real images at that stage (all splits), averaged per patient."),
+    }
+
+
+def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: LogFn = run_log) -> dict[str, Any]:
+    """Score best.pt on held-out real stages of val + test patients against both baselines;
+    write report.json['crgan'] (DESIGN section 9) and return that section."""
+    t0 = time.perf_counter()
+    paths = RunPaths.of(run_dir)
+    best_path = paths.checkpoints(MODEL_NAME) / BEST
+    generator, _, device = load_generator(best_path, config.crgan, config.image_size, config.device)
+    best_epoch = int(load_checkpoint(best_path)["meta"].get("epoch", -1))
+    seqs = load_sequences(paths.soul_h5)
+    cases = heldout_cases(s for s in seqs if s.split in ("val", "test"))
+    k = max(2, int(config.crgan.eval_samples))
+    seeds = [None] + [config.seed + j for j in range(k)]
+    preds = predict_heldout(generator, cases, seeds=seeds, device=device)
+    scored: dict[str, list[dict[str, float]]] = {"model": [], "model_single_sample": [], "nearest": [],
+                                                 "neighbour_mean": []}
+    for (seq, stage), pred in zip(cases, preds):
+        real, estimate, samples = seq.images[stage], pred[0], pred[1:]
+        scored["model"].append(case_scores(estimate, real))
+        single = [case_scores(x, real) for x in samples]
+        scored["model_single_sample"].append({m: float(np.mean([r[m] for r in single])) for m in single[0]})
+        for name, pred in baseline_predictions(seq, stage).items():
+            scored[name].append(case_scores(pred, real))
+    heldout = _heldout_section(cases, scored)
+    test_idx = [i for i, (seq, _) in enumerate(cases) if seq.split == "test"]
+    if test_idx:
+        test_tab = _table({k_: [v[i] for i in test_idx] for k_, v in scored.items()})
+        heldout["test_only"] = {"n": len(test_idx), **test_tab}
+    heldout["k_samples"] = k
+    heldout["sample_seeds"] = seeds[1:]
+    heldout["metric_notes"] = METRIC_NOTES
+    quality = _sample_quality(cases, [p[1:] for p in preds], seqs)
+    section = {
+        "heldout": heldout,
+        "sample_quality": quality,
+        "image_size": int(config.image_size),
+        "checkpoint": {"path": str(best_path), "sha256": checkpoint_sha256(best_path), "epoch": best_epoch},
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    update_report(run_dir, MODEL_NAME, section)
+    m, b = heldout["model"], heldout["baselines"]
+    log(f"crgan held-out ({heldout['n']} cases, {heldout['n_patients']} val/test patients): "
+        f"model ssim {m['ssim']:.3f} psnr {m['psnr']:.2f}; nearest ssim {b['nearest']['ssim']:.3f} "
+        f"psnr {b['nearest']['psnr']:.2f}; neighbour_mean ssim {b['neighbour_mean']['ssim']:.3f} "
+        f"psnr {b['neighbour_mean']['psnr']:.2f}; diversity {quality['diversity']:.4f}; own/other ssim "
+        f"{quality['own_vs_other_ssim']['own']:.3f}/{quality['own_vs_other_ssim']['other']:.3f}")
+    return section
+
+
+# ------------------------------------------------------------------------------------ Prefect
+
+
+def _train_and_evaluate(run_dir: str | os.PathLike, config: PipelineConfig) -> CRGANResult:
+    progress = ProgressArtifact("crgan-training", "CRGAN training: epochs done")
+    epochs = config.crgan.epochs
+
+    def on_epoch(row: dict[str, float]) -> None:
+        progress(row["epoch"], epochs)  # fit already logs the epoch line through run_log
+
+    result = train_crgan(run_dir, config, log=run_log, on_epoch=on_epoch)
+    result.heldout = evaluate_crgan(run_dir, config, log=run_log)["heldout"]
+    return result
+
+
+train_crgan_task = task(name="train-crgan", persist_result=False)(_train_and_evaluate)

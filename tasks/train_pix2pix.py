@@ -1,0 +1,257 @@
+"""Step 3: train Pix2Pix (image -> vessel label) on soul.h5 and evaluate it on held-out patients.
+
+* **Data in memory.** soul.h5 is small (about 1,000 pairs; 4 MB at 64 px, 65 MB at 256 px as
+  uint8), so the train and val splits are read once into uint8 tensors and batches are cut
+  from them: measured much faster than a DataLoader over the HDF5 file (see the report).
+* **Exact resume.** Shuffling and augmentation draw from a ``torch.Generator`` seeded by
+  (config.seed, epoch), and :func:`brvo_models.training.fit` saves the torch RNG (dropout)
+  with every checkpoint, so a killed and resumed CPU run ends with the weights of an
+  uninterrupted one.
+* **Checkpoints** (RUN_DIR/checkpoints/pix2pix/last.pt, best.pt on val Dice) are written by
+  ``fit``: atomic, sha256 beside them, refused when from another config or image size.
+* **Held-out evaluation** (:func:`evaluate_pix2pix`) on the test patients, against Otsu and
+  Frangi computed in the same run on the same images; Frangi's scales and threshold are
+  tuned on train/val patients only. Written to report.json['pix2pix'] (DESIGN section 9).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from prefect import task
+from pydantic import BaseModel
+
+from brvo_models.metrics import cosine, label_scores, mean_scores, mse, ssim
+from brvo_models.pix2pix import (Pix2Pix, aligned_augment, checkpoint_meta_for, label_images, load_labeller,
+                                 num_downs_for, training_signature)
+from brvo_models.runtime import seed_everything, select_device, to_model_range
+from brvo_models.segmentation_baselines import FrangiBaseline, otsu_masks
+from brvo_models.training import BEST, LAST, fit
+from storage.checkpoints import checkpoint_sha256, load_checkpoint
+from storage.errors import BrvoError
+from storage.paired_format import read_arrays, read_meta, validate
+from storage.run_dir import RunPaths, update_report
+from tasks.config import PipelineConfig
+from tasks.reporting import LogFn, ProgressArtifact, run_log
+
+MODEL = "pix2pix"
+PAPER_CONTEXT = {
+    "dataset": "real SOUL (Xue et al., Sci Data 2024), NOT this run's data",
+    "dice": {"U-Net (pre-trained on ROSE-1)": 0.72, "OCTA-Net (pre-trained on ROSE-1)": 0.77},
+    "note": "context only: a different dataset and label source; not comparable with these numbers",
+}
+METRIC_NOTES = (
+    "Per test image, then averaged. dice/iou/cldice compare each method's binary mask with the "
+    "annotated label. mse/ssim/cosine also compare the binary mask (as a 0/1 image) with the label, "
+    "so the three methods are scored on the same footing (Otsu has no probability map); "
+    "ssim: skimage, Gaussian weights, sigma 1.5, data_range 1."
+)
+
+
+class Pix2PixResult(BaseModel):
+    """Small summary a flow passes on; the weights stay in ``best_path``."""
+
+    checkpoint_dir: str
+    best_path: str
+    best_sha256: str
+    best_epoch: int
+    best_val_dice: float
+    best_val_cldice: float
+    epochs: int
+    resumed_from_epoch: int
+    n_train: int
+    n_val: int
+    seconds: float
+    history: list[dict[str, float]] = []
+    test: dict[str, Any] | None = None
+
+
+# --------------------------------------------------------------------------------- preflight
+
+
+def preflight_train_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig) -> Path:
+    """Every cheap check before training, each a one-line BrvoError; returns soul.h5's path.
+
+    Nothing is written here, so a refused run never touches an existing checkpoint.
+    """
+    paths = RunPaths.of(run_dir)
+    soul = paths.soul_h5
+    if not soul.is_file():
+        raise BrvoError(f"{soul}: not found; run preprocess first (brvo-augment preprocess {run_dir})")
+    summary = validate(soul)  # DatasetFormatError: one line naming the problem
+    if summary.image_size != config.image_size:
+        raise BrvoError(f"{soul}: images are {summary.image_size} px but the config asks for {config.image_size} px; "
+                        f"re-run preprocess with this config or use a config with image_size={summary.image_size}")
+    try:
+        num_downs_for(config.image_size)
+    except ValueError as exc:
+        raise BrvoError(f"{exc}; choose image_size 32, 64, 128, 256 or 512") from None
+    meta = read_meta(soul)
+    real = meta[~meta["is_synthetic"].astype(bool)]
+    counts = {s: real.loc[real["split"] == s, "patient_id"].nunique() for s in ("train", "val", "test")}
+    if min(counts.values()) == 0:
+        raise BrvoError(
+            f"{soul}: {real['patient_id'].nunique()} patient(s), split train/val/test "
+            f"{counts['train']}/{counts['val']}/{counts['test']}; Pix2Pix needs at least one patient in each "
+            f"for a held-out evaluation: add patients or change val_fraction/test_fraction and re-run preprocess")
+    expect = checkpoint_meta_for(config.pix2pix, config.image_size, config.seed)
+    ckpt_dir = paths.checkpoints(MODEL)
+    for name in (LAST, BEST):
+        if (ckpt_dir / name).exists():
+            load_checkpoint(ckpt_dir / name, expect=expect)  # CheckpointError: interrupted / other config
+    return soul
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def load_split(soul: Path, splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, Any]:
+    """uint8 images and 0/1 labels of the real rows in ``splits``, plus their meta rows."""
+    meta = read_meta(soul)
+    keep = meta["split"].isin(splits).to_numpy() & ~meta["is_synthetic"].to_numpy(dtype=bool)
+    rows = np.flatnonzero(keep)
+    images, labels = read_arrays(soul, rows)
+    return images, labels, meta.iloc[rows]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (int(seed) * 1_000_003 + int(epoch) * 7_919 + 17) % (2**63 - 1)
+
+
+def make_batches(images: np.ndarray, labels: np.ndarray, config: PipelineConfig) -> Callable[[int], Any]:
+    """``batches(epoch)``: shuffled, aligned-augmented (image, label) batches in [-1, 1], seeded per epoch."""
+    imgs = torch.from_numpy(np.ascontiguousarray(images))[:, None]
+    labs = torch.from_numpy(np.ascontiguousarray(labels))[:, None]
+    p = config.pix2pix
+    n, bs = len(imgs), max(1, int(p.batch_size))
+
+    def batches(epoch: int):
+        g = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+        order = torch.randperm(n, generator=g)
+        for start in range(0, n, bs):
+            idx = order[start:start + bs]
+            x = imgs[idx].float().div_(255.0)
+            y = labs[idx].float()
+            if p.augment:
+                x, y = aligned_augment(x, y, g, p.max_rotation_deg)
+            yield to_model_range(x), to_model_range(y)
+
+    return batches
+
+
+# ------------------------------------------------------------------------------------- train
+
+
+def train_pix2pix(
+    run_dir: str | os.PathLike,
+    config: PipelineConfig,
+    *,
+    log: LogFn = run_log,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    max_epochs_this_call: int | None = None,
+) -> Pix2PixResult:
+    """Train (or resume) Pix2Pix on the train split of RUN_DIR/soul.h5, validating on val each epoch."""
+    soul = preflight_train_pix2pix(run_dir, config)
+    p = config.pix2pix
+    seed_everything(config.seed)
+    device = select_device(config.device)
+    t0 = time.perf_counter()
+    train_x, train_y, _ = load_split(soul, ("train",))
+    val_x, val_y, _ = load_split(soul, ("val",))
+    log(f"pix2pix: {len(train_x)} train / {len(val_x)} val images at {config.image_size} px, device {device}, "
+        f"ngf {p.ngf} ndf {p.ndf}, batch {p.batch_size}, {p.epochs} epochs (data loaded in "
+        f"{time.perf_counter() - t0:.1f} s)")
+    model = Pix2Pix(p, config.image_size, device, val_images=val_x, val_labels=val_y)
+    fitted = fit(
+        model,
+        make_batches(train_x, train_y, config),
+        epochs=p.epochs,
+        checkpoint_dir=RunPaths.of(run_dir).checkpoints(MODEL),
+        meta=checkpoint_meta_for(p, config.image_size, config.seed),
+        config_json=training_signature(p, config.seed),
+        on_epoch=on_epoch,
+        log=log,
+        max_epochs_this_call=max_epochs_this_call,
+    )
+    best = fitted.best_metrics
+    return Pix2PixResult(
+        checkpoint_dir=str(fitted.best_path.parent), best_path=str(fitted.best_path),
+        best_sha256=fitted.best_sha256, best_epoch=fitted.best_epoch,
+        best_val_dice=float(best.get("val_dice", float("nan"))),
+        best_val_cldice=float(best.get("val_cldice", float("nan"))),
+        epochs=len(fitted.history), resumed_from_epoch=fitted.resumed_from_epoch,
+        n_train=len(train_x), n_val=len(val_x), seconds=round(fitted.seconds, 2), history=fitted.history,
+    )
+
+
+# ---------------------------------------------------------------------------------- evaluate
+
+
+def mask_scores(masks: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Mean dice, iou, cldice, mse, ssim, cosine of binary masks vs labels (see METRIC_NOTES), plus n."""
+    rows = []
+    for m, t in zip(masks, labels):
+        mf, tf = m.astype(np.float64), t.astype(np.float64)
+        rows.append({**label_scores(m, t), "mse": mse(mf, tf), "ssim": ssim(mf, tf, data_range=1.0),
+                     "cosine": cosine(mf, tf)})
+    return mean_scores(rows)
+
+
+def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log: LogFn = run_log) -> dict[str, Any]:
+    """Score best.pt on the test patients against Otsu and Frangi; write report.json['pix2pix']."""
+    t0 = time.perf_counter()
+    paths = RunPaths.of(run_dir)
+    best_path = paths.checkpoints(MODEL) / BEST
+    generator, device = load_labeller(best_path, config, config.image_size, config.device)
+    best_epoch = int(load_checkpoint(best_path)["meta"].get("epoch", -1))
+    test_x, test_y, test_meta = load_split(paths.soul_h5, ("test",))
+    fit_x, fit_y, _ = load_split(paths.soul_h5, ("train", "val"))
+    threshold = config.pix2pix.threshold
+    threshold = float(generator.label_threshold) if threshold is None else float(threshold)
+    _, masks = label_images(generator, test_x, threshold, batch_size=64, device=device)
+    model_scores = mask_scores(masks, test_y)
+    otsu = mask_scores(otsu_masks(test_x), test_y)
+    frangi_model = FrangiBaseline.tune(fit_x, fit_y, seed=config.seed)
+    frangi = mask_scores(frangi_model.predict(test_x), test_y)
+    section = {
+        "test": model_scores,
+        "baselines": {"otsu": otsu, "frangi": frangi},
+        "n_test_patients": int(test_meta["patient_id"].nunique()),
+        "image_size": int(config.image_size),
+        "threshold": threshold,
+        "threshold_source": "config" if config.pix2pix.threshold is not None else "chosen on validation patients",
+        "checkpoint": {"path": str(best_path), "sha256": checkpoint_sha256(best_path), "epoch": best_epoch},
+        "frangi_params": {"sigmas": list(frangi_model.sigmas), "threshold": frangi_model.threshold,
+                          "tuned_on": f"{frangi_model.n_tuned} train/val images",
+                          "tuned_dice": round(frangi_model.tuned_dice, 4)},
+        "metric_notes": METRIC_NOTES,
+        "paper_context": PAPER_CONTEXT,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    update_report(run_dir, MODEL, section)
+    log(f"pix2pix held-out ({model_scores['n']} test images, {section['n_test_patients']} patients): "
+        + "; ".join(f"{name} dice {s['dice']:.3f} cldice {s['cldice']:.3f}"
+                    for name, s in (("pix2pix", model_scores), ("otsu", otsu), ("frangi", frangi))))
+    return section
+
+
+# ------------------------------------------------------------------------------------ Prefect
+
+
+def _train_and_evaluate(run_dir: str | os.PathLike, config: PipelineConfig) -> Pix2PixResult:
+    progress = ProgressArtifact("pix2pix-training", "Pix2Pix training: epochs done")
+    epochs = config.pix2pix.epochs
+
+    def on_epoch(row: dict[str, float]) -> None:
+        progress(row["epoch"], epochs)  # fit already logs the epoch line through run_log
+
+    result = train_pix2pix(run_dir, config, log=run_log, on_epoch=on_epoch)
+    result.test = evaluate_pix2pix(run_dir, config, log=run_log)
+    return result
+
+
+train_pix2pix_task = task(name="train-pix2pix", persist_result=False)(_train_and_evaluate)

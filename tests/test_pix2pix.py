@@ -1,0 +1,296 @@
+"""Pix2Pix: architecture, optimisation, labelling, checkpoints, exact resume and bad input (issue 3)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from brvo_models.configs import Pix2PixConfig
+from brvo_models.pix2pix import (PatchDiscriminator, Pix2Pix, UnetGenerator, aligned_augment, build_generator,
+                                 label_images, load_labeller, lr_lambda)
+from storage.checkpoints import file_sha256, load_checkpoint
+from storage.errors import BrvoError, CheckpointError, DatasetFormatError
+from storage.run_dir import RunPaths
+from tasks.config import preset
+from tasks.train_pix2pix import evaluate_pix2pix, preflight_train_pix2pix, train_pix2pix, train_pix2pix_task
+from conftest import write_blob_dataset
+
+TINY = preset("tiny").with_overrides(**{"pix2pix.epochs": 2})
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def _run_dir(tmp_path: Path, name: str = "run", **blob) -> Path:
+    run = tmp_path / name
+    run.mkdir()
+    write_blob_dataset(run / "soul.h5", **{"n_patients": 8, "image_size": 32, **blob})
+    return run
+
+
+def _ckpt(run: Path, name: str = "last.pt") -> Path:
+    return RunPaths.of(run).checkpoints("pix2pix") / name
+
+
+# ------------------------------------------------------------------------------ architecture
+
+
+def _innermost_conv(gen: UnetGenerator) -> nn.Conv2d:
+    block = gen.model
+    while True:
+        inner = [m for m in block.model if m.__class__.__name__ == "UnetSkipBlock"]
+        if not inner:
+            return [m for m in block.model if isinstance(m, nn.Conv2d)][0]
+        block = inner[0]
+
+
+@pytest.mark.parametrize("size", [32, 64, 128, 256])
+def test_generator_shapes_and_1x1_bottleneck(size):
+    gen = build_generator(Pix2PixConfig(ngf=4), size)
+    seen = {}
+
+    def hook(module, inputs, output) -> None:
+        seen["shape"] = tuple(output.shape)
+
+    _innermost_conv(gen).register_forward_hook(hook)
+    x = torch.rand(1, 1, size, size) * 2 - 1
+    y = gen(x)
+    assert y.shape == (1, 1, size, size)
+    assert y.min() >= -1 and y.max() <= 1  # Tanh
+    assert seen["shape"] == (1, 4 * 8, 1, 1)
+    n_dropout = sum(isinstance(m, nn.Dropout) for m in gen.modules())
+    assert n_dropout == int(np.log2(size)) - 5  # the inner ngf*8 decoder blocks, as in the reference
+    assert all(m.p == 0.5 for m in gen.modules() if isinstance(m, nn.Dropout))
+
+
+def test_generator_rejects_sizes_without_a_1x1_bottleneck():
+    with pytest.raises(ValueError, match="power-of-two"):
+        build_generator(Pix2PixConfig(ngf=4), 96)
+
+
+def test_patchgan_is_70x70_on_image_label_pairs():
+    d = PatchDiscriminator(2, ndf=8, n_layers=3)
+    convs = [m for m in d.modules() if isinstance(m, nn.Conv2d)]
+    assert convs[0].in_channels == 2 and convs[-1].out_channels == 1
+    rf = 1
+    for c in reversed(convs):  # receptive field, output to input
+        rf = (rf - 1) * c.stride[0] + c.kernel_size[0]
+    assert rf == 70
+    assert d(torch.zeros(2, 2, 64, 64)).shape == (2, 1, 6, 6)
+    leaky = [m for m in d.modules() if isinstance(m, nn.LeakyReLU)]
+    assert leaky and all(m.negative_slope == 0.2 for m in leaky)
+
+
+def test_reference_init_optimiser_and_lr_schedule():
+    model = Pix2Pix(Pix2PixConfig(ngf=8, ndf=8, epochs=10, epochs_decay=4), 32)
+    conv_w = torch.cat([m.weight.flatten() for m in model.G.modules() if isinstance(m, nn.Conv2d)])
+    assert abs(conv_w.mean().item()) < 0.005 and conv_w.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.opt_G.defaults["lr"] == 2e-4 and model.opt_G.defaults["betas"] == (0.5, 0.999)
+    rule = lr_lambda(10, 4)
+    factors = [rule(e) for e in range(10)]
+    assert factors[:6] == [1.0] * 6  # constant, then linear decay towards 0
+    assert factors[6:] == pytest.approx([0.8, 0.6, 0.4, 0.2])
+    assert isinstance(model.gan_loss, nn.BCEWithLogitsLoss)
+
+
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = Pix2Pix(Pix2PixConfig(ngf=8, ndf=8), 32)
+    label = torch.zeros(4, 1, 32, 32)
+    label[:, :, 10:13, :] = 1
+    label[:, :, :, 20:22] = 1
+    image = label * 0.6 + 0.2 + 0.05 * torch.randn(label.shape)
+    batch = (image * 2 - 1, label * 2 - 1)
+    losses = [model.train_step(batch)["G_L1"] for _ in range(25)]
+    assert np.mean(losses[-3:]) < 0.93 * losses[0]  # lr 2e-4: slow but steady
+
+
+# -------------------------------------------------------------------------------- labelling
+
+
+def test_label_images_probabilities_masks_and_eval_mode():
+    torch.manual_seed(0)
+    gen = build_generator(Pix2PixConfig(ngf=4), 32)
+    gen.train()
+    images = np.random.default_rng(0).integers(0, 256, (7, 32, 32), dtype=np.uint8)
+    probs, masks = label_images(gen, images, threshold=0.5, batch_size=3)
+    assert probs.shape == masks.shape == (7, 32, 32)
+    assert probs.dtype == np.float32 and masks.dtype == np.uint8
+    assert probs.min() >= 0 and probs.max() <= 1
+    assert set(np.unique(masks)) <= {0, 1}
+    assert np.array_equal(masks, (probs > 0.5).astype(np.uint8))
+    assert gen.training  # mode restored
+    # eval mode: no dropout, running BN stats -> independent of how images are batched
+    probs_all, _ = label_images(gen, images, threshold=0.5, batch_size=64)
+    np.testing.assert_allclose(probs, probs_all, atol=1e-5)
+    # threshold=None: the one stored with the generator (chosen on validation patients) is used
+    gen.label_threshold.fill_(0.3)
+    _, masks_stored = label_images(gen, images)
+    assert np.array_equal(masks_stored, (probs > 0.3).astype(np.uint8))
+    empty_p, empty_m = label_images(gen, np.zeros((0, 32, 32), np.uint8))
+    assert empty_p.shape == (0, 32, 32) and empty_m.dtype == np.uint8
+
+
+def test_aligned_augmentation_moves_image_and_label_together():
+    rng = np.random.default_rng(0)
+    label = torch.from_numpy((rng.random((16, 1, 32, 32)) < 0.2).astype(np.float32))
+    label[:, :, 4:8, 2:30] = 1  # an asymmetric bar so flips are visible
+    image = label.clone()  # the image *is* its label: any misalignment shows up
+    g = torch.Generator().manual_seed(1)
+    img_f, lab_f = aligned_augment(image, label, g, max_rotation_deg=0)
+    assert torch.equal(img_f, lab_f)
+    assert not torch.equal(lab_f, label)  # something was flipped
+    g = torch.Generator().manual_seed(2)
+    img_r, lab_r = aligned_augment(image, label, g, max_rotation_deg=10)
+    assert set(torch.unique(lab_r).tolist()) <= {0.0, 1.0}  # nearest neighbour for labels
+    agree = ((img_r > 0.5) == (lab_r > 0.5)).float().mean().item()
+    assert agree > 0.95
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(aligned_augment(image, label, g1)[1], aligned_augment(image, label, g2)[1])
+
+
+# ------------------------------------------------------------------ training, checkpoints, resume
+
+
+def test_task_trains_checkpoints_and_writes_the_held_out_report(tmp_path):
+    run = _run_dir(tmp_path)
+    result = train_pix2pix_task.fn(run, TINY)
+    assert result.epochs == 2 and len(result.history) == 2
+    assert {"val_dice", "val_cldice", "G_L1", "D_real", "seconds"} <= set(result.history[0])
+    best = Path(result.best_path)
+    assert best.exists() and (best.parent / "last.pt").exists()
+    assert file_sha256(best) == result.best_sha256
+    # round trip: the labeller loads exactly the stored generator weights
+    gen, device = load_labeller(best, TINY, 32, "cpu")
+    stored = load_checkpoint(best)["modules"]["G"]
+    # the threshold chosen on validation patients at the best epoch travels with the weights
+    best_row = next(r for r in result.history if r["epoch"] == result.best_epoch)
+    assert float(gen.label_threshold) == pytest.approx(best_row["val_threshold"])
+    assert device.type == "cpu" and not gen.training
+    assert all(torch.equal(v, stored[k]) for k, v in gen.state_dict().items())
+    report = json.loads(RunPaths.of(run).report_json.read_text())["pix2pix"]
+    keys = {"dice", "iou", "cldice", "mse", "ssim", "cosine", "n"}
+    assert set(report["test"]) == keys
+    assert set(report["baselines"]) == {"otsu", "frangi"}
+    assert all(set(v) == keys for v in report["baselines"].values())
+    assert report["test"]["n"] == report["baselines"]["otsu"]["n"] > 0
+    assert report["threshold"] == pytest.approx(float(gen.label_threshold))
+    assert "different dataset" in json.dumps(report["paper_context"]).lower() or \
+        "not this run" in json.dumps(report["paper_context"]).lower()
+    with pytest.raises(CheckpointError, match="image_size"):
+        load_labeller(best, TINY, 64, "cpu")
+
+
+def test_resume_after_a_kill_ends_with_identical_weights(tmp_path):
+    straight = _run_dir(tmp_path, "straight")
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copy(straight / "soul.h5", killed / "soul.h5")
+    train_pix2pix(straight, TINY, log=_quiet)
+    first = train_pix2pix(killed, TINY, log=_quiet, max_epochs_this_call=1)  # "killed" after epoch 1
+    assert first.epochs == 1
+    torch.manual_seed(12345)  # a fresh process would have another RNG state: resume must restore it
+    resumed = train_pix2pix(killed, TINY, log=_quiet)
+    assert resumed.resumed_from_epoch == 1 and resumed.epochs == 2
+    a, b = load_checkpoint(_ckpt(straight)), load_checkpoint(_ckpt(killed))
+    for net in ("G", "D"):
+        for k, v in a["modules"][net].items():
+            assert torch.equal(v, b["modules"][net][k]), f"{net}.{k} differs after resume"
+    for k, v in a["optimizers"]["G"]["state"].items():
+        assert torch.equal(v["exp_avg"], b["optimizers"]["G"]["state"][k]["exp_avg"])
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+class _Payload:
+    """Unpickling this would create a file: weights_only loading must refuse before that."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path):
+    run = tmp_path / "empty"
+    run.mkdir()
+    with pytest.raises(BrvoError) as exc:
+        train_pix2pix(run, TINY, log=_quiet)
+    assert "soul.h5" in _one_line(exc) and "preprocess" in _one_line(exc)
+
+    (run / "soul.h5").write_bytes(b"not an hdf5 file at all")
+    with pytest.raises(DatasetFormatError) as exc:
+        preflight_train_pix2pix(run, TINY)
+    assert "soul.h5" in _one_line(exc)
+
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    write_blob_dataset(lonely / "soul.h5", n_patients=1, image_size=32)  # one patient: train only
+    with pytest.raises(BrvoError) as exc:
+        preflight_train_pix2pix(lonely, TINY)
+    assert "held-out" in _one_line(exc) and "0/0" in _one_line(exc)
+
+    with pytest.raises(BrvoError) as exc:
+        preflight_train_pix2pix(lonely, TINY.with_overrides(image_size=64))
+    assert "32 px" in _one_line(exc) and "64 px" in _one_line(exc)
+
+
+def test_bad_checkpoints_are_refused_and_never_overwritten(tmp_path):
+    run = _run_dir(tmp_path)
+    train_pix2pix(run, TINY, log=_quiet, max_epochs_this_call=1)
+    last, best = _ckpt(run), _ckpt(run, "best.pt")
+    before = {p: file_sha256(p) for p in (last, best)}
+
+    def refused(config, match: str) -> None:
+        with pytest.raises(CheckpointError) as exc:
+            train_pix2pix(run, config, log=_quiet)
+        assert match in _one_line(exc)
+        assert {p: file_sha256(p) for p in (last, best)} == before
+
+    refused(TINY.with_overrides(**{"pix2pix.ngf": 4}), "config_hash")  # another config
+    refused(TINY.with_overrides(seed=1), "config_hash")  # another seed: resume would not be exact
+    # another image size: same run dir, soul.h5 rewritten at 64 px
+    shutil.move(run / "soul.h5", tmp_path / "soul32.h5")
+    write_blob_dataset(run / "soul.h5", n_patients=8, image_size=64)
+    refused(TINY.with_overrides(image_size=64), "image_size")
+    shutil.move(tmp_path / "soul32.h5", run / "soul.h5")
+    # an interrupted (truncated) last.pt: sha256 mismatch; best.pt stays as it was
+    good = last.read_bytes()
+    last.write_bytes(good[: len(good) // 2])
+    before[last] = file_sha256(last)
+    refused(TINY, "sha256")
+    (last.parent / "last.pt.sha256").unlink()  # and without its sidecar: torch cannot read it
+    refused(TINY, "cannot load")
+    last.write_bytes(good)
+    (last.parent / "last.pt.sha256").write_text(file_sha256(last) + "\n")
+    before[last] = file_sha256(last)
+    # a pickled object in place of weights: weights_only refuses it, nothing is executed
+    marker = tmp_path / "pwned"
+    torch.save({"meta": {"model": "pix2pix"}, "evil": _Payload(str(marker))}, best)
+    (best.parent / "best.pt.sha256").unlink()
+    before[best] = file_sha256(best)
+    refused(TINY, "cannot load checkpoint safely")
+    with pytest.raises(CheckpointError):
+        load_labeller(best, TINY, 32, "cpu")
+    assert not marker.exists()
+
+
+def test_evaluate_without_training_says_so(tmp_path):
+    run = _run_dir(tmp_path)
+    with pytest.raises(CheckpointError) as exc:
+        evaluate_pix2pix(run, TINY, log=_quiet)
+    assert "train" in _one_line(exc)
