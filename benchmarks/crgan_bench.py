@@ -11,6 +11,9 @@ Each figure comes with a baseline measured in the same run:
 
 Widths are the demo preset's (64 px) at every size, so the sizes are comparable. Synthetic
 sequences (structured noise) stand in for patients; only speed is measured.
+
+``--clock cpu`` times with the process CPU clock (use with ``--threads 1``): on a machine shared
+with other jobs this measures the work itself, i.e. the rate on one dedicated core.
 """
 from __future__ import annotations
 
@@ -43,6 +46,9 @@ def synthetic_sequences(n: int, size: int, seed: int = 0) -> list[PatientSequenc
     return seqs
 
 
+CLOCK = time.perf_counter
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -58,14 +64,14 @@ def bench_training(size: int, device: torch.device, steps: int, adversarial: boo
     batches = make_train_batches(seqs, cfg, seed=0, epoch=0)[: steps + 1]
     model.train_step(batches[0])
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     n_seq = n_img = 0
     for b in batches[1:]:
         model.train_step(b)
         n_seq += len(b["patient"])
         n_img += len(b["sel_b"])
     _sync(device)
-    dt = time.perf_counter() - t0
+    dt = CLOCK() - t0
     return n_seq / dt, n_img / dt
 
 
@@ -78,19 +84,19 @@ def bench_generation(size: int, device: torch.device, k: int, repeats: int) -> t
     stages = [s for s in range(6) if s not in context][:3] or [1, 3, 5]
     generate(gen, context, 0, stages, k, 0, device)  # warm-up
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     for r in range(repeats):
         generate(gen, context, 0, stages, k, r * k, device)
     _sync(device)
-    batched = repeats * len(stages) * k / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
+    batched = repeats * len(stages) * k / (CLOCK() - t0)
+    t0 = CLOCK()
     n = 0
     for s in stages:
         for j in range(k):
             generate(gen, context, 0, [s], 1, [j], device)
             n += 1
     _sync(device)
-    single = n / (time.perf_counter() - t0)
+    single = n / (CLOCK() - t0)
     return batched, single
 
 
@@ -101,10 +107,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     device = select_device(args.device)
-    print(f"device {device}, torch threads {torch.get_num_threads()}, demo widths "
+    print(f"device {device}, torch threads {torch.get_num_threads()}, {args.clock} clock, demo widths "
           f"(ngf {preset('demo').crgan.ngf}, ndf {preset('demo').crgan.ndf}), batch {preset('demo').crgan.batch_size}")
     print(f"{'px':>4} {'train seq/s':>12} {'img/s':>8} {'L1-only seq/s':>14} {'GAN cost':>9} "
           f"{'gen img/s':>10} {'1-per-call img/s':>17} {'batching':>9}")

@@ -62,11 +62,8 @@ class CRGANConfig(_Frozen):
     adv_into_estimate: bool = Field(
         False, description="let the adversarial gradient reach the generator's estimate too, not only its texture head")
     lr_texture: float = Field(1e-2, description="learning rate of the two texture amplitudes (log scale)")
-    lambda_ssim: float = Field(0.0, description="weight of (1 - SSIM) of the estimate (see ssim_against)")
-    ssim_against: Literal["stage_mean", "single_scan"] = Field(
-        "stage_mean", description="SSIM loss reference: the stage's mean image or one random real scan of it")
     context_subset_prob: float = Field(
-        0.5, description="chance a visible stage enters the training context as the mean of a random subset of "
+        0.25, description="chance a visible stage enters the training context as the mean of a random subset of "
                          "its images (else all of them, as at generation time)")
     repeats: int = Field(1, description="passes over the training patients per epoch")
     decay_fraction: float = Field(0.5, description="final fraction of epochs with linearly decaying lr")

@@ -123,7 +123,7 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(blob_h5):
     batch = make_train_batches(train, cfg, seed=0, epoch=0)[0]
     with torch.no_grad():
         first = model.losses(batch)
-    for _ in range(15):
+    for _ in range(10):
         model.train_step(batch)
     with torch.no_grad():
         last = model.losses(batch)
