@@ -4,7 +4,7 @@
 
 Prints, measured in the same run:
 * fp32 matmul GFLOP/s of this machine through torch (the ceiling a conv net can approach);
-* training images/s at each size (demo widths ngf=ndf=16, batch 8; plus the reference widths
+* training images/s at each size (the demo preset's widths and norm, batch 8; plus the reference widths
   ngf=ndf=64, batch 1 at 256 px), with the achieved GFLOP/s of one full training step
   (G forward, D step, G step; counted by torch.utils.flop_counter) as a fraction of matmul;
 * variants: contiguous vs channels_last, eager vs torch.compile, 1 vs all threads, so the
@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from brvo_models.configs import Pix2PixConfig  # noqa: E402
 from brvo_models.pix2pix import Pix2Pix  # noqa: E402
+from tasks.config import preset  # noqa: E402
 
 
 def matmul_gflops(n: int = 1024, reps: int = 20, device: str = "cpu", dtype=torch.float32) -> float:
@@ -152,8 +153,9 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f} (a shared machine inflates every time below)")
     ref = matmul_gflops()
     print(f"fp32 matmul 1024^3 on CPU: {ref:.1f} GFLOP/s")
-    demo = Pix2PixConfig(ngf=16, ndf=16)
-    print("\nPix2Pix training step on CPU (demo widths ngf=ndf=16, batch 8; contiguous, eager):")
+    demo = preset("demo").pix2pix
+    print(f"\nPix2Pix training step on CPU (demo preset: ngf {demo.ngf}, ndf {demo.ndf}, {demo.norm} norm, "
+          f"batch 8; contiguous, eager):")
     for size in args.sizes:
         bench_case(f"{size} px", demo, size, 8, "cpu", ref, args.seconds)
     if 256 in args.sizes:

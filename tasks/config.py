@@ -35,7 +35,7 @@ class PipelineConfig(BaseModel):
     min_realism: float = 0.05
     max_abs_density_z: float = 3.0
     min_label_confidence: float = 0.6
-    usefulness_steps: int = Field(300, description="optimisation steps per usefulness segmenter (both arms)")
+    usefulness_steps: int = Field(1000, description="optimisation steps per usefulness segmenter (both arms)")
     usefulness_seeds: int = Field(3, description="training seeds per arm of the usefulness experiment")
 
     def to_json(self) -> str:
@@ -71,8 +71,10 @@ def preset(name: str) -> PipelineConfig:
         return PipelineConfig(
             preset="demo",
             image_size=64,
-            pix2pix=Pix2PixConfig(ngf=16, ndf=16, epochs=8, batch_size=8),
-            crgan=CRGANConfig(ngf=8, ndf=32, n_layers_d=2, z_dim=32, context_dim=128, hidden_dim=128, epochs=60,
+            # Instance norm, not batch norm: measured on the 53-patient phantom at 64 px, batch-norm
+            # runs peak early and decay (val Dice 0.46 -> 0.44), instance norm keeps improving (0.58).
+            pix2pix=Pix2PixConfig(ngf=32, ndf=32, norm="instance", epochs=16, batch_size=8),
+            crgan=CRGANConfig(ngf=8, ndf=32, n_layers_d=2, z_dim=32, context_dim=128, hidden_dim=128, epochs=100,
                               batch_size=8, lr_g=1e-3, lr_d=4e-4, lambda_adv=0.2, context_subset_prob=0.25),
         )
     if name == "full":

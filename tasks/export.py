@@ -20,7 +20,7 @@ from tasks.caching import content_cache_key
 from tasks.config import PipelineConfig
 from tasks.figures import score_histograms, timeline_montage, training_curves
 from tasks.reporting import run_log
-from tasks.report import render_card, render_report
+from tasks.report import bar_checks, render_card, render_report
 from tasks.score import summarise
 
 REAL_CHUNK = 256
@@ -154,6 +154,9 @@ def export(run_dir: Path, config: PipelineConfig, pix2pix_checkpoint: Path, crga
 def refresh_documents(run_dir: Path, data_source: str) -> None:
     """(Re)write report.md and DATASET_CARD.md from report.json and augmented.h5's attributes."""
     paths = RunPaths.of(run_dir)
+    bars = bar_checks(read_report(run_dir))
+    if bars:
+        update_report(run_dir, "bars", bars)
     report = read_report(run_dir)
     attrs = validate(paths.augmented_h5).attrs
     write_text_atomic(paths.report_md, render_report(report, data_source))

@@ -73,26 +73,44 @@ def score_histograms(scores: pd.DataFrame, thresholds: dict[str, tuple[float | N
 
 
 def training_curves(histories: dict[str, list[dict[str, float]]], out_png: Path) -> Path:
-    """One panel per model: every per-epoch metric in its history against the epoch."""
+    """Per model (columns): training losses on top, validation metrics below, against the epoch.
+
+    Losses and validation scores live on different scales, so they get separate panels; PSNR (dB)
+    gets its own axis beside the [0, 1] scores, and MSE is left out (PSNR carries it).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, max(1, len(histories)), figsize=(6 * max(1, len(histories)), 3.6))
-    for ax, (model, history) in zip(np.atleast_1d(axes), histories.items()):
+    n = max(1, len(histories))
+    fig, axes = plt.subplots(2, n, figsize=(6 * n, 6.4), squeeze=False)
+    for col, (model, history) in enumerate(histories.items()):
+        top, bottom = axes[0, col], axes[1, col]
         if not history:
-            ax.set_title(f"{model}: no history")
+            top.set_title(f"{model}: no history")
+            bottom.set_axis_off()
             continue
         frame = pd.DataFrame(history)
-        for col in frame.columns:
-            if col in ("epoch", "seconds"):
-                continue
-            ax.plot(frame["epoch"], frame[col], label=col, marker=".")
-        ax.set_xlabel("epoch")
-        ax.set_yscale("symlog", linthresh=1.0)
-        ax.set_title(f"{model} training")
-        ax.legend(fontsize=7)
+        losses = [c for c in frame.columns if c not in ("epoch", "seconds") and not c.startswith("val_")]
+        vals = [c for c in frame.columns if c.startswith("val_") and c not in ("val_score", "val_threshold", "val_mse")]
+        for c in losses:
+            top.plot(frame["epoch"], frame[c], label=c, marker=".")
+        top.set_title(f"{model}: training losses")
+        top.set_yscale("symlog", linthresh=1.0)
+        top.legend(fontsize=7)
+        twin = None
+        for i, c in enumerate(vals):
+            ax = bottom
+            if c == "val_psnr":  # dB, on its own axis
+                twin = twin or bottom.twinx()
+                ax = twin
+            ax.plot(frame["epoch"], frame[c], label=c, marker=".", color=f"C{i}")
+            ax.set_ylabel(c if ax is twin else "")
+        bottom.set_title(f"{model}: validation (best checkpoint = highest val score)")
+        bottom.set_xlabel("epoch")
+        handles = [h for ax in (bottom, twin) if ax is not None for h in ax.get_legend_handles_labels()[0]]
+        bottom.legend(handles=handles, fontsize=7)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=100)

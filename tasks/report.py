@@ -20,18 +20,59 @@ def _table(rows: dict[str, dict[str, Any]], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def bar_checks(report: dict[str, Any]) -> dict[str, bool]:
+    """The project's quality bars, checked on this run's numbers (absent sections are left out).
+
+    pix2pix_beats_baselines: higher Dice and clDice than Otsu and Frangi on the test patients;
+    crgan_beats_baselines: higher mean SSIM and PSNR than nearest-stage copy and neighbour mean;
+    crgan_patient_specific: a sample is more similar to its own patient than to the others.
+    """
+    bars: dict[str, bool] = {}
+    p2p = report.get("pix2pix") or {}
+    if p2p.get("test") and p2p.get("baselines"):
+        bars["pix2pix_beats_baselines"] = all(
+            p2p["test"][m] > b[m] for b in p2p["baselines"].values() for m in ("dice", "cldice"))
+    crg = (report.get("crgan") or {}).get("heldout") or {}
+    if crg.get("model") and crg.get("baselines"):
+        bars["crgan_beats_baselines"] = all(
+            crg["model"][m] > b[m] for b in crg["baselines"].values() for m in ("ssim", "psnr"))
+    own = ((report.get("crgan") or {}).get("sample_quality") or {}).get("own_vs_other_ssim") or {}
+    if "own" in own and "other" in own:
+        bars["crgan_patient_specific"] = bool(own["own"] > own["other"])
+    return bars
+
+
 def render_report(report: dict[str, Any], data_source: str) -> str:
     out = ["# brvo-augment run report", "", f"Input: {data_source}", ""]
+    bars = bar_checks(report)
+    if bars:
+        out += ["## Quality bars", "", "| bar | met |", "|---|---|"]
+        out += [f"| {name} | {'yes' if ok else '**no**'} |" for name, ok in bars.items()]
+        out += [""]
     p2p = report.get("pix2pix")
     if p2p:
         rows = {"Pix2Pix": p2p["test"], **{f"baseline: {k}": v for k, v in p2p.get("baselines", {}).items()}}
         out += ["## Pix2Pix labels on held-out test patients", "",
+                f"{p2p.get('n_test_patients', '?')} test patients at {p2p.get('image_size', '?')} px; Pix2Pix "
+                f"threshold {_fmt(p2p.get('threshold'))} ({p2p.get('threshold_source', '?')}); Frangi's scales and "
+                "threshold tuned on train/val patients.", "",
                 _table(rows, ["dice", "iou", "cldice", "n"]), "", PAPER_CONTEXT, ""]
     crg = report.get("crgan", {}).get("heldout")
     if crg:
         rows = {"CRGAN": crg["model"], **{f"baseline: {k}": v for k, v in crg.get("baselines", {}).items()}}
         out += ["## CRGAN: held-out real stages hidden and regenerated (val + test patients)", "",
-                f"{crg.get('n', '?')} cases.", "", _table(rows, ["ssim", "psnr", "mse", "cosine"]), ""]
+                f"{crg.get('n', '?')} cases (each observed stage of each val/test patient, hidden and regenerated "
+                "from the rest; the model row is the zero-noise estimate).", "",
+                _table(rows, ["ssim", "psnr", "mse", "cosine"]), ""]
+        per_stage = crg.get("per_stage") or {}
+        if per_stage:
+            out += ["Per stage (SSIM / PSNR):", "",
+                    "| stage | n | CRGAN | nearest | neighbour_mean |", "|---|---|---|---|---|"]
+            for stage, r in per_stage.items():
+                cells = [f"{_fmt(r[k]['ssim'])} / {r[k]['psnr']:.2f}" if r.get(k) else ""
+                         for k in ("model", "nearest", "neighbour_mean")]
+                out.append(f"| {stage} | {r.get('n', '')} | " + " | ".join(cells) + " |")
+            out += [""]
         sq = report.get("crgan", {}).get("sample_quality")
         if sq:
             out += [f"Sample quality: diversity {_fmt(sq.get('diversity'))}; SSIM to own patient "

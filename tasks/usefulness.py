@@ -45,9 +45,11 @@ def measure_usefulness(run_dir: Path, config: PipelineConfig, *, steps: int | No
         }
     gain = results["real_plus_synthetic"]["dice"] - results["real_only"]["dice"]
     spread = max(results["real_only"]["dice_std"], results["real_plus_synthetic"]["dice_std"])
-    verdict = ("real + accepted synthetic rows " + ("improved" if gain > 0 else "did not improve")
-               + f" test Dice by {gain:+.4f} (seed spread {spread:.4f}; "
-               + ("within noise" if abs(gain) <= spread else "beyond seed spread") + ")")
+    direction = "raised" if gain > 0 else "lowered" if gain < 0 else "did not change"
+    verdict = (f"adding accepted synthetic rows {direction} mean test Dice by {abs(gain):.4f} "
+               f"({results['real_only']['dice']:.4f} -> {results['real_plus_synthetic']['dice']:.4f}; "
+               f"seed spread {spread:.4f}, so the difference is "
+               + ("within noise" if abs(gain) <= spread else "beyond the seed spread") + ")")
     section = {**results, "seeds": list(seeds), "steps": steps, "dice_gain": gain, "verdict": verdict,
                "seconds": round(time.perf_counter() - t0, 2)}
     update_report(run_dir, "usefulness", section)

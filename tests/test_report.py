@@ -1,0 +1,40 @@
+"""The report's quality-bar verdicts and tables are computed from report.json, never typed in."""
+from tasks.report import bar_checks, render_report
+
+
+def _report(p2p_dice=0.70, p2p_cldice=0.72, crgan_ssim=0.68, crgan_psnr=23.4, own=0.58, other=0.12):
+    scores = lambda dice, cl: {"dice": dice, "iou": dice / 2, "cldice": cl, "n": 10}  # noqa: E731
+    img = lambda s, p: {"ssim": s, "psnr": p, "mse": 0.005, "cosine": 0.97}  # noqa: E731
+    return {
+        "pix2pix": {"test": scores(p2p_dice, p2p_cldice),
+                    "baselines": {"otsu": scores(0.60, 0.61), "frangi": scores(0.62, 0.70)}},
+        "crgan": {"heldout": {"n": 5, "model": img(crgan_ssim, crgan_psnr),
+                              "baselines": {"nearest": img(0.65, 22.8), "neighbour_mean": img(0.67, 23.1)},
+                              "per_stage": {"s1t2": {"n": 5, "model": img(crgan_ssim, crgan_psnr),
+                                                     "nearest": img(0.65, 22.8),
+                                                     "neighbour_mean": img(0.67, 23.1)}}},
+                  "sample_quality": {"own_vs_other_ssim": {"own": own, "other": other}}},
+    }
+
+
+def test_bars_met_when_the_models_beat_every_baseline_on_every_metric():
+    assert bar_checks(_report()) == {"pix2pix_beats_baselines": True, "crgan_beats_baselines": True,
+                                     "crgan_patient_specific": True}
+
+
+def test_one_lost_metric_fails_its_bar():
+    assert bar_checks(_report(p2p_cldice=0.69))["pix2pix_beats_baselines"] is False  # Frangi clDice 0.70
+    assert bar_checks(_report(crgan_psnr=23.0))["crgan_beats_baselines"] is False  # neighbour mean 23.1
+    assert bar_checks(_report(own=0.1))["crgan_patient_specific"] is False
+
+
+def test_missing_sections_are_left_out_not_guessed():
+    assert bar_checks({}) == {}
+    assert list(bar_checks({"pix2pix": _report()["pix2pix"]})) == ["pix2pix_beats_baselines"]
+
+
+def test_rendered_report_shows_the_verdicts_and_the_per_stage_table():
+    text = render_report(_report(p2p_dice=0.5), "phantom")
+    assert "| pix2pix_beats_baselines | **no** |" in text
+    assert "| crgan_beats_baselines | yes |" in text
+    assert "| s1t2 | 5 | 0.6800 / 23.40 | 0.6500 / 22.80 | 0.6700 / 23.10 |" in text
