@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
 
         config = resolve_config(args, args.run_dir)
         check_source(args.soul_dir)
-        print(prepare(args.soul_dir, args.run_dir, config_json=config.to_json()))
+        print(prepare(str(args.soul_dir), str(args.run_dir), config_json=config.to_json()))
     elif cmd == "train-pix2pix":
         from tasks.train_pix2pix import preflight_train_pix2pix, train_pix2pix_task
 

@@ -48,3 +48,15 @@ def test_console_script_exit_code(tmp_path):
                            str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
+
+
+
+def test_prepare_command_runs_the_flow_and_writes_a_valid_soul_h5(tiny_phantom, tmp_path):
+    """The real console script (its own temporary Prefect server), as a user types it."""
+    from storage.paired_format import validate
+
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "prepare", str(tiny_phantom), str(tmp_path / "run"),
+                           "--preset", "tiny"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = validate(tmp_path / "run" / "soul.h5")
+    assert summary.image_size == 32 and summary.n_real > 0
