@@ -677,7 +677,7 @@ def realism(discriminator: CRGANDiscriminator, images: np.ndarray, stages: Seque
     if patient_indices is None:
         patient_indices = [None] * n
     pats = torch.tensor([discriminator.unknown_index if p is None else int(p) for p in patient_indices])
-    st = torch.as_tensor(np.asarray(stages, np.int64))
+    st = torch.as_tensor(np.array(stages, np.int64))  # a copy: callers may pass read-only views
     out = []
     for i in range(0, n, batch_size):
         x = to_model(images[i:i + batch_size].astype(np.float32) / 255.0)[:, None].to(device)
