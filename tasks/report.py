@@ -64,6 +64,12 @@ def render_report(report: dict[str, Any], data_source: str) -> str:
                 f"{crg.get('n', '?')} cases (each observed stage of each val/test patient, hidden and regenerated "
                 "from the rest; the model row is the zero-noise estimate).", "",
                 _table(rows, ["ssim", "psnr", "mse", "cosine"]), ""]
+        test_only = crg.get("test_only")
+        if test_only:
+            rows = {"CRGAN": test_only["model"], "baseline: nearest": test_only["nearest"],
+                    "baseline: neighbour_mean": test_only["neighbour_mean"]}
+            out += [f"Test patients only ({test_only['n']} cases; the checkpoint was chosen on val patients):", "",
+                    _table(rows, ["ssim", "psnr", "mse", "cosine"]), ""]
         per_stage = crg.get("per_stage") or {}
         if per_stage:
             out += ["Per stage (SSIM / PSNR):", "",

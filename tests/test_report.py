@@ -10,6 +10,8 @@ def _report(p2p_dice=0.70, p2p_cldice=0.72, crgan_ssim=0.68, crgan_psnr=23.4, ow
                     "baselines": {"otsu": scores(0.60, 0.61), "frangi": scores(0.62, 0.70)}},
         "crgan": {"heldout": {"n": 5, "model": img(crgan_ssim, crgan_psnr),
                               "baselines": {"nearest": img(0.65, 22.8), "neighbour_mean": img(0.67, 23.1)},
+                              "test_only": {"n": 2, "model": img(0.69, 23.5), "nearest": img(0.64, 22.7),
+                                            "neighbour_mean": img(0.66, 23.0)},
                               "per_stage": {"s1t2": {"n": 5, "model": img(crgan_ssim, crgan_psnr),
                                                      "nearest": img(0.65, 22.8),
                                                      "neighbour_mean": img(0.67, 23.1)}}},
@@ -38,3 +40,4 @@ def test_rendered_report_shows_the_verdicts_and_the_per_stage_table():
     assert "| pix2pix_beats_baselines | **no** |" in text
     assert "| crgan_beats_baselines | yes |" in text
     assert "| s1t2 | 5 | 0.6800 / 23.40 | 0.6500 / 22.80 | 0.6700 / 23.10 |" in text
+    assert "Test patients only (2 cases" in text and "| CRGAN | 0.6900 | 23.5000 |" in text
