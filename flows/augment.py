@@ -92,7 +92,9 @@ def augment_chain(soul_dir: str | Path, run_dir: str | Path, config: PipelineCon
               run_dir, config, crgan_ckpt)
         exported = timed("export", export_task.with_options(refresh_cache=not outputs_exist([paths.augmented_h5])),
                          run_dir, config, pix2pix_ckpt, crgan_ckpt, str(soul_dir))
-        timed("usefulness", usefulness_task, run_dir, config)
+        timed("usefulness", _cached(usefulness_task, "usefulness", [],
+                                    lambda p: [RunPaths.of(p["run_dir"]).augmented_h5], [])
+              .with_options(refresh_cache="usefulness" not in read_report(run_dir)), run_dir, config)
         report = read_report(run_dir)
         update_report(run_dir, "timings_s", {**timings, "total": round(sum(timings.values()), 2)})
         refresh_documents(run_dir, str(soul_dir))

@@ -76,6 +76,7 @@ def test_second_run_reuses_cached_steps(tiny_augment_run):
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     by_name = {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
-    for step in ("ingest", "preprocess", "train-pix2pix", "train-crgan", "fill-stages", "label", "score", "export"):
+    for step in ("ingest", "preprocess", "train-pix2pix", "train-crgan", "fill-stages", "label", "score", "export",
+                 "usefulness"):
         assert by_name.get(step) == "Cached", (step, by_name)
     assert (run_dir / "augmented.h5").stat().st_mtime_ns == before
