@@ -133,6 +133,7 @@ def render_card(report: dict[str, Any], attrs: dict[str, Any], data_source: str)
         "",
         _table(syn.get("scores", {}), ["mean", "p10", "p90"]) if syn.get("scores") else "",
         "",
+        *_card_evidence(report),
         "## Load it",
         "```python",
         "import h5py, pandas as pd",
@@ -152,3 +153,26 @@ def render_card(report: dict[str, Any], attrs: dict[str, Any], data_source: str)
         "clinical decision. Their labels are model outputs, not expert annotations (label_source = 'pix2pix').",
         "",
     ])
+
+
+def _card_evidence(report: dict[str, Any]) -> list[str]:
+    """What this run measured about its own quality, so a reader of the card alone sees it."""
+    lines = ["## How good is it (measured in this run; details in report.md)"]
+    p2p = report.get("pix2pix") or {}
+    if p2p.get("test"):
+        base = "; ".join(f"{k} {v['dice']:.3f}" for k, v in (p2p.get("baselines") or {}).items())
+        lines.append(f"- Pix2Pix labels on held-out real test patients: Dice {p2p['test']['dice']:.3f} "
+                     f"(non-learned baselines: {base}).")
+    crg = (report.get("crgan") or {}).get("heldout") or {}
+    if crg.get("model"):
+        base = "; ".join(f"{k} {v['ssim']:.3f}" for k, v in (crg.get("baselines") or {}).items())
+        lines.append(f"- CRGAN on real stages hidden and regenerated: SSIM {crg['model']['ssim']:.3f} "
+                     f"(baselines: {base}).")
+    use = report.get("usefulness") or {}
+    if use.get("verdict"):
+        lines.append(f"- Usefulness for a segmenter: {use['verdict']}.")
+    bars = report.get("bars") or bar_checks(report)
+    missed = [name for name, ok in bars.items() if not ok]
+    if missed:
+        lines.append(f"- Quality bars not met in this run: {', '.join(missed)}.")
+    return lines + [""] if len(lines) > 1 else []

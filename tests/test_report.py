@@ -1,5 +1,5 @@
 """The report's quality-bar verdicts and tables are computed from report.json, never typed in."""
-from tasks.report import bar_checks, render_report
+from tasks.report import bar_checks, render_card, render_report
 
 
 def _report(p2p_dice=0.70, p2p_cldice=0.72, crgan_ssim=0.68, crgan_psnr=23.4, own=0.58, other=0.12):
@@ -41,3 +41,11 @@ def test_rendered_report_shows_the_verdicts_and_the_per_stage_table():
     assert "| crgan_beats_baselines | yes |" in text
     assert "| s1t2 | 5 | 0.6800 / 23.40 | 0.6500 / 22.80 | 0.6700 / 23.10 |" in text
     assert "Test patients only (2 cases" in text and "| CRGAN | 0.6900 | 23.5000 |" in text
+
+
+def test_dataset_card_carries_the_measured_quality_and_missed_bars():
+    report = {**_report(p2p_dice=0.5), "usefulness": {"verdict": "adding accepted synthetic rows lowered mean test Dice"}}
+    card = render_card(report, {}, "phantom")
+    assert "Pix2Pix labels on held-out real test patients: Dice 0.500" in card
+    assert "lowered mean test Dice" in card
+    assert "Quality bars not met in this run: pix2pix_beats_baselines" in card
