@@ -53,12 +53,15 @@ def augment_chain(soul_dir: str | Path, run_dir: str | Path, config: PipelineCon
     soul_dir, run_dir = Path(soul_dir).resolve(), Path(run_dir).resolve()
     paths = RunPaths.of(run_dir)
     timings: dict[str, float] = {}
+    cached: list[str] = []
 
-    def timed(name, fn, *args, **kwargs):
+    def timed(name, task_obj, *args, **kwargs):
         t0 = time.perf_counter()
-        result = fn(*args, **kwargs)
+        state = task_obj(*args, return_state=True, **kwargs)
         timings[name] = round(time.perf_counter() - t0, 2)
-        return result
+        if state.name == "Cached":
+            cached.append(name)
+        return state.result()  # re-raises a failed step's error
 
     with run_dir_lock(run_dir, timeout_s=lock_wait_s):
         record_run(run_dir, config, soul_dir=str(soul_dir))
@@ -96,13 +99,20 @@ def augment_chain(soul_dir: str | Path, run_dir: str | Path, config: PipelineCon
                                     lambda p: [RunPaths.of(p["run_dir"]).augmented_h5], [])
               .with_options(refresh_cache="usefulness" not in read_report(run_dir)), run_dir, config)
         report = read_report(run_dir)
-        update_report(run_dir, "timings_s", {**timings, "total": round(sum(timings.values()), 2)})
+        update_report(run_dir, "timings_s", _merge_timings(report.get("timings_s") or {}, timings, cached))
         refresh_documents(run_dir, str(soul_dir))
         record_run(run_dir, config, hashes={"augmented.h5": exported.sha256})
         _publish_artifacts(run_dir, read_report(run_dir))
     return {"run_dir": str(run_dir), "augmented_h5": exported.augmented_h5, "n_real": exported.n_real,
             "n_synthetic": exported.n_synthetic, "n_accepted": exported.n_accepted, "timings_s": timings,
             "report": str(paths.report_md), "pix2pix_dice": report.get("pix2pix", {}).get("test", {}).get("dice")}
+
+
+def _merge_timings(previous: dict[str, Any], now: dict[str, float], cached: list[str]) -> dict[str, Any]:
+    """Seconds per step of the run that actually computed it: a step served from the cache keeps
+    the time it took when it ran (a rerun would otherwise report zeros); ``cached`` lists them."""
+    merged = {name: (previous.get(name, secs) if name in cached else secs) for name, secs in now.items()}
+    return {**merged, "total": round(sum(merged.values()), 2), "cached": list(cached)}
 
 
 def _publish_artifacts(run_dir: Path, report: dict[str, Any]) -> None:

@@ -96,7 +96,12 @@ def render_report(report: dict[str, Any], data_source: str) -> str:
                 _table(rows, ["dice", "cldice", "dice_std", "cldice_std", "n_train"]), "",
                 use.get("verdict", ""), ""]
     if report.get("timings_s"):
-        out += ["## Timings (s)", "", _table({"seconds": report["timings_s"]}, list(report["timings_s"])), ""]
+        secs = {k: v for k, v in report["timings_s"].items() if k != "cached"}
+        out += ["## Timings (s)", "", _table({"seconds": secs}, list(secs)), ""]
+        cached = report["timings_s"].get("cached") or []
+        if cached:
+            out += [f"Served from the cache in the last run (their times are from the run that computed them): "
+                    f"{', '.join(cached)}.", ""]
     out += ["## Figures", "", "- figures/timelines/ (one montage per patient; synthetic stages framed red)",
             "- figures/score_histograms.png", "- figures/training_curves.png", ""]
     return "\n".join(out)

@@ -80,3 +80,7 @@ def test_second_run_reuses_cached_steps(tiny_augment_run):
                  "usefulness"):
         assert by_name.get(step) == "Cached", (step, by_name)
     assert (run_dir / "augmented.h5").stat().st_mtime_ns == before
+    timings = read_report(run_dir)["timings_s"]  # a rerun keeps the times of the run that did the work
+    assert timings["train_pix2pix"] == first["timings_s"]["train_pix2pix"] > 0
+    assert "train_pix2pix" in timings["cached"]
+    assert "Served from the cache in the last run" in RunPaths.of(run_dir).report_md.read_text()
