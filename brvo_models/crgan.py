@@ -44,7 +44,7 @@ embedding + noise, transposed-conv decoder, discriminator conditioned on
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np

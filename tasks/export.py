@@ -131,7 +131,6 @@ def write_figures(run_dir: Path, config: PipelineConfig, meta: pd.DataFrame, pix
 def export(run_dir: Path, config: PipelineConfig, pix2pix_checkpoint: Path, crgan_checkpoint: Path,
            data_source: str = "", *, log=run_log) -> ExportResult:
     t0 = time.perf_counter()
-    paths = RunPaths.of(run_dir)
     out = write_augmented(run_dir, config, pix2pix_checkpoint, crgan_checkpoint)
     summary = validate(out)
     with h5py.File(out, "r") as f:

@@ -51,3 +51,10 @@ class ProgressArtifact:
             self._id = create_progress_artifact(progress=percent, key=self.key, description=self.description)
         else:
             update_progress_artifact(self._id, progress=percent)
+
+
+def epoch_progress(key: str, description: str, epochs: int) -> Callable[[dict[str, float]], None]:
+    """An ``on_epoch`` callback for :func:`brvo_models.training.fit` that moves a progress artifact
+    (fit already logs each epoch's line through ``run_log``)."""
+    progress = ProgressArtifact(key, description)
+    return lambda row: progress(row["epoch"], epochs)

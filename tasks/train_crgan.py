@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from prefect import task
 from pydantic import BaseModel
 
@@ -41,10 +40,11 @@ from brvo_models.runtime import seed_everything, select_device
 from brvo_models.training import BEST, LAST, fit
 from storage.checkpoints import checkpoint_sha256, load_checkpoint
 from storage.errors import BrvoError, CheckpointError
-from storage.paired_format import STAGE_NAMES, read_arrays, read_meta, validate
+from storage.paired_format import STAGE_NAMES, read_arrays, read_meta
 from storage.run_dir import RunPaths, update_report
 from tasks.config import PipelineConfig
-from tasks.reporting import LogFn, ProgressArtifact, run_log
+from tasks.preflight import require_soul_h5
+from tasks.reporting import LogFn, epoch_progress, run_log
 
 METRIC_NOTES = (
     "Cases: every observed stage of every val/test patient with at least one other observed stage, hidden "
@@ -99,17 +99,7 @@ def preflight_train_crgan(run_dir: str | os.PathLike, config: PipelineConfig) ->
     Nothing is written here, so a refused run never touches an existing checkpoint.
     """
     paths = RunPaths.of(run_dir)
-    soul = paths.soul_h5
-    if not soul.is_file():
-        raise BrvoError(f"{soul}: not found; run preprocess first (brvo-augment preprocess {run_dir})")
-    summary = validate(soul)  # DatasetFormatError: one line naming the problem
-    if summary.image_size != config.image_size:
-        raise BrvoError(f"{soul}: images are {summary.image_size} px but the config asks for {config.image_size} px; "
-                        f"re-run preprocess with this config or use a config with image_size={summary.image_size}")
-    try:
-        _levels(config.image_size)
-    except ValueError as exc:
-        raise BrvoError(f"{exc}; choose image_size 32, 64, 128, 256 or 512") from None
+    soul = require_soul_h5(run_dir, config.image_size, _levels)
     seqs = load_sequences(soul)
     train = [s for s in seqs if s.split == "train"]
     val_cases = heldout_cases(s for s in seqs if s.split == "val")
@@ -292,12 +282,7 @@ def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: L
 
 
 def _train_and_evaluate(run_dir: str | os.PathLike, config: PipelineConfig) -> CRGANResult:
-    progress = ProgressArtifact("crgan-training", "CRGAN training: epochs done")
-    epochs = config.crgan.epochs
-
-    def on_epoch(row: dict[str, float]) -> None:
-        progress(row["epoch"], epochs)  # fit already logs the epoch line through run_log
-
+    on_epoch = epoch_progress("crgan-training", "CRGAN training: epochs done", config.crgan.epochs)
     result = train_crgan(run_dir, config, log=run_log, on_epoch=on_epoch)
     result.heldout = evaluate_crgan(run_dir, config, log=run_log)["heldout"]
     return result

@@ -34,10 +34,11 @@ from brvo_models.segmentation_baselines import FrangiBaseline, otsu_masks
 from brvo_models.training import BEST, LAST, fit
 from storage.checkpoints import checkpoint_sha256, load_checkpoint
 from storage.errors import BrvoError
-from storage.paired_format import read_arrays, read_meta, validate
+from storage.paired_format import read_arrays, read_meta
 from storage.run_dir import RunPaths, update_report
 from tasks.config import PipelineConfig
-from tasks.reporting import LogFn, ProgressArtifact, run_log
+from tasks.preflight import require_soul_h5
+from tasks.reporting import LogFn, epoch_progress, run_log
 
 MODEL = "pix2pix"
 PAPER_CONTEXT = {
@@ -80,17 +81,7 @@ def preflight_train_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig) 
     Nothing is written here, so a refused run never touches an existing checkpoint.
     """
     paths = RunPaths.of(run_dir)
-    soul = paths.soul_h5
-    if not soul.is_file():
-        raise BrvoError(f"{soul}: not found; run preprocess first (brvo-augment preprocess {run_dir})")
-    summary = validate(soul)  # DatasetFormatError: one line naming the problem
-    if summary.image_size != config.image_size:
-        raise BrvoError(f"{soul}: images are {summary.image_size} px but the config asks for {config.image_size} px; "
-                        f"re-run preprocess with this config or use a config with image_size={summary.image_size}")
-    try:
-        num_downs_for(config.image_size)
-    except ValueError as exc:
-        raise BrvoError(f"{exc}; choose image_size 32, 64, 128, 256 or 512") from None
+    soul = require_soul_h5(run_dir, config.image_size, num_downs_for)
     meta = read_meta(soul)
     real = meta[~meta["is_synthetic"].astype(bool)]
     counts = {s: real.loc[real["split"] == s, "patient_id"].nunique() for s in ("train", "val", "test")}
@@ -244,12 +235,7 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
 
 
 def _train_and_evaluate(run_dir: str | os.PathLike, config: PipelineConfig) -> Pix2PixResult:
-    progress = ProgressArtifact("pix2pix-training", "Pix2Pix training: epochs done")
-    epochs = config.pix2pix.epochs
-
-    def on_epoch(row: dict[str, float]) -> None:
-        progress(row["epoch"], epochs)  # fit already logs the epoch line through run_log
-
+    on_epoch = epoch_progress("pix2pix-training", "Pix2Pix training: epochs done", config.pix2pix.epochs)
     result = train_pix2pix(run_dir, config, log=run_log, on_epoch=on_epoch)
     result.test = evaluate_pix2pix(run_dir, config, log=run_log)
     return result
