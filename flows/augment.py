@@ -37,12 +37,12 @@ from tasks.usefulness import usefulness_task
 LOCK_WAIT_S = 5.0
 
 
-def _cached(task_obj, step: str, inputs: list[str], derived, outputs: list[Path]):
+def _cached(task_obj, step: str, inputs: list[str], derived, outputs_present: bool):
     """The task with a content-keyed cache; refreshed when its outputs are gone."""
     return task_obj.with_options(
         cache_key_fn=content_cache_key(step, inputs, derived),
         persist_result=True,
-        refresh_cache=not outputs_exist(outputs),
+        refresh_cache=not outputs_present,
     )
 
 
@@ -66,10 +66,10 @@ def augment_chain(soul_dir: str | Path, run_dir: str | Path, config: PipelineCon
     with run_dir_lock(run_dir, timeout_s=lock_wait_s):
         record_run(run_dir, config, soul_dir=str(soul_dir))
         soul = lambda p: [RunPaths.of(p["run_dir"]).soul_h5]  # noqa: E731
-        timed("ingest", _cached(ingest_task, "ingest", ["source"], None, [paths.manifest]),
+        timed("ingest", _cached(ingest_task, "ingest", ["source"], None, outputs_exist([paths.manifest])),
               soul_dir, run_dir)
         timed("preprocess", _cached(preprocess_task, "preprocess", [],
-                                    lambda p: [RunPaths.of(p["run_dir"]).manifest], [paths.soul_h5]),
+                                    lambda p: [RunPaths.of(p["run_dir"]).manifest], outputs_exist([paths.soul_h5])),
               run_dir, config)
         registry = ModelRegistry(registry_dir) if registry_dir else None
         if registry is not None and not force_retrain and (model_version or registry.latest_version()):
@@ -82,9 +82,9 @@ def augment_chain(soul_dir: str | Path, run_dir: str | Path, config: PipelineCon
         else:
             p2p_dir, crg_dir = paths.checkpoints("pix2pix"), paths.checkpoints("crgan")
             timed("train_pix2pix", _cached(train_pix2pix_task, "train-pix2pix", [], soul,
-                                           [p2p_dir / "best.pt"]), run_dir, config)
+                                           outputs_exist([p2p_dir / "best.pt"])), run_dir, config)
             timed("train_crgan", _cached(train_crgan_task, "train-crgan", [], soul,
-                                         [crg_dir / "best.pt"]), run_dir, config)
+                                         outputs_exist([crg_dir / "best.pt"])), run_dir, config)
             pix2pix_ckpt, crgan_ckpt = p2p_dir / "best.pt", crg_dir / "best.pt"
         work = paths.synthetic_dir
         timed("fill", fill_task.with_options(refresh_cache=not outputs_exist([work / "synthetic.h5"])),
@@ -95,9 +95,9 @@ def augment_chain(soul_dir: str | Path, run_dir: str | Path, config: PipelineCon
               run_dir, config, crgan_ckpt)
         exported = timed("export", export_task.with_options(refresh_cache=not outputs_exist([paths.augmented_h5])),
                          run_dir, config, pix2pix_ckpt, crgan_ckpt, str(soul_dir))
-        timed("usefulness", _cached(usefulness_task, "usefulness", [],
-                                    lambda p: [RunPaths.of(p["run_dir"]).augmented_h5], [])
-              .with_options(refresh_cache="usefulness" not in read_report(run_dir)), run_dir, config)
+        augmented = lambda p: [RunPaths.of(p["run_dir"]).augmented_h5]  # noqa: E731
+        timed("usefulness", _cached(usefulness_task, "usefulness", [], augmented, "usefulness" in read_report(run_dir)),
+              run_dir, config)
         report = read_report(run_dir)
         update_report(run_dir, "timings_s", _merge_timings(report.get("timings_s") or {}, timings, cached))
         refresh_documents(run_dir, str(soul_dir))

@@ -30,7 +30,7 @@ from storage.errors import BrvoError
 from storage.fingerprint import SourceFingerprint, fingerprint_source
 from storage.locking import file_lock
 from storage.registry import ModelRegistry
-from tasks.config import PipelineConfig, preset as preset_config
+from tasks.config import PipelineConfig, flatten_fields, preset as preset_config
 from tasks.reporting import run_log
 
 ENV_SOUL_DIR = "BRVO_SOUL_DIR"
@@ -62,7 +62,7 @@ def make_config(preset: str = "demo", config_json: str | None = None) -> Pipelin
         raise BrvoError(f"config_json is not valid JSON ({exc}); pass a JSON object of config fields") from None
     if not isinstance(data, dict):
         raise BrvoError("config_json must be a JSON object of config fields")
-    return config.with_overrides(**_flatten(data))
+    return config.with_overrides(**flatten_fields(data))
 
 
 def config_fingerprint(config: PipelineConfig) -> str:
@@ -189,14 +189,4 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     for key in ("ssim", "psnr"):
         if isinstance(model, dict) and key in model:
             out[f"crgan_{key}"] = model[key]
-    return out
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
     return out

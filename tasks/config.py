@@ -96,15 +96,16 @@ def load_config(preset_name: str = "demo", config_file: str | Path | None = None
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise BrvoError(f"{path}: cannot read config file ({exc}); pass a JSON object of config fields") from None
-        config = config.with_overrides(**_flatten(data))
+        config = config.with_overrides(**flatten_fields(data))
     return config.with_overrides(**overrides)
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
+def flatten_fields(data: dict, prefix: str = "") -> dict:
+    """{"crgan": {"epochs": 5}} -> {"crgan.epochs": 5}: the keys ``with_overrides`` takes."""
     out = {}
     for k, v in data.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{k}."))
+            out.update(flatten_fields(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out

@@ -153,10 +153,11 @@ def export(run_dir: Path, config: PipelineConfig, pix2pix_checkpoint: Path, crga
 def refresh_documents(run_dir: Path, data_source: str) -> None:
     """(Re)write report.md and DATASET_CARD.md from report.json and augmented.h5's attributes."""
     paths = RunPaths.of(run_dir)
-    bars = bar_checks(read_report(run_dir))
+    report = read_report(run_dir)
+    bars = bar_checks(report)
     if bars:
         update_report(run_dir, "bars", bars)
-    report = read_report(run_dir)
+        report["bars"] = bars
     attrs = validate(paths.augmented_h5).attrs
     write_text_atomic(paths.report_md, render_report(report, data_source))
     write_text_atomic(paths.dataset_card, render_card(report, attrs, data_source))
