@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from brvo_models.configs import CRGANConfig, Pix2PixConfig
 from storage.errors import BrvoError
@@ -48,10 +48,16 @@ class PipelineConfig(BaseModel):
                 continue
             if "." in key:
                 head, tail = key.split(".", 1)
+                if not isinstance(data.get(head), dict):
+                    raise BrvoError(f"config: unknown section {head!r} in {key!r}; sections are pix2pix and crgan")
                 data[head] = {**data[head], tail: value}
             else:
                 data[key] = value
-        return PipelineConfig.model_validate(data)
+        try:
+            return PipelineConfig.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+            raise BrvoError(f"config: {problems}") from None
 
 
 def preset(name: str) -> PipelineConfig:
@@ -96,6 +102,9 @@ def load_config(preset_name: str = "demo", config_file: str | Path | None = None
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise BrvoError(f"{path}: cannot read config file ({exc}); pass a JSON object of config fields") from None
+        if not isinstance(data, dict):
+            raise BrvoError(f"{path}: the config file must hold a JSON object of config fields, "
+                            f"not a {type(data).__name__}")
         config = config.with_overrides(**flatten_fields(data))
     return config.with_overrides(**overrides)
 

@@ -60,3 +60,21 @@ def test_prepare_command_runs_the_flow_and_writes_a_valid_soul_h5(tiny_phantom, 
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = validate(tmp_path / "run" / "soul.h5")
     assert summary.image_size == 32 and summary.n_real > 0
+
+
+def test_config_file_that_is_not_a_json_object_is_one_line_exit_2(tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text("[1, 2]")
+    code, err = _run_main(capsys, "preprocess", str(tmp_path / "run"), "--config", str(cfg))
+    assert code == 2 and err.count("\n") == 1
+    assert "JSON object of config fields" in err
+
+
+def test_config_file_with_an_unknown_or_invalid_field_names_it_in_one_line(tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    for content, named in (('{"bogus": 1}', "bogus"), ('{"crgan": {"epochs": "many"}}', "crgan.epochs"),
+                           ('{"nope": {"x": 1}}', "nope")):
+        cfg.write_text(content)
+        code, err = _run_main(capsys, "preprocess", str(tmp_path / "run"), "--config", str(cfg))
+        assert code == 2 and err.startswith("error: config") and err.count("\n") == 1, err
+        assert named in err
