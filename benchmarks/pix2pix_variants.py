@@ -8,7 +8,8 @@ Each (variant, seed) trains through the product's own code path (``train_pix2pix
 the labelling threshold are chosen on the validation patients, the test patients are scored
 once, and Otsu and Frangi (tuned on train + val) are computed in the same run on the same test
 images. Prints one row per run and, per variant, the mean and spread over seeds, so a variant is
-judged by a difference larger than its seed spread, never by one lucky seed.
+judged by a difference larger than its seed spread, never by one lucky seed; choose between
+variants by the validation Dice it also prints, so the test patients stay held out.
 """
 from __future__ import annotations
 
@@ -36,9 +37,10 @@ def run_one(soul_h5: Path, preset: str, variant: dict, seed: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="p2p-variant-") as tmp:
         shutil.copy2(soul_h5, Path(tmp) / "soul.h5")
         t0 = time.perf_counter()
-        train_pix2pix(tmp, config, log=quiet)
+        trained = train_pix2pix(tmp, config, log=quiet)
         section = evaluate_pix2pix(tmp, config, log=quiet)
     return {"seconds": time.perf_counter() - t0, "epoch": section["checkpoint"]["epoch"],
+            "val_dice": trained.best_val_dice,
             "threshold": section["threshold"], "model": section["test"],
             "otsu": section["baselines"]["otsu"], "frangi": section["baselines"]["frangi"]}
 
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     variants = [json.loads(v) for v in (args.variant or ["{}"])]
 
-    print(f"{'variant':48} seed  epoch  thr   pix2pix dice/cldice  otsu dice/cldice  frangi dice/cldice  seconds")
+    print(f"{'variant':48} seed  epoch  thr   val dice  pix2pix dice/cldice  otsu dice/cldice  frangi dice/cldice  seconds")
     for variant in variants:
         name = json.dumps(variant, separators=(",", ":"))
         rows = []
@@ -61,9 +63,11 @@ def main(argv: list[str] | None = None) -> int:
             r = run_one(args.soul_h5, args.preset, variant, seed)
             rows.append(r)
             m, o, f = r["model"], r["otsu"], r["frangi"]
-            print(f"{name:48} {seed:4d}  {r['epoch']:5d}  {r['threshold']:.2f}  "
+            print(f"{name:48} {seed:4d}  {r['epoch']:5d}  {r['threshold']:.2f}  {r['val_dice']:.3f}     "
                   f"{m['dice']:.3f} / {m['cldice']:.3f}        {o['dice']:.3f} / {o['cldice']:.3f}     "
                   f"{f['dice']:.3f} / {f['cldice']:.3f}       {r['seconds']:.0f}", flush=True)
+        val = [r["val_dice"] for r in rows]
+        print(f"{name:48} mean val dice (what to choose a variant by): {statistics.mean(val):.3f}", flush=True)
         for metric in ("dice", "cldice"):
             values = [r["model"][metric] for r in rows]
             spread = statistics.stdev(values) if len(values) > 1 else float("nan")

@@ -21,6 +21,10 @@ class Pix2PixConfig(_Frozen):
     norm: Literal["batch", "instance"] = "batch"
     dropout: bool = True
     lambda_l1: float = 100.0
+    lambda_dice: float = Field(
+        0.0, ge=0.0, description="not in the reference: weight of a soft-Dice term on the generator's vessel "
+        "probabilities. 0 (every preset) keeps the reference objective; see docs/pix2pix-64px.md for what it "
+        "changes at 64 px")
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999

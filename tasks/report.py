@@ -55,7 +55,8 @@ def render_report(report: dict[str, Any], data_source: str) -> str:
         out += ["## Pix2Pix labels on held-out test patients", "",
                 f"{p2p.get('n_test_patients', '?')} test patients at {p2p.get('image_size', '?')} px; Pix2Pix "
                 f"threshold {_fmt(p2p.get('threshold'))} ({p2p.get('threshold_source', '?')}); Frangi's scales and "
-                "threshold tuned on train/val patients.", "",
+                "threshold tuned on train/val patients. Generator objective: "
+                f"{p2p.get('objective', 'not recorded')}.", "",
                 _table(rows, ["dice", "iou", "cldice", "n"]), "", PAPER_CONTEXT, ""]
     crg = report.get("crgan", {}).get("heldout")
     if crg:

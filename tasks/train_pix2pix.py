@@ -26,6 +26,7 @@ import torch
 from prefect import task
 from pydantic import BaseModel
 
+from brvo_models.configs import Pix2PixConfig
 from brvo_models.metrics import cosine, label_scores, mean_scores, mse, ssim
 from brvo_models.pix2pix import (Pix2Pix, aligned_augment, checkpoint_meta_for, label_images, load_labeller,
                                  num_downs_for, training_signature)
@@ -183,6 +184,16 @@ def train_pix2pix(
 # ---------------------------------------------------------------------------------- evaluate
 
 
+def objective_text(p2p: Pix2PixConfig) -> str:
+    """The generator's training objective in words, flagging any term the reference pix2pix lacks."""
+    text = f"BCE PatchGAN + {p2p.lambda_l1:g} x L1"
+    if p2p.lambda_dice > 0:
+        text += f" + {p2p.lambda_dice:g} x soft Dice (not in the reference pix2pix)"
+    else:
+        text += " (the reference pix2pix objective)"
+    return text
+
+
 def mask_scores(masks: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Mean dice, iou, cldice, mse, ssim, cosine of binary masks vs labels (see METRIC_NOTES), plus n."""
     rows = []
@@ -216,6 +227,7 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
         "image_size": int(config.image_size),
         "threshold": threshold,
         "threshold_source": "config" if config.pix2pix.threshold is not None else "chosen on validation patients",
+        "objective": objective_text(config.pix2pix),
         "checkpoint": {"path": str(best_path), "sha256": checkpoint_sha256(best_path), "epoch": best_epoch},
         "frangi_params": {"sigmas": list(frangi_model.sigmas), "threshold": frangi_model.threshold,
                           "tuned_on": f"{frangi_model.n_tuned} train/val images",

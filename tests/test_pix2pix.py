@@ -12,7 +12,7 @@ from torch import nn
 
 from brvo_models.configs import Pix2PixConfig
 from brvo_models.pix2pix import (PatchDiscriminator, Pix2Pix, UnetGenerator, aligned_augment, build_generator,
-                                 label_images, load_labeller, lr_lambda)
+                                 label_images, load_labeller, lr_lambda, soft_dice_loss)
 from storage.checkpoints import file_sha256, load_checkpoint
 from storage.errors import BrvoError, CheckpointError, DatasetFormatError
 from storage.run_dir import RunPaths
@@ -109,6 +109,25 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
     batch = (image * 2 - 1, label * 2 - 1)
     losses = [model.train_step(batch)["G_L1"] for _ in range(25)]
     assert np.mean(losses[-3:]) < 0.93 * losses[0]  # lr 2e-4: slow but steady
+
+
+def test_soft_dice_loss_on_hand_computed_cases():
+    label = -torch.ones(2, 1, 4, 4)
+    label[0, 0, :2, :2] = 1  # 4 vessel pixels; image 1 has none
+    perfect = soft_dice_loss(label.clone(), label, eps=0.0 + 1e-12)
+    # image 0: 2*4/(4+4) = 1 -> loss 0; image 1: (0+eps)/(0+eps) = 1 -> loss 0
+    assert float(perfect) == pytest.approx(0.0, abs=1e-6)
+    half = torch.zeros(1, 1, 4, 4)  # probability 0.5 everywhere vs 4 of 16 pixels vessel
+    # 2 * (4 * 0.5) / (16 * 0.5 + 4) = 4 / 12 -> loss 2/3 (eps 0)
+    assert float(soft_dice_loss(half, label[:1], eps=0.0)) == pytest.approx(2 / 3)
+
+
+def test_reference_objective_unless_lambda_dice_is_set():
+    torch.manual_seed(0)
+    batch = (torch.rand(2, 1, 32, 32) * 2 - 1, (torch.rand(2, 1, 32, 32) > 0.8).float() * 2 - 1)
+    assert "G_Dice" not in Pix2Pix(Pix2PixConfig(ngf=4, ndf=4), 32).train_step(batch)
+    losses = Pix2Pix(Pix2PixConfig(ngf=4, ndf=4, lambda_dice=5.0), 32).train_step(batch)
+    assert 0.0 < losses["G_Dice"] <= 5.0
 
 
 # -------------------------------------------------------------------------------- labelling
