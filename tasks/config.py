@@ -81,7 +81,7 @@ def preset(name: str) -> PipelineConfig:
             # runs peak early and decay (val Dice 0.46 -> 0.44), instance norm keeps improving (0.58).
             # lambda_dice: not in the reference pix2pix. At 64 px its L1 objective alone ties Otsu and stays
             # below Frangi (docs/pix2pix-64px.md); a soft-Dice term of the L1's weight, chosen on val
-            # patients from 0/10/30/50/100, lifts test Dice 0.566 -> 0.599 (3 seeds). `full` keeps the reference.
+            # patients from 0/10/30/50/100, lifts test Dice 0.566 -> 0.598 (3 seeds). `full` keeps the reference.
             pix2pix=Pix2PixConfig(ngf=32, ndf=32, norm="instance", epochs=16, batch_size=8, lambda_dice=100.0),
             crgan=CRGANConfig(ngf=8, ndf=32, n_layers_d=2, z_dim=32, context_dim=128, hidden_dim=128, epochs=100,
                               batch_size=8, lr_g=1e-3, lr_d=4e-4, lambda_adv=0.2, context_subset_prob=0.25),
