@@ -167,8 +167,9 @@ def _card_evidence(report: dict[str, Any]) -> list[str]:
     p2p = report.get("pix2pix") or {}
     if p2p.get("test"):
         base = "; ".join(f"{k} {v['dice']:.3f}" for k, v in (p2p.get("baselines") or {}).items())
+        objective = f" Generator objective: {p2p['objective']}." if p2p.get("objective") else ""
         lines.append(f"- Pix2Pix labels on held-out real test patients: Dice {p2p['test']['dice']:.3f} "
-                     f"(non-learned baselines: {base}).")
+                     f"(non-learned baselines: {base}).{objective}")
     crg = (report.get("crgan") or {}).get("heldout") or {}
     if crg.get("model"):
         base = "; ".join(f"{k} {v['ssim']:.3f}" for k, v in (crg.get("baselines") or {}).items())

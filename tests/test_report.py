@@ -49,3 +49,15 @@ def test_dataset_card_carries_the_measured_quality_and_missed_bars():
     assert "Pix2Pix labels on held-out real test patients: Dice 0.500" in card
     assert "lowered mean test Dice" in card
     assert "Quality bars not met in this run: pix2pix_beats_baselines" in card
+
+
+def test_report_and_card_say_which_generator_objective_made_the_labels():
+    from brvo_models.configs import Pix2PixConfig
+    from tasks.train_pix2pix import objective_text
+
+    report = _report()
+    report["pix2pix"]["objective"] = objective_text(Pix2PixConfig(lambda_dice=100))
+    expected = "BCE PatchGAN + 100 x L1 + 100 x soft Dice (not in the reference pix2pix)"
+    assert f"Generator objective: {expected}." in render_report(report, "phantom")
+    assert f"Generator objective: {expected}." in render_card(report, {}, "phantom")
+    assert objective_text(Pix2PixConfig()) == "BCE PatchGAN + 100 x L1 (the reference pix2pix objective)"
