@@ -178,7 +178,7 @@ def _card_evidence(report: dict[str, Any]) -> list[str]:
     use = report.get("usefulness") or {}
     if use.get("verdict"):
         lines.append(f"- Usefulness for a segmenter: {use['verdict']}.")
-    bars = report.get("bars") or bar_checks(report)
+    bars = bar_checks(report)  # derived from the numbers every time, like report.md; never a stale copy
     missed = [name for name, ok in bars.items() if not ok]
     if missed:
         lines.append(f"- Quality bars not met in this run: {', '.join(missed)}.")
