@@ -205,6 +205,16 @@ def soft_dice_loss(fake_b: torch.Tensor, real_b: torch.Tensor, eps: float = 1.0)
     return (1.0 - (2.0 * inter + eps) / (p.sum(dims) + t.sum(dims) + eps)).mean()
 
 
+def objective_text(p2p: Pix2PixConfig) -> str:
+    """The generator's training objective in words, flagging any term the reference pix2pix lacks."""
+    text = f"BCE PatchGAN + {p2p.lambda_l1:g} x L1"
+    if p2p.lambda_dice > 0:
+        text += f" + {p2p.lambda_dice:g} x soft Dice (not in the reference pix2pix)"
+    else:
+        text += " (the reference pix2pix objective)"
+    return text
+
+
 def _prep(images_uint8: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
     x = torch.as_tensor(images_uint8)
     if x.ndim == 3:

@@ -26,10 +26,9 @@ import torch
 from prefect import task
 from pydantic import BaseModel
 
-from brvo_models.configs import Pix2PixConfig
 from brvo_models.metrics import cosine, label_scores, mean_scores, mse, ssim
 from brvo_models.pix2pix import (Pix2Pix, aligned_augment, checkpoint_meta_for, label_images, load_labeller,
-                                 num_downs_for, training_signature)
+                                 num_downs_for, objective_text, training_signature)
 from brvo_models.runtime import seed_everything, select_device, to_model_range
 from brvo_models.segmentation_baselines import FrangiBaseline, otsu_masks
 from brvo_models.training import BEST, LAST, fit
@@ -182,16 +181,6 @@ def train_pix2pix(
 
 
 # ---------------------------------------------------------------------------------- evaluate
-
-
-def objective_text(p2p: Pix2PixConfig) -> str:
-    """The generator's training objective in words, flagging any term the reference pix2pix lacks."""
-    text = f"BCE PatchGAN + {p2p.lambda_l1:g} x L1"
-    if p2p.lambda_dice > 0:
-        text += f" + {p2p.lambda_dice:g} x soft Dice (not in the reference pix2pix)"
-    else:
-        text += " (the reference pix2pix objective)"
-    return text
 
 
 def mask_scores(masks: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -53,7 +53,7 @@ def test_dataset_card_carries_the_measured_quality_and_missed_bars():
 
 def test_report_and_card_say_which_generator_objective_made_the_labels():
     from brvo_models.configs import Pix2PixConfig
-    from tasks.train_pix2pix import objective_text
+    from brvo_models.pix2pix import objective_text
 
     report = _report()
     report["pix2pix"]["objective"] = objective_text(Pix2PixConfig(lambda_dice=100))
