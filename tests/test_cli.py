@@ -73,7 +73,7 @@ def test_config_file_that_is_not_a_json_object_is_one_line_exit_2(tmp_path, caps
 def test_config_file_with_an_unknown_or_invalid_field_names_it_in_one_line(tmp_path, capsys):
     cfg = tmp_path / "cfg.json"
     for content, named in (('{"bogus": 1}', "bogus"), ('{"crgan": {"epochs": "many"}}', "crgan.epochs"),
-                           ('{"nope": {"x": 1}}', "nope")):
+                           ('{"nope": {"x": 1}}', "nope"), ('{"pix2pix": {"lambda_dice": -1}}', "pix2pix.lambda_dice")):
         cfg.write_text(content)
         code, err = _run_main(capsys, "preprocess", str(tmp_path / "run"), "--config", str(cfg))
         assert code == 2 and err.startswith("error: config") and err.count("\n") == 1, err
