@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
-from storage.checkpoints import config_hash, load_checkpoint, save_checkpoint
+from storage.checkpoints import load_checkpoint, save_checkpoint
+from storage.hashing import json_sha256
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -54,7 +55,7 @@ class FitResult:
 
 def checkpoint_meta(model_name: str, image_size: int, config_json: str) -> dict[str, Any]:
     """What a checkpoint must agree on with the run that loads it."""
-    return {"model": model_name, "image_size": int(image_size), "config_hash": config_hash(config_json)}
+    return {"model": model_name, "image_size": int(image_size), "config_hash": json_sha256(config_json)}
 
 
 def fit(

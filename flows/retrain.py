@@ -15,7 +15,6 @@ times) for monitoring without Prefect.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from prefect import flow, task
 
 from storage.atomic import write_json_atomic
 from storage.errors import BrvoError
+from storage.hashing import json_sha256
 from storage.fingerprint import SourceFingerprint, fingerprint_source
 from storage.locking import file_lock
 from storage.registry import ModelRegistry
@@ -66,12 +66,8 @@ def make_config(preset: str = "demo", config_json: str | None = None) -> Pipelin
 
 
 def config_fingerprint(config: PipelineConfig) -> str:
-    """Stable hash of the whole config (a changed preset or field means new models).
-
-    Computed here rather than with storage.checkpoints.config_hash so the 'no change'
-    path never imports torch (seconds per scheduled run)."""
-    canonical = json.dumps(json.loads(config.to_json()), sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    """Stable hash of the whole config (a changed preset or field means new models)."""
+    return json_sha256(config)
 
 
 def source_fingerprint(soul_dir: Path, registry_dir: Path) -> SourceFingerprint:

@@ -7,8 +7,6 @@ not match is known to be interrupted or altered and is refused.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import pickle
 import zipfile
@@ -19,14 +17,7 @@ import torch
 
 from storage.atomic import atomic_path, write_text_atomic
 from storage.errors import CheckpointError
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+from storage.hashing import file_sha256
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> str:
@@ -84,12 +75,6 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
     """The recorded sha256 of a checkpoint (computed if the sidecar is missing)."""
     sha_file = _sha_path(Path(path))
     return sha_file.read_text().strip() if sha_file.exists() else file_sha256(path)
-
-
-def config_hash(config_json: str) -> str:
-    """Short stable hash of a model config, stored in checkpoint meta to refuse mismatches."""
-    canonical = json.dumps(json.loads(config_json), sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def _sha_path(path: Path) -> Path:

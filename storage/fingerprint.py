@@ -20,6 +20,7 @@ from typing import Any
 
 from storage.atomic import write_json_atomic
 from storage.errors import InputDataError
+from storage.hashing import file_sha256
 
 IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini", "ehthumbs.db"})
 CACHE_VERSION = 1
@@ -69,8 +70,7 @@ def fingerprint_source(source: str | os.PathLike, cache_path: str | os.PathLike 
             digest = entry[2]
             reused += 1
         else:
-            with open(path, "rb") as fh:
-                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            digest = file_sha256(path)
             hashed += 1
         new_cache[key] = [st.st_size, st.st_mtime_ns, digest]
         h.update(f"{name}\t{st.st_size}\t{digest}\n".encode())

@@ -18,7 +18,6 @@ name. Version names sort in publication order: ``v0001-20261125T093000Z``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from storage.atomic import write_json_atomic, write_text_atomic
+from storage.hashing import file_sha256, fsync_dir
 from storage.errors import BrvoError, CheckpointError
 from storage.locking import file_lock
 from storage.run_dir import RunPaths, read_report
@@ -148,9 +148,9 @@ class ModelRegistry:
                 write_json_atomic(staging / "source.json", {
                     **source, "run_dir": str(Path(run_dir).resolve()),
                     "published_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-                _fsync_dir(staging)
+                fsync_dir(staging)
                 os.rename(staging, self.models_dir / version)
-                _fsync_dir(self.models_dir)
+                fsync_dir(self.models_dir)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
@@ -193,19 +193,6 @@ def _validate_checkpoint(path: Path, model: str, image_size: int | None) -> None
     if image_size is not None and meta.get("image_size") not in (None, int(image_size)):
         raise CheckpointError(f"{path}: trained at {meta.get('image_size')} px but the config says {image_size}; "
                               f"nothing was published")
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

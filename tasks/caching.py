@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from storage.checkpoints import file_sha256
+from storage.hashing import file_sha256
 
 
 def path_fingerprint(path: str | os.PathLike) -> str:

@@ -12,7 +12,8 @@ from prefect import task
 from pydantic import BaseModel
 
 from storage.atomic import write_text_atomic
-from storage.checkpoints import checkpoint_sha256, file_sha256, load_checkpoint
+from storage.checkpoints import checkpoint_sha256, load_checkpoint
+from storage.hashing import file_sha256
 from storage.paired_format import STAGE_NAMES, PairedDatasetWriter, meta_frame, validate
 from storage.run_dir import RunPaths, read_report, update_report
 from storage.work_files import read_work_array, read_work_table

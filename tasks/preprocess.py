@@ -24,7 +24,6 @@ Why it is shaped like this:
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections import deque
@@ -48,6 +47,7 @@ from storage.paired_format import (
     read_meta,
     validate,
 )
+from storage.hashing import file_sha256
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
 from tasks.reporting import LogFn, ProgressArtifact, run_log
@@ -315,7 +315,7 @@ def preprocess(
     run_dir = Path(run_dir)
     paths = RunPaths.of(run_dir)
     manifest_path = preflight_preprocess(run_dir)
-    source_sha = _file_sha256(manifest_path)
+    source_sha = file_sha256(manifest_path)
     df = read_manifest(manifest_path)
 
     unlabelled = df["label_path"] == ""
@@ -383,7 +383,7 @@ def preprocess(
     seconds = time.perf_counter() - t_start
     result = PreprocessResult(
         path=str(paths.soul_h5),
-        sha256=_file_sha256(paths.soul_h5),
+        sha256=file_sha256(paths.soul_h5),
         n_rows=n,
         n_patients=len(assignment),
         n_skipped_unlabelled=n_skipped,
@@ -413,14 +413,6 @@ def _remove_stale_temp_files(target: Path, log: LogFn) -> None:
     for stale in target.parent.glob(f".{target.name}.tmp-*"):
         log(f"preprocess: removing {stale.name}, left by an interrupted run")
         stale.unlink(missing_ok=True)
-
-
-def _file_sha256(path: Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while data := fh.read(block):
-            h.update(data)
-    return h.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:

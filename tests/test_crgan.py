@@ -14,7 +14,7 @@ from brvo_models.crgan import (CRGAN, CRGANDiscriminator, CRGANGenerator, genera
                                pixel_noise, predict_heldout, realism)
 from brvo_models.training import BEST, LAST
 from conftest import write_blob_dataset
-from storage.checkpoints import file_sha256
+from storage.hashing import file_sha256
 from storage.errors import BrvoError, CheckpointError, DatasetFormatError
 from storage.run_dir import RunPaths, read_report
 from tasks.config import preset

@@ -13,7 +13,8 @@ from torch import nn
 from brvo_models.configs import Pix2PixConfig
 from brvo_models.pix2pix import (PatchDiscriminator, Pix2Pix, UnetGenerator, aligned_augment, build_generator,
                                  label_images, load_labeller, lr_lambda, soft_dice_loss)
-from storage.checkpoints import file_sha256, load_checkpoint
+from storage.checkpoints import load_checkpoint
+from storage.hashing import file_sha256
 from storage.errors import BrvoError, CheckpointError, DatasetFormatError
 from storage.run_dir import RunPaths
 from tasks.config import preset
