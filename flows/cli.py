@@ -17,6 +17,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 EXIT_USER_ERROR = 2
+EXIT_BARS_MISSED = 3
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"train {what} on RUN_DIR/soul.h5 (resumes) and evaluate on held-out patients")
         p.add_argument("run_dir", type=Path)
         _add_config_args(p)
+        p.add_argument("--require-bars", action="store_true",
+                       help=f"exit with code {EXIT_BARS_MISSED} when the model misses a quality bar "
+                            "(it loses to a baseline); the checkpoints and report are written either way")
 
     p = sub.add_parser("run", help="the whole augment flow: SOUL_DIR -> RUN_DIR/augmented.h5 + card, report, figures")
     p.add_argument("soul_dir", type=Path)
@@ -66,12 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="validate a brvo-paired .h5 file and print counts per split and stage")
     p.add_argument("file", type=Path)
 
-    p = sub.add_parser("serve", help="register and serve the 'augment' and 'retrain' deployments")
-    p.add_argument("--cron", default=None, help="retrain schedule (default weekly: '0 3 * * 1')")
-    p.add_argument("--timezone", default=None, help="timezone of the cron schedule (default UTC)")
-    p.add_argument("--soul-dir", default=None, help="retrain's data directory (default $BRVO_SOUL_DIR)")
-    p.add_argument("--registry-dir", default=None, help="model registry (default $BRVO_REGISTRY_DIR)")
-    p.add_argument("--retrain-preset", default=None, help="retrain's config preset (default demo)")
+    from deployments.serve import add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="register and serve the 'augment' and 'retrain' deployments"))
     return parser
 
 
@@ -87,6 +88,24 @@ def resolve_config(args: argparse.Namespace, run_dir: Path | None = None):
     return load_config(getattr(args, "preset", None) or "demo", getattr(args, "config", None))
 
 
+def _single_step(args: argparse.Namespace, target: str, config, source: Path | None = None) -> int:
+    """Run one step of the augment plan on RUN_DIR (its upstream steps must have run), under the
+    run-directory lock like every command that writes there; print its result."""
+    from flows.augment import AUGMENT
+    from flows.prepare import run_steps
+
+    names = [step.name for step in AUGMENT]
+    plan = AUGMENT[: names.index(target) + 1]
+    run = run_steps(plan, args.run_dir, config, source=source, only={target})
+    print(run.result(target).model_dump_json(indent=2, exclude={"training": {"history"}}))
+    if getattr(args, "require_bars", False):
+        missed = [bar for bar, met in run.report.get("bars", {}).items() if bar.startswith(target) and not met]
+        if missed:
+            print(f"quality bar(s) missed: {', '.join(missed)} (see {args.run_dir / 'report.md'})", file=sys.stderr)
+            return EXIT_BARS_MISSED
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     cmd = args.command
     if cmd == "phantom":
@@ -95,16 +114,17 @@ def _run(args: argparse.Namespace) -> int:
         summary = phantom_task(args.out_dir, n_patients=args.patients, seed=args.seed, overwrite=args.overwrite)
         print(summary)
     elif cmd == "ingest":
-        from tasks.ingest import check_source, ingest_task
+        from tasks.ingest import check_source
 
         check_source(args.soul_dir)
-        ingest_task(args.soul_dir, args.run_dir)
+        args.preset = args.config = None
+        return _single_step(args, "ingest", resolve_config(args, args.run_dir), source=args.soul_dir)
     elif cmd == "preprocess":
-        from tasks.preprocess import preflight_preprocess, preprocess_task
+        from tasks.preprocess import preflight_preprocess
 
         config = resolve_config(args, args.run_dir)
         preflight_preprocess(args.run_dir)
-        print(preprocess_task(args.run_dir, config))
+        return _single_step(args, "preprocess", config)
     elif cmd == "prepare":
         from flows.prepare import prepare
         from tasks.ingest import check_source
@@ -113,17 +133,17 @@ def _run(args: argparse.Namespace) -> int:
         check_source(args.soul_dir)
         print(prepare(str(args.soul_dir), str(args.run_dir), config_json=config.to_json()))
     elif cmd == "train-pix2pix":
-        from tasks.train_pix2pix import preflight_train_pix2pix, train_pix2pix_task
+        from tasks.train_pix2pix import preflight_train_pix2pix
 
         config = resolve_config(args, args.run_dir)
         preflight_train_pix2pix(args.run_dir, config)
-        print(train_pix2pix_task(args.run_dir, config))
+        return _single_step(args, "pix2pix", config)
     elif cmd == "train-crgan":
-        from tasks.train_crgan import preflight_train_crgan, train_crgan_task
+        from tasks.train_crgan import preflight_train_crgan
 
         config = resolve_config(args, args.run_dir)
         preflight_train_crgan(args.run_dir, config)
-        print(train_crgan_task(args.run_dir, config))
+        return _single_step(args, "crgan", config)
     elif cmd == "run":
         from flows.augment import run_augment
         from tasks.ingest import check_source
@@ -140,10 +160,9 @@ def _run(args: argparse.Namespace) -> int:
 
         print(inspect_dataset(args.file))
     elif cmd == "serve":
-        from deployments.serve import serve_deployments
+        from deployments.serve import run_from_args
 
-        serve_deployments(cron=args.cron, timezone=args.timezone, soul_dir=args.soul_dir,
-                          registry_dir=args.registry_dir, retrain_preset=args.retrain_preset)
+        run_from_args(args)
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from prefect.context import TaskRunContext, FlowRunContext
+from prefect.context import FlowRunContext, TaskRunContext
 
 LogFn = Callable[[str], None]
 

@@ -483,15 +483,16 @@ def test_manifest_csv_input(tmp_path):
 
 # ---------------------------------------------------------------------------- Prefect wrapper
 
-def test_task_retries_io_errors_but_not_bad_input():
+def test_step_retries_io_errors_but_not_bad_input():
     from prefect.states import Failed
 
-    from tasks.ingest import _retry_io_only, ingest_task
+    from tasks.ingest import INGEST
+    from tasks.steps import retry_io_errors
 
-    assert ingest_task.name == "ingest" and ingest_task.retries == 1
-    assert _retry_io_only(None, None, Failed(data=OSError("disk hiccup")))
-    assert not _retry_io_only(None, None, Failed(data=InputDataError("bad root")))
-    assert not _retry_io_only(None, None, Failed(data=ValueError("bug")))
+    assert INGEST.name == "ingest" and INGEST.retries == 1 and INGEST.reads_source
+    assert retry_io_errors(None, None, Failed(data=OSError("disk hiccup")))
+    assert not retry_io_errors(None, None, Failed(data=InputDataError("bad root")))
+    assert not retry_io_errors(None, None, Failed(data=ValueError("bug")))
 
 
 # ---------------------------------------------------------------------------- the phantom reads back as written
