@@ -30,10 +30,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brvo-augment", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("phantom", help="write a SOUL-layout phantom dataset (built-in demo data)")
+    p = sub.add_parser("phantom", help="write a SOUL-layout phantom dataset (built-in demo data)",
+                       description="Write a SOUL-layout phantom. Without options it is the demo's 53 patients; the "
+                       "options make datasets unlike it (docs/phantom.md). Precedence: the demo's values, then "
+                       "--config, then each option given.")
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--patients", type=int, default=53)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", type=Path, default=None, metavar="FILE.json",
+                   help="JSON object of PhantomConfig fields, e.g. {\"n_patients\": 24, \"contrast\": 0.5}")
+    p.add_argument("--patients", type=int, default=None, help="patients, 1..10000 (default 53)")
+    p.add_argument("--seed", type=int, default=None, help="random seed, >= 0 (default 0)")
+    p.add_argument("--image-size", type=int, default=None, help="image side in px, 32..2048 (default 304, SOUL's)")
+    p.add_argument("--images-per-visit", default=None, metavar="LO-HI",
+                   help="repeat scans per visit, within 1-8 (default 1-8 with SOUL's per-stage means), e.g. 1-2")
+    p.add_argument("--attendance", default=None, metavar="F1,...,F6",
+                   help="share of patients seen at each of the six stages, each in (0, 1] "
+                        "(default SOUL's 48,36,37,26,20,11 of 53), e.g. 1,0.7,0.5,0.3,0.2,0.1")
+    p.add_argument("--vessel-density", type=float, default=None, metavar="X",
+                   help="how much vessel trees branch, 0.3..3 (default 1 = the demo)")
+    p.add_argument("--vessel-width", type=float, default=None, metavar="X",
+                   help="vessel width multiplier, 0.5..2.5 (default 1)")
+    p.add_argument("--contrast", type=float, default=None, metavar="X",
+                   help="vessels above the capillary mesh, 0..1.5 (default 1; 0 = vessels as bright as capillaries)")
+    p.add_argument("--noise", type=float, default=None, metavar="X",
+                   help="speckle, additive noise and motion lines multiplier, 0..3 (default 1; 0 = clean)")
+    p.add_argument("--non-perfusion-size", type=float, default=None, metavar="X",
+                   help="non-perfused area multiplier, 0..3 (default 1; 0 = no occluded sector)")
+    p.add_argument("--workers", type=int, default=2, help="rendering processes (the bytes do not depend on it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing phantom in OUT_DIR")
 
     p = sub.add_parser("ingest", help="read a SOUL directory or manifest CSV: manifest.csv, quarantine.csv, stage table")
@@ -109,9 +131,18 @@ def _single_step(args: argparse.Namespace, target: str, config, source: Path | N
 def _run(args: argparse.Namespace) -> int:
     cmd = args.command
     if cmd == "phantom":
-        from tasks.phantom import phantom_task
+        from brvo_models.phantom.config import load_phantom_config, phantom_config
 
-        summary = phantom_task(args.out_dir, n_patients=args.patients, seed=args.seed, overwrite=args.overwrite)
+        base = load_phantom_config(args.config) if args.config is not None else None
+        config = phantom_config(
+            base, n_patients=args.patients, seed=args.seed, image_size=args.image_size,
+            images_per_visit=args.images_per_visit, attendance=args.attendance, vessel_density=args.vessel_density,
+            vessel_width=args.vessel_width, contrast=args.contrast, noise=args.noise,
+            non_perfusion_size=args.non_perfusion_size)
+        from tasks.phantom import phantom_task, preflight_phantom
+
+        preflight_phantom(args.out_dir, args.workers, args.overwrite)
+        summary = phantom_task(args.out_dir, config, workers=args.workers, overwrite=args.overwrite)
         print(summary)
     elif cmd == "ingest":
         from tasks.ingest import check_source

@@ -498,8 +498,9 @@ def test_step_retries_io_errors_but_not_bad_input():
 # ---------------------------------------------------------------------------- the phantom reads back as written
 
 def test_phantom_counts_match(tmp_path):
-    phantom = pytest.importorskip("tasks.phantom")
-    summary = phantom.generate_phantom(tmp_path / "ph", n_patients=6, seed=0, image_size=64)
+    from tasks.phantom import PhantomConfig, generate_phantom
+
+    summary = generate_phantom(tmp_path / "ph", PhantomConfig(n_patients=6, seed=0, image_size=64))
     result, manifest, quarantine, _ = run(tmp_path / "ph", tmp_path / "run")
     assert quarantine.empty and result.n_images == summary.n_images and result.n_patients == 6
     assert {s: v["images"] for s, v in result.per_stage.items()} == summary.images_per_stage

@@ -133,10 +133,10 @@ def test_retrain_flow_reports_no_change_without_training(tmp_path, monkeypatch):
     import tasks.train_pix2pix
 
     monkeypatch.setattr(tasks.train_pix2pix, "train_pix2pix", None)  # would fail if called
-    from tasks.phantom import generate_phantom
+    from tasks.phantom import PhantomConfig, generate_phantom
 
     soul, reg_dir = tmp_path / "soul", tmp_path / "reg"
-    generate_phantom(soul, n_patients=2, seed=0, image_size=64)
+    generate_phantom(soul, PhantomConfig(n_patients=2, seed=0, image_size=64))
     config = make_config("tiny")
     fp = source_fingerprint(soul, reg_dir)
     version = _publish_fake(ModelRegistry(reg_dir), tmp_path / "run", config,
