@@ -23,7 +23,7 @@ from flows.settings import registry_dir_setting
 from storage.errors import BrvoError
 from storage.registry import ModelRegistry, RegisteredModels
 from storage.run_dir import RunPaths
-from tasks.config import PipelineConfig, load_config
+from tasks.config import PipelineConfig, load_config, parse_config
 from tasks.export import EXPORT
 from tasks.figures import FIGURES
 from tasks.fill_stages import FILL
@@ -156,7 +156,7 @@ def augment(
     ``registry_dir`` defaults to $BRVO_REGISTRY_DIR where the flow runs (serve or a work-pool
     worker): when it holds published models, they are used instead of training.
     """
-    config = (PipelineConfig.model_validate_json(config_json) if config_json else load_config(preset))
+    config = parse_config(config_json) if config_json else load_config(preset)
     config = config.with_overrides(seed=seed, image_size=image_size, samples_per_missing=samples_per_missing,
                                    device=device, **{"pix2pix.epochs": pix2pix_epochs,
                                                      "crgan.epochs": crgan_epochs})

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 from prefect import flow
 
 from storage.locking import run_dir_lock
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, parse_config
 from tasks.ingest import INGEST
 from tasks.preprocess import PREPROCESS
 from tasks.report import write_documents
@@ -50,6 +50,6 @@ def run_steps(plan: Sequence[Step], run_dir: str | Path, config: PipelineConfig,
 @flow(name="prepare", log_prints=True)
 def prepare(soul_dir: str, run_dir: str, config_json: str | None = None) -> dict:
     """SOUL directory (or manifest CSV) -> RUN_DIR/manifest.csv, quarantine.csv, soul.h5."""
-    config = PipelineConfig.model_validate_json(config_json) if config_json else PipelineConfig()
+    config = parse_config(config_json) if config_json else PipelineConfig()
     run = run_steps(PREPARE, run_dir, config, source=soul_dir)
     return {name: result.model_dump(mode="json") for name, result in run.results.items()}

@@ -28,6 +28,14 @@ def _table(rows: dict[str, dict[str, Any]], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+#: What each quality bar asks, in the words a WARNING line uses.
+BAR_MEANING = {
+    "pix2pix_beats_baselines": "Pix2Pix labels must beat every label baseline in Dice and clDice on test patients",
+    "crgan_beats_baselines": "CRGAN images must beat nearest-stage copy and neighbour mean in SSIM and PSNR",
+    "crgan_patient_specific": "a CRGAN sample must be closer to its own patient than to the others",
+}
+
+
 def bar_checks(report: dict[str, Any]) -> dict[str, bool]:
     """The project's quality bars, checked on this run's numbers (absent sections are left out).
 
@@ -222,8 +230,13 @@ def write_documents(run_dir: Path, plan: Sequence[Step], run: PlanRun, config: P
     from storage.atomic import write_json_atomic, write_text_atomic
     from storage.paired_format import validate
 
+    from tasks.reporting import run_warning
+
     paths = RunPaths.of(run_dir)
     report = build_report(plan, run, config)
+    for bar, met in report.get("bars", {}).items():
+        if not met:
+            run_warning(f"quality bar not met: {bar} ({BAR_MEANING.get(bar, bar)}); see {paths.report_md}")
     write_json_atomic(paths.report_json, report)
     write_text_atomic(paths.report_md, render_report(report, data_source))
     if "export" in run.outcomes:

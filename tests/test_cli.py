@@ -139,3 +139,41 @@ def test_phantom_command_writes_the_configured_dataset(tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(next(out.glob("S1/s1t1/image/*/*.jpg"))).size == (64, 64)
+
+
+@pytest.mark.parametrize("fields, named", [
+    ({"compression": "bogus"}, "compression"),
+    ({"device": "tpu"}, "device"),
+    ({"samples_per_missing": 0}, "samples_per_missing"),
+    ({"samples_per_missing": 1_000_000_000}, "samples_per_missing"),
+    ({"image_size": 100000}, "image_size"),
+    ({"image_size": 33}, "image_size"),
+    ({"val_fraction": 1.5}, "val_fraction"),
+    ({"val_fraction": 0.6, "test_fraction": 0.5}, "test_fraction"),
+    ({"workers": 0}, "workers"),
+    ({"min_label_confidence": 2}, "min_label_confidence"),
+])
+def test_out_of_range_config_is_refused_before_any_work(tmp_path, capsys, fields, named):
+    """Issue 15 #8: a bad value is one line and exit 2 before ingest runs (nothing is written)."""
+    import json
+
+    (tmp_path / "soul").mkdir()
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(fields))
+    code, err = _run_main(capsys, "run", str(tmp_path / "soul"), str(tmp_path / "run"), "--config", str(cfg))
+    assert code == 2 and err.startswith("error: config") and err.count("\n") == 1, err
+    assert named in err or "val_fraction + test_fraction" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_command_on_a_run_directory_in_use_waits_then_fails_in_one_line(tiny_phantom, tmp_path):
+    """Issue 15 #6: every command that writes into a run directory takes its lock, not only `run`."""
+    from storage.locking import run_dir_lock
+
+    run = tmp_path / "run"
+    with run_dir_lock(run):
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "ingest", str(tiny_phantom), str(run)],
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "in use by another run" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (run / "manifest.csv").exists()

@@ -185,3 +185,49 @@ def test_the_pipeline_plans_are_valid():
 
     for plan in (AUGMENT, PREPARE):
         assert_valid_plan(plan)
+
+
+def _refuses(ctx: StepContext) -> Out:
+    raise BrvoError("checkpoint refused: trained at 64 px; use a fresh run directory")
+
+
+def _crashes(ctx: StepContext) -> Out:
+    raise ValueError("a bug")
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_expected_errors_log_one_line_in_prefect_unexpected_keep_their_traceback(tmp_path):
+    """Issue 15 #11: a BrvoError in a step is one line in the run log, like on the console."""
+    import logging
+
+    from prefect import flow
+
+    from tasks.reporting import PREFECT_RUN_LOGGERS
+    from tasks.steps import execute_with_prefect
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.ERROR)
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    @flow
+    def one_step(step_fn):
+        return run_plan((Step("failing", step_fn, Out),), StepContext(run_dir=tmp_path, config=preset("tiny")),
+                        execute=execute_with_prefect)
+
+    for step_fn, error, traceback_expected in ((_refuses, BrvoError, False), (_crashes, ValueError, True)):
+        keep = Keep()
+        loggers = [logging.getLogger(name) for name in PREFECT_RUN_LOGGERS]
+        for logger in loggers:
+            logger.addHandler(keep)
+        try:
+            with pytest.raises(error):
+                one_step(step_fn)
+        finally:
+            for logger in loggers:
+                logger.removeHandler(keep)
+        assert keep.records, "the failure is logged"
+        assert any(r.exc_info for r in keep.records) == traceback_expected
