@@ -134,13 +134,14 @@ def test_ssim_window_is_skimage_11_taps_and_small_images_refused():
         B.mse(np.zeros((2, 1, 16, 16)), np.zeros((2, 1, 16, 16)))
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["vessels_noisy", "vessels_thinned", "vessels_dilated", "random_blobs",
                                   "empty_empty", "empty_vs_some", "some_vs_empty", "all_ones",
                                   "all_ones_vs_some", "identical"])
-def test_label_metrics_match_numpy_per_image(mask_pairs, case, device):
+def test_label_metrics_match_numpy_per_image(mask_pairs, case, device, backend):
     pred, truth = mask_pairs[case]
-    got = B.label_scores(pred, truth, device=device)
+    got = B.label_scores(pred, truth, device=device, skeleton_backend=backend)
     for i, (p, t) in enumerate(zip(pred, truth)):
         for name, value in M.label_scores(p, t).items():
             assert float(got[name][i]) == pytest.approx(value, abs=TOL), (case, name, i)
@@ -176,7 +177,7 @@ def test_skeleton_equals_skimage_pixel_for_pixel(mask_pairs, device):
         "vessels 256 px": vessel_masks(2, 256, 11),
     }
     for name, masks in fixtures.items():
-        got = B.skeletonize(torch.as_tensor(masks, device=device)).cpu().numpy()
+        got = B.skeletonize(torch.as_tensor(masks, device=device), backend="torch").cpu().numpy()
         want = np.stack([sk_skeletonize(m) for m in masks])
         assert got.dtype == bool and got.shape == masks.shape
         mismatched = int((got != want).sum())
@@ -186,8 +187,12 @@ def test_skeleton_equals_skimage_pixel_for_pixel(mask_pairs, device):
 def test_skeleton_of_a_thick_bar_is_thin_and_not_empty():
     bar = np.zeros((1, 15, 30), bool)
     bar[0, 4:11, 3:27] = True
-    skel = B.skeletonize(bar)[0].numpy()
-    assert skel.sum() >= 15 and skel.sum(axis=0).max() == 1  # one pixel tall along the bar
+    for backend in ("auto", "torch", "skimage"):
+        skel = B.skeletonize(bar, backend=backend)[0].numpy()
+        assert skel.sum() >= 15 and skel.sum(axis=0).max() == 1  # one pixel tall along the bar
+    with pytest.raises(ValueError, match="backend"):
+        B.skeletonize(bar, backend="fast")
+    assert B.skeletonize(np.zeros((0, 8, 8), bool)).shape == (0, 8, 8)
 
 
 def test_aggregation_equals_mean_scores_of_numpy_rows(image_pairs, mask_pairs):
