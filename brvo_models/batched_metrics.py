@@ -15,9 +15,10 @@ The numpy path stays the reference: every function here reproduces its counterpa
   ``scipy.ndimage.gaussian_filter(truncate=3.5)``, an 11-tap window for sigma 1.5
   (radius int(3.5 * 1.5 + 0.5) = 5), then crops (11 - 1) // 2 = 5 pixels at every border
   before averaging. Every kept pixel's window lies inside the image, so a 'valid' separable
-  filter (two banded matmuls) gives the same map without any border rule. torchmetrics' SSIM was measured
-  against skimage with the same settings and differs by 1.3e-3 at 64 px (1.4e-4 at 256 px),
-  so it is not used.
+  filter (two banded matmuls) gives the same map without any border rule. torchmetrics 1.9's
+  SSIM was measured against skimage with the same settings and differs by 1.3e-3 at 64 px
+  (1.4e-4 at 256 px): it reflect-pads and averages the border pixels that skimage crops, so it
+  is not used.
 - ``cldice`` with :func:`skeletonize`, a port of skimage's 2-D ``skeletonize`` (Zhang-Suen
   thinning with skimage's own 256-entry lookup table, two sub-passes per iteration, each
   reading the image as it was at the start of the sub-pass), iterated until an iteration
@@ -26,6 +27,11 @@ The numpy path stays the reference: every function here reproduces its counterpa
 
 Arithmetic is float64 by default, as the numpy path; ``dtype=torch.float32`` is accepted for
 the image metrics where a GPU is slow at float64.
+
+When to use: on CUDA tensors. On this project's 2-core CPU machine the per-image numpy loop
+was as fast or faster for every metric but SSIM at 64 px (benchmarks/metrics_bench.py: the
+per-image arrays stay in cache, torch's CPU reductions over bool masks are slow, and torch's
+threads contend on a loaded machine), so CPU callers lose nothing by keeping brvo_models.metrics.
 
 Aggregation: :func:`mean_batch_scores` gives what ``metrics.mean_scores`` gives for the
 same images' rows (metric means plus ``n``); :func:`rows` turns a batch result into those rows.
