@@ -144,7 +144,8 @@ class EncoderFeatures(nn.Module):
 
     ``model``: any ``nn.Module`` taking (N, 1, H, W) float images (e.g. the Pix2Pix generator or
     the usefulness segmenter); it is put in eval mode and frozen (BatchNorm uses its running
-    statistics, dropout is off, so an image's features do not depend on its batch).
+    statistics, dropout is off, so an image's features do not depend on its batch): pass a
+    ``copy.deepcopy`` of a model that is still being trained.
     ``layers``: names from ``model.named_modules()`` whose outputs are pooled (per-channel mean
     and standard deviation, as :class:`RandomCNNFeatures`, each layer's block weighted by
     sqrt(D / its channel count) so that every layer counts the same). ``input_range``: what 0
@@ -171,14 +172,6 @@ class EncoderFeatures(nn.Module):
         self.layers = list(layers)
         self.input_range = input_range
         self.scale = float(scale)
-        self._captured: dict[str, torch.Tensor] = {}
-        for name in self.layers:
-            named[name].register_forward_hook(self._hook(name))
-
-    def _hook(self, name: str) -> Callable:
-        def capture(_module, _inputs, output):
-            self._captured[name] = output
-        return capture
 
     def train(self, mode: bool = True) -> "EncoderFeatures":
         super().train(False)  # always eval: features must not depend on the batch
@@ -188,10 +181,16 @@ class EncoderFeatures(nn.Module):
     def forward(self, images) -> torch.Tensor:
         device = next(self.model.parameters()).device
         x = _to_input(images, *self.input_range, device)
-        self._captured.clear()
-        self.model(x)
-        maps = [self._captured[name] for name in self.layers]
-        self._captured.clear()
+        captured: dict[str, torch.Tensor] = {}
+        named = dict(self.model.named_modules())
+        # hooks live only for this call: the model is left as it was for its other users
+        handles = [named[name].register_forward_hook(_capture_into(captured, name)) for name in self.layers]
+        try:
+            self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        maps = [captured[name] for name in self.layers]
         dim = 2 * sum(m.shape[1] for m in maps)
         return torch.cat([_pool(m) * math.sqrt(dim / m.shape[1]) for m in maps], dim=1) * self.scale
 
@@ -203,6 +202,12 @@ class EncoderFeatures(nn.Module):
             raise ValueError(f"cannot calibrate: the features' RMS is {rms}")
         self.scale = 1.0 / rms
         return self
+
+
+def _capture_into(store: dict, name: str) -> Callable:
+    def capture(_module, _inputs, output):
+        store[name] = output
+    return capture
 
 
 def unet_encoder_layers(model: nn.Module) -> list[str]:

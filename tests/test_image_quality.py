@@ -240,3 +240,10 @@ def test_stage_quality_with_nothing_on_one_side_and_bad_lengths():
     assert out["s1t1"]["n_real"] == 0 and "too few images" in out["s1t1"]["reason"]
     with pytest.raises(ValueError, match="stages"):
         IQ.stage_quality(imgs, np.zeros(11), imgs, np.zeros(12))
+
+
+def test_encoder_features_leave_no_hooks_on_the_model():
+    net = _unet()
+    ex = IQ.unet_encoder_features(net)
+    ex(np.zeros((2, 64, 64), np.uint8))
+    assert all(not m._forward_hooks for m in net.modules())
