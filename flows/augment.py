@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Completed
 
 from flows.prepare import run_steps
+from flows.artifacts import publish_augment_artifacts
 from flows.settings import registry_dir_setting
 from storage.errors import BrvoError
 from storage.registry import ModelRegistry, RegisteredModels
@@ -31,6 +32,8 @@ from tasks.ingest import INGEST
 from tasks.label import LABEL
 from tasks.models import ModelName, TrainedModel
 from tasks.preprocess import PREPROCESS
+from tasks.report import bars_summary, warnings_of
+from tasks.reporting import in_prefect_run
 from tasks.score import SCORE
 from tasks.steps import Executor, PlanRun, Step, StepContext, execute_with_prefect
 from tasks.train_crgan import TRAIN_CRGAN
@@ -108,8 +111,10 @@ def augment_chain(soul_dir: str | Path, run_dir: str | Path, config: PipelineCon
         check_registry_fits(models, config)  # before any work
     run = run_steps(augment_plan(models), run_dir, config, source=soul_dir, execute=execute,
                     lock_wait_s=lock_wait_s)
-    _publish_artifacts(run_dir, run.report, run)
-    return _summary(run_dir, run, run.report)
+    summary = _summary(run_dir, run, run.report)
+    if in_prefect_run():
+        publish_augment_artifacts(run_dir, run.report, summary)
+    return summary
 
 
 def _summary(run_dir: Path, run: PlanRun, report: dict[str, Any]) -> dict[str, Any]:
@@ -118,21 +123,7 @@ def _summary(run_dir: Path, run: PlanRun, report: dict[str, Any]) -> dict[str, A
             "n_synthetic": exported.n_synthetic, "n_accepted": exported.n_accepted,
             "timings_s": report["timings_s"], "report": str(RunPaths.of(run_dir).report_md),
             "pix2pix_dice": (report.get("pix2pix") or {}).get("test", {}).get("dice"),
-            "bars": report.get("bars", {})}
-
-
-def _publish_artifacts(run_dir: Path, report: dict[str, Any], run: PlanRun) -> None:
-    paths = RunPaths.of(run_dir)
-    create_markdown_artifact(key="augment-report", markdown=paths.report_md.read_text(),
-                             description=f"brvo-augment report for {run_dir}")
-    per_stage = report.get("synthetic", {}).get("per_stage", {})
-    create_table_artifact(key="augment-scores", description="synthetic samples per stage",
-                          table=[{"stage": k, **v} for k, v in per_stage.items()])
-    montages = sorted((paths.figures / "timelines").glob("*.png"))
-    create_markdown_artifact(
-        key="augment-montages", description="per-patient timeline montages (local files)",
-        markdown="\n".join(["# Timeline montages", "", f"{len(montages)} files in `{paths.figures / 'timelines'}`:",
-                            ""] + [f"- `{p}`" for p in montages[:60]]))
+            "bars": report.get("bars", {}), "bars_summary": bars_summary(report), "warnings": warnings_of(report)}
 
 
 @flow(name="augment", log_prints=True)
@@ -160,8 +151,11 @@ def augment(
     config = config.with_overrides(seed=seed, image_size=image_size, samples_per_missing=samples_per_missing,
                                    device=device, **{"pix2pix.epochs": pix2pix_epochs,
                                                      "crgan.epochs": crgan_epochs})
-    return augment_chain(soul_dir, run_dir, config, registry_dir=registry_dir_setting(registry_dir),
-                         model_version=model_version, force_retrain=force_retrain)
+    summary = augment_chain(soul_dir, run_dir, config, registry_dir=registry_dir_setting(registry_dir),
+                            model_version=model_version, force_retrain=force_retrain)
+    # the run's final state says how it went: green 'Completed' alone must not hide a missed bar
+    return Completed(message=summary["bars_summary"] + (f"; {len(summary['warnings'])} warning(s)"
+                                                        if summary["warnings"] else ""), data=summary)
 
 
 def run_augment(soul_dir: Path, run_dir: Path, config: PipelineConfig, **kwargs) -> dict:

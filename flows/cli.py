@@ -110,6 +110,34 @@ def resolve_config(args: argparse.Namespace, run_dir: Path | None = None):
     return load_config(getattr(args, "preset", None) or "demo", getattr(args, "config", None))
 
 
+#: Subcommands that talk to Prefect (everything but reading a file).
+PREFECT_COMMANDS = {"phantom", "ingest", "preprocess", "prepare", "train-pix2pix", "train-crgan", "run", "demo",
+                    "serve"}
+
+
+def check_prefect_api(timeout_s: float = 5.0) -> None:
+    """When PREFECT_API_URL is configured (environment or profile), fail in one line if nothing answers
+    there, before any work; without it, Prefect starts a temporary local server itself."""
+    import urllib.error
+    import urllib.request
+
+    from prefect.settings import PREFECT_API_URL
+    from storage.errors import BrvoError
+
+    url = PREFECT_API_URL.value()
+    if not url or "api.prefect.cloud" in url:
+        return
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return  # something answers: Prefect reports its own errors from here on
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise BrvoError(f"cannot reach the Prefect API at {url} ({reason}); start it (prefect server start) or "
+                        f"unset PREFECT_API_URL (prefect config unset PREFECT_API_URL) to run without a server") from None
+
+
 def _single_step(args: argparse.Namespace, target: str, config, source: Path | None = None) -> int:
     """Run one step of the augment plan on RUN_DIR (its upstream steps must have run), under the
     run-directory lock like every command that writes there; print its result."""
@@ -202,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        if args.command in PREFECT_COMMANDS:
+            check_prefect_api()
         return _run(args)
     except BrvoError as exc:
         print(f"error: {exc}", file=sys.stderr)

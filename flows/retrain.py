@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prefect import flow, task
+from prefect.states import Completed
 
 from flows.settings import (
     ENV_REGISTRY_DIR,
@@ -37,7 +38,7 @@ from storage.locking import file_lock
 from storage.registry import ModelRegistry
 from tasks.config import PipelineConfig, flatten_fields
 from tasks.config import preset as preset_config
-from tasks.reporting import run_log
+from tasks.reporting import in_prefect_run, run_log
 
 if TYPE_CHECKING:
     from tasks.steps import PlanRun
@@ -116,7 +117,15 @@ def retrain(
     soul_dir / registry_dir default to $BRVO_SOUL_DIR / $BRVO_REGISTRY_DIR. ``force`` retrains
     even when nothing changed; ``keep_work`` keeps the work directory (soul.h5, checkpoints,
     report.json) after a successful publish (default: removed, the registry holds what matters).
+    The run's final state message says what happened: 'retrained: v0004-...' or 'no change since ...'.
     """
+    result = retrain_chain(soul_dir, registry_dir, preset, config_json, work_dir, force, keep_work)
+    return Completed(message=f"{result['status']}: {result.get('version') or ''}".strip(), data=result)
+
+
+def retrain_chain(soul_dir: str | None, registry_dir: str | None, preset: str, config_json: str | None,
+                  work_dir: str | None, force: bool, keep_work: bool) -> dict:
+    """The retrain flow's body (see :func:`retrain`)."""
     from tasks.ingest import check_source
 
     t0 = time.perf_counter()
@@ -174,10 +183,15 @@ def retrain(
 
 
 def _finish(registry: ModelRegistry, t0: float, result: dict[str, Any], message: str) -> dict[str, Any]:
+    """Record the outcome (REGISTRY/last_retrain.json, the 'retrain-result' artifact, the log) and return it."""
+    from flows.artifacts import publish_retrain_artifact
+
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_json_atomic(registry.root / STATUS_FILE, result)
     run_log(f"retrain: {message} ({result['seconds']} s)")
+    if in_prefect_run():
+        publish_retrain_artifact(result)
     return result
 
 

@@ -18,7 +18,7 @@ from storage.work_files import read_work_array, read_work_table
 from tasks.config import PipelineConfig
 from tasks.models import TrainedModel
 from tasks.reporting import run_log
-from tasks.score import SCORE_NAMES, summarise
+from tasks.score import SCORE_NAMES, summarise, threshold_passes
 from tasks.steps import Step, StepContext
 
 if TYPE_CHECKING:
@@ -87,7 +87,14 @@ def write_augmented(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel
     return paths.augmented_h5
 
 
-def synthetic_section(meta: pd.DataFrame) -> dict:
+#: A synthetic label with a vessel fraction outside this range is degenerate: no vessel at all, or more
+#: vessel than background (no en-face OCTA vessel map is that dense).
+PLAUSIBLE_VESSEL_FRACTION = (1e-9, 0.5)
+
+
+def synthetic_section(meta: pd.DataFrame, config: PipelineConfig, label_density: np.ndarray) -> dict:
+    """The report's 'synthetic' section: counts per stage, score summaries, how many samples each
+    threshold rejected, and how many labels are degenerate (``label_density``: per synthetic row)."""
     syn = meta[meta["is_synthetic"]]
     per_stage = {}
     for stage, name in enumerate(STAGE_NAMES):
@@ -95,8 +102,13 @@ def synthetic_section(meta: pd.DataFrame) -> dict:
         s = at[at["is_synthetic"]]
         per_stage[name] = {"real": int((~at["is_synthetic"]).sum()), "synthetic": int(len(s)),
                            "accepted": int(s["accepted"].sum())}
+    lo, hi = PLAUSIBLE_VESSEL_FRACTION
+    label_density = np.asarray(label_density, np.float64)
     return {"n": int(len(syn)), "accepted": int(syn["accepted"].sum()), "per_stage": per_stage,
-            "scores": summarise(syn) if len(syn) else {}}
+            "scores": summarise(syn) if len(syn) else {},
+            "rejected_by": {k: int((~v).sum()) for k, v in threshold_passes(syn, config).items()} if len(syn) else {},
+            "degenerate_labels": int(((label_density < lo) | (label_density > hi)).sum()),
+            "mean_label_density": float(label_density.mean()) if label_density.size else float("nan")}
 
 
 def export(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, crgan: TrainedModel, *,
@@ -107,11 +119,13 @@ def export(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, crgan: 
     summary = validate(out)
     with h5py.File(out, "r") as f:
         meta = meta_frame(f)
+    labels = read_work_array(RunPaths.of(run_dir).synthetic_labels_h5, "labels")  # the synthetic rows, in order
+    density = labels.reshape(len(labels), -1).mean(axis=1) if len(labels) else np.zeros(0)
     n_acc = int(meta.loc[meta["is_synthetic"], "accepted"].sum())
     log(f"export: {out} ({summary.n_real} real + {summary.n_synthetic} synthetic, {n_acc} accepted)")
     return ExportResult(augmented_h5=str(out), n_real=summary.n_real, n_synthetic=summary.n_synthetic,
                         n_accepted=n_acc, size_mb=round(out.stat().st_size / 1e6, 3), sha256=file_sha256(out),
-                        synthetic=synthetic_section(meta), seconds=round(time.perf_counter() - t0, 3))
+                        synthetic=synthetic_section(meta, config, density), seconds=round(time.perf_counter() - t0, 3))
 
 
 def export_step(ctx: StepContext, preprocess: PreprocessResult, fill: FillResult, label: LabelResult,

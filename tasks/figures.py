@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,41 +22,77 @@ if TYPE_CHECKING:
     from tasks.models import TrainedModel
 
 TILE = 128
-SYNTHETIC_BORDER = (220, 40, 40)
 REAL_BORDER = (40, 160, 60)
+ACCEPTED_BORDER = (220, 40, 40)
+REJECTED_BORDER = (150, 150, 150)
+SCORE_ABBREVIATIONS = (("consistency_ssim", "ssim"), ("realism", "real"), ("density_z", "dz"),
+                       ("label_confidence", "conf"))
 
 
-def timeline_montage(stage_images: dict[int, tuple[np.ndarray, np.ndarray, bool]], title: str, out_png: Path) -> Path:
-    """Two rows (image, label) x six stages; synthetic stages framed red and marked 'synthetic'.
+@dataclass(frozen=True)
+class MontageTile:
+    """What one stage column of a timeline montage shows: an image, its label, and how it was made."""
 
-    ``stage_images[stage] = (image uint8 HxW, label 0/1 HxW, is_synthetic)``; missing stages stay blank.
+    image: np.ndarray
+    label: np.ndarray
+    kind: str  # 'real', 'accepted' (synthetic, kept) or 'rejected' (synthetic, failed a threshold)
+    caption: tuple[str, ...] = ()
+
+
+def timeline_montage(tiles: dict[int, MontageTile], title: str, out_png: Path) -> Path:
+    """Two rows (image, label) x six stages, each stage captioned with how its tile was made.
+
+    Real stages are framed green; a synthetic stage shows one of its K samples, framed red when
+    that sample was accepted and grey with REJECTED across it when it failed a threshold; its
+    caption names the sample, how many of the K were accepted, and the shown sample's scores.
+    Stages without a tile stay blank.
     """
-    pad, head = 6, 22
+    pad, head, foot = 6, 34, 40
     width = len(STAGE_NAMES) * (TILE + pad) + pad
-    height = head + 2 * (TILE + pad) + pad + 14
+    height = head + 2 * (TILE + pad) + foot
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     draw.text((pad, 4), title, fill=(0, 0, 0))
+    draw.text((pad, 18), "frame: green real, red synthetic accepted, grey synthetic rejected", fill=(90, 90, 90))
     for stage, name in enumerate(STAGE_NAMES):
         x = pad + stage * (TILE + pad)
-        entry = stage_images.get(stage)
-        caption = name if entry is None else f"{name} {'synthetic' if entry[2] else 'real'}"
-        draw.text((x + 2, height - 14), caption, fill=(0, 0, 0))
-        if entry is None:
+        tile = tiles.get(stage)
+        lines = (name,) if tile is None else (f"{name} {tile.kind}", *tile.caption)
+        for i, line in enumerate(lines):
+            draw.text((x + 2, head + 2 * (TILE + pad) + 1 + 12 * i), line, fill=(0, 0, 0))
+        if tile is None:
             for row in range(2):
                 y = head + row * (TILE + pad)
                 draw.rectangle([x, y, x + TILE - 1, y + TILE - 1], outline=(200, 200, 200))
             continue
-        image, label, synthetic = entry
-        colour = SYNTHETIC_BORDER if synthetic else REAL_BORDER
-        for row, arr in enumerate((image, (np.asarray(label) * 255).astype(np.uint8))):
+        colour = {"real": REAL_BORDER, "accepted": ACCEPTED_BORDER}.get(tile.kind, REJECTED_BORDER)
+        for row, arr in enumerate((tile.image, (np.asarray(tile.label) * 255).astype(np.uint8))):
             y = head + row * (TILE + pad)
-            tile = Image.fromarray(np.asarray(arr, np.uint8)).resize((TILE - 4, TILE - 4), Image.Resampling.NEAREST)
-            tile = ImageOps.expand(tile.convert("RGB"), border=2, fill=colour)
-            canvas.paste(tile, (x, y))
+            img = Image.fromarray(np.asarray(arr, np.uint8)).resize((TILE - 4, TILE - 4), Image.Resampling.NEAREST)
+            canvas.paste(ImageOps.expand(img.convert("RGB"), border=2, fill=colour), (x, y))
+            if tile.kind == "rejected":
+                draw.text((x + 8, y + 6), "REJECTED", fill=(255, 200, 0))
     out_png.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out_png)
     return out_png
+
+
+def stage_tile(rows: pd.DataFrame, images: h5py.Dataset, labels: h5py.Dataset) -> MontageTile:
+    """The tile of one (patient, stage): its first real exam, else its first accepted synthetic sample
+    (sample 0 when none was accepted), captioned with the sample's index, the stage's acceptance count
+    and the shown sample's scores."""
+    real = rows[~rows["is_synthetic"]]
+    if len(real):
+        row = int(real.index[0])
+        return MontageTile(images[row], labels[row], "real", (f"exam {real['exam_id'].iloc[0]}",))
+    samples = rows.sort_values("sample_index")
+    accepted = samples[samples["accepted"]]
+    shown = accepted.iloc[0] if len(accepted) else samples.iloc[0]
+    row = int(shown.name)
+    scores = " ".join(f"{short} {shown[name]:.2f}" for name, short in SCORE_ABBREVIATIONS[:2])
+    more = " ".join(f"{short} {shown[name]:.2f}" for name, short in SCORE_ABBREVIATIONS[2:])
+    return MontageTile(images[row], labels[row], "accepted" if bool(shown["accepted"]) else "rejected",
+                       (f"sample {int(shown['sample_index'])}, {len(accepted)}/{len(samples)} acc.", scores, more))
 
 
 def score_histograms(scores: pd.DataFrame, thresholds: dict[str, tuple[float | None, float | None]], out_png: Path) -> Path:
@@ -84,10 +121,12 @@ def score_histograms(scores: pd.DataFrame, thresholds: dict[str, tuple[float | N
 
 
 def training_curves(histories: dict[str, list[dict[str, float]]], out_png: Path) -> Path:
-    """Per model (columns): training losses on top, validation metrics below, against the epoch.
+    """Per model (columns): training losses on top, validation metrics below, against the training clock.
 
-    Losses and validation scores live on different scales, so they get separate panels; PSNR (dB)
-    gets its own axis beside the [0, 1] scores, and MSE is left out (PSNR carries it).
+    Losses live on scales that differ by orders of magnitude (a weighted L1 of 50 beside a
+    discriminator loss of 0.6), so each is drawn relative to its first value on a log axis, with
+    its first and last values in the legend. PSNR (dB) gets its own axis beside the [0, 1] scores.
+    A dashed line marks the validation that chose the kept checkpoint (highest val_score).
     """
     import matplotlib
 
@@ -95,20 +134,28 @@ def training_curves(histories: dict[str, list[dict[str, float]]], out_png: Path)
     import matplotlib.pyplot as plt
 
     n = max(1, len(histories))
-    fig, axes = plt.subplots(2, n, figsize=(6 * n, 6.4), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(6 * n, 6.6), squeeze=False)
     for col, (model, history) in enumerate(histories.items()):
         top, bottom = axes[0, col], axes[1, col]
         if not history:
-            top.set_title(f"{model}: no history")
+            top.set_title(f"{model}: no training history (e.g. a registry model)")
+            top.set_axis_off()
             bottom.set_axis_off()
             continue
         frame = pd.DataFrame(history)
-        losses = [c for c in frame.columns if c not in ("epoch", "seconds") and not c.startswith("val_")]
+        clock = "step" if "step" in frame else "epoch"
+        x = frame[clock]
+        losses = [c for c in frame.columns
+                  if c not in ("epoch", "step", "seconds", "lr") and not c.startswith("val_")]
         vals = [c for c in frame.columns if c.startswith("val_") and c not in ("val_score", "val_threshold", "val_mse")]
         for c in losses:
-            top.plot(frame["epoch"], frame[c], label=c, marker=".")
+            first = frame[c].iloc[0]
+            if not np.isfinite(first) or first == 0:
+                continue
+            top.plot(x, (frame[c] / first).abs(), label=f"{c} ({first:.3g} -> {frame[c].iloc[-1]:.3g})", marker=".")
+        top.set_yscale("log")
+        top.set_ylabel("loss / its first value")
         top.set_title(f"{model}: training losses")
-        top.set_yscale("symlog", linthresh=1.0)
         top.legend(fontsize=7)
         twin = None
         for i, c in enumerate(vals):
@@ -116,10 +163,16 @@ def training_curves(histories: dict[str, list[dict[str, float]]], out_png: Path)
             if c == "val_psnr":  # dB, on its own axis
                 twin = twin or bottom.twinx()
                 ax = twin
-            ax.plot(frame["epoch"], frame[c], label=c, marker=".", color=f"C{i}")
+            ax.plot(x, frame[c], label=c, marker=".", color=f"C{i}")
             ax.set_ylabel(c if ax is twin else "")
-        bottom.set_title(f"{model}: validation (best checkpoint = highest val score)")
-        bottom.set_xlabel("epoch")
+        if "val_score" in frame:
+            best = frame.loc[frame["val_score"].idxmax()]
+            for ax in (top, bottom):
+                ax.axvline(best[clock], color="0.3", linestyle="--", linewidth=1)
+            bottom.set_title(f"{model}: validation (dashed: {clock} {best[clock]:g}, the kept checkpoint)")
+        else:
+            bottom.set_title(f"{model}: validation")
+        bottom.set_xlabel(clock)
         handles = [h for ax in (bottom, twin) if ax is not None for h in ax.get_legend_handles_labels()[0]]
         bottom.legend(handles=handles, fontsize=7)
     fig.tight_layout()
@@ -136,6 +189,9 @@ class FiguresResult(BaseModel):
     figures: list[str]
     seconds: float
 
+    def report_section(self) -> list[str]:
+        return self.figures
+
 
 def write_figures(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, crgan: TrainedModel) -> list[Path]:
     """Score histograms, training curves and one timeline montage per patient, from augmented.h5."""
@@ -150,17 +206,18 @@ def write_figures(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, 
         training_curves({m.model: list(m.training.get("history") or []) for m in (pix2pix, crgan)},
                         paths.figures / "training_curves.png"),
     ]
+    # patients with the most synthetic stages first: the montages report.md shows are the informative ones
+    order = meta.groupby("patient_id")["is_synthetic"].sum().sort_values(ascending=False, kind="stable").index
+    groups = meta.groupby("patient_id").groups
     with h5py.File(paths.augmented_h5, "r") as f:
-        for pid, rows in meta.groupby("patient_id").groups.items():
-            entries = {}
-            for stage, at in meta.loc[rows].groupby("stage"):
-                real = at[~at["is_synthetic"]]
-                pick = real if len(real) else at.sort_values("sample_index")
-                row = int(pick.index[0])
-                entries[int(stage)] = (f["images"][row], f["labels"][row], bool(pick["is_synthetic"].iloc[0]))
-            split = meta.loc[rows, "split"].iloc[0]
-            figures.append(timeline_montage(entries, f"patient {pid} ({split})",
-                                            paths.figures / "timelines" / f"patient_{pid}.png"))
+        for pid, rows in ((pid, groups[pid]) for pid in order):
+            patient = meta.loc[rows]
+            tiles = {int(stage): stage_tile(at, f["images"], f["labels"]) for stage, at in patient.groupby("stage")}
+            n_syn = int(patient["is_synthetic"].sum())
+            n_acc = int((patient["is_synthetic"] & patient["accepted"]).sum())
+            title = (f"patient {pid} ({patient['split'].iloc[0]}): {int((~patient['is_synthetic']).sum())} real, "
+                     f"{n_syn} synthetic rows ({n_acc} accepted)")
+            figures.append(timeline_montage(tiles, title, paths.figures / "timelines" / f"patient_{pid}.png"))
     return figures
 
 
@@ -175,5 +232,5 @@ def figures_step(ctx: StepContext, export: ExportResult, pix2pix: TrainedModel, 
 FIGURES = Step(
     name="figures", run=figures_step, result_type=FiguresResult, needs=("export", "pix2pix", "crgan"),
     writes=("figures",), config_fields=("min_consistency_ssim", "min_realism", "max_abs_density_z",
-                                        "min_label_confidence"),
+                                        "min_label_confidence"), report="figures",
     description="score histograms, training curves and per-patient timeline montages")

@@ -58,9 +58,64 @@ def bar_checks(report: dict[str, Any]) -> dict[str, bool]:
     return bars
 
 
+def bars_summary(report: dict[str, Any]) -> str:
+    """'N of M quality bars met' (the flow run's final state message)."""
+    bars = bar_checks(report)
+    return f"{sum(bars.values())} of {len(bars)} quality bars met" if bars else "no quality bar measured"
+
+
+def warnings_of(report: dict[str, Any]) -> list[str]:
+    """Every result a user must not miss: each missed quality bar, no accepted synthetic sample,
+    degenerate synthetic labels. Logged as WARNING lines and printed at the top of report.md and the card."""
+    out = [f"quality bar not met: {bar} ({BAR_MEANING.get(bar, bar)})"
+           for bar, met in bar_checks(report).items() if not met]
+    syn = report.get("synthetic") or {}
+    if syn.get("n") and not syn.get("accepted"):
+        out.append(f"none of the {syn['n']} synthetic samples was accepted: every one failed a score threshold "
+                   "(see the score table and figures/score_histograms.png)")
+    degenerate = syn.get("degenerate_labels") or 0
+    if degenerate:
+        out.append(f"{degenerate} of {syn.get('n')} synthetic labels are degenerate (no vessel pixel, or vessels over "
+                   "half the image): the labeller failed on them")
+    return out
+
+
+def _models_line(report: dict[str, Any]) -> str:
+    parts = []
+    for model in ("pix2pix", "crgan"):
+        section = report.get(model) or {}
+        if section:
+            origin = (f"registry version {section['registry_version']}" if section.get("registry_version")
+                      else "trained in this run")
+            parts.append(f"{'Pix2Pix' if model == 'pix2pix' else 'CRGAN'}: {origin}")
+    return "; ".join(parts)
+
+
+def acceptance_thresholds(config: dict[str, Any]) -> dict[str, str]:
+    """The acceptance rule of this run, score by score (what `accepted` means)."""
+    if not config:
+        return {}
+    return {"consistency_ssim": f">= {config.get('min_consistency_ssim')}",
+            "realism": f">= {config.get('min_realism')}",
+            "density_z": f"|z| <= {config.get('max_abs_density_z')}",
+            "label_confidence": f">= {config.get('min_label_confidence')}"}
+
+
+#: The figures report.md shows inline (paths relative to the run directory), and how many montages.
+FIGURES_SHOWN = ("figures/training_curves.png", "figures/score_histograms.png")
+MONTAGES_SHOWN = 3
+
+
 def render_report(report: dict[str, Any], data_source: str) -> str:
     out = ["# brvo-augment run report", "", f"Input: {data_source}", ""]
     bars = bar_checks(report)
+    if bars:
+        out += [f"**{bars_summary(report)}.**", ""]
+    warnings = warnings_of(report)
+    if warnings:
+        out += [f"> **WARNING** {w}" for w in warnings] + [""]
+    if _models_line(report):
+        out += [f"Models: {_models_line(report)}.", ""]
     if bars:
         out += ["## Quality bars", "", "| bar | met |", "|---|---|"]
         out += [f"| {name} | {'yes' if ok else '**no**'} |" for name, ok in bars.items()]
@@ -103,9 +158,15 @@ def render_report(report: dict[str, Any], data_source: str) -> str:
                     f"{_fmt(sq.get('own_vs_other_ssim', {}).get('other'))}.", ""]
     syn = report.get("synthetic")
     if syn:
-        out += ["## Synthetic samples", "", f"{syn['n']} samples, {syn['accepted']} accepted.", "",
+        rules = acceptance_thresholds(report.get("config") or {})
+        scores = {name: {**vals, "accepted when": rules.get(name, ""),
+                         "rejected by it": (syn.get("rejected_by") or {}).get(name, "")}
+                  for name, vals in (syn.get("scores") or {}).items()}
+        out += ["## Synthetic samples", "",
+                f"{syn['n']} samples, {syn['accepted']} accepted (a sample is accepted when every score is inside "
+                f"its threshold); {syn.get('degenerate_labels', 0)} degenerate labels.", "",
                 _table(syn["per_stage"], ["real", "synthetic", "accepted"]), "",
-                _table(syn["scores"], ["mean", "p10", "p90"]), ""]
+                _table(scores, ["mean", "p10", "p90", "accepted when", "rejected by it"]), ""]
     use = report.get("usefulness")
     if use:
         rows = {k: v for k, v in use.items() if isinstance(v, dict) and "dice" in v}
@@ -113,23 +174,35 @@ def render_report(report: dict[str, Any], data_source: str) -> str:
                 _table(rows, ["dice", "cldice", "dice_std", "cldice_std", "n_train"]), "",
                 use.get("verdict", ""), ""]
     if report.get("timings_s"):
-        secs = {k: v for k, v in report["timings_s"].items() if k != "cached"}
-        out += ["## Timings (s)", "", _table({"seconds": secs}, list(secs)), ""]
         cached = report["timings_s"].get("cached") or []
+        rows = {k: {"seconds": v, "this run": "served from cache" if k in cached else ("" if k == "total" else "ran")}
+                for k, v in report["timings_s"].items() if k != "cached"}
+        out += ["## Timings (s)", "", _table(rows, ["seconds", "this run"]), ""]
         if cached:
-            out += [f"Served from the cache in the last run (their times are from the run that computed them): "
-                    f"{', '.join(cached)}.", ""]
-    out += ["## Figures", "", "- figures/timelines/ (one montage per patient; synthetic stages framed red)",
-            "- figures/score_histograms.png", "- figures/training_curves.png", ""]
+            out += ["A step served from the cache keeps the time of the run that computed it.", ""]
+    figures = report.get("figures") or []
+    if figures:
+        montages = [f for f in figures if "/timelines/" in f.replace("\\", "/")]
+        out += ["## Figures", ""]
+        for rel in FIGURES_SHOWN:
+            if any(f.endswith(rel) for f in figures):
+                out += [f"![{Path(rel).stem.replace('_', ' ')}]({rel})", ""]
+        for f in montages[:MONTAGES_SHOWN]:
+            rel = "figures/timelines/" + Path(f).name
+            out += [f"![{Path(f).stem.replace('_', ' ')}]({rel})", ""]
+        out += [f"All {len(montages)} timeline montages (one per patient): figures/timelines/.", ""]
     return "\n".join(out)
 
 
 def render_card(report: dict[str, Any], attrs: dict[str, Any], data_source: str) -> str:
     syn = report.get("synthetic", {})
     per_stage = syn.get("per_stage", {})
+    rules = acceptance_thresholds(report.get("config") or {})
+    warnings = [f"> **WARNING** {w}" for w in warnings_of(report)]
     return "\n".join([
         "# Dataset card: brvo-augment augmented OCTA dataset",
         "",
+        *(warnings + [""] if warnings else []),
         "## What it is",
         "Paired (en-face OCTA image, binary vessel label) samples of Branch Retinal Vein Occlusion patients across six "
         "anti-VEGF treatment stages (s1t1 < s1t2 < s2t1 < s2t2 < s3t1 < s3t2). Real rows come from the input; "
@@ -139,6 +212,7 @@ def render_card(report: dict[str, Any], attrs: dict[str, Any], data_source: str)
         f"Input: {data_source}. Pipeline: ingest -> preprocess ({attrs.get('image_size')} px) -> Pix2Pix "
         "(image -> vessel label) -> CRGAN (patient + stage + noise, LSTM over stages) -> fill every missing "
         f"(patient, stage) with {attrs.get('samples_per_missing')} samples -> label with Pix2Pix -> score -> export.",
+        f"Models: {_models_line(report) or 'not recorded'}.",
         f"Code version {attrs.get('code_version')}; Pix2Pix checkpoint sha256 {attrs.get('pix2pix_sha256')}; "
         f"CRGAN checkpoint sha256 {attrs.get('crgan_sha256')}; source (soul.h5) sha256 {attrs.get('source_sha256')}.",
         "",
@@ -152,6 +226,9 @@ def render_card(report: dict[str, Any], attrs: dict[str, Any], data_source: str)
         "density_z (label vessel density vs the patient's real labels, in population standard deviations), "
         "label_confidence (mean per-pixel Pix2Pix confidence). `accepted` applies the run's thresholds; rejected "
         "samples are kept so you can choose your own.",
+        "",
+        ("Acceptance thresholds of this run (a sample is accepted when all hold): "
+         + "; ".join(f"{k} {v}" for k, v in rules.items()) + ".") if rules else "",
         "",
         _table(syn.get("scores", {}), ["mean", "p10", "p90"]) if syn.get("scores") else "",
         "",
@@ -195,9 +272,9 @@ def _card_evidence(report: dict[str, Any]) -> list[str]:
     if use.get("verdict"):
         lines.append(f"- Usefulness for a segmenter: {use['verdict']}.")
     bars = bar_checks(report)  # derived from the numbers every time, like report.md; never a stale copy
-    missed = [name for name, ok in bars.items() if not ok]
-    if missed:
-        lines.append(f"- Quality bars not met in this run: {', '.join(missed)}.")
+    if bars:
+        missed = [name for name, ok in bars.items() if not ok]
+        lines.append(f"- {bars_summary(report)}" + (f"; not met: {', '.join(missed)}." if missed else "."))
     return lines + [""] if len(lines) > 1 else []
 
 
@@ -234,9 +311,8 @@ def write_documents(run_dir: Path, plan: Sequence[Step], run: PlanRun, config: P
 
     paths = RunPaths.of(run_dir)
     report = build_report(plan, run, config)
-    for bar, met in report.get("bars", {}).items():
-        if not met:
-            run_warning(f"quality bar not met: {bar} ({BAR_MEANING.get(bar, bar)}); see {paths.report_md}")
+    for warning in warnings_of(report):
+        run_warning(f"{warning}; see {paths.report_md}")
     write_json_atomic(paths.report_json, report)
     write_text_atomic(paths.report_md, render_report(report, data_source))
     if "export" in run.outcomes:

@@ -8,6 +8,7 @@ Prefect run logger and the UI.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable
 
 from prefect.context import FlowRunContext, TaskRunContext
@@ -86,8 +87,57 @@ class ProgressArtifact:
             update_progress_artifact(self._id, progress=percent)
 
 
-def epoch_progress(key: str, description: str, epochs: int) -> Callable[[dict[str, float]], None]:
-    """An ``on_epoch`` callback for :func:`brvo_models.training.fit` that moves a progress artifact
-    (fit already logs each epoch's line through ``run_log``)."""
-    progress = ProgressArtifact(key, description)
-    return lambda row: progress(row["epoch"], epochs)
+class TrainingProgress:
+    """The ``on_epoch`` callback of a training step: a progress artifact and a live table in the UI.
+
+    :func:`brvo_models.training.fit` calls it after every validation with that row (losses, val
+    scores, seconds). The markdown artifact ``<model>-training`` shows the latest rows and the best
+    validation score so far, republished at most every ``every_s`` seconds (and on the last row),
+    so a long GPU run can be followed from the Prefect UI without an artifact version per step.
+    Outside a Prefect run it does nothing (fit logs each row anyway).
+    """
+
+    def __init__(self, model: str, total: float, *, clock: str = "epoch", score: str = "val_score",
+                 every_s: float = 10.0, rows_shown: int = 12) -> None:
+        self.model, self.total, self.clock, self.score = model, total, clock, score
+        self.every_s, self.rows_shown = every_s, rows_shown
+        self.rows: list[dict[str, float]] = []
+        self.progress = ProgressArtifact(f"{model}-training-progress", f"{model} training: {clock}s done")
+        self._last_publish = float("-inf")
+
+    def __call__(self, row: dict[str, float]) -> None:
+        self.rows.append(dict(row))
+        done = float(row.get(self.clock, len(self.rows)))
+        self.progress(done, self.total)
+        if not in_prefect_run():
+            return
+        now = time.monotonic()
+        if now - self._last_publish >= self.every_s or done >= self.total:
+            self._last_publish = now
+            from prefect.artifacts import create_markdown_artifact
+
+            create_markdown_artifact(key=f"{self.model}-training", markdown=self.markdown(),
+                                     description=f"{self.model} training, live: latest validations and best so far")
+
+    def markdown(self) -> str:
+        best = max(self.rows, key=lambda r: r.get(self.score, float("-inf")))
+        columns = [self.clock] + [k for k in self.rows[-1] if k not in (self.clock, "seconds")] + ["seconds"]
+        lines = [f"# {self.model} training", "",
+                 f"{self.clock} {_num(self.rows[-1].get(self.clock))} of {_num(self.total)}; best {self.score} "
+                 f"{_num(best.get(self.score))} at {self.clock} {_num(best.get(self.clock))} (the checkpoint kept)", "",
+                 "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        for r in self.rows[-self.rows_shown:]:
+            mark = " **best**" if r is best else ""
+            lines.append("| " + " | ".join(_num(r.get(c)) for c in columns) + mark + " |")
+        return "\n".join(lines) + "\n"
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def epoch_progress(model: str, epochs: int) -> TrainingProgress:
+    """The on_epoch callback a training step hands to :func:`brvo_models.training.fit`."""
+    return TrainingProgress(model, epochs)

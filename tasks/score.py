@@ -59,14 +59,19 @@ def density_z_scores(densities: np.ndarray, patient_means: np.ndarray, populatio
     return (np.asarray(densities, np.float64) - np.asarray(patient_means, np.float64)) / max(population_std, 1e-6)
 
 
+def threshold_passes(scores: pd.DataFrame, config: PipelineConfig) -> dict[str, np.ndarray]:
+    """Per score, True where the sample is inside that score's configured threshold."""
+    return {
+        "consistency_ssim": scores["consistency_ssim"].to_numpy() >= config.min_consistency_ssim,
+        "realism": scores["realism"].to_numpy() >= config.min_realism,
+        "density_z": np.abs(scores["density_z"].to_numpy()) <= config.max_abs_density_z,
+        "label_confidence": scores["label_confidence"].to_numpy() >= config.min_label_confidence,
+    }
+
+
 def accept_mask(scores: pd.DataFrame, config: PipelineConfig) -> np.ndarray:
     """True where every score is inside its configured threshold."""
-    return (
-        (scores["consistency_ssim"].to_numpy() >= config.min_consistency_ssim)
-        & (scores["realism"].to_numpy() >= config.min_realism)
-        & (np.abs(scores["density_z"].to_numpy()) <= config.max_abs_density_z)
-        & (scores["label_confidence"].to_numpy() >= config.min_label_confidence)
-    )
+    return np.logical_and.reduce(list(threshold_passes(scores, config).values()))
 
 
 def summarise(scores: pd.DataFrame) -> dict[str, dict[str, float]]:

@@ -300,7 +300,7 @@ def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: L
 def train_crgan_step(ctx: StepContext, preprocess: PreprocessResult) -> TrainedModel:
     """The 'crgan' step: train (resuming only work made for this step's key), then evaluate held out."""
     claim_partial_work(ctx.paths.checkpoints(MODEL_NAME), ctx)
-    on_epoch = epoch_progress("crgan-training", "CRGAN training: epochs done", ctx.config.crgan.epochs)
+    on_epoch = epoch_progress("crgan", ctx.config.crgan.epochs)
     result = train_crgan(ctx.run_dir, ctx.config, log=ctx.log, on_epoch=on_epoch)
     evaluation = evaluate_crgan(ctx.run_dir, ctx.config, log=ctx.log)
     return TrainedModel(model=MODEL_NAME, checkpoint=result.best_path, sha256=result.best_sha256,

@@ -249,7 +249,7 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
 def train_pix2pix_step(ctx: StepContext, preprocess: PreprocessResult) -> TrainedModel:
     """The 'pix2pix' step: train (resuming only work made for this step's key), then evaluate held out."""
     claim_partial_work(ctx.paths.checkpoints(MODEL), ctx)
-    on_epoch = epoch_progress("pix2pix-training", "Pix2Pix training: epochs done", ctx.config.pix2pix.epochs)
+    on_epoch = epoch_progress("pix2pix", ctx.config.pix2pix.epochs)
     result = train_pix2pix(ctx.run_dir, ctx.config, log=ctx.log, on_epoch=on_epoch)
     evaluation = evaluate_pix2pix(ctx.run_dir, ctx.config, log=ctx.log)
     return TrainedModel(model=MODEL, checkpoint=result.best_path, sha256=result.best_sha256,

@@ -177,3 +177,19 @@ def test_a_command_on_a_run_directory_in_use_waits_then_fails_in_one_line(tiny_p
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "in use by another run" in proc.stderr and "Traceback" not in proc.stderr
     assert not (run / "manifest.csv").exists()
+
+
+def test_unreachable_prefect_api_is_one_line_before_any_work(tmp_path):
+    """Issue 13: with PREFECT_API_URL set and no server there, `phantom` is one line, not a 110-line traceback."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "phantom", str(tmp_path / "ph"), "--patients", "3"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: cannot reach the Prefect API at http://127.0.0.1:") , proc.stderr
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "ph").exists()

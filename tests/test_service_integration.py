@@ -188,8 +188,14 @@ def _soul(work: Path) -> Path:
 
 def _retrain(env: dict[str, str], work: Path) -> tuple[dict, float]:
     params = {"soul_dir": _json_param(str(_soul(work))), "preset": "tiny"}  # registry_dir: the deployment's
-    _, seconds = _deployment_run(env, "retrain/retrain", params)
-    return json.loads((Path(env["BRVO_REGISTRY_DIR"]) / "last_retrain.json").read_text()), seconds
+    out, seconds = _deployment_run(env, "retrain/retrain", params)
+    status = json.loads((Path(env["BRVO_REGISTRY_DIR"]) / "last_retrain.json").read_text())
+    # every retrain says what it did, in its artifact and its final state message, not only a green 'Completed'
+    flow_run_id = _flow_run_id(out)
+    artifact = _artifacts(env, flow_run_id)["retrain-result"]["data"]
+    assert artifact.startswith(f"# retrain: {status['status']}") and (status.get("version") or "") in artifact
+    assert _api(env, f"/flow_runs/{flow_run_id}")["state"]["message"].startswith(status["status"])
+    return status, seconds
 
 
 def test_retrain_deployment_publishes_models(service):
@@ -219,6 +225,39 @@ def test_augment_deployment_run_uses_registry_and_produces_valid_dataset(service
     assert summary.n_synthetic > 0 and summary.n_real > 0
     # the deployment's default registry_dir had models: augment used them instead of training
     assert not (run_dir / "checkpoints" / "pix2pix" / "best.pt").exists()
+    _assert_what_a_researcher_sees(env, _flow_run_id(out), run_dir)
+
+
+def _flow_run_id(watch_output: str) -> str:
+    match = re.search(r"UUID:\s*([0-9a-f-]{36})", watch_output)
+    assert match, watch_output[-2000:]
+    return match.group(1)
+
+
+def _artifacts(env: dict[str, str], flow_run_id: str) -> dict[str, dict]:
+    rows = _api(env, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+    return {a["key"]: a for a in rows if a.get("key")}
+
+
+def _assert_what_a_researcher_sees(env: dict[str, str], flow_run_id: str, run_dir: Path) -> None:
+    """Issue 13, read back through the API: the result, the report with its images, warnings, state message."""
+    report = json.loads((run_dir / "report.json").read_text())
+    artifacts = _artifacts(env, flow_run_id)
+    assert {"augment-result", "augment-report", "augment-scores", "augment-montages"} <= set(artifacts)
+    assert "data:image/png;base64," in artifacts["augment-report"]["data"]  # figures inline, not file paths
+    assert artifacts["augment-montages"]["data"].count("data:image/png;base64,") >= 1
+    result = artifacts["augment-result"]["data"]
+    assert str(run_dir / "augmented.h5") in result and "quality bars met" in result
+    assert "registry" in result  # the models' origin (a registry version here)
+    state = _api(env, f"/flow_runs/{flow_run_id}")["state"]
+    met, total = sum(report["bars"].values()), len(report["bars"])
+    assert state["message"].startswith(f"{met} of {total} quality bars met"), state
+    warnings = [log["message"] for log in _api(env, "/logs/filter", {
+        "logs": {"flow_run_id": {"any_": [flow_run_id]}, "level": {"ge_": 30}}})]
+    for bar, ok in report["bars"].items():
+        assert ok or any(bar in w for w in warnings), (bar, warnings)
+    if report["synthetic"]["accepted"] == 0:
+        assert any("none of the" in w for w in warnings), warnings
 
 
 def test_retrain_again_without_new_data_is_no_change(service):

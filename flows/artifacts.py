@@ -1,0 +1,144 @@
+"""What a run shows in the Prefect UI: its result at a glance, its report with the pictures, its scores.
+
+The Prefect UI renders markdown artifacts, images included, but cannot reach files on the
+machine that ran the flow; so the figures go into the markdown as data URIs (PNG thumbnails,
+a few hundred KB per report), and every output is named by its full path. Created only
+inside a flow or task run (Prefect's artifact API needs one).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from storage.run_dir import RunPaths
+from tasks.report import acceptance_thresholds, bars_summary, warnings_of
+
+THUMBNAIL_WIDTH = 900
+MONTAGES_IN_UI = 12
+_IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
+
+
+def png_data_uri(path: Path, max_width: int = THUMBNAIL_WIDTH) -> str:
+    """The PNG at ``path``, downscaled to ``max_width`` when wider, as a data: URI."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if img.width > max_width:
+            img = img.resize((max_width, round(img.height * max_width / img.width)), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def inline_images(markdown: str, base: Path) -> str:
+    """Markdown whose image links (relative to ``base``) carry the images themselves."""
+
+    def embed(match: re.Match) -> str:
+        path = base / match.group(2)
+        return f"![{match.group(1)}]({png_data_uri(path)})" if path.is_file() else match.group(0)
+
+    return _IMAGE_LINK.sub(embed, markdown)
+
+
+def result_markdown(run_dir: Path, report: dict[str, Any], summary: dict[str, Any]) -> str:
+    """One glance: the quality bars, any warning, where the outputs are, the models used."""
+    paths = RunPaths.of(run_dir)
+    lines = [f"# brvo-augment: {bars_summary(report)}", ""]
+    lines += [f"**WARNING** {w}" + "  " for w in warnings_of(report)]
+    syn = report.get("synthetic") or {}
+    lines += ["", "| | |", "|---|---|",
+              f"| augmented.h5 | `{summary['augmented_h5']}` |",
+              f"| rows | {summary['n_real']} real + {summary['n_synthetic']} synthetic, "
+              f"{summary['n_accepted']} accepted |",
+              f"| dataset card | `{paths.dataset_card}` |",
+              f"| report | `{paths.report_md}` (and report.json) |",
+              f"| figures | `{paths.figures}` |"]
+    for model in ("pix2pix", "crgan"):
+        section = report.get(model) or {}
+        origin = f"registry {section['registry_version']}" if section.get("registry_version") else "trained in this run"
+        lines.append(f"| {model} | {origin}{_headline(model, section)} |")
+    for bar, met in (report.get("bars") or {}).items():
+        lines.append(f"| {bar} | {'met' if met else '**NOT MET**'} |")
+    if syn.get("degenerate_labels") is not None:
+        lines.append(f"| degenerate synthetic labels | {syn['degenerate_labels']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _headline(model: str, section: dict[str, Any]) -> str:
+    if model == "pix2pix" and section.get("test"):
+        base = ", ".join(f"{k} {v['dice']:.3f}" for k, v in (section.get("baselines") or {}).items())
+        return f": test Dice {section['test']['dice']:.3f} ({base})"
+    heldout = section.get("heldout") or {}
+    if model == "crgan" and heldout.get("model"):
+        base = ", ".join(f"{k} {v['ssim']:.3f}" for k, v in (heldout.get("baselines") or {}).items())
+        return f": held-out SSIM {heldout['model']['ssim']:.3f} ({base})"
+    return ""
+
+
+def montages_markdown(run_dir: Path, report: dict[str, Any]) -> str:
+    figures = [Path(f) for f in report.get("figures") or [] if "timelines" in Path(f).parts]
+    lines = ["# Timeline montages", "",
+             f"{len(figures)} patients, one montage each, in `{RunPaths.of(run_dir).figures / 'timelines'}`; "
+             f"the {min(len(figures), MONTAGES_IN_UI)} with the most synthetic stages are shown. Frames: green real, "
+             "red synthetic accepted, grey synthetic rejected; captions name the sample, the stage's accepted "
+             "count and the shown sample's scores.", ""]
+    for path in figures[:MONTAGES_IN_UI]:
+        if path.is_file():
+            lines += [f"![{path.stem}]({png_data_uri(path)})", ""]
+    return "\n".join(lines)
+
+
+def score_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The scores table: per score its summary, the acceptance rule and how many samples it rejected."""
+    syn = report.get("synthetic") or {}
+    rules = acceptance_thresholds(report.get("config") or {})
+    return [{"score": name, **{k: round(float(v), 4) for k, v in vals.items()},
+             "accepted when": rules.get(name, ""), "rejected by it": (syn.get("rejected_by") or {}).get(name, 0)}
+            for name, vals in (syn.get("scores") or {}).items()]
+
+
+def publish_augment_artifacts(run_dir: Path, report: dict[str, Any], summary: dict[str, Any]) -> None:
+    paths = RunPaths.of(run_dir)
+    create_markdown_artifact(key="augment-result", markdown=result_markdown(run_dir, report, summary),
+                             description=f"{bars_summary(report)}: outputs of {run_dir}")
+    create_markdown_artifact(key="augment-report", markdown=inline_images(paths.report_md.read_text(), paths.root),
+                             description=f"brvo-augment report for {run_dir} (figures inline)")
+    rows = score_rows(report)
+    if rows:
+        create_table_artifact(key="augment-scores", table=rows,
+                              description="synthetic sample scores: mean, p10, p90, acceptance rule, rejections")
+    create_markdown_artifact(key="augment-montages", markdown=montages_markdown(run_dir, report),
+                             description="per-patient timelines: real and synthetic stages with their decisions")
+
+
+def retrain_markdown(result: dict[str, Any]) -> str:
+    status = result.get("status", "?")
+    lines = [f"# retrain: {status}", ""]
+    if status == "retrained":
+        lines.append(f"Published **{result.get('version')}** (previous: {result.get('previous_version') or 'none'}); "
+                     "augment runs use it from now on.")
+    elif status == "no change":
+        lines.append(f"Neither the data nor the config changed since **{result.get('version')}**: nothing retrained.")
+    else:
+        lines.append(f"**Failed**: {result.get('error', '')}. `latest` stays where it was; rerun to resume from "
+                     f"`{result.get('work_dir', '')}`.")
+    lines += ["", "| | |", "|---|---|"]
+    for key in ("soul_dir", "registry_dir", "fingerprint", "n_files", "config_hash", "seconds", "finished_utc"):
+        if key in result:
+            lines.append(f"| {key} | `{result[key]}` |")
+    for key, value in (result.get("metrics") or {}).items():
+        lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    for step, secs in (result.get("timings_s") or {}).items():
+        if step != "cached":
+            lines.append(f"| time: {step} | {secs} s |")
+    return "\n".join(lines) + "\n"
+
+
+def publish_retrain_artifact(result: dict[str, Any]) -> None:
+    create_markdown_artifact(key="retrain-result", markdown=retrain_markdown(result),
+                             description=f"retrain: {result.get('status')} {result.get('version') or ''}".strip())
