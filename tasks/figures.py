@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageOps
 
+from storage.atomic import atomic_path
 from storage.paired_format import STAGE_NAMES
 
 TILE = 128
@@ -42,8 +43,8 @@ def timeline_montage(stage_images: dict[int, tuple[np.ndarray, np.ndarray, bool]
             tile = Image.fromarray(np.asarray(arr, np.uint8)).resize((TILE - 4, TILE - 4), Image.Resampling.NEAREST)
             tile = ImageOps.expand(tile.convert("RGB"), border=2, fill=colour)
             canvas.paste(tile, (x, y))
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out_png)
+    with atomic_path(out_png) as tmp:  # a full disk: DiskFullError, no half PNG
+        canvas.save(tmp, format="PNG")
     return out_png
 
 
@@ -66,8 +67,8 @@ def score_histograms(scores: pd.DataFrame, thresholds: dict[str, tuple[float | N
         ax.set_title(name)
     fig.suptitle("Synthetic sample scores (dashed: acceptance thresholds)")
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
+    with atomic_path(out_png) as tmp:  # a full disk: DiskFullError, no half PNG
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return out_png
 
@@ -112,7 +113,7 @@ def training_curves(histories: dict[str, list[dict[str, float]]], out_png: Path)
         handles = [h for ax in (bottom, twin) if ax is not None for h in ax.get_legend_handles_labels()[0]]
         bottom.legend(handles=handles, fontsize=7)
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
+    with atomic_path(out_png) as tmp:  # a full disk: DiskFullError, no half PNG
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return out_png

@@ -41,6 +41,7 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel
 from scipy import ndimage
 
+from storage.atomic import output_mode
 from storage.errors import BrvoError
 from storage.paired_format import STAGE_NAMES
 from tasks.workers import reset_signals, worker_context
@@ -541,7 +542,7 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
     """Rename the finished tree onto ``out_dir``; an old phantom there is removed only after that."""
-    tmp.chmod(0o755)  # mkdtemp makes it private; the tree is meant to be shared like a SOUL copy
+    tmp.chmod(output_mode(directory=True))  # mkdtemp makes it 0700; give it what mkdir would under the umask
     if not out_dir.exists():
         tmp.rename(out_dir)
         return
