@@ -124,8 +124,7 @@ def write_figures(run_dir: Path, config: PipelineConfig, meta: pd.DataFrame, pix
                 row = int(pick.index[0])
                 entries[int(stage)] = (f["images"][row], f["labels"][row], bool(pick["is_synthetic"].iloc[0]))
             split = meta.loc[rows, "split"].iloc[0]
-            figures.append(timeline_montage(entries, f"patient {pid} ({split})",
-                                            paths.figures / "timelines" / f"patient_{pid}.png"))
+            figures.append(timeline_montage(entries, f"patient {pid} ({split})", paths.timeline_figure(pid)))
     return figures
 
 
