@@ -13,7 +13,7 @@
 (c) peak RSS of preprocess at 1x and 4x the phantom (each in a fresh subprocess, which reports
     its own ru_maxrss and its pool workers' RUSAGE_CHILDREN). Target: ratio <= 1.2.
 
-The data is the built-in phantom (tasks.phantom) when present, else look-alike JPGs; the 4x
+The data is the built-in phantom (brvo_models.phantom, the demo's knobs); the 4x
 set repeats the 1x files under new patient ids (same decode work per row). The machine may be
 shared: the load average is printed, each timing is the best of --repeats runs, interleaved.
 On Linux with autogroup scheduling every session gets an equal CPU share whatever its number
@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from storage.paired_format import COMPRESSIONS, STAGE_NAMES, PairedDatasetWriter, read_meta  # noqa: E402
 from tasks.config import preset  # noqa: E402
+from tasks.phantom import PhantomConfig, generate_phantom  # noqa: E402
 from tasks.preprocess import load_pair, preprocess  # noqa: E402
 
 MANIFEST_COLUMNS = ["patient_id", "stage", "stage_name", "exam_id", "subset", "image_path", "label_path",
@@ -53,54 +54,16 @@ MANIFEST_COLUMNS = ["patient_id", "stage", "stage_name", "exam_id", "subset", "i
 
 
 def make_source(out: Path, n_patients: int, seed: int = 0) -> str:
-    """Phantom in SOUL layout (cached in ``out``); look-alike JPGs when tasks.phantom is absent."""
+    """The built-in phantom in SOUL layout (cached in ``out``)."""
     marker = out.parent / f"{out.name}.bench.json"  # beside it: the phantom dir holds only its own files
+    kind = "phantom (brvo_models.phantom, demo knobs)"
     if out.exists() and marker.exists():
         saved = json.loads(marker.read_text())
         if (saved["n"], saved["seed"]) == (n_patients, seed):
             return saved["kind"]
-    try:
-        from tasks.phantom import generate_phantom
-    except ImportError:
-        generate_phantom = None
-    if generate_phantom is not None:
-        generate_phantom(out, n_patients=n_patients, seed=seed, overwrite=out.exists())
-        kind = "phantom (tasks.phantom)"
-    else:
-        _lookalike(out, n_patients, seed)
-        kind = "look-alike JPGs (tasks.phantom absent)"
+    generate_phantom(out, PhantomConfig(n_patients=n_patients, seed=seed), overwrite=out.exists())
     marker.write_text(json.dumps({"n": n_patients, "seed": seed, "kind": kind}))
     return kind
-
-
-def _lookalike(out: Path, n_patients: int, seed: int) -> None:
-    from PIL import ImageDraw, ImageFilter
-
-    rng = np.random.default_rng(seed)
-    exam = 10001
-    for p in range(1, n_patients + 1):
-        for s, name in enumerate(STAGE_NAMES):
-            if s > 0 and rng.random() < 0.15 * s:
-                continue
-            for _ in range(int(rng.integers(1, 9))):
-                lab = Image.new("L", (304, 304), 0)
-                d = ImageDraw.Draw(lab)
-                for _ in range(40):
-                    x, y = rng.uniform(0, 304, 2)
-                    a = rng.uniform(0, 2 * np.pi)
-                    pts = [(x, y)]
-                    for _ in range(20):
-                        a += rng.normal(0, 0.3)
-                        x, y = x + 8 * np.cos(a), y + 8 * np.sin(a)
-                        pts.append((x, y))
-                    d.line(pts, fill=255, width=int(rng.integers(1, 5)))
-                img = np.asarray(lab.filter(ImageFilter.GaussianBlur(1.2)), np.float32) * 0.7
-                img = np.clip(img + rng.normal(60, 25, img.shape), 0, 255).astype(np.uint8)
-                for kind, arr in (("image", img), ("label", np.asarray(lab))):
-                    folder = out / f"S{s // 2 + 1}" / name / kind / str(p)
-                    folder.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(arr).save(folder / f"{p}_{exam}.jpg", quality=90)
-                exam += 1
 
 
 def manifest_from_layout(root: Path) -> pd.DataFrame:

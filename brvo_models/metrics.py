@@ -3,6 +3,11 @@
 Image metrics take float arrays in [0, 1] (data_range=1 unless given); label
 metrics take binary masks. SSIM is skimage's with Gaussian weights, sigma 1.5
 and an explicit data_range, as in the seed project.
+
+This per-image numpy path is the reference. brvo_models.batched_metrics computes the
+same numbers for (N, H, W) batches on the tensors' device (CUDA where present), and its
+tests hold it to this module within 1e-4; distribution-level quality of synthetic images
+(KID, precision/recall/density/coverage) is in brvo_models.image_quality.
 """
 from __future__ import annotations
 

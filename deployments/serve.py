@@ -28,11 +28,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from storage.errors import BrvoError  # noqa: E402
 
 DEFAULT_CRON = "0 3 * * 1"
-ENV_CRON = "BRVO_RETRAIN_CRON"
-ENV_TIMEZONE = "BRVO_RETRAIN_TIMEZONE"
-ENV_PRESET = "BRVO_RETRAIN_PRESET"
-ENV_SOUL_DIR = "BRVO_SOUL_DIR"
-ENV_REGISTRY_DIR = "BRVO_REGISTRY_DIR"
+from flows.settings import (ENV_REGISTRY_DIR, ENV_RETRAIN_CRON as ENV_CRON, ENV_RETRAIN_PRESET as ENV_PRESET,  # noqa: E402
+                            ENV_RETRAIN_TIMEZONE as ENV_TIMEZONE, ENV_SOUL_DIR, registry_dir_setting,
+                            soul_dir_setting)
 
 
 def retrain_schedule(cron: str | None = None, timezone: str | None = None):
@@ -60,8 +58,8 @@ def build_deployments(cron: str | None = None, soul_dir: str | None = None, regi
     from flows.augment import augment
     from flows.retrain import retrain
 
-    soul_dir = soul_dir or os.environ.get(ENV_SOUL_DIR)
-    registry_dir = registry_dir or os.environ.get(ENV_REGISTRY_DIR)
+    soul_dir = soul_dir_setting(soul_dir)
+    registry_dir = registry_dir_setting(registry_dir)
     retrain_preset = retrain_preset or os.environ.get(ENV_PRESET) or "demo"
     retrain_params: dict[str, Any] = {"preset": retrain_preset}
     if soul_dir:
@@ -98,14 +96,14 @@ def serve_deployments(cron: str | None = None, soul_dir: str | None = None, regi
     if not PREFECT_API_URL.value():
         print("warning: PREFECT_API_URL is not set; serving against a temporary local server that stops "
               "with this command (see 'Run as a service' in the README)", file=sys.stderr)
-    if not (soul_dir or os.environ.get(ENV_SOUL_DIR)) or not (registry_dir or os.environ.get(ENV_REGISTRY_DIR)):
+    if not soul_dir_setting(soul_dir) or not registry_dir_setting(registry_dir):
         print(f"warning: scheduled retrain runs need {ENV_SOUL_DIR} and {ENV_REGISTRY_DIR} (or --soul-dir and "
               f"--registry-dir); without them they fail until set", file=sys.stderr)
     serve(*deployments, pause_on_shutdown=False, limit=limit)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m deployments.serve", description=__doc__.splitlines()[0])
+def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The serve options, for this module's parser and for ``brvo-augment serve`` alike (one parser)."""
     p.add_argument("--cron", default=None, help=f"retrain schedule (default ${ENV_CRON} or '{DEFAULT_CRON}')")
     p.add_argument("--timezone", default=None, help=f"timezone of the cron schedule (default ${ENV_TIMEZONE} or UTC)")
     p.add_argument("--soul-dir", default=None, help=f"SOUL directory that retrain watches (default ${ENV_SOUL_DIR})")
@@ -117,11 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return add_serve_arguments(argparse.ArgumentParser(prog="python -m deployments.serve",
+                                                       description=__doc__.splitlines()[0]))
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    serve_deployments(cron=args.cron, soul_dir=args.soul_dir, registry_dir=args.registry_dir,
+                      timezone=args.timezone, retrain_preset=args.retrain_preset, limit=args.limit)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        serve_deployments(cron=args.cron, soul_dir=args.soul_dir, registry_dir=args.registry_dir,
-                          timezone=args.timezone, retrain_preset=args.retrain_preset, limit=args.limit)
+        run_from_args(args)
     except BrvoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,121 +1,127 @@
 """The augment flow: SOUL directory -> RUN_DIR/augmented.h5 + DATASET_CARD.md, report, figures.
 
-    ingest -> preprocess -> train Pix2Pix -> train CRGAN -> fill -> label -> score -> export -> usefulness
+    ingest -> preprocess -> pix2pix, crgan (trained here, or a registry version)
+    -> fill -> label -> score -> export -> figures, usefulness -> report.json, report.md, card
 
-Every step is a cached Prefect task keyed on the *contents* of what it reads
-(tasks.caching), so a rerun skips finished steps; a step whose outputs were
-deleted runs again. Training resumes from its last checkpoint. The whole chain
-holds RUN_DIR/.lock, so a second run on the same directory waits, then fails
+The plan is a tuple of steps from the step table (tasks.steps); :func:`tasks.steps.run_plan`
+serves each step from its record when nothing it depends on changed (inputs' contents,
+config fields, code) and its outputs are intact, else runs it; training resumes from its last
+checkpoint. The documents are rebuilt from the step results at the end of every run. The
+whole chain holds RUN_DIR/.lock, so a second run on the same directory waits, then fails
 with a clear message, and never mixes outputs.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from storage.locking import run_dir_lock
-from storage.registry import ModelRegistry
-from storage.run_dir import RunPaths, read_report, update_report
-from tasks.caching import content_cache_key, outputs_exist
-from tasks.config import PipelineConfig, load_config
-from tasks.export import export_task, refresh_documents
-from tasks.fill_stages import fill_task
-from tasks.ingest import ingest_task
-from tasks.label import label_task
-from tasks.preprocess import preprocess_task
-from tasks.reporting import run_log
-from tasks.run_record import record_run
-from tasks.score import score_task
-from tasks.train_crgan import train_crgan_task
-from tasks.train_pix2pix import train_pix2pix_task
-from tasks.usefulness import usefulness_task
+from flows.prepare import run_steps
+from flows.settings import registry_dir_setting
+from storage.errors import BrvoError
+from storage.registry import ModelRegistry, RegisteredModels
+from storage.run_dir import RunPaths
+from tasks.config import PipelineConfig, load_config, parse_config
+from tasks.export import EXPORT
+from tasks.figures import FIGURES
+from tasks.fill_stages import FILL
+from tasks.ingest import INGEST
+from tasks.label import LABEL
+from tasks.models import ModelName, TrainedModel
+from tasks.preprocess import PREPROCESS
+from tasks.score import SCORE
+from tasks.steps import Executor, PlanRun, Step, StepContext, execute_with_prefect
+from tasks.train_crgan import TRAIN_CRGAN
+from tasks.train_pix2pix import TRAIN_PIX2PIX
+from tasks.usefulness import USEFULNESS
 
 LOCK_WAIT_S = 5.0
 
+#: The whole chain when the run trains its own models.
+AUGMENT: tuple[Step, ...] = (INGEST, PREPROCESS, TRAIN_PIX2PIX, TRAIN_CRGAN, FILL, LABEL, SCORE, EXPORT, FIGURES,
+                             USEFULNESS)
 
-def _cached(task_obj, step: str, inputs: list[str], derived, outputs_present: bool):
-    """The task with a content-keyed cache; refreshed when its outputs are gone."""
-    return task_obj.with_options(
-        cache_key_fn=content_cache_key(step, inputs, derived),
-        persist_result=True,
-        refresh_cache=not outputs_present,
-    )
+
+# ----------------------------------------------------------------------------------- registry
+
+
+def resolve_registry(registry_dir: str | Path | None, model_version: str | None,
+                     force_retrain: bool) -> RegisteredModels | None:
+    """The registry version a run should use, or None when it trains its own models.
+
+    None when there is no registry, when ``force_retrain``, or when the registry has no
+    published version yet and none was pinned (a pinned version that does not exist is an error).
+    """
+    if not registry_dir or force_retrain:
+        return None
+    registry = ModelRegistry(registry_dir)
+    if model_version is None and registry.latest_version() is None:
+        return None
+    return registry.resolve(model_version)
+
+
+def check_registry_fits(models: RegisteredModels, config: PipelineConfig) -> None:
+    """Refuse, before any work, a registry version trained at another image size than the run's."""
+    size = models.config.get("image_size")
+    if size is not None and int(size) != config.image_size:
+        raise BrvoError(
+            f"registry version {models.version} was trained at {size} px but this run asks for "
+            f"{config.image_size} px; pass image_size={size}, pin another version (model_version=...) "
+            f"or set force_retrain to train new models")
+
+
+def registry_step(model: ModelName, models: RegisteredModels) -> Step:
+    """A step that provides ``model`` from a registry version instead of training it."""
+
+    def use_registry_model(ctx: StepContext) -> TrainedModel:
+        path = models.pix2pix_checkpoint if model == "pix2pix" else models.crgan_checkpoint
+        ctx.log(f"{model}: using registry version {models.version} ({path})")
+        return TrainedModel(model=model, checkpoint=str(path), sha256=models.sha256s.get(f"{model}.pt", ""),
+                            image_size=int(models.config.get("image_size", 0)), registry_version=models.version,
+                            evaluation=dict(models.metrics.get(model) or {}))
+
+    return Step(name=model, run=use_registry_model, result_type=TrainedModel, cache=False, report=model,
+                description=f"{model} model from the registry ({models.version})")
+
+
+def augment_plan(models: RegisteredModels | None = None) -> tuple[Step, ...]:
+    """AUGMENT, with the two training steps replaced by registry models when ``models`` is given."""
+    if models is None:
+        return AUGMENT
+    swap = {"pix2pix": registry_step("pix2pix", models), "crgan": registry_step("crgan", models)}
+    return tuple(swap.get(step.name, step) for step in AUGMENT)
+
+
+# ----------------------------------------------------------------------------------- the chain
 
 
 def augment_chain(soul_dir: str | Path, run_dir: str | Path, config: PipelineConfig, *,
                   registry_dir: str | Path | None = None, model_version: str | None = None,
-                  force_retrain: bool = False, lock_wait_s: float = LOCK_WAIT_S) -> dict[str, Any]:
-    """Run every step in order under the run-directory lock; return a small summary."""
+                  force_retrain: bool = False, lock_wait_s: float = LOCK_WAIT_S,
+                  execute: Executor = execute_with_prefect) -> dict[str, Any]:
+    """Run the augment plan under the run-directory lock; return a small summary."""
     soul_dir, run_dir = Path(soul_dir).resolve(), Path(run_dir).resolve()
-    paths = RunPaths.of(run_dir)
-    timings: dict[str, float] = {}
-    cached: list[str] = []
+    models = resolve_registry(registry_dir, model_version, force_retrain)
+    if models is not None:
+        check_registry_fits(models, config)  # before any work
+    run = run_steps(augment_plan(models), run_dir, config, source=soul_dir, execute=execute,
+                    lock_wait_s=lock_wait_s)
+    _publish_artifacts(run_dir, run.report, run)
+    return _summary(run_dir, run, run.report)
 
-    def timed(name, task_obj, *args, **kwargs):
-        t0 = time.perf_counter()
-        state = task_obj(*args, return_state=True, **kwargs)
-        timings[name] = round(time.perf_counter() - t0, 2)
-        if state.name == "Cached":
-            cached.append(name)
-        return state.result()  # re-raises a failed step's error
 
-    with run_dir_lock(run_dir, timeout_s=lock_wait_s):
-        record_run(run_dir, config, soul_dir=str(soul_dir))
-        soul = lambda p: [RunPaths.of(p["run_dir"]).soul_h5]  # noqa: E731
-        timed("ingest", _cached(ingest_task, "ingest", ["source"], None, outputs_exist([paths.manifest])),
-              soul_dir, run_dir)
-        timed("preprocess", _cached(preprocess_task, "preprocess", [],
-                                    lambda p: [RunPaths.of(p["run_dir"]).manifest], outputs_exist([paths.soul_h5])),
-              run_dir, config)
-        registry = ModelRegistry(registry_dir) if registry_dir else None
-        if registry is not None and not force_retrain and (model_version or registry.latest_version()):
-            models = registry.resolve(model_version)
-            pix2pix_ckpt, crgan_ckpt = models.pix2pix_checkpoint, models.crgan_checkpoint
-            for section in ("pix2pix", "crgan"):
-                if section in models.metrics:
-                    update_report(run_dir, section, {**models.metrics[section], "registry_version": models.version})
-            run_log(f"augment: using registry models {models.version} from {models.dir}")
-        else:
-            p2p_dir, crg_dir = paths.checkpoints("pix2pix"), paths.checkpoints("crgan")
-            timed("train_pix2pix", _cached(train_pix2pix_task, "train-pix2pix", [], soul,
-                                           outputs_exist([p2p_dir / "best.pt"])), run_dir, config)
-            timed("train_crgan", _cached(train_crgan_task, "train-crgan", [], soul,
-                                         outputs_exist([crg_dir / "best.pt"])), run_dir, config)
-            pix2pix_ckpt, crgan_ckpt = p2p_dir / "best.pt", crg_dir / "best.pt"
-        work = paths.synthetic_dir
-        timed("fill", fill_task.with_options(refresh_cache=not outputs_exist([work / "synthetic.h5"])),
-              run_dir, config, crgan_ckpt)
-        timed("label", label_task.with_options(refresh_cache=not outputs_exist([work / "labels.h5"])),
-              run_dir, config, pix2pix_ckpt)
-        timed("score", score_task.with_options(refresh_cache=not outputs_exist([work / "scores.csv"])),
-              run_dir, config, crgan_ckpt)
-        exported = timed("export", export_task.with_options(refresh_cache=not outputs_exist([paths.augmented_h5])),
-                         run_dir, config, pix2pix_ckpt, crgan_ckpt, str(soul_dir))
-        augmented = lambda p: [RunPaths.of(p["run_dir"]).augmented_h5]  # noqa: E731
-        timed("usefulness", _cached(usefulness_task, "usefulness", [], augmented, "usefulness" in read_report(run_dir)),
-              run_dir, config)
-        report = read_report(run_dir)
-        update_report(run_dir, "timings_s", _merge_timings(report.get("timings_s") or {}, timings, cached))
-        refresh_documents(run_dir, str(soul_dir))
-        record_run(run_dir, config, hashes={"augmented.h5": exported.sha256})
-        _publish_artifacts(run_dir, read_report(run_dir))
+def _summary(run_dir: Path, run: PlanRun, report: dict[str, Any]) -> dict[str, Any]:
+    exported = run.result("export")
     return {"run_dir": str(run_dir), "augmented_h5": exported.augmented_h5, "n_real": exported.n_real,
-            "n_synthetic": exported.n_synthetic, "n_accepted": exported.n_accepted, "timings_s": timings,
-            "report": str(paths.report_md), "pix2pix_dice": report.get("pix2pix", {}).get("test", {}).get("dice")}
+            "n_synthetic": exported.n_synthetic, "n_accepted": exported.n_accepted,
+            "timings_s": report["timings_s"], "report": str(RunPaths.of(run_dir).report_md),
+            "pix2pix_dice": (report.get("pix2pix") or {}).get("test", {}).get("dice"),
+            "bars": report.get("bars", {})}
 
 
-def _merge_timings(previous: dict[str, Any], now: dict[str, float], cached: list[str]) -> dict[str, Any]:
-    """Seconds per step of the run that actually computed it: a step served from the cache keeps
-    the time it took when it ran (a rerun would otherwise report zeros); ``cached`` lists them."""
-    merged = {name: (previous.get(name, secs) if name in cached else secs) for name, secs in now.items()}
-    return {**merged, "total": round(sum(merged.values()), 2), "cached": list(cached)}
-
-
-def _publish_artifacts(run_dir: Path, report: dict[str, Any]) -> None:
+def _publish_artifacts(run_dir: Path, report: dict[str, Any], run: PlanRun) -> None:
     paths = RunPaths.of(run_dir)
     create_markdown_artifact(key="augment-report", markdown=paths.report_md.read_text(),
                              description=f"brvo-augment report for {run_dir}")
@@ -145,13 +151,17 @@ def augment(
     model_version: str | None = None,
     force_retrain: bool = False,
 ) -> dict:
-    """Fill every patient's missing treatment stages and write the augmented, paired dataset."""
-    config = (PipelineConfig.model_validate_json(config_json) if config_json else load_config(preset))
+    """Fill every patient's missing treatment stages and write the augmented, paired dataset.
+
+    ``registry_dir`` defaults to $BRVO_REGISTRY_DIR where the flow runs (serve or a work-pool
+    worker): when it holds published models, they are used instead of training.
+    """
+    config = parse_config(config_json) if config_json else load_config(preset)
     config = config.with_overrides(seed=seed, image_size=image_size, samples_per_missing=samples_per_missing,
                                    device=device, **{"pix2pix.epochs": pix2pix_epochs,
                                                      "crgan.epochs": crgan_epochs})
-    return augment_chain(soul_dir, run_dir, config, registry_dir=registry_dir, model_version=model_version,
-                         force_retrain=force_retrain)
+    return augment_chain(soul_dir, run_dir, config, registry_dir=registry_dir_setting(registry_dir),
+                         model_version=model_version, force_retrain=force_retrain)
 
 
 def run_augment(soul_dir: Path, run_dir: Path, config: PipelineConfig, **kwargs) -> dict:

@@ -17,6 +17,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 EXIT_USER_ERROR = 2
+EXIT_BARS_MISSED = 3
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -29,10 +30,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brvo-augment", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("phantom", help="write a SOUL-layout phantom dataset (built-in demo data)")
+    p = sub.add_parser("phantom", help="write a SOUL-layout phantom dataset (built-in demo data)",
+                       description="Write a SOUL-layout phantom. Without options it is the demo's 53 patients; the "
+                       "options make datasets unlike it (docs/phantom.md). Precedence: the demo's values, then "
+                       "--config, then each option given.")
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--patients", type=int, default=53)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", type=Path, default=None, metavar="FILE.json",
+                   help="JSON object of PhantomConfig fields, e.g. {\"n_patients\": 24, \"contrast\": 0.5}")
+    p.add_argument("--patients", type=int, default=None, help="patients, 1..10000 (default 53)")
+    p.add_argument("--seed", type=int, default=None, help="random seed, >= 0 (default 0)")
+    p.add_argument("--image-size", type=int, default=None, help="image side in px, 32..2048 (default 304, SOUL's)")
+    p.add_argument("--images-per-visit", default=None, metavar="LO-HI",
+                   help="repeat scans per visit, within 1-8 (default 1-8 with SOUL's per-stage means), e.g. 1-2")
+    p.add_argument("--attendance", default=None, metavar="F1,...,F6",
+                   help="share of patients seen at each of the six stages, each in (0, 1] "
+                        "(default SOUL's 48,36,37,26,20,11 of 53), e.g. 1,0.7,0.5,0.3,0.2,0.1")
+    p.add_argument("--vessel-density", type=float, default=None, metavar="X",
+                   help="how much vessel trees branch, 0.3..3 (default 1 = the demo)")
+    p.add_argument("--vessel-width", type=float, default=None, metavar="X",
+                   help="vessel width multiplier, 0.5..2.5 (default 1)")
+    p.add_argument("--contrast", type=float, default=None, metavar="X",
+                   help="vessels above the capillary mesh, 0..1.5 (default 1; 0 = vessels as bright as capillaries)")
+    p.add_argument("--noise", type=float, default=None, metavar="X",
+                   help="speckle, additive noise and motion lines multiplier, 0..3 (default 1; 0 = clean)")
+    p.add_argument("--non-perfusion-size", type=float, default=None, metavar="X",
+                   help="non-perfused area multiplier, 0..3 (default 1; 0 = no occluded sector)")
+    p.add_argument("--workers", type=int, default=2, help="rendering processes (the bytes do not depend on it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing phantom in OUT_DIR")
 
     p = sub.add_parser("ingest", help="read a SOUL directory or manifest CSV: manifest.csv, quarantine.csv, stage table")
@@ -52,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"train {what} on RUN_DIR/soul.h5 (resumes) and evaluate on held-out patients")
         p.add_argument("run_dir", type=Path)
         _add_config_args(p)
+        p.add_argument("--require-bars", action="store_true",
+                       help=f"exit with code {EXIT_BARS_MISSED} when the model misses a quality bar "
+                            "(it loses to a baseline); the checkpoints and report are written either way")
 
     p = sub.add_parser("run", help="the whole augment flow: SOUL_DIR -> RUN_DIR/augmented.h5 + card, report, figures")
     p.add_argument("soul_dir", type=Path)
@@ -67,12 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path)
     p.add_argument("--deep", action="store_true", help="also read every image chunk (finds damaged bytes)")
 
-    p = sub.add_parser("serve", help="register and serve the 'augment' and 'retrain' deployments")
-    p.add_argument("--cron", default=None, help="retrain schedule (default weekly: '0 3 * * 1')")
-    p.add_argument("--timezone", default=None, help="timezone of the cron schedule (default UTC)")
-    p.add_argument("--soul-dir", default=None, help="retrain's data directory (default $BRVO_SOUL_DIR)")
-    p.add_argument("--registry-dir", default=None, help="model registry (default $BRVO_REGISTRY_DIR)")
-    p.add_argument("--retrain-preset", default=None, help="retrain's config preset (default demo)")
+    from deployments.serve import add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="register and serve the 'augment' and 'retrain' deployments"))
     return parser
 
 
@@ -88,24 +111,52 @@ def resolve_config(args: argparse.Namespace, run_dir: Path | None = None):
     return load_config(getattr(args, "preset", None) or "demo", getattr(args, "config", None))
 
 
+def _single_step(args: argparse.Namespace, target: str, config, source: Path | None = None) -> int:
+    """Run one step of the augment plan on RUN_DIR (its upstream steps must have run), under the
+    run-directory lock like every command that writes there; print its result."""
+    from flows.augment import AUGMENT
+    from flows.prepare import run_steps
+
+    names = [step.name for step in AUGMENT]
+    plan = AUGMENT[: names.index(target) + 1]
+    run = run_steps(plan, args.run_dir, config, source=source, only={target})
+    print(run.result(target).model_dump_json(indent=2, exclude={"training": {"history"}}))
+    if getattr(args, "require_bars", False):
+        missed = [bar for bar, met in run.report.get("bars", {}).items() if bar.startswith(target) and not met]
+        if missed:
+            print(f"quality bar(s) missed: {', '.join(missed)} (see {args.run_dir / 'report.md'})", file=sys.stderr)
+            return EXIT_BARS_MISSED
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     cmd = args.command
     if cmd == "phantom":
-        from tasks.phantom import phantom_task
+        from brvo_models.phantom.config import load_phantom_config, phantom_config
 
-        summary = phantom_task(args.out_dir, n_patients=args.patients, seed=args.seed, overwrite=args.overwrite)
+        base = load_phantom_config(args.config) if args.config is not None else None
+        config = phantom_config(
+            base, n_patients=args.patients, seed=args.seed, image_size=args.image_size,
+            images_per_visit=args.images_per_visit, attendance=args.attendance, vessel_density=args.vessel_density,
+            vessel_width=args.vessel_width, contrast=args.contrast, noise=args.noise,
+            non_perfusion_size=args.non_perfusion_size)
+        from tasks.phantom import phantom_task, preflight_phantom
+
+        preflight_phantom(args.out_dir, args.workers, args.overwrite)
+        summary = phantom_task(args.out_dir, config, workers=args.workers, overwrite=args.overwrite)
         print(summary)
     elif cmd == "ingest":
-        from tasks.ingest import check_source, ingest_task
+        from tasks.ingest import check_source
 
         check_source(args.soul_dir)
-        ingest_task(args.soul_dir, args.run_dir)
+        args.preset = args.config = None
+        return _single_step(args, "ingest", resolve_config(args, args.run_dir), source=args.soul_dir)
     elif cmd == "preprocess":
-        from tasks.preprocess import preflight_preprocess, preprocess_task
+        from tasks.preprocess import preflight_preprocess
 
         config = resolve_config(args, args.run_dir)
         preflight_preprocess(args.run_dir)
-        print(preprocess_task(args.run_dir, config))
+        return _single_step(args, "preprocess", config)
     elif cmd == "prepare":
         from flows.prepare import prepare
         from tasks.ingest import check_source
@@ -114,17 +165,17 @@ def _run(args: argparse.Namespace) -> int:
         check_source(args.soul_dir)
         print(prepare(str(args.soul_dir), str(args.run_dir), config_json=config.to_json()))
     elif cmd == "train-pix2pix":
-        from tasks.train_pix2pix import preflight_train_pix2pix, train_pix2pix_task
+        from tasks.train_pix2pix import preflight_train_pix2pix
 
         config = resolve_config(args, args.run_dir)
         preflight_train_pix2pix(args.run_dir, config)
-        print(train_pix2pix_task(args.run_dir, config))
+        return _single_step(args, "pix2pix", config)
     elif cmd == "train-crgan":
-        from tasks.train_crgan import preflight_train_crgan, train_crgan_task
+        from tasks.train_crgan import preflight_train_crgan
 
         config = resolve_config(args, args.run_dir)
         preflight_train_crgan(args.run_dir, config)
-        print(train_crgan_task(args.run_dir, config))
+        return _single_step(args, "crgan", config)
     elif cmd == "run":
         from flows.augment import run_augment
         from tasks.ingest import check_source
@@ -141,10 +192,9 @@ def _run(args: argparse.Namespace) -> int:
 
         print(inspect_dataset(args.file, deep=args.deep))
     elif cmd == "serve":
-        from deployments.serve import serve_deployments
+        from deployments.serve import run_from_args
 
-        serve_deployments(cron=args.cron, timezone=args.timezone, soul_dir=args.soul_dir,
-                          registry_dir=args.registry_dir, retrain_preset=args.retrain_preset)
+        run_from_args(args)
     return 0
 
 

@@ -1,22 +1,55 @@
-"""The 'prepare' flow: ingest -> preprocess (SOUL directory -> RUN_DIR/soul.h5)."""
+"""The 'prepare' flow (ingest -> preprocess), and the one way any command runs steps in a run directory.
+
+:func:`run_steps` is what every command that writes into a run directory goes through (the
+flows and the single-step CLI commands alike): it holds RUN_DIR/.lock for the whole run,
+records the config in run.json, runs the plan through the step table's driver, and
+rebuilds report.json/report.md from the step results.
+"""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable, Sequence
 
 from prefect import flow
 
-from tasks.config import PipelineConfig
-from tasks.ingest import ingest_task
-from tasks.preprocess import preprocess_task
+from storage.locking import run_dir_lock
+from tasks.config import PipelineConfig, parse_config
+from tasks.ingest import INGEST
+from tasks.preprocess import PREPROCESS
+from tasks.report import write_documents
+from tasks.run_record import record_run
+from tasks.steps import (
+    Executor,
+    PlanRun,
+    Step,
+    StepContext,
+    execute_with_prefect,
+    run_plan,
+)
+
+PREPARE: tuple[Step, ...] = (INGEST, PREPROCESS)
+LOCK_WAIT_S = 5.0
+
+
+def run_steps(plan: Sequence[Step], run_dir: str | Path, config: PipelineConfig, *, source: str | Path | None = None,
+              only: Iterable[str] | None = None, execute: Executor = execute_with_prefect,
+              lock_wait_s: float = LOCK_WAIT_S) -> PlanRun:
+    """Run ``plan`` (or just the steps in ``only``) in ``run_dir`` under its lock; write the documents
+    (``run.report`` is the report.json written) and record every output's sha256 in run.json."""
+    run_dir = Path(run_dir).resolve()
+    source = Path(source).resolve() if source is not None else None
+    with run_dir_lock(run_dir, timeout_s=lock_wait_s):
+        record_run(run_dir, config, **({"soul_dir": str(source)} if source is not None else {}))
+        run = run_plan(plan, StepContext(run_dir=run_dir, config=config, source=source), execute=execute, only=only)
+        run.report = write_documents(run_dir, plan, run, config, str(source) if source is not None else "")
+        record_run(run_dir, config, hashes={path: stamp.sha256 for outcome in run.outcomes.values()
+                                            for path, stamp in outcome.record.outputs.items()})
+    return run
 
 
 @flow(name="prepare", log_prints=True)
 def prepare(soul_dir: str, run_dir: str, config_json: str | None = None) -> dict:
-    config = PipelineConfig.model_validate_json(config_json) if config_json else PipelineConfig()
-    ingested = ingest_task(Path(soul_dir), Path(run_dir))
-    prepared = preprocess_task(Path(run_dir), config)
-    return {"ingest": _summary(ingested), "preprocess": _summary(prepared)}
-
-
-def _summary(result) -> dict:
-    return result.model_dump(mode="json") if hasattr(result, "model_dump") else dict(result)
+    """SOUL directory (or manifest CSV) -> RUN_DIR/manifest.csv, quarantine.csv, soul.h5."""
+    config = parse_config(config_json) if config_json else PipelineConfig()
+    run = run_steps(PREPARE, run_dir, config, source=soul_dir)
+    return {name: result.model_dump(mode="json") for name, result in run.results.items()}

@@ -16,25 +16,32 @@ times) for monitoring without Prefect.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, task
 
+from flows.settings import (
+    ENV_REGISTRY_DIR,
+    ENV_SOUL_DIR,
+    registry_dir_setting,
+    soul_dir_setting,
+)
 from storage.atomic import write_json_atomic
 from storage.errors import BrvoError
-from storage.hashing import json_sha256
 from storage.fingerprint import SourceFingerprint, fingerprint_source
+from storage.hashing import json_sha256
 from storage.locking import file_lock
 from storage.registry import ModelRegistry
-from tasks.config import PipelineConfig, flatten_fields, preset as preset_config
+from tasks.config import PipelineConfig, flatten_fields
+from tasks.config import preset as preset_config
 from tasks.reporting import run_log
 
-ENV_SOUL_DIR = "BRVO_SOUL_DIR"
-ENV_REGISTRY_DIR = "BRVO_REGISTRY_DIR"
+if TYPE_CHECKING:
+    from tasks.steps import PlanRun
+
 FINGERPRINT_CACHE = ".fingerprint_cache.json"
 STATUS_FILE = "last_retrain.json"
 LOCK_WAIT_S = 10.0
@@ -42,8 +49,8 @@ LOCK_WAIT_S = 10.0
 
 def resolve_dirs(soul_dir: str | None, registry_dir: str | None) -> tuple[Path, Path]:
     """Explicit parameters, else the BRVO_SOUL_DIR / BRVO_REGISTRY_DIR environment variables."""
-    soul = soul_dir or os.environ.get(ENV_SOUL_DIR)
-    registry = registry_dir or os.environ.get(ENV_REGISTRY_DIR)
+    soul = soul_dir_setting(soul_dir)
+    registry = registry_dir_setting(registry_dir)
     if not soul:
         raise BrvoError(f"no SOUL directory: pass soul_dir or set {ENV_SOUL_DIR} where the flow runs")
     if not registry:
@@ -84,8 +91,12 @@ fingerprint_task = task(name="fingerprint-source", retries=1, retry_delay_second
 
 
 @task(name="publish-models")
-def publish_task(work_dir: Path, registry_dir: Path, config: PipelineConfig, source: dict[str, Any]) -> str:
-    version = ModelRegistry(registry_dir).publish(work_dir, config, source)
+def publish_task(run: PlanRun, registry_dir: Path, config: PipelineConfig, source: dict[str, Any]) -> str:
+    """Copy the two trained checkpoints and their evaluations into a new registry version."""
+    models = {name: run.result(name) for name in ("pix2pix", "crgan")}
+    version = ModelRegistry(registry_dir).publish(
+        {name: m.checkpoint_path for name, m in models.items()}, config, source,
+        metrics={name: m.report_section() for name, m in models.items()})
     run_log(f"published models {version} to {registry_dir} (latest -> {version})")
     return version
 
@@ -106,7 +117,7 @@ def retrain(
     even when nothing changed; ``keep_work`` keeps the work directory (soul.h5, checkpoints,
     report.json) after a successful publish (default: removed, the registry holds what matters).
     """
-    from tasks.ingest import check_source, ingest_task
+    from tasks.ingest import check_source
 
     t0 = time.perf_counter()
     soul, reg_dir = resolve_dirs(soul_dir, registry_dir)
@@ -132,32 +143,28 @@ def retrain(
             return _finish(registry, t0, {**base, "fingerprint": fp.digest, "status": "no change",
                                           "version": registry.latest_version()},
                            f"no change since {registry.latest_version()} (published while waiting)")
-        from tasks.preprocess import preprocess_task  # torch: imported only when there is work to do
-        from tasks.train_crgan import train_crgan_task
-        from tasks.train_pix2pix import train_pix2pix_task
+        from flows.prepare import (
+            run_steps,  # torch: imported only when there is work to do
+        )
+        from tasks.ingest import INGEST
+        from tasks.preprocess import PREPROCESS
+        from tasks.train_crgan import TRAIN_CRGAN
+        from tasks.train_pix2pix import TRAIN_PIX2PIX
 
         work = Path(work_dir) if work_dir else reg_dir / "work" / f"{fp.digest[:12]}-{cfg_hash[:8]}"
         run_log(f"retraining in {work} (previous version: {registry.latest_version() or 'none'})")
         try:
-            timings: dict[str, float] = {}
+            run = run_steps((INGEST, PREPROCESS, TRAIN_PIX2PIX, TRAIN_CRGAN), work, config, source=soul)
             t = time.perf_counter()
-            ingest_task(soul, work)
-            timings["ingest"], t = time.perf_counter() - t, time.perf_counter()
-            preprocess_task(work, config)
-            timings["preprocess"], t = time.perf_counter() - t, time.perf_counter()
-            train_pix2pix_task(work, config)
-            timings["train_pix2pix"], t = time.perf_counter() - t, time.perf_counter()
-            train_crgan_task(work, config)
-            timings["train_crgan"], t = time.perf_counter() - t, time.perf_counter()
             previous = registry.latest_version()
-            version = publish_task(work, reg_dir, config, {**fp.to_dict(), "config_hash": cfg_hash,
-                                                            "soul_dir": str(soul)})
-            timings["publish"] = time.perf_counter() - t
+            version = publish_task(run, reg_dir, config, {**fp.to_dict(), "config_hash": cfg_hash,
+                                                           "soul_dir": str(soul)})
+            timings = {**run.timings(), "publish": round(time.perf_counter() - t, 2)}
             if not keep_work and not work_dir:
                 shutil.rmtree(work, ignore_errors=True)
             result = {**base, "fingerprint": fp.digest, "status": "retrained", "version": version,
                       "previous_version": previous, "metrics": _headline(registry.resolve(version).metrics),
-                      "timings_s": {k: round(v, 2) for k, v in timings.items()}}
+                      "timings_s": timings}
             return _finish(registry, t0, result, f"retrained: latest -> {version} (was {previous or 'none'})")
         except Exception as exc:
             _finish(registry, t0, {**base, "status": "failed", "work_dir": str(work),

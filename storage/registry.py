@@ -29,10 +29,9 @@ from typing import Any, Mapping
 
 from storage.atomic import write_json_atomic, write_text_atomic
 from storage.checkpoint_digest import read_digests, sidecar_path, write_sidecar
-from storage.hashing import file_sha256, fsync_dir
 from storage.errors import BrvoError, CheckpointError
+from storage.hashing import file_sha256, fsync_dir
 from storage.locking import file_lock
-from storage.run_dir import RunPaths, read_report
 
 MODELS = ("pix2pix", "crgan")
 LATEST = "latest"
@@ -119,19 +118,23 @@ class ModelRegistry:
             return None
 
     # ---- writing -------------------------------------------------------------------------------
-    def publish(self, run_dir: str | os.PathLike, config: Any, source_fingerprint: Mapping[str, Any] | str,
+    def publish(self, checkpoints: Mapping[str, str | os.PathLike], config: Any,
+                source_fingerprint: Mapping[str, Any] | str, metrics: Mapping[str, Any],
                 lock_timeout_s: float = 600.0) -> str:
-        """Copy RUN_DIR's best Pix2Pix and CRGAN checkpoints into a new version; switch ``latest`` to it.
+        """Copy the trained Pix2Pix and CRGAN checkpoints into a new version; switch ``latest`` to it.
 
-        ``config`` is a PipelineConfig (or its dict); ``source_fingerprint`` is the SOUL fingerprint
-        (a dict with at least 'digest', or the digest string). Raises CheckpointError (``latest``
-        unchanged, no version left behind) when a checkpoint is missing, altered or not loadable.
+        ``checkpoints`` maps 'pix2pix' and 'crgan' to their best.pt; ``config`` is the PipelineConfig
+        (or its dict) they were trained with; ``source_fingerprint`` the SOUL fingerprint (a dict with
+        at least 'digest', or the digest string); ``metrics`` their held-out evaluations by model.
+        Raises CheckpointError (``latest`` unchanged, no version left behind) when a checkpoint is
+        missing, altered or not loadable.
         """
-        run = RunPaths.of(run_dir)
+        missing = [m for m in MODELS if m not in checkpoints]
+        if missing:
+            raise CheckpointError(f"nothing to publish for {missing}; both models must be trained first")
         config_dict = json.loads(config.model_dump_json()) if hasattr(config, "model_dump_json") else dict(config)
         source = {"digest": source_fingerprint} if isinstance(source_fingerprint, str) else dict(source_fingerprint)
-        report = read_report(run_dir)
-        metrics = {m: report[m] for m in MODELS if m in report}
+        metrics = {m: metrics[m] for m in MODELS if m in metrics}
         self.models_dir.mkdir(parents=True, exist_ok=True)
         busy = f"model registry {self.root} is being published to by another process (pid {{pid}}); retry later"
         with file_lock(self.root / ".publish.lock", lock_timeout_s, busy):
@@ -143,14 +146,14 @@ class ModelRegistry:
             try:
                 sha256s = {}
                 for m in MODELS:
-                    src = run.checkpoints(m) / "best.pt"
+                    src = Path(checkpoints[m])
                     sha256s[f"{m}.pt"] = _copy_verified(src, staging / f"{m}.pt")
                     _validate_checkpoint(staging / f"{m}.pt", m, config_dict.get("image_size"))
                 write_json_atomic(staging / "config.json", config_dict)
                 write_json_atomic(staging / "metrics.json", metrics)
                 write_json_atomic(staging / "sha256s.json", sha256s)
                 write_json_atomic(staging / "source.json", {
-                    **source, "run_dir": str(Path(run_dir).resolve()),
+                    **source,
                     "published_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
                 fsync_dir(staging)
                 os.rename(staging, self.models_dir / version)
@@ -187,7 +190,9 @@ def _copy_verified(src: Path, dst: Path) -> str:
 
 def _validate_checkpoint(path: Path, model: str, image_size: int | None) -> None:
     """Loads with weights_only (sha256 checked again) and checks it is the right model and size."""
-    from storage.checkpoints import load_checkpoint  # torch: imported only when publishing
+    from storage.checkpoints import (
+        load_checkpoint,  # torch: imported only when publishing
+    )
 
     payload = load_checkpoint(path)
     meta = payload.get("meta", {})

@@ -1,4 +1,7 @@
-"""Where each step reads and writes inside a run directory (DESIGN section 7).
+"""Where each step reads and writes inside a run directory: every file name is spelled here, once.
+
+Steps declare their outputs as names of these attributes (tasks.steps.Step.writes) and
+pass their results on; nothing else builds a path inside a run directory by hand.
 
 Every path built from text that is not ours (a patient id from a manifest, a file stem,
 a version name) goes through :func:`safe_component`, and the result is checked with
@@ -85,9 +88,43 @@ class RunPaths:
         return self.root / "checkpoints" / model
 
     @property
-    def synthetic_dir(self) -> Path:
-        """Intermediate files of fill/label/score (npz/h5 between steps)."""
+    def ingest_json(self) -> Path:
+        return self.root / "ingest.json"
+
+    @property
+    def pix2pix_checkpoint(self) -> Path:
+        """The Pix2Pix weights a run labels with (best on validation patients)."""
+        return self.checkpoints("pix2pix") / "best.pt"
+
+    @property
+    def crgan_checkpoint(self) -> Path:
+        """The CRGAN weights a run generates with (best on validation patients)."""
+        return self.checkpoints("crgan") / "best.pt"
+
+    @property
+    def work(self) -> Path:
+        """Intermediate HDF5/CSV files that fill, label and score hand to each other."""
         return self.root / "work"
+
+    @property
+    def synthetic_h5(self) -> Path:
+        """fill -> label, score, export: the CRGAN samples and their (patient, stage, seed) table."""
+        return self.work / "synthetic.h5"
+
+    @property
+    def synthetic_labels_h5(self) -> Path:
+        """label -> score, export: the Pix2Pix masks of the samples and their confidence."""
+        return self.work / "labels.h5"
+
+    @property
+    def scores_csv(self) -> Path:
+        """score -> export: per-sample scores and the accepted flag."""
+        return self.work / "scores.csv"
+
+    @property
+    def step_records(self) -> Path:
+        """One JSON record per finished step: its cache key, result and output stamps (tasks.steps)."""
+        return self.root / ".steps"
 
     @property
     def dataset_card(self) -> Path:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from brvo_models.configs import CRGANConfig, Pix2PixConfig
 from storage.errors import BrvoError
@@ -18,25 +18,45 @@ PresetName = Literal["tiny", "demo", "full"]
 
 
 class PipelineConfig(BaseModel):
+    """Every setting of a run. Ranges are checked when the config is made, before any work starts."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    preset: str = "demo"
-    seed: int = 0
-    image_size: int = Field(64, description="side of the square images in soul.h5 (multiple of 32, at least 32)")
-    compression: str = Field("gzip-1", description="HDF5 compression: gzip-1 (default, portable), gzip-4, lzf")
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    workers: int = Field(2, description="processes for JPEG decoding in preprocess")
-    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda'")
+    preset: PresetName = "demo"
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    image_size: int = Field(64, ge=32, le=1024,
+                            description="side of the square images in soul.h5: a power of two, 32 to 1024")
+    compression: Literal["gzip-1", "gzip-4", "lzf"] = Field(
+        "gzip-1", description="HDF5 compression: gzip-1 (default, portable), gzip-4, lzf")
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="share of patients held out for validation")
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="share of patients held out for testing")
+    workers: int = Field(2, ge=1, le=64, description="processes for JPEG decoding in preprocess")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+                        description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
     pix2pix: Pix2PixConfig = Pix2PixConfig()
     crgan: CRGANConfig = CRGANConfig()
-    samples_per_missing: int = Field(4, description="K synthetic images per missing (patient, stage)")
-    min_consistency_ssim: float = 0.2
-    min_realism: float = 0.05
-    max_abs_density_z: float = 3.0
-    min_label_confidence: float = 0.6
-    usefulness_steps: int = Field(1000, description="optimisation steps per usefulness segmenter (both arms)")
-    usefulness_seeds: int = Field(3, description="training seeds per arm of the usefulness experiment")
+    samples_per_missing: int = Field(4, ge=1, le=256, description="K synthetic images per missing (patient, stage)")
+    min_consistency_ssim: float = Field(0.2, ge=-1.0, le=1.0)
+    min_realism: float = Field(0.05, ge=0.0, le=1.0)
+    max_abs_density_z: float = Field(3.0, gt=0.0)
+    min_label_confidence: float = Field(0.6, ge=0.5, le=1.0)
+    usefulness_steps: int = Field(1000, ge=1, le=1_000_000,
+                                  description="optimisation steps per usefulness segmenter (both arms)")
+    usefulness_seeds: int = Field(3, ge=1, le=100, description="training seeds per arm of the usefulness experiment")
+
+    @field_validator("image_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"must be a power of two (32, 64, 128, 256, 512 or 1024), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _splits_leave_training_patients(self) -> "PipelineConfig":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction must be below 1 (got {self.val_fraction} + "
+                             f"{self.test_fraction}); the rest of the patients train the models")
+        return self
 
     def to_json(self) -> str:
         return self.model_dump_json()
@@ -53,11 +73,18 @@ class PipelineConfig(BaseModel):
                 data[head] = {**data[head], tail: value}
             else:
                 data[key] = value
-        try:
-            return PipelineConfig.model_validate(data)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
-            raise BrvoError(f"config: {problems}") from None
+        return parse_config(data)
+
+
+def parse_config(data: dict | str) -> PipelineConfig:
+    """A whole config from a dict or its JSON text; any problem is one BrvoError line naming the fields."""
+    try:
+        if isinstance(data, str):
+            return PipelineConfig.model_validate_json(data)
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise BrvoError(f"config: {problems}") from None
 
 
 def preset(name: str) -> PipelineConfig:

@@ -1,14 +1,25 @@
 """Pictures for the report: per-patient timeline montages, score histograms, training curves."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import h5py
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageOps
+from pydantic import BaseModel
 
 from storage.atomic import atomic_path
-from storage.paired_format import STAGE_NAMES
+from storage.paired_format import STAGE_NAMES, read_meta
+from storage.run_dir import RunPaths
+from tasks.config import PipelineConfig
+from tasks.steps import Step, StepContext
+
+if TYPE_CHECKING:
+    from tasks.export import ExportResult
+    from tasks.models import TrainedModel
 
 TILE = 128
 SYNTHETIC_BORDER = (220, 40, 40)
@@ -117,3 +128,52 @@ def training_curves(histories: dict[str, list[dict[str, float]]], out_png: Path)
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return out_png
+
+
+# ------------------------------------------------------------------------------------ the step
+
+
+class FiguresResult(BaseModel):
+    figures: list[str]
+    seconds: float
+
+
+def write_figures(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, crgan: TrainedModel) -> list[Path]:
+    """Score histograms, training curves and one timeline montage per patient, from augmented.h5."""
+    paths = RunPaths.of(run_dir)
+    meta = read_meta(paths.augmented_h5)
+    figures = [
+        score_histograms(meta[meta["is_synthetic"]], {
+            "consistency_ssim": (config.min_consistency_ssim, None), "realism": (config.min_realism, None),
+            "density_z": (-config.max_abs_density_z, config.max_abs_density_z),
+            "label_confidence": (config.min_label_confidence, None)},
+            paths.figures / "score_histograms.png"),
+        training_curves({m.model: list(m.training.get("history") or []) for m in (pix2pix, crgan)},
+                        paths.figures / "training_curves.png"),
+    ]
+    with h5py.File(paths.augmented_h5, "r") as f:
+        for pid, rows in meta.groupby("patient_id").groups.items():
+            entries = {}
+            for stage, at in meta.loc[rows].groupby("stage"):
+                real = at[~at["is_synthetic"]]
+                pick = real if len(real) else at.sort_values("sample_index")
+                row = int(pick.index[0])
+                entries[int(stage)] = (f["images"][row], f["labels"][row], bool(pick["is_synthetic"].iloc[0]))
+            split = meta.loc[rows, "split"].iloc[0]
+            figures.append(timeline_montage(entries, f"patient {pid} ({split})", paths.timeline_figure(pid)))
+    return figures
+
+
+def figures_step(ctx: StepContext, export: ExportResult, pix2pix: TrainedModel, crgan: TrainedModel) -> FiguresResult:
+    """The 'figures' step: the report's pictures."""
+    t0 = time.perf_counter()
+    files = write_figures(ctx.run_dir, ctx.config, pix2pix, crgan)
+    ctx.log(f"figures: {len(files)} written to {ctx.paths.figures}")
+    return FiguresResult(figures=[str(p) for p in files], seconds=round(time.perf_counter() - t0, 3))
+
+
+FIGURES = Step(
+    name="figures", run=figures_step, result_type=FiguresResult, needs=("export", "pix2pix", "crgan"),
+    writes=("figures",), config_fields=("min_consistency_ssim", "min_realism", "max_abs_density_z",
+                                        "min_label_confidence"),
+    description="score histograms, training curves and per-patient timeline montages")

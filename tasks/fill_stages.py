@@ -11,18 +11,22 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from prefect import task
 from pydantic import BaseModel
 
 from storage.paired_format import STAGE_NAMES, read_arrays, read_meta
 from storage.run_dir import RunPaths
 from storage.work_files import write_work_file
-from tasks.caching import content_cache_key
 from tasks.config import PipelineConfig
 from tasks.reporting import run_log
+from tasks.steps import Step, StepContext
+
+if TYPE_CHECKING:
+    from tasks.models import TrainedModel
+    from tasks.preprocess import PreprocessResult
 
 
 class FillResult(BaseModel):
@@ -72,7 +76,7 @@ def fill_missing(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path, 
     table = pd.DataFrame(rows, columns=["patient_id", "stage", "subset", "split", "sample_index", "sample_seed"])
     size = config.image_size
     stacked = np.stack(out_images) if out_images else np.zeros((0, size, size), np.uint8)
-    out = write_work_file(paths.synthetic_dir / "synthetic.h5", {"images": stacked}, table,
+    out = write_work_file(paths.synthetic_h5, {"images": stacked}, table,
                           attrs={"crgan_checkpoint": str(crgan_checkpoint), "samples_per_missing": k})
     per_stage = {int(s): int(n) for s, n in table.groupby("stage").size().items()} if len(table) else {}
     n_pairs = sum(len(s) for s in holes.values())
@@ -81,8 +85,12 @@ def fill_missing(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path, 
                       seconds=time.perf_counter() - t0)
 
 
-fill_task = task(
-    name="fill-stages",
-    cache_key_fn=content_cache_key("fill", ["crgan_checkpoint"], lambda p: [RunPaths.of(p["run_dir"]).soul_h5]),
-    persist_result=True,
-)(fill_missing)
+def fill_step(ctx: StepContext, preprocess: PreprocessResult, crgan: TrainedModel) -> FillResult:
+    """The 'fill' step: K CRGAN samples for every missing (patient, stage) of soul.h5."""
+    return fill_missing(ctx.run_dir, ctx.config, crgan.checkpoint_path, log=ctx.log)
+
+
+FILL = Step(
+    name="fill", run=fill_step, result_type=FillResult, needs=("preprocess", "crgan"), writes=("synthetic_h5",),
+    config_fields=("seed", "samples_per_missing", "image_size", "device"),
+    description="K CRGAN samples for every missing (patient, stage)")

@@ -75,7 +75,6 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
-from prefect import task
 from pydantic import BaseModel
 
 from storage.atomic import atomic_path, write_json_atomic, write_text_atomic
@@ -83,6 +82,7 @@ from storage.errors import InputDataError
 from storage.paired_format import STAGE_NAMES
 from storage.run_dir import RunPaths, ensure_inside, safe_component
 from tasks.reporting import run_log
+from tasks.steps import Step, StepContext
 
 MANIFEST_COLUMNS = ("patient_id", "stage", "stage_name", "exam_id", "subset",
                     "image_path", "label_path", "width", "height")
@@ -120,6 +120,10 @@ class IngestResult(BaseModel):
     clinical: dict
     paths: dict[str, str]
     elapsed_s: float
+
+    def output_files(self) -> list[Path]:
+        """Files converted to 8-bit gray under RUN_DIR/converted (the manifest points at them)."""
+        return [Path(c["converted_path"]) for c in self.conversions if c.get("converted_path")]
 
 
 # ---------------------------------------------------------------------------- bookkeeping
@@ -676,7 +680,7 @@ def ingest(source: Path, run_dir: Path, *, log: Callable[[str], None] = run_log,
     clinical = _read_clinical(clinical_folders, patients, acc) if kind == "soul" else {"status": "not applicable"}
     per_stage = {name: {"patients": int((table.loc[table.index != "total", name] > 0).sum()),
                         "images": int(table.loc["total", name])} for name in STAGE_NAMES}
-    json_path = paths.root / "ingest.json"
+    json_path = paths.ingest_json
     result = IngestResult(
         source=str(source), source_kind=kind, n_images=len(manifest), n_patients=len(patients),
         n_quarantined=len(quarantine), n_skipped_hidden=acc.hidden,
@@ -709,16 +713,14 @@ def ingest(source: Path, run_dir: Path, *, log: Callable[[str], None] = run_log,
     return result
 
 
-# ---------------------------------------------------------------------------- Prefect
+# ---------------------------------------------------------------------------- the step
 
-def _retry_io_only(task, task_run, state) -> bool:
-    """Retry once on transient I/O errors, never on bad input (it would fail the same way)."""
-    exc = state.result(raise_on_failure=False)
-    return isinstance(exc, OSError) and not isinstance(exc, InputDataError)
+def ingest_step(ctx: StepContext) -> IngestResult:
+    """The 'ingest' step: the run's input source -> manifest, quarantine, stage table, ingest.json."""
+    return ingest(ctx.source, ctx.run_dir, log=ctx.log)
 
 
-@task(name="ingest", retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_io_only)
-def ingest_task(source: Path, run_dir: Path, max_file_mb: float = DEFAULT_MAX_FILE_MB,
-                max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> IngestResult:
-    """Prefect task over :func:`ingest`; flows add a content-keyed cache (a path string says nothing of the files)."""
-    return ingest(Path(source), Path(run_dir), log=run_log, max_file_mb=max_file_mb, max_megapixels=max_megapixels)
+INGEST = Step(
+    name="ingest", run=ingest_step, result_type=IngestResult, reads_source=True, retries=1,
+    writes=("manifest", "quarantine", "stage_table", "ingest_json"),
+    description="read a SOUL directory or manifest CSV: manifest.csv, quarantine.csv, stage table")

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from prefect import task
 from pydantic import BaseModel
 
 from storage.run_dir import RunPaths
 from storage.work_files import read_work_array, write_work_file
-from tasks.caching import content_cache_key
 from tasks.config import PipelineConfig
 from tasks.reporting import run_log
+from tasks.steps import Step, StepContext
+
+if TYPE_CHECKING:
+    from tasks.fill_stages import FillResult
+    from tasks.models import TrainedModel
 
 
 class LabelResult(BaseModel):
@@ -34,12 +38,12 @@ def label_synthetic(run_dir: Path, config: PipelineConfig, pix2pix_checkpoint: P
     from brvo_models.pix2pix import label_images, load_labeller
 
     t0 = time.perf_counter()
-    work = RunPaths.of(run_dir).synthetic_dir
-    images = read_work_array(work / "synthetic.h5", "images")
+    paths = RunPaths.of(run_dir)
+    images = read_work_array(paths.synthetic_h5, "images")
     generator, device = load_labeller(pix2pix_checkpoint, config.pix2pix, config.image_size, config.device)
     probabilities, masks = label_images(generator, images, threshold=config.pix2pix.threshold, device=device)
     confidence = label_confidence(probabilities)
-    out = write_work_file(work / "labels.h5", {"labels": masks.astype(np.uint8), "label_confidence": confidence},
+    out = write_work_file(paths.synthetic_labels_h5, {"labels": masks.astype(np.uint8), "label_confidence": confidence},
                           attrs={"pix2pix_checkpoint": str(pix2pix_checkpoint)})
     density = float(masks.mean()) if masks.size else float("nan")
     log(f"label: {len(masks)} synthetic images labelled (vessel density {density:.3f})")
@@ -48,9 +52,12 @@ def label_synthetic(run_dir: Path, config: PipelineConfig, pix2pix_checkpoint: P
                        seconds=time.perf_counter() - t0)
 
 
-label_task = task(
-    name="label",
-    cache_key_fn=content_cache_key("label", ["pix2pix_checkpoint"],
-                                   lambda p: [RunPaths.of(p["run_dir"]).synthetic_dir / "synthetic.h5"]),
-    persist_result=True,
-)(label_synthetic)
+def label_step(ctx: StepContext, fill: FillResult, pix2pix: TrainedModel) -> LabelResult:
+    """The 'label' step: Pix2Pix masks and confidences for every synthetic image."""
+    return label_synthetic(ctx.run_dir, ctx.config, pix2pix.checkpoint_path, log=ctx.log)
+
+
+LABEL = Step(
+    name="label", run=label_step, result_type=LabelResult, needs=("fill", "pix2pix"),
+    writes=("synthetic_labels_h5",), config_fields=("pix2pix.threshold", "image_size", "device"),
+    description="label every synthetic image with Pix2Pix")

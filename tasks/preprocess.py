@@ -29,15 +29,15 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
-from prefect import task
 from pydantic import BaseModel
 
 from storage.errors import BrvoError, InputDataError
+from storage.hashing import file_sha256
 from storage.paired_format import (
     ENCODABLE,
     SPLITS,
@@ -47,11 +47,14 @@ from storage.paired_format import (
     read_meta,
     validate,
 )
-from storage.hashing import file_sha256
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
 from tasks.reporting import LogFn, ProgressArtifact, run_log
+from tasks.steps import Step, StepContext
 from tasks.workers import reset_signals, worker_context
+
+if TYPE_CHECKING:
+    from tasks.ingest import IngestResult
 
 #: manifest columns preprocess needs (ingest writes these plus stage_name, width, height).
 MANIFEST_COLUMNS = ("patient_id", "stage", "exam_id", "subset", "image_path", "label_path")
@@ -461,17 +464,17 @@ def inspect_dataset(path: str | os.PathLike, deep: bool = False) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------- Prefect
+# ---------------------------------------------------------------------------------- the step
 
 
-def _retry_unless_user_error(task_obj, task_run, state) -> bool:
-    """Retry I/O hiccups, not bad input: a BrvoError fails the same way the second time."""
-    return not isinstance(getattr(state, "data", None), BrvoError)
-
-
-@task(name="preprocess", retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_unless_user_error)
-def preprocess_task(run_dir: str | os.PathLike, config: PipelineConfig) -> PreprocessResult:
-    """Prefect wrapper: preflight, then :func:`preprocess` with run logging and a progress artifact."""
-    preflight_preprocess(run_dir)
+def preprocess_step(ctx: StepContext, ingest: IngestResult) -> PreprocessResult:
+    """The 'preprocess' step: RUN_DIR/manifest.csv (from ingest) -> RUN_DIR/soul.h5."""
+    preflight_preprocess(ctx.run_dir)
     progress = ProgressArtifact("preprocess-progress", "pairs decoded and written to soul.h5")
-    return preprocess(Path(run_dir), config, log=run_log, on_progress=progress)
+    return preprocess(ctx.run_dir, ctx.config, log=ctx.log, on_progress=progress)
+
+
+PREPROCESS = Step(
+    name="preprocess", run=preprocess_step, result_type=PreprocessResult, needs=("ingest",), retries=1,
+    writes=("soul_h5",), config_fields=("image_size", "compression", "val_fraction", "test_fraction", "seed"),
+    description="manifest.csv -> soul.h5: resized pairs, split by patient")

@@ -1,7 +1,15 @@
-"""report.md and DATASET_CARD.md, rendered from report.json (the single source of the numbers)."""
+"""report.json, report.md and DATASET_CARD.md: built from the step results at the end of every run.
+
+report.json is the single source of the numbers; report.md and the card render it.
+"""
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
+
+from storage.run_dir import RunPaths
+from tasks.config import PipelineConfig
+from tasks.steps import PlanRun, Step
 
 PAPER_CONTEXT = ("The SOUL paper's segmenters (pre-trained on ROSE-1) reach Dice 0.72 (U-Net) to 0.77 (OCTA-Net) "
                  "on real SOUL labels. That is a different dataset from this run's input when it is the phantom.")
@@ -18,6 +26,14 @@ def _table(rows: dict[str, dict[str, Any]], keys: list[str]) -> str:
     for name, vals in rows.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(vals.get(k, "")) for k in keys) + " |")
     return "\n".join(lines)
+
+
+#: What each quality bar asks, in the words a WARNING line uses.
+BAR_MEANING = {
+    "pix2pix_beats_baselines": "Pix2Pix labels must beat every label baseline in Dice and clDice on test patients",
+    "crgan_beats_baselines": "CRGAN images must beat nearest-stage copy and neighbour mean in SSIM and PSNR",
+    "crgan_patient_specific": "a CRGAN sample must be closer to its own patient than to the others",
+}
 
 
 def bar_checks(report: dict[str, Any]) -> dict[str, bool]:
@@ -183,3 +199,46 @@ def _card_evidence(report: dict[str, Any]) -> list[str]:
     if missed:
         lines.append(f"- Quality bars not met in this run: {', '.join(missed)}.")
     return lines + [""] if len(lines) > 1 else []
+
+
+# ------------------------------------------------------------------------------- writing them
+
+
+def build_report(plan: Sequence[Step], run: PlanRun, config: PipelineConfig) -> dict[str, Any]:
+    """report.json from this run's step results: each step's declared section, timings, config, versions.
+
+    Rebuilt from the step records at the end of every run, so it can never be stale or partial
+    because a step was served from its cache (it is nobody's input)."""
+    from tasks.run_record import versions
+
+    report: dict[str, Any] = {}
+    for step in plan:
+        if step.report and step.name in run.outcomes:
+            report[step.report] = run.result(step.name).report_section()
+    report["timings_s"] = run.timings()
+    report["config"] = config.model_dump(mode="json")
+    report["versions"] = versions()
+    bars = bar_checks(report)
+    if bars:
+        report["bars"] = bars
+    return report
+
+
+def write_documents(run_dir: Path, plan: Sequence[Step], run: PlanRun, config: PipelineConfig,
+                    data_source: str) -> dict[str, Any]:
+    """Write report.json, and report.md + DATASET_CARD.md once augmented.h5 exists; return the report."""
+    from storage.atomic import write_json_atomic, write_text_atomic
+    from storage.paired_format import validate
+
+    from tasks.reporting import run_warning
+
+    paths = RunPaths.of(run_dir)
+    report = build_report(plan, run, config)
+    for bar, met in report.get("bars", {}).items():
+        if not met:
+            run_warning(f"quality bar not met: {bar} ({BAR_MEANING.get(bar, bar)}); see {paths.report_md}")
+    write_json_atomic(paths.report_json, report)
+    write_text_atomic(paths.report_md, render_report(report, data_source))
+    if "export" in run.outcomes:
+        write_text_atomic(paths.dataset_card, render_card(report, validate(paths.augmented_h5).attrs, data_source))
+    return report

@@ -14,7 +14,7 @@ from typing import Any
 from storage.atomic import write_json_atomic
 from storage.paired_format import code_version
 from storage.run_dir import RunPaths
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, parse_config
 
 
 def versions() -> dict[str, str]:
@@ -43,7 +43,7 @@ def recorded_config(run_dir: str | os.PathLike) -> PipelineConfig | None:
     record = read_run_record(run_dir)
     if "config" not in record:
         return None
-    return PipelineConfig.model_validate(record["config"])
+    return parse_config(record["config"])
 
 
 def record_run(run_dir: str | os.PathLike, config: PipelineConfig, **fields: Any) -> dict[str, Any]:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from prefect import task
 from pydantic import BaseModel
 
 from brvo_models.metrics import ssim
@@ -25,9 +25,15 @@ from storage.atomic import atomic_path
 from storage.paired_format import read_arrays, read_meta
 from storage.run_dir import RunPaths
 from storage.work_files import read_work_array, read_work_table
-from tasks.caching import content_cache_key
 from tasks.config import PipelineConfig
 from tasks.reporting import run_log
+from tasks.steps import Step, StepContext
+
+if TYPE_CHECKING:
+    from tasks.fill_stages import FillResult
+    from tasks.label import LabelResult
+    from tasks.models import TrainedModel
+    from tasks.preprocess import PreprocessResult
 
 SCORE_NAMES = ("consistency_ssim", "realism", "density_z", "label_confidence")
 
@@ -76,11 +82,10 @@ def summarise(scores: pd.DataFrame) -> dict[str, dict[str, float]]:
 def score_samples(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path, *, log=run_log) -> ScoreResult:
     t0 = time.perf_counter()
     paths = RunPaths.of(run_dir)
-    work = paths.synthetic_dir
-    table = read_work_table(work / "synthetic.h5")
-    images = read_work_array(work / "synthetic.h5", "images")
-    labels = read_work_array(work / "labels.h5", "labels")
-    confidence = read_work_array(work / "labels.h5", "label_confidence")
+    table = read_work_table(paths.synthetic_h5)
+    images = read_work_array(paths.synthetic_h5, "images")
+    labels = read_work_array(paths.synthetic_labels_h5, "labels")
+    confidence = read_work_array(paths.synthetic_labels_h5, "label_confidence")
 
     real_meta = read_meta(paths.soul_h5)
     real_images, real_labels = read_arrays(paths.soul_h5)
@@ -116,7 +121,7 @@ def score_samples(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path,
         "label_confidence": np.asarray(confidence, np.float32),
     })
     scores["accepted"] = accept_mask(scores, config)
-    out = work / "scores.csv"
+    out = paths.scores_csv
     with atomic_path(out) as tmp:
         scores.to_csv(tmp, index=False)
     n_acc = int(scores["accepted"].sum())
@@ -126,12 +131,14 @@ def score_samples(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path,
                        summary=summarise(scores), seconds=time.perf_counter() - t0)
 
 
-score_task = task(
-    name="score",
-    cache_key_fn=content_cache_key("score", ["crgan_checkpoint"], lambda p: [
-        RunPaths.of(p["run_dir"]).soul_h5,
-        RunPaths.of(p["run_dir"]).synthetic_dir / "synthetic.h5",
-        RunPaths.of(p["run_dir"]).synthetic_dir / "labels.h5",
-    ]),
-    persist_result=True,
-)(score_samples)
+def score_step(ctx: StepContext, preprocess: PreprocessResult, fill: FillResult, label: LabelResult,
+               crgan: TrainedModel) -> ScoreResult:
+    """The 'score' step: four scores per synthetic sample and the accepted flag."""
+    return score_samples(ctx.run_dir, ctx.config, crgan.checkpoint_path, log=ctx.log)
+
+
+SCORE = Step(
+    name="score", run=score_step, result_type=ScoreResult, needs=("preprocess", "fill", "label", "crgan"),
+    writes=("scores_csv",), config_fields=("min_consistency_ssim", "min_realism", "max_abs_density_z",
+                                           "min_label_confidence", "image_size", "device"),
+    description="score every synthetic sample; accept or reject it by the configured thresholds")

@@ -26,25 +26,42 @@ import itertools
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-from prefect import task
 from pydantic import BaseModel
 
-from brvo_models.crgan import (CRGAN, MODEL_NAME, N_STAGES, PatientSequence, _levels, baseline_predictions,
-                               case_scores, checkpoint_meta_for, heldout_cases, load_generator, make_train_batches,
-                               predict_heldout, sequences_from_arrays, training_signature)
+from brvo_models.crgan import (
+    CRGAN,
+    MODEL_NAME,
+    N_STAGES,
+    PatientSequence,
+    _levels,
+    baseline_predictions,
+    case_scores,
+    checkpoint_meta_for,
+    heldout_cases,
+    load_generator,
+    make_train_batches,
+    predict_heldout,
+    sequences_from_arrays,
+    training_signature,
+)
 from brvo_models.metrics import mean_scores, ssim
 from brvo_models.runtime import seed_everything, select_device
 from brvo_models.training import BEST, LAST, fit
 from storage.checkpoints import checkpoint_sha256, load_checkpoint
 from storage.errors import BrvoError, CheckpointError
 from storage.paired_format import STAGE_NAMES, read_arrays, read_meta
-from storage.run_dir import RunPaths, update_report
+from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
+from tasks.models import TrainedModel
 from tasks.preflight import require_soul_h5
 from tasks.reporting import LogFn, epoch_progress, run_log
+from tasks.steps import Step, StepContext, claim_partial_work
+
+if TYPE_CHECKING:
+    from tasks.preprocess import PreprocessResult
 
 METRIC_NOTES = (
     "Cases: every observed stage of every val/test patient with at least one other observed stage, hidden "
@@ -231,8 +248,8 @@ def _sample_quality(cases, samples: list[np.ndarray], seqs: list[PatientSequence
 
 
 def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: LogFn = run_log) -> dict[str, Any]:
-    """Score best.pt on held-out real stages of val + test patients against both baselines;
-    write report.json['crgan'] (DESIGN section 9) and return that section."""
+    """Score best.pt on held-out real stages of val + test patients against both baselines:
+    the report's 'crgan' section."""
     t0 = time.perf_counter()
     paths = RunPaths.of(run_dir)
     best_path = paths.checkpoints(MODEL_NAME) / BEST
@@ -268,7 +285,6 @@ def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: L
         "checkpoint": {"path": str(best_path), "sha256": checkpoint_sha256(best_path), "epoch": best_epoch},
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    update_report(run_dir, MODEL_NAME, section)
     m, b = heldout["model"], heldout["baselines"]
     log(f"crgan held-out ({heldout['n']} cases, {heldout['n_patients']} val/test patients): "
         f"model ssim {m['ssim']:.3f} psnr {m['psnr']:.2f}; nearest ssim {b['nearest']['ssim']:.3f} "
@@ -278,14 +294,21 @@ def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: L
     return section
 
 
-# ------------------------------------------------------------------------------------ Prefect
+# ------------------------------------------------------------------------------------ the step
 
 
-def _train_and_evaluate(run_dir: str | os.PathLike, config: PipelineConfig) -> CRGANResult:
-    on_epoch = epoch_progress("crgan-training", "CRGAN training: epochs done", config.crgan.epochs)
-    result = train_crgan(run_dir, config, log=run_log, on_epoch=on_epoch)
-    result.heldout = evaluate_crgan(run_dir, config, log=run_log)["heldout"]
-    return result
+def train_crgan_step(ctx: StepContext, preprocess: PreprocessResult) -> TrainedModel:
+    """The 'crgan' step: train (resuming only work made for this step's key), then evaluate held out."""
+    claim_partial_work(ctx.paths.checkpoints(MODEL_NAME), ctx)
+    on_epoch = epoch_progress("crgan-training", "CRGAN training: epochs done", ctx.config.crgan.epochs)
+    result = train_crgan(ctx.run_dir, ctx.config, log=ctx.log, on_epoch=on_epoch)
+    evaluation = evaluate_crgan(ctx.run_dir, ctx.config, log=ctx.log)
+    return TrainedModel(model=MODEL_NAME, checkpoint=result.best_path, sha256=result.best_sha256,
+                        image_size=ctx.config.image_size, training=result.model_dump(exclude={"heldout"}),
+                        evaluation=evaluation)
 
 
-train_crgan_task = task(name="train-crgan", persist_result=False)(_train_and_evaluate)
+TRAIN_CRGAN = Step(
+    name=MODEL_NAME, run=train_crgan_step, result_type=TrainedModel, needs=("preprocess",),
+    config_fields=("image_size", "seed", "crgan"), report=MODEL_NAME,
+    description="train the CRGAN (patient + stage + noise -> image); held-out stages against baselines")

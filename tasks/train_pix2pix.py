@@ -19,26 +19,38 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
-from prefect import task
 from pydantic import BaseModel
 
 from brvo_models.metrics import cosine, label_scores, mean_scores, mse, ssim
-from brvo_models.pix2pix import (Pix2Pix, aligned_augment, checkpoint_meta_for, label_images, load_labeller,
-                                 num_downs_for, objective_text, training_signature)
+from brvo_models.pix2pix import (
+    Pix2Pix,
+    aligned_augment,
+    checkpoint_meta_for,
+    label_images,
+    load_labeller,
+    num_downs_for,
+    objective_text,
+    training_signature,
+)
 from brvo_models.runtime import seed_everything, select_device, to_model_range
 from brvo_models.segmentation_baselines import FrangiBaseline, otsu_masks
 from brvo_models.training import BEST, LAST, fit
 from storage.checkpoints import checkpoint_sha256, load_checkpoint
 from storage.errors import BrvoError
 from storage.paired_format import read_arrays, read_meta
-from storage.run_dir import RunPaths, update_report
+from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
+from tasks.models import TrainedModel
 from tasks.preflight import require_soul_h5
 from tasks.reporting import LogFn, epoch_progress, run_log
+from tasks.steps import Step, StepContext, claim_partial_work
+
+if TYPE_CHECKING:
+    from tasks.preprocess import PreprocessResult
 
 MODEL = "pix2pix"
 PAPER_CONTEXT = {
@@ -194,7 +206,7 @@ def mask_scores(masks: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log: LogFn = run_log) -> dict[str, Any]:
-    """Score best.pt on the test patients against Otsu and Frangi; write report.json['pix2pix']."""
+    """Score best.pt on the test patients against Otsu and Frangi: the report's 'pix2pix' section."""
     t0 = time.perf_counter()
     paths = RunPaths.of(run_dir)
     best_path = paths.checkpoints(MODEL) / BEST
@@ -225,21 +237,27 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
         "paper_context": PAPER_CONTEXT,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    update_report(run_dir, MODEL, section)
     log(f"pix2pix held-out ({model_scores['n']} test images, {section['n_test_patients']} patients): "
         + "; ".join(f"{name} dice {s['dice']:.3f} cldice {s['cldice']:.3f}"
                     for name, s in (("pix2pix", model_scores), ("otsu", otsu), ("frangi", frangi))))
     return section
 
 
-# ------------------------------------------------------------------------------------ Prefect
+# ------------------------------------------------------------------------------------ the step
 
 
-def _train_and_evaluate(run_dir: str | os.PathLike, config: PipelineConfig) -> Pix2PixResult:
-    on_epoch = epoch_progress("pix2pix-training", "Pix2Pix training: epochs done", config.pix2pix.epochs)
-    result = train_pix2pix(run_dir, config, log=run_log, on_epoch=on_epoch)
-    result.test = evaluate_pix2pix(run_dir, config, log=run_log)
-    return result
+def train_pix2pix_step(ctx: StepContext, preprocess: PreprocessResult) -> TrainedModel:
+    """The 'pix2pix' step: train (resuming only work made for this step's key), then evaluate held out."""
+    claim_partial_work(ctx.paths.checkpoints(MODEL), ctx)
+    on_epoch = epoch_progress("pix2pix-training", "Pix2Pix training: epochs done", ctx.config.pix2pix.epochs)
+    result = train_pix2pix(ctx.run_dir, ctx.config, log=ctx.log, on_epoch=on_epoch)
+    evaluation = evaluate_pix2pix(ctx.run_dir, ctx.config, log=ctx.log)
+    return TrainedModel(model=MODEL, checkpoint=result.best_path, sha256=result.best_sha256,
+                        image_size=ctx.config.image_size, training=result.model_dump(exclude={"test"}),
+                        evaluation=evaluation)
 
 
-train_pix2pix_task = task(name="train-pix2pix", persist_result=False)(_train_and_evaluate)
+TRAIN_PIX2PIX = Step(
+    name=MODEL, run=train_pix2pix_step, result_type=TrainedModel, needs=("preprocess",),
+    config_fields=("image_size", "seed", "pix2pix"), report=MODEL,
+    description="train Pix2Pix (image -> vessel label) on soul.h5; held-out evaluation against baselines")

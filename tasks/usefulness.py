@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from prefect import task
+from pydantic import BaseModel
 
 from brvo_models.segmenter import evaluate_segmenter, train_segmenter
 from storage.paired_format import read_arrays, read_meta
-from storage.run_dir import RunPaths, update_report
+from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
 from tasks.reporting import run_log
+from tasks.steps import Step, StepContext
+
+if TYPE_CHECKING:
+    from tasks.export import ExportResult
 
 def measure_usefulness(run_dir: Path, config: PipelineConfig, *, steps: int | None = None, log=run_log) -> dict:
     t0 = time.perf_counter()
@@ -52,9 +57,23 @@ def measure_usefulness(run_dir: Path, config: PipelineConfig, *, steps: int | No
                + ("within noise" if abs(gain) <= spread else "beyond the seed spread") + ")")
     section = {**results, "seeds": list(seeds), "steps": steps, "dice_gain": gain, "verdict": verdict,
                "seconds": round(time.perf_counter() - t0, 2)}
-    update_report(run_dir, "usefulness", section)
     log(f"usefulness: {verdict}")
     return section
 
 
-usefulness_task = task(name="usefulness")(measure_usefulness)
+class UsefulnessResult(BaseModel):
+    section: dict[str, Any]
+
+    def report_section(self) -> dict[str, Any]:
+        return self.section
+
+
+def usefulness_step(ctx: StepContext, export: ExportResult) -> UsefulnessResult:
+    """The 'usefulness' step: does training on real + synthetic rows beat real rows alone?"""
+    return UsefulnessResult(section=measure_usefulness(ctx.run_dir, ctx.config, log=ctx.log))
+
+
+USEFULNESS = Step(
+    name="usefulness", run=usefulness_step, result_type=UsefulnessResult, needs=("export",),
+    config_fields=("seed", "image_size", "usefulness_steps", "usefulness_seeds"), report="usefulness",
+    description="segmenter trained on real vs real + accepted synthetic rows, scored on real test patients")

@@ -4,6 +4,7 @@ import sys
 
 import h5py
 import numpy as np
+import pytest
 
 from flows.cli import main
 
@@ -78,3 +79,101 @@ def test_config_file_with_an_unknown_or_invalid_field_names_it_in_one_line(tmp_p
         code, err = _run_main(capsys, "preprocess", str(tmp_path / "run"), "--config", str(cfg))
         assert code == 2 and err.startswith("error: config") and err.count("\n") == 1, err
         assert named in err
+
+
+# ---------------------------------------------------------------------------- phantom: the knobs on the command line
+
+def test_phantom_bad_values_are_one_line_exit_2(tmp_path):
+    """As a user types it: a value out of range, from a flag or from --config, is `error: ...` and exit 2."""
+    bad_config = tmp_path / "clinic.json"
+    bad_config.write_text('{"n_patients": 24, "vessel_density": 9}')
+    for extra, words in ((["--images-per-visit", "0-3"], "images_per_visit"),
+                         (["--config", str(bad_config)], "vessel_density")):
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "phantom", str(tmp_path / "out"), *extra],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+        assert words in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--attendance", "1,0.5"], "attendance"), (["--attendance", "1,1,1,1,1,0"], "attendance"),
+    (["--contrast", "2"], "contrast"), (["--noise", "-1"], "noise"), (["--vessel-width", "9"], "vessel_width"),
+    (["--non-perfusion-size", "5"], "non_perfusion_size"), (["--patients", "0"], "n_patients"),
+    (["--images-per-visit", "2-9"], "images_per_visit"), (["--workers", "0"], "workers"),
+])
+def test_phantom_flag_out_of_range(tmp_path, capsys, argv, words):
+    code, err = _run_main(capsys, "phantom", str(tmp_path / "out"), *argv)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_phantom_options_cover_every_config_field():
+    """A knob added to PhantomConfig without a flag fails here (--config alone would hide it from --help)."""
+    from brvo_models.phantom.config import PhantomConfig
+    from flows.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    dests = {a.dest for a in sub.choices["phantom"]._actions}
+    renamed = {"n_patients": "patients"}
+    assert {renamed.get(f, f) for f in PhantomConfig.model_fields} <= dests
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_phantom_command_writes_the_configured_dataset(tmp_path, capsys):
+    """--config first, then each flag given: the written tree follows both."""
+    config = tmp_path / "clinic.json"
+    config.write_text('{"n_patients": 3, "image_size": 64, "contrast": 0.4}')
+    out = tmp_path / "soul"
+    code = main(["phantom", str(out), "--config", str(config), "--patients", "4", "--images-per-visit", "1-2",
+                 "--attendance", "1,1,0.5,0.5,0.25,0.25", "--workers", "1"])
+    assert code == 0, capsys.readouterr().err
+    assert "contrast=0.4" in capsys.readouterr().out
+    patients = {p.name for p in out.glob("S*/s*/image/*")}
+    assert patients == {"1", "2", "3", "4"}  # the flag's 4, not the file's 3
+    visits = list(out.glob("S*/s*/image/*"))
+    assert all(1 <= len(list(v.glob("*.jpg"))) <= 2 for v in visits)
+    assert [len(list(out.glob(f"S*/{s}/image/*"))) for s in ("s1t1", "s1t2", "s2t1", "s2t2", "s3t1", "s3t2")] == \
+           [4, 4, 2, 2, 1, 1]
+    from PIL import Image
+
+    assert Image.open(next(out.glob("S1/s1t1/image/*/*.jpg"))).size == (64, 64)
+
+
+@pytest.mark.parametrize("fields, named", [
+    ({"compression": "bogus"}, "compression"),
+    ({"device": "tpu"}, "device"),
+    ({"samples_per_missing": 0}, "samples_per_missing"),
+    ({"samples_per_missing": 1_000_000_000}, "samples_per_missing"),
+    ({"image_size": 100000}, "image_size"),
+    ({"image_size": 33}, "image_size"),
+    ({"val_fraction": 1.5}, "val_fraction"),
+    ({"val_fraction": 0.6, "test_fraction": 0.5}, "test_fraction"),
+    ({"workers": 0}, "workers"),
+    ({"min_label_confidence": 2}, "min_label_confidence"),
+])
+def test_out_of_range_config_is_refused_before_any_work(tmp_path, capsys, fields, named):
+    """Issue 15 #8: a bad value is one line and exit 2 before ingest runs (nothing is written)."""
+    import json
+
+    (tmp_path / "soul").mkdir()
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(fields))
+    code, err = _run_main(capsys, "run", str(tmp_path / "soul"), str(tmp_path / "run"), "--config", str(cfg))
+    assert code == 2 and err.startswith("error: config") and err.count("\n") == 1, err
+    assert named in err or "val_fraction + test_fraction" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_command_on_a_run_directory_in_use_waits_then_fails_in_one_line(tiny_phantom, tmp_path):
+    """Issue 15 #6: every command that writes into a run directory takes its lock, not only `run`."""
+    from storage.locking import run_dir_lock
+
+    run = tmp_path / "run"
+    with run_dir_lock(run):
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "ingest", str(tiny_phantom), str(run)],
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "in use by another run" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (run / "manifest.csv").exists()

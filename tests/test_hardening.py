@@ -75,7 +75,8 @@ def _env() -> dict[str, str]:
 
 
 def test_01_a_patient_id_cannot_write_a_figure_outside_the_run_dir(tmp_path):
-    from tasks.export import write_figures
+    from tasks.figures import write_figures
+    from tasks.models import TrainedModel
 
     outside = tmp_path / "outside"
     run = tmp_path / "runs" / "run"
@@ -83,9 +84,9 @@ def test_01_a_patient_id_cannot_write_a_figure_outside_the_run_dir(tmp_path):
     pids = [hostile, "002", "..", "a/b", "a_b", "../../x"]
     paths = RunPaths.of(run)
     write_dataset(paths.augmented_h5, pids)
-    meta = read_meta(paths.augmented_h5)
-    figures = write_figures(run, preset("tiny"), meta, paths.checkpoints("pix2pix") / "best.pt",
-                            paths.checkpoints("crgan") / "best.pt")
+    models = [TrainedModel(model=m, checkpoint=str(paths.checkpoints(m) / "best.pt"), sha256="0" * 64, image_size=SIZE)
+              for m in ("pix2pix", "crgan")]
+    figures = write_figures(run, preset("tiny"), *models)
     assert not outside.exists()
     assert all(Path(p).resolve().is_relative_to(run.resolve()) for p in figures)
     timelines = sorted((paths.figures / "timelines").iterdir())
@@ -399,15 +400,12 @@ def test_05_disk_full_during_preprocess_on_the_command_line(tmp_path, small_tmpf
         rows.append((f"{i // 3 + 1:03d}", str(i % 6), str(images / f"{i}.png"), str(images / f"{i}_l.png")))
     manifest = tmp_path / "m.csv"
     pd.DataFrame(rows, columns=["patient_id", "stage", "image_path", "label_path"]).to_csv(manifest, index=False)
-    from tasks.ingest import ingest
-
     run = small_tmpfs / "run"
-    ingest(manifest, run, log=lambda _m: None)
     config = tmp_path / "c.json"
     config.write_text('{"image_size": 256}')
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "preprocess", str(run), "--preset", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "prepare", str(manifest), str(run), "--preset", "tiny",
                            "--config", str(config)], capture_output=True, text=True, env=_env(), cwd=REPO,
-                          timeout=300)
+                          timeout=300)  # ingest fits in 1 MiB, soul.h5 (24 noise pairs at 256 px) does not
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
     # (Prefect's own log lines around it, e.g. its temporary server stopping, are the lead's part of the issue)
     assert f"error: {DISK_FULL} {run / 'soul.h5'}" in proc.stderr.splitlines()

@@ -483,22 +483,24 @@ def test_manifest_csv_input(tmp_path):
 
 # ---------------------------------------------------------------------------- Prefect wrapper
 
-def test_task_retries_io_errors_but_not_bad_input():
+def test_step_retries_io_errors_but_not_bad_input():
     from prefect.states import Failed
 
-    from tasks.ingest import _retry_io_only, ingest_task
+    from tasks.ingest import INGEST
+    from tasks.steps import retry_io_errors
 
-    assert ingest_task.name == "ingest" and ingest_task.retries == 1
-    assert _retry_io_only(None, None, Failed(data=OSError("disk hiccup")))
-    assert not _retry_io_only(None, None, Failed(data=InputDataError("bad root")))
-    assert not _retry_io_only(None, None, Failed(data=ValueError("bug")))
+    assert INGEST.name == "ingest" and INGEST.retries == 1 and INGEST.reads_source
+    assert retry_io_errors(None, None, Failed(data=OSError("disk hiccup")))
+    assert not retry_io_errors(None, None, Failed(data=InputDataError("bad root")))
+    assert not retry_io_errors(None, None, Failed(data=ValueError("bug")))
 
 
 # ---------------------------------------------------------------------------- the phantom reads back as written
 
 def test_phantom_counts_match(tmp_path):
-    phantom = pytest.importorskip("tasks.phantom")
-    summary = phantom.generate_phantom(tmp_path / "ph", n_patients=6, seed=0, image_size=64)
+    from tasks.phantom import PhantomConfig, generate_phantom
+
+    summary = generate_phantom(tmp_path / "ph", PhantomConfig(n_patients=6, seed=0, image_size=64))
     result, manifest, quarantine, _ = run(tmp_path / "ph", tmp_path / "run")
     assert quarantine.empty and result.n_images == summary.n_images and result.n_patients == 6
     assert {s: v["images"] for s, v in result.per_stage.items()} == summary.images_per_stage

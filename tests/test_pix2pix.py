@@ -18,7 +18,9 @@ from storage.hashing import file_sha256
 from storage.errors import BrvoError, CheckpointError, DatasetFormatError
 from storage.run_dir import RunPaths
 from tasks.config import preset
-from tasks.train_pix2pix import evaluate_pix2pix, preflight_train_pix2pix, train_pix2pix, train_pix2pix_task
+from tasks.steps import StepContext
+from tasks.train_pix2pix import (Pix2PixResult, evaluate_pix2pix, preflight_train_pix2pix, train_pix2pix,
+                                  train_pix2pix_step)
 from conftest import write_blob_dataset
 
 TINY = preset("tiny").with_overrides(**{"pix2pix.epochs": 2})
@@ -178,9 +180,10 @@ def test_aligned_augmentation_moves_image_and_label_together():
 # ------------------------------------------------------------------ training, checkpoints, resume
 
 
-def test_task_trains_checkpoints_and_writes_the_held_out_report(tmp_path):
+def test_step_trains_checkpoints_and_evaluates_held_out(tmp_path):
     run = _run_dir(tmp_path)
-    result = train_pix2pix_task.fn(run, TINY)
+    model = train_pix2pix_step(StepContext(run_dir=run, config=TINY, log=_quiet, key="k1"), preprocess=None)
+    result = Pix2PixResult.model_validate(model.training)
     assert result.epochs == 2 and len(result.history) == 2
     assert {"val_dice", "val_cldice", "G_L1", "D_real", "seconds"} <= set(result.history[0])
     best = Path(result.best_path)
@@ -194,7 +197,8 @@ def test_task_trains_checkpoints_and_writes_the_held_out_report(tmp_path):
     assert float(gen.label_threshold) == pytest.approx(best_row["val_threshold"])
     assert device.type == "cpu" and not gen.training
     assert all(torch.equal(v, stored[k]) for k, v in gen.state_dict().items())
-    report = json.loads(RunPaths.of(run).report_json.read_text())["pix2pix"]
+    assert model.checkpoint == result.best_path and model.sha256 == result.best_sha256
+    report = model.report_section()
     keys = {"dice", "iou", "cldice", "mse", "ssim", "cosine", "n"}
     assert set(report["test"]) == keys
     assert set(report["baselines"]) == {"otsu", "frangi"}

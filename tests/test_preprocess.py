@@ -16,12 +16,14 @@ from PIL import Image
 from storage.errors import BrvoError, InputDataError
 from storage.paired_format import STAGE_NAMES, read_arrays, read_meta, validate
 from tasks.config import PipelineConfig, preset
+from tasks.steps import StepContext
 from tasks.preprocess import (
     inspect_dataset,
     load_pair,
     preflight_preprocess,
     preprocess,
-    preprocess_task,
+    PREPROCESS,
+    preprocess_step,
     split_patients,
 )
 
@@ -353,11 +355,11 @@ def test_killed_run_never_leaves_a_half_file(tmp_path):
     validate(tmp_path / "soul.h5")
 
 
-def test_prefect_task_wraps_the_plain_function(tmp_path):
+def test_step_wraps_the_plain_function(tmp_path):
     write_run(tmp_path, {"1": {0: 1, 1: 1}, "2": {0: 1, 2: 1}, "3": {0: 1}}, size=40)
-    result = preprocess_task.fn(tmp_path, CONFIG)
+    result = preprocess_step(StepContext(run_dir=tmp_path, config=CONFIG, log=lambda _m: None), ingest=None)
     assert result.n_rows == 5 and Path(result.path).exists()
-    assert preprocess_task.name == "preprocess" and preprocess_task.retries == 1
+    assert PREPROCESS.name == "preprocess" and PREPROCESS.retries == 1 and PREPROCESS.writes == ("soul_h5",)
 
 
 def test_inspect_counts_synthetic_and_accepted_rows(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from storage.checkpoints import load_checkpoint, save_checkpoint
 from storage.errors import BrvoError, CheckpointError
 from storage.registry import ModelRegistry
-from storage.run_dir import RunPaths, update_report
+from storage.run_dir import RunPaths
 from tasks.config import preset
 
 
@@ -20,15 +20,21 @@ def _fake_run(run_dir: Path, image_size: int = 32, scale: float = 1.0) -> Path:
         payload = {"meta": {"model": model, "image_size": image_size, "config_hash": "x", "epoch": 1},
                    "modules": {"G": {"w": torch.full((3, 3), scale)}}}
         save_checkpoint(RunPaths.of(run_dir).checkpoints(model) / "best.pt", payload)
-    update_report(run_dir, "pix2pix", {"test": {"dice": 0.5 * scale}})
-    update_report(run_dir, "crgan", {"heldout": {"n": 3}})
+    (run_dir / "metrics.json").write_text(json.dumps({"pix2pix": {"test": {"dice": 0.5 * scale}},
+                                                      "crgan": {"heldout": {"n": 3}}}))
     return run_dir
+
+
+def _publish(reg: ModelRegistry, run_dir: Path, config, source) -> str:
+    """What the retrain flow hands the registry: both best.pt checkpoints and their evaluations."""
+    checkpoints = {m: RunPaths.of(run_dir).checkpoints(m) / "best.pt" for m in ("pix2pix", "crgan")}
+    return reg.publish(checkpoints, config, source, metrics=json.loads((run_dir / "metrics.json").read_text()))
 
 
 def test_publish_then_resolve_latest(tmp_path):
     reg = ModelRegistry(tmp_path / "reg")
     config = preset("tiny")
-    v1 = reg.publish(_fake_run(tmp_path / "run1"), config, {"digest": "abc", "n_files": 2})
+    v1 = _publish(reg, _fake_run(tmp_path / "run1"), config, {"digest": "abc", "n_files": 2})
     got = reg.resolve()
     assert got.version == v1 and reg.latest_version() == v1
     assert got.config["image_size"] == 32 and got.config["preset"] == "tiny"
@@ -39,7 +45,7 @@ def test_publish_then_resolve_latest(tmp_path):
         assert torch.equal(payload["modules"]["G"]["w"], torch.ones(3, 3))
     assert set(got.sha256s) == {"pix2pix.pt", "crgan.pt"}
 
-    v2 = reg.publish(_fake_run(tmp_path / "run2", scale=2.0), config, "def")
+    v2 = _publish(reg, _fake_run(tmp_path / "run2", scale=2.0), config, "def")
     assert v2 > v1 and reg.versions() == [v1, v2]  # versions sort in publication order
     assert reg.resolve().version == v2 and reg.latest_source()["digest"] == "def"
     # pinning an older version still gives its own files
@@ -50,7 +56,7 @@ def test_publish_then_resolve_latest(tmp_path):
 def test_corrupt_checkpoint_is_not_published_and_latest_stays(tmp_path):
     reg = ModelRegistry(tmp_path / "reg")
     config = preset("tiny")
-    v1 = reg.publish(_fake_run(tmp_path / "run1"), config, "abc")
+    v1 = _publish(reg, _fake_run(tmp_path / "run1"), config, "abc")
 
     bad = _fake_run(tmp_path / "run2")
     best = RunPaths.of(bad).checkpoints("crgan") / "best.pt"
@@ -58,7 +64,7 @@ def test_corrupt_checkpoint_is_not_published_and_latest_stays(tmp_path):
     data[len(data) // 2] ^= 0xFF  # a flipped byte: sidecar no longer matches
     best.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="sha256 mismatch"):
-        reg.publish(bad, config, "def")
+        _publish(reg, bad, config, "def")
     assert reg.latest_version() == v1 and reg.versions() == [v1]
     assert not [p for p in reg.models_dir.iterdir() if p.name.startswith(".staging")]
 
@@ -66,7 +72,7 @@ def test_corrupt_checkpoint_is_not_published_and_latest_stays(tmp_path):
     best.write_bytes(b"not a checkpoint")
     best.with_name("best.pt.sha256").write_text(__import__("hashlib").sha256(b"not a checkpoint").hexdigest())
     with pytest.raises(CheckpointError, match="cannot load"):
-        reg.publish(bad, config, "def")
+        _publish(reg, bad, config, "def")
     assert reg.resolve().version == v1
 
 
@@ -74,10 +80,10 @@ def test_missing_or_wrong_model_refused(tmp_path):
     reg = ModelRegistry(tmp_path / "reg")
     run = _fake_run(tmp_path / "run", image_size=64)  # config says 32 px
     with pytest.raises(CheckpointError, match="64 px"):
-        reg.publish(run, preset("tiny"), "abc")
+        _publish(reg, run, preset("tiny"), "abc")
     (RunPaths.of(run).checkpoints("pix2pix") / "best.pt").unlink()
     with pytest.raises(CheckpointError, match="not found"):
-        reg.publish(run, preset("tiny"), "abc")
+        _publish(reg, run, preset("tiny"), "abc")
     assert reg.latest_version() is None
 
 
@@ -86,7 +92,7 @@ def test_resolve_errors_are_one_line(tmp_path):
     with pytest.raises(BrvoError, match="no published models yet") as exc:
         reg.resolve()
     assert "\n" not in str(exc.value)
-    v1 = reg.publish(_fake_run(tmp_path / "run"), preset("tiny"), "abc")
+    v1 = _publish(reg, _fake_run(tmp_path / "run"), preset("tiny"), "abc")
     with pytest.raises(BrvoError, match=f"not found.*{v1}"):
         reg.resolve("v9999-20000101T000000Z")
 
@@ -97,5 +103,5 @@ def test_killed_publish_leaves_no_version_and_is_cleaned_up(tmp_path):
     stale.mkdir(parents=True)
     (stale / "pix2pix.pt").write_bytes(b"half")
     assert reg.versions() == [] and reg.latest_version() is None
-    version = reg.publish(_fake_run(tmp_path / "run"), preset("tiny"), "abc")
+    version = _publish(reg, _fake_run(tmp_path / "run"), preset("tiny"), "abc")
     assert version.startswith("v0001-") and not stale.exists()

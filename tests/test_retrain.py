@@ -109,7 +109,8 @@ def _publish_fake(registry: ModelRegistry, run_dir: Path, config, source: dict) 
     for model in ("pix2pix", "crgan"):
         save_checkpoint(RunPaths.of(run_dir).checkpoints(model) / "best.pt",
                         {"meta": {"model": model, "image_size": config.image_size}, "w": torch.zeros(2)})
-    return registry.publish(run_dir, config, source)
+    checkpoints = {m: RunPaths.of(run_dir).checkpoints(m) / "best.pt" for m in ("pix2pix", "crgan")}
+    return registry.publish(checkpoints, config, source, metrics={})
 
 
 def test_unchanged_needs_same_data_and_config(tmp_path):
@@ -131,11 +132,11 @@ def test_retrain_flow_reports_no_change_without_training(tmp_path, monkeypatch):
     from flows.retrain import retrain
     import tasks.train_pix2pix
 
-    monkeypatch.setattr(tasks.train_pix2pix, "train_pix2pix_task", None)  # would fail if called
-    from tasks.phantom import generate_phantom
+    monkeypatch.setattr(tasks.train_pix2pix, "train_pix2pix", None)  # would fail if called
+    from tasks.phantom import PhantomConfig, generate_phantom
 
     soul, reg_dir = tmp_path / "soul", tmp_path / "reg"
-    generate_phantom(soul, n_patients=2, seed=0, image_size=64)
+    generate_phantom(soul, PhantomConfig(n_patients=2, seed=0, image_size=64))
     config = make_config("tiny")
     fp = source_fingerprint(soul, reg_dir)
     version = _publish_fake(ModelRegistry(reg_dir), tmp_path / "run", config,
@@ -153,10 +154,10 @@ def test_failed_retrain_keeps_latest_and_records_failure(tmp_path, monkeypatch):
     from flows.retrain import retrain
     import tasks.ingest
 
-    def broken_ingest(source, run_dir):
+    def broken_ingest(source, run_dir, **kwargs):
         raise BrvoError("disk full; free space and rerun")
 
-    monkeypatch.setattr(tasks.ingest, "ingest_task", broken_ingest)
+    monkeypatch.setattr(tasks.ingest, "ingest", broken_ingest)
     soul, reg_dir = _soul(tmp_path / "soul"), tmp_path / "reg"
     config = make_config("tiny")
     version = _publish_fake(ModelRegistry(reg_dir), tmp_path / "run", config,

@@ -180,9 +180,9 @@ def test_schedule_is_registered_with_configured_cron(service):
 def _soul(work: Path) -> Path:
     soul = work / "soul"
     if not soul.exists():
-        from tasks.phantom import generate_phantom
+        from tasks.phantom import PhantomConfig, generate_phantom
 
-        generate_phantom(soul, n_patients=6, seed=0)
+        generate_phantom(soul, PhantomConfig(n_patients=6, seed=0))
     return soul
 
 
