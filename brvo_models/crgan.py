@@ -785,10 +785,13 @@ def load_generator(checkpoint_path, config: CRGANConfig, image_size: int, device
 
     Patients not in the mapping (val/test, new ones) are generated with index None ('unknown').
     """
+    from storage.checkpoints import state_must_fit
+
     state, index, device = _inference_load(checkpoint_path, config, image_size, device)
     cfg = config.crgan if hasattr(config, "crgan") else config
     gen = CRGANGenerator(cfg, int(image_size), len(index))
-    gen.load_state_dict(state["modules"]["generator"])
+    with state_must_fit(checkpoint_path):
+        gen.load_state_dict(state["modules"]["generator"])
     gen.patient_ids = list(index)
     return gen.to(device).eval(), index, device
 
@@ -796,8 +799,11 @@ def load_generator(checkpoint_path, config: CRGANConfig, image_size: int, device
 def load_discriminator(checkpoint_path, config: CRGANConfig, image_size: int, device="auto"
                        ) -> tuple[CRGANDiscriminator, dict[str, int]]:
     """(discriminator in eval mode, patient_id -> embedding index) for :func:`realism`."""
+    from storage.checkpoints import state_must_fit
+
     state, index, device = _inference_load(checkpoint_path, config, image_size, device)
     cfg = config.crgan if hasattr(config, "crgan") else config
     disc = CRGANDiscriminator(cfg, int(image_size), len(index))
-    disc.load_state_dict(state["modules"]["discriminator"])
+    with state_must_fit(checkpoint_path):
+        disc.load_state_dict(state["modules"]["discriminator"])
     return disc.to(device).eval(), index

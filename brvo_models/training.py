@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
-from storage.checkpoints import load_checkpoint, save_checkpoint
+from storage.checkpoints import load_checkpoint, save_checkpoint, state_must_fit
 from storage.hashing import json_sha256
 
 LAST = "last.pt"
@@ -83,7 +83,8 @@ def fit(
     best_score, best_epoch, best_sha = float("-inf"), -1, ""
     if last_path.exists():
         state = load_checkpoint(last_path, expect=meta)
-        _restore(model, state)
+        with state_must_fit(last_path):  # weights of another shape: a one-line CheckpointError
+            _restore(model, state)
         start_epoch = int(state["epoch"])
         history = list(state.get("history", []))
         best_score = float(state.get("best_score", float("-inf")))
@@ -160,9 +161,10 @@ def _restore(model: Trainable, state: dict[str, Any]) -> None:
 def load_modules(path: Path, modules: dict[str, torch.nn.Module], meta: dict[str, Any]) -> dict[str, Any]:
     """Load trained weights (e.g. best.pt) into ``modules`` for inference; returns the checkpoint."""
     state = load_checkpoint(path, expect=meta)
-    for k, m in modules.items():
-        m.load_state_dict(state["modules"][k])
-        m.eval()
+    with state_must_fit(path):
+        for k, m in modules.items():
+            m.load_state_dict(state["modules"][k])
+            m.eval()
     return state
 
 

@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="validate a brvo-paired .h5 file and print counts per split and stage")
     p.add_argument("file", type=Path)
+    p.add_argument("--deep", action="store_true", help="also read every image chunk (finds damaged bytes)")
 
     from deployments.serve import add_serve_arguments
 
@@ -217,7 +218,7 @@ def _run(args: argparse.Namespace) -> int:
     elif cmd == "inspect":
         from tasks.preprocess import inspect_dataset
 
-        print(inspect_dataset(args.file))
+        print(inspect_dataset(args.file, deep=args.deep))
     elif cmd == "serve":
         from deployments.serve import run_from_args
 
@@ -225,16 +226,36 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+#: exit status when the reader of stdout went away (``| head -1``): 128 + SIGPIPE, as a shell reports
+#: for any tool that the closed pipe stopped
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
-    from storage.errors import BrvoError
+    from storage.atomic import is_disk_full
+    from storage.errors import BrvoError, DiskFullError
 
     args = build_parser().parse_args(argv)
     try:
         if args.command in PREFECT_COMMANDS:
             check_prefect_api()
-        return _run(args)
+        code = _run(args)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # the reader has what it wanted; point stdout at /dev/null so the exit-time flush stays quiet
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
     except BrvoError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        # a write outside storage's atomic layer (a library's own file): still one line, exit 2
+        print(f"error: {DiskFullError(exc.filename or 'an output file')}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)

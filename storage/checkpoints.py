@@ -1,21 +1,27 @@
 """Checkpoints: atomic torch.save with a sha256, loaded with ``weights_only=True``.
 
 A checkpoint is a dict of tensors, state dicts and plain values (config as JSON,
-metrics as floats). The sha256 of the file is written beside it
-(``<name>.pt.sha256``) after the file is in place, so a file whose digest does
-not match is known to be interrupted or altered and is refused.
+metrics as floats). Its sha256 sidecar (``<name>.pt.sha256``) is committed *before*
+the checkpoint and also names the checkpoint it replaces (storage/checkpoint_digest.py),
+so a kill between the two renames leaves an older checkpoint that still verifies. A
+file whose digest the sidecar does not vouch for, or one without a sidecar, is refused.
+A full disk while saving is a one-line DiskFullError (storage/atomic.py); weights that
+do not fit the network they are loaded into are a one-line CheckpointError
+(:func:`state_must_fit`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from storage.atomic import atomic_path, write_text_atomic
+from storage.atomic import atomic_path
+from storage.checkpoint_digest import previous_digest, verified_sha256, write_sidecar
 from storage.errors import CheckpointError
 from storage.hashing import file_sha256
 
@@ -24,9 +30,11 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> str:
     """Write ``payload`` to ``path`` atomically; return its sha256 (also stored beside it)."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        # a file object, not a path: torch then reports a full disk with the OSError as its context
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
         digest = file_sha256(tmp)
-    write_text_atomic(_sha_path(path), digest + "\n")
+        write_sidecar(path, digest, previous=previous_digest(path))  # committed before the checkpoint
     return digest
 
 
@@ -45,14 +53,7 @@ def load_checkpoint(
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found; train the model first")
-    sha_file = _sha_path(path)
-    if sha_file.exists():
-        recorded = sha_file.read_text().strip()
-        actual = file_sha256(path)
-        if recorded != actual:
-            raise CheckpointError(
-                f"{path}: sha256 mismatch (interrupted or altered checkpoint); delete it to retrain from the previous one"
-            )
+    verified_sha256(path)  # a missing sidecar or a digest it does not vouch for: refused
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
@@ -72,10 +73,18 @@ def load_checkpoint(
 
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:
-    """The recorded sha256 of a checkpoint (computed if the sidecar is missing)."""
-    sha_file = _sha_path(Path(path))
-    return sha_file.read_text().strip() if sha_file.exists() else file_sha256(path)
+    """The sha256 of a checkpoint, verified against its sidecar (CheckpointError if it cannot be)."""
+    return verified_sha256(path)
 
 
-def _sha_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
+@contextlib.contextmanager
+def state_must_fit(path: str | os.PathLike) -> Iterator[None]:
+    """Around ``load_state_dict`` calls: a tensor of another shape, a missing or an extra key
+    becomes a one-line CheckpointError naming ``path`` instead of a RuntimeError traceback."""
+    try:
+        yield
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        raise CheckpointError(f"{path}: its weights do not fit this network ({detail[:200]}); it was saved for "
+                              f"another architecture or altered: delete it and retrain") from None
+

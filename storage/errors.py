@@ -10,7 +10,7 @@ class BrvoError(Exception):
 
 
 class DatasetFormatError(BrvoError):
-    """An HDF5 file is not a valid 'brvo-paired' v1 dataset."""
+    """An HDF5 file is not a valid 'brvo-paired' dataset of a version this code reads."""
 
 
 class CheckpointError(BrvoError):
@@ -19,3 +19,18 @@ class CheckpointError(BrvoError):
 
 class InputDataError(BrvoError):
     """The input directory or manifest cannot be read as SOUL data."""
+
+
+class DiskFullError(BrvoError):
+    """The disk (or quota) filled up while writing; nothing partial was left at the target path."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+        super().__init__(f"no space left on device while writing {path}")
+
+    def __reduce__(self):  # pickles as its path, so a copy (e.g. in a Prefect state) keeps the same message
+        return (type(self), (self.path,))
+
+
+class UnsafePathError(BrvoError):
+    """A path built from user-supplied text would leave the folder it belongs in."""

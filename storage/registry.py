@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from storage.atomic import write_json_atomic, write_text_atomic
+from storage.checkpoint_digest import read_digests, sidecar_path, write_sidecar
 from storage.errors import BrvoError, CheckpointError
 from storage.hashing import file_sha256, fsync_dir
 from storage.locking import file_lock
@@ -81,6 +82,9 @@ class ModelRegistry:
                     f"model registry {self.root} has no published models yet; run the 'retrain' deployment "
                     f"(or brvo-augment with force_retrain) first"
                 )
+        if not _VERSION_RE.match(str(version)):  # a name, never a path: '../x' would leave the registry
+            raise BrvoError(f"model version {version!r} in {self.root} is not a version name "
+                            f"(like v0001-20261125T093000Z); pass one of: {', '.join(self.versions()[-5:]) or 'none'}")
         vdir = self.models_dir / version
         if not vdir.is_dir():
             known = ", ".join(self.versions()[-5:]) or "none"
@@ -170,18 +174,17 @@ def _copy_verified(src: Path, dst: Path) -> str:
     """Copy a checkpoint and its sidecar; the copy's sha256 must equal the source's recorded one."""
     if not src.is_file():
         raise CheckpointError(f"{src}: checkpoint not found; the training step did not finish, run retrain again")
-    sidecar = src.with_name(src.name + ".sha256")
-    if not sidecar.is_file():
-        raise CheckpointError(f"{sidecar}: sha256 sidecar missing; the checkpoint cannot be verified, retrain")
-    recorded = sidecar.read_text().strip()
+    recorded = read_digests(src)
+    if recorded is None:
+        raise CheckpointError(f"{sidecar_path(src)}: sha256 sidecar missing; the checkpoint cannot be verified, retrain")
     shutil.copyfile(src, dst)
     with open(dst, "rb") as fh:
         os.fsync(fh.fileno())
     actual = file_sha256(dst)
-    if actual != recorded:
+    if actual not in recorded:
         raise CheckpointError(f"{src}: sha256 mismatch (interrupted or altered checkpoint); "
                               f"nothing was published, retrain")
-    write_text_atomic(dst.with_name(dst.name + ".sha256"), actual + "\n")
+    write_sidecar(dst, actual)
     return actual
 
 

@@ -2,16 +2,58 @@
 
 Steps declare their outputs as names of these attributes (tasks.steps.Step.writes) and
 pass their results on; nothing else builds a path inside a run directory by hand.
+
+Every path built from text that is not ours (a patient id from a manifest, a file stem,
+a version name) goes through :func:`safe_component`, and the result is checked with
+:meth:`RunPaths.inside` (or :func:`ensure_inside`) to stay under its root: a patient id
+like ``/../../../tmp/x/ESCAPED`` must never name a file outside the run directory.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from storage.atomic import write_json_atomic
+from storage.errors import UnsafePathError
+
+#: longest component safe_component returns, in UTF-8 bytes (file systems allow 255)
+MAX_COMPONENT_BYTES = 120
+_KEPT_PUNCTUATION = "-_"
+
+
+def safe_component(text: str) -> str:
+    """One file-name component derived from ``text``, safe to join under a folder.
+
+    Letters and digits of any script, '-' and '_' are kept (NFC-normalised), so plain
+    ids keep their name (``001`` -> ``001``, ``Zoë`` -> ``Zoë``); anything else (path
+    separators, dots, spaces, control characters, emoji) becomes '_'. When the text had
+    to change, was empty or was too long, a short hash of the original is appended, so
+    two different ids never share a file (``a/b`` -> ``a_b-3a1f...``, ``a_b`` -> ``a_b``).
+    The result is never empty, '.', '..' or hidden, and at most MAX_COMPONENT_BYTES long.
+    """
+    text = str(text)
+    normalised = unicodedata.normalize("NFC", text)
+    kept = "".join(ch if (ch.isalnum() or ch in _KEPT_PUNCTUATION) else "_" for ch in normalised)
+    limit = MAX_COMPONENT_BYTES - 9  # room for '-' and 8 hex digits
+    if kept == text and kept and len(kept.encode("utf-8")) <= MAX_COMPONENT_BYTES:
+        return kept
+    while len(kept.encode("utf-8")) > limit:
+        kept = kept[:-1]
+    tag = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{kept}-{tag}" if kept else tag
+
+
+def ensure_inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """``path`` if it resolves (symlinks followed) to somewhere under ``root``; else UnsafePathError."""
+    root, path = Path(root), Path(path)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise UnsafePathError(f"refusing to write {path}: it is outside {root}")
+    return path
 
 
 @dataclass(frozen=True)
@@ -103,6 +145,14 @@ class RunPaths:
     @property
     def run_json(self) -> Path:
         return self.root / "run.json"
+
+    def timeline_figure(self, patient_id: str) -> Path:
+        """figures/timelines/patient_<safe id>.png, checked to stay in the run directory."""
+        return self.inside(self.figures / "timelines" / f"patient_{safe_component(patient_id)}.png")
+
+    def inside(self, path: str | os.PathLike) -> Path:
+        """``path`` when it stays under the run directory; else UnsafePathError (one line)."""
+        return ensure_inside(self.root, path)
 
 
 def read_report(run_dir: str | os.PathLike) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from storage.errors import DatasetFormatError
 from storage.paired_format import meta_frame, validate
 
 
@@ -77,7 +78,11 @@ class PairedImageDataset(Dataset):
         self._handle()
         row = int(self.rows[i])
         image = torch.from_numpy(self._images[row].astype(np.float32) / 255.0)[None]
-        label = torch.from_numpy(self._labels[row].astype(np.float32))[None]
+        label_u8 = self._labels[row]
+        if label_u8.max(initial=0) > 1:  # validate() checked every label; this guards a file changed since
+            raise DatasetFormatError(f"{self.path}: /labels row {row} holds value {int(label_u8.max())}; "
+                                     f"labels must be 0/1 (vessel = 1)")
+        label = torch.from_numpy(label_u8.astype(np.float32))[None]
         if self.transform is not None:
             image, label = self.transform(image, label)
         return image, label, dict(self._records[i])

@@ -13,7 +13,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from storage.atomic import atomic_path
+from storage.atomic import atomic_path, open_h5_for_writing
+from storage.paired_format import decode_text, text_array
 
 
 def write_work_file(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], table: pd.DataFrame | None = None,
@@ -21,7 +22,7 @@ def write_work_file(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], t
     """Arrays (images compressed, chunked per row) + an optional table of per-row columns."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with open_h5_for_writing(tmp, path) as f:  # a full disk: DiskFullError, not a crash in HDF5
             for name, arr in arrays.items():
                 arr = np.asarray(arr)
                 if arr.ndim == 3 and arr.shape[0] > 0:
@@ -34,7 +35,7 @@ def write_work_file(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], t
                 for col in table.columns:
                     values = table[col].to_numpy()
                     if values.dtype == object:
-                        values = np.asarray([str(v).encode() for v in values], dtype="S")
+                        values = text_array(values)  # UTF-8: patient ids need not be ASCII
                     g.create_dataset(col, data=values)
             for k, v in (attrs or {}).items():
                 f.attrs[k] = v
@@ -45,8 +46,8 @@ def read_work_table(path: str | os.PathLike) -> pd.DataFrame:
     with h5py.File(path, "r") as f:
         if "table" not in f:
             return pd.DataFrame()
-        return pd.DataFrame({k: (f["table"][k].asstr()[:] if f["table"][k].dtype.kind == "S" else f["table"][k][:])
-                             for k in f["table"]})
+        return pd.DataFrame({k: (decode_text(f["table"][k]) if h5py.check_string_dtype(f["table"][k].dtype)
+                                 else f["table"][k][:]) for k in f["table"]})
 
 
 def read_work_array(path: str | os.PathLike, name: str) -> np.ndarray:

@@ -12,6 +12,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageOps
 from pydantic import BaseModel
 
+from storage.atomic import atomic_path
 from storage.paired_format import STAGE_NAMES, read_meta
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
@@ -72,8 +73,8 @@ def timeline_montage(tiles: dict[int, MontageTile], title: str, out_png: Path) -
             canvas.paste(ImageOps.expand(img.convert("RGB"), border=2, fill=colour), (x, y))
             if tile.kind == "rejected":
                 draw.text((x + 8, y + 6), "REJECTED", fill=(255, 200, 0))
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out_png)
+    with atomic_path(out_png) as tmp:  # a full disk: DiskFullError, no half PNG
+        canvas.save(tmp, format="PNG")
     return out_png
 
 
@@ -114,8 +115,8 @@ def score_histograms(scores: pd.DataFrame, thresholds: dict[str, tuple[float | N
         ax.set_title(name)
     fig.suptitle("Synthetic sample scores (dashed: acceptance thresholds)")
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
+    with atomic_path(out_png) as tmp:  # a full disk: DiskFullError, no half PNG
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return out_png
 
@@ -176,8 +177,8 @@ def training_curves(histories: dict[str, list[dict[str, float]]], out_png: Path)
         handles = [h for ax in (bottom, twin) if ax is not None for h in ax.get_legend_handles_labels()[0]]
         bottom.legend(handles=handles, fontsize=7)
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
+    with atomic_path(out_png) as tmp:  # a full disk: DiskFullError, no half PNG
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return out_png
 
@@ -217,7 +218,7 @@ def write_figures(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, 
             n_acc = int((patient["is_synthetic"] & patient["accepted"]).sum())
             title = (f"patient {pid} ({patient['split'].iloc[0]}): {int((~patient['is_synthetic']).sum())} real, "
                      f"{n_syn} synthetic rows ({n_acc} accepted)")
-            figures.append(timeline_montage(tiles, title, paths.figures / "timelines" / f"patient_{pid}.png"))
+            figures.append(timeline_montage(tiles, title, paths.timeline_figure(pid)))
     return figures
 
 

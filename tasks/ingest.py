@@ -32,6 +32,12 @@ Decisions (what users can rely on):
   when no value exceeds 255; a 12-bit image stored in 16 bits comes out dark,
   so rescale those first), labels become 255 where nonzero. Float images are
   quarantined. Each conversion is listed in ingest.json and the log.
+* **Size before decoding.** A file over ``max_file_mb`` (default 64 MB), or whose
+  header declares more than ``max_megapixels`` (default 64 Mpx; SOUL's are 0.09),
+  is quarantined with its size in the reason before it is read or decoded, so one
+  huge or hostile file costs a quarantine row, never the memory of the whole ingest.
+* **Converted copies** are named from sanitised ids (storage.run_dir.safe_component)
+  and checked to stay under ``RUN_DIR/converted``: an id is text, not a path.
 * **Duplicates.** The same exam (same patient and exam id, or byte-identical
   image of the same patient, or the same file listed twice) keeps the copy at
   the earliest stage; the others go to quarantine.csv with reason
@@ -55,6 +61,7 @@ Decisions (what users can rely on):
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import os
@@ -73,7 +80,7 @@ from pydantic import BaseModel
 from storage.atomic import atomic_path, write_json_atomic, write_text_atomic
 from storage.errors import InputDataError
 from storage.paired_format import STAGE_NAMES
-from storage.run_dir import RunPaths
+from storage.run_dir import RunPaths, ensure_inside, safe_component
 from tasks.reporting import run_log
 from tasks.steps import Step, StepContext
 
@@ -88,6 +95,10 @@ SYSTEM_NAMES = {"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", "__macosx",
 NAME_RE = re.compile(r"^(?P<pid>\d+)_(?P<exam>[^\s]+?)\.(?:jpe?g|png|bmp|tiff?)$", re.IGNORECASE)
 LUMA_MODES = {"1", "L", "P", "PA", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
 INT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+#: files above this size are quarantined before anything is read (an 8 GB file must not fail the ingest)
+DEFAULT_MAX_FILE_MB = 64.0
+#: images whose header declares more pixels than this are quarantined before decoding (SOUL: 0.09 Mpx)
+DEFAULT_MAX_MEGAPIXELS = 64.0
 _IMAGE_DIRS = ("image", "images", "img")
 _LABEL_DIRS = ("label", "labels", "mask", "masks")
 
@@ -391,14 +402,31 @@ def _short(exc: BaseException) -> str:
     return text[:120]
 
 
-def _probe(path: Path) -> _Probe:
-    """Decode ``path`` fully (PIL releases the GIL while decoding, so threads use both cores)."""
+def _probe(path: Path, max_file_mb: float = DEFAULT_MAX_FILE_MB,
+           max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> _Probe:
+    """Check size and header, then decode ``path`` fully (PIL releases the GIL while decoding,
+    so threads use both cores). Nothing larger than the caps is read into memory."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return _Probe(False, f"cannot read file ({exc.strerror or exc})")
+    if size == 0:
+        return _Probe(False, "empty file (0 bytes)")
+    if size > max_file_mb * 1e6:
+        return _Probe(False, f"file is {size / 1e6:.1f} MB, over the ingest cap of {max_file_mb:g} MB "
+                             f"(raise max_file_mb if such images are real)")
+    try:
+        with Image.open(path) as im:  # reads the header only
+            width, height = im.size
+    except Exception as exc:  # an unreadable header means the file is unusable; the reason goes to quarantine
+        return _Probe(False, f"cannot decode image: {_short(exc)}")
+    if width * height > max_megapixels * 1e6:
+        return _Probe(False, f"image is {width}x{height} ({width * height / 1e6:.0f} Mpx), over the ingest cap of "
+                             f"{max_megapixels:g} Mpx (raise max_megapixels if such images are real)")
     try:
         data = path.read_bytes()
     except OSError as exc:
         return _Probe(False, f"cannot read file ({exc.strerror or exc})")
-    if not data:
-        return _Probe(False, "empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
@@ -419,9 +447,11 @@ def _probe(path: Path) -> _Probe:
                   sha1=hashlib.sha1(data).hexdigest(), label_max=top)
 
 
-def _probe_all(paths: list[Path], workers: int) -> dict[Path, _Probe]:
+def _probe_all(paths: list[Path], workers: int, max_file_mb: float = DEFAULT_MAX_FILE_MB,
+               max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> dict[Path, _Probe]:
+    probe = functools.partial(_probe, max_file_mb=max_file_mb, max_megapixels=max_megapixels)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return dict(zip(paths, pool.map(_probe, paths)))
+        return dict(zip(paths, pool.map(probe, paths)))
 
 
 def _to_8bit(src: Path, dst: Path, is_label: bool) -> None:
@@ -514,8 +544,8 @@ def _convert(kept: list[_Checked], converted_dir: Path, root: Path | None) -> li
                     rel = path.relative_to(root).with_suffix(".png")
                 else:  # manifest input: names may repeat across folders, so tag with the path's hash
                     tag = hashlib.sha1(str(path).encode()).hexdigest()[:10]
-                    rel = Path(pair.patient_id) / f"{path.stem}-{tag}.png"
-                dst = converted_dir / rel
+                    rel = Path(safe_component(pair.patient_id)) / f"{safe_component(path.stem)}-{tag}.png"
+                dst = ensure_inside(converted_dir, converted_dir / rel)  # ids are not ours: never leave RUN_DIR
                 _to_8bit(path, dst, is_label)
                 action = ("label: nonzero -> 255" if is_label
                           else "scaled to 8-bit (x*255/65535; kept as is if max <= 255)")
@@ -604,8 +634,13 @@ def _pretty(table: pd.DataFrame) -> str:
 
 
 def ingest(source: Path, run_dir: Path, *, log: Callable[[str], None] = run_log,
-           workers: int | None = None) -> IngestResult:
-    """Read SOUL or a manifest CSV at ``source``; write manifest/quarantine/stage table/ingest.json in ``run_dir``."""
+           workers: int | None = None, max_file_mb: float = DEFAULT_MAX_FILE_MB,
+           max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> IngestResult:
+    """Read SOUL or a manifest CSV at ``source``; write manifest/quarantine/stage table/ingest.json in ``run_dir``.
+
+    Files over ``max_file_mb`` or whose header declares more than ``max_megapixels`` are
+    quarantined with the reason before they are read or decoded.
+    """
     started = time.perf_counter()
     source = Path(source).expanduser().absolute()
     paths = RunPaths.of(Path(run_dir).expanduser().absolute())
@@ -625,7 +660,7 @@ def ingest(source: Path, run_dir: Path, *, log: Callable[[str], None] = run_log,
     log(f"ingest: {kind} input {source}: {len(pairs)} candidate pairs, decoding with {workers} threads")
 
     files = sorted({p for pair in pairs for p in (pair.image, pair.label) if p is not None})
-    probes = _probe_all(files, workers)
+    probes = _probe_all(files, workers, max_file_mb, max_megapixels)
     kept, duplicates = _drop_duplicates(_check_pairs(pairs, probes, acc), acc)
     conversions = _convert(kept, paths.root / "converted", root)
 

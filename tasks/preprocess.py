@@ -425,9 +425,10 @@ def _first_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------------- inspect
 
 
-def inspect_dataset(path: str | os.PathLike) -> str:
-    """Validate a 'brvo-paired' file and summarise it: counts per split and stage, size, provenance."""
-    summary = validate(path)
+def inspect_dataset(path: str | os.PathLike, deep: bool = False) -> str:
+    """Validate a 'brvo-paired' file and summarise it: counts per split and stage, size, provenance.
+    ``deep`` also reads every image chunk (see :func:`storage.paired_format.validate`)."""
+    summary = validate(path, deep=deep)
     meta = read_meta(path)
     a = summary.attrs
     syn = meta["is_synthetic"].astype(bool)

@@ -247,6 +247,9 @@ def test_interrupted_checkpoint_is_refused_and_nothing_overwritten(trained, tmp_
     with pytest.raises(CheckpointError):
         train_crgan(run, config.with_overrides(**{"crgan.epochs": 3}), log=lambda _m: None)
     assert file_sha256(ckpts / BEST) == best_sha
-    (ckpts / "last.pt.sha256").unlink()  # truncated and no digest to compare: still refused
+    (ckpts / "last.pt.sha256").unlink()  # truncated and no digest to compare: unverifiable, refused (issue 15)
+    with pytest.raises(CheckpointError, match="sidecar"):
+        preflight_train_crgan(run, config)
+    (ckpts / "last.pt.sha256").write_text(file_sha256(last) + "\n")  # re-signed: still not a loadable file
     with pytest.raises(CheckpointError, match="cannot load checkpoint"):
         preflight_train_crgan(run, config)

@@ -297,7 +297,9 @@ def test_bad_checkpoints_are_refused_and_never_overwritten(tmp_path):
     last.write_bytes(good[: len(good) // 2])
     before[last] = file_sha256(last)
     refused(TINY, "sha256")
-    (last.parent / "last.pt.sha256").unlink()  # and without its sidecar: torch cannot read it
+    (last.parent / "last.pt.sha256").unlink()  # and without its sidecar: unverifiable, refused (issue 15)
+    refused(TINY, "sidecar")
+    (last.parent / "last.pt.sha256").write_text(file_sha256(last) + "\n")  # re-signed: torch cannot read it
     refused(TINY, "cannot load")
     last.write_bytes(good)
     (last.parent / "last.pt.sha256").write_text(file_sha256(last) + "\n")
@@ -305,7 +307,7 @@ def test_bad_checkpoints_are_refused_and_never_overwritten(tmp_path):
     # a pickled object in place of weights: weights_only refuses it, nothing is executed
     marker = tmp_path / "pwned"
     torch.save({"meta": {"model": "pix2pix"}, "evil": _Payload(str(marker))}, best)
-    (best.parent / "best.pt.sha256").unlink()
+    (best.parent / "best.pt.sha256").write_text(file_sha256(best) + "\n")  # signed, so torch.load is reached
     before[best] = file_sha256(best)
     refused(TINY, "cannot load checkpoint safely")
     with pytest.raises(CheckpointError):

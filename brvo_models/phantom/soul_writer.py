@@ -31,6 +31,7 @@ from brvo_models.phantom.clinical_sheet import clinical_sheets, write_xlsx_deter
 from brvo_models.phantom.config import PhantomConfig
 from brvo_models.phantom.soul_layout import SHEET_NAME, SOUL_ENTRIES, stage_dir
 from brvo_models.phantom.visit_plan import plan_visits
+from storage.atomic import output_mode
 from storage.errors import BrvoError
 from storage.hashing import fsync_dir
 from storage.paired_format import STAGE_NAMES
@@ -106,7 +107,7 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
     """Rename the finished tree onto ``out_dir``; an old phantom there is removed only after that."""
-    tmp.chmod(0o755)  # mkdtemp makes it private; the tree is meant to be shared like a SOUL copy
+    tmp.chmod(output_mode(directory=True))  # mkdtemp makes it 0700; give it what mkdir would under the umask
     if not out_dir.exists():
         tmp.rename(out_dir)
     else:
