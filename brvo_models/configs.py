@@ -3,7 +3,7 @@ small 64 px model on a laptop CPU (preset 'demo') and a paper-size one on a GPU 
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,6 +15,9 @@ class _Frozen(BaseModel):
 class Pix2PixConfig(_Frozen):
     """Pix2Pix (Isola et al. 2017) image -> vessel label; defaults follow the reference."""
 
+    #: fields that change labelling, not training: left out of the checkpoint's training hash
+    inference_only: ClassVar[tuple[str, ...]] = ("threshold",)
+
     ngf: int = Field(64, description="generator width of the first layer")
     ndf: int = Field(64, description="discriminator width of the first layer")
     n_layers_d: int = Field(3, description="PatchGAN depth; 3 gives the 70x70 receptive field")
@@ -23,8 +26,8 @@ class Pix2PixConfig(_Frozen):
     lambda_l1: float = 100.0
     lambda_dice: float = Field(
         0.0, ge=0.0, description="not in the reference: weight of a soft-Dice term on the generator's vessel "
-        "probabilities. 0 (every preset) keeps the reference objective; see docs/pix2pix-64px.md for what it "
-        "changes at 64 px")
+        "probabilities. 0 (the default, and the full preset) keeps the reference objective; the demo preset uses "
+        "100 (docs/pix2pix-64px.md says what it changes at 64 px)")
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
@@ -40,6 +43,9 @@ class Pix2PixConfig(_Frozen):
 
 class CRGANConfig(_Frozen):
     """Conditional recurrent GAN: patient + stage + noise (+ observed images) -> image per stage."""
+
+    #: fields that change evaluation, not training: left out of the checkpoint's training hash
+    inference_only: ClassVar[tuple[str, ...]] = ("eval_samples",)
 
     ngf: int = Field(64, description="decoder/encoder base width")
     ndf: int = Field(64, description="discriminator base width")

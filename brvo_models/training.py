@@ -1,18 +1,18 @@
-"""The one training contract every model here follows, and the epoch loop that drives it.
+"""The training contract the two GANs follow, and the epoch loop that drives it.
 
-A model (Pix2Pix, CRGAN, the usefulness segmenter) implements :class:`Trainable`:
+Pix2Pix and CRGAN implement :class:`Trainable` (the small segmenters of the usefulness
+experiment train for a fixed number of steps in a loop of their own, with no checkpoints):
 named modules, optimisers and lr schedulers, a ``train_step`` on one batch and a
 ``validate`` that returns metrics with a ``score`` (higher is better). :func:`fit`
 owns everything around that: epochs, resume from ``last.pt``, atomic checkpoints
-every epoch (weights, optimiser and scheduler states, RNG state, epoch, config,
-metrics history; sha256 beside each), ``best.pt`` on the validation score, and
-progress callbacks. Because shuffling is seeded per epoch and the torch RNG is
-saved, a run killed after epoch k and resumed ends, on CPU, with the same weights
-as an uninterrupted run.
+every epoch (weights, optimiser and scheduler states, RNG state, epoch, metrics
+history, the model's self-description from :mod:`brvo_models.identity`; sha256 beside
+each), ``best.pt`` on the validation score, and progress callbacks. Because shuffling
+is seeded per epoch and the torch RNG is saved, a run killed after epoch k and resumed
+ends, on CPU, with the same weights as an uninterrupted run.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
+from brvo_models.identity import CheckpointIdentity
 from storage.checkpoints import load_checkpoint, save_checkpoint
-from storage.hashing import json_sha256
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -53,19 +53,13 @@ class FitResult:
     seconds: float = 0.0
 
 
-def checkpoint_meta(model_name: str, image_size: int, config_json: str) -> dict[str, Any]:
-    """What a checkpoint must agree on with the run that loads it."""
-    return {"model": model_name, "image_size": int(image_size), "config_hash": json_sha256(config_json)}
-
-
 def fit(
     model: Trainable,
     batches: Callable[[int], Iterable[Any]],
     *,
     epochs: int,
     checkpoint_dir: Path,
-    meta: dict[str, Any],
-    config_json: str,
+    identity: CheckpointIdentity,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     log: Callable[[str], None] = print,
     max_epochs_this_call: int | None = None,
@@ -73,8 +67,9 @@ def fit(
     """Train ``model`` to ``epochs`` total epochs, resuming from ``checkpoint_dir/last.pt`` when present.
 
     ``batches(epoch)`` yields the batches of one epoch (seed its shuffling with the epoch).
-    ``meta`` (from :func:`checkpoint_meta`) is stored in every checkpoint and checked on resume,
-    so a checkpoint from another config or image size is refused before anything is overwritten.
+    ``identity`` (:class:`brvo_models.identity.CheckpointIdentity`) describes every checkpoint
+    written and is checked on resume, so a checkpoint from another model, config, seed or image
+    size is refused before anything is overwritten.
     ``max_epochs_this_call`` stops early (used by tests to simulate a kill).
     """
     checkpoint_dir = Path(checkpoint_dir)
@@ -82,7 +77,7 @@ def fit(
     start_epoch, history = 0, []
     best_score, best_epoch, best_sha = float("-inf"), -1, ""
     if last_path.exists():
-        state = load_checkpoint(last_path, expect=meta)
+        state = load_checkpoint(last_path, expect=identity.meta)
         _restore(model, state)
         start_epoch = int(state["epoch"])
         history = list(state.get("history", []))
@@ -114,7 +109,7 @@ def fit(
         improved = float(val["score"]) > best_score
         if improved:
             best_score, best_epoch = float(val["score"]), epoch + 1
-        payload = _payload(model, epoch + 1, meta, config_json, history, best_score, best_epoch, best_sha)
+        payload = _payload(model, epoch + 1, identity, history, best_score, best_epoch, best_sha)
         if improved:
             best_sha = save_checkpoint(best_path, payload)
             payload["best_sha256"] = best_sha
@@ -131,11 +126,11 @@ def fit(
                      resumed_from_epoch=start_epoch, seconds=time.perf_counter() - t_start)
 
 
-def _payload(model, epoch, meta, config_json, history, best_score, best_epoch, best_sha) -> dict[str, Any]:
+def _payload(model, epoch, identity, history, best_score, best_epoch, best_sha) -> dict[str, Any]:
     return {
-        "meta": {**meta, "epoch": epoch},
+        "meta": {**identity.meta, "epoch": epoch},
         "epoch": epoch,
-        "config_json": config_json,
+        "config_json": identity.config_json,
         "modules": {k: m.state_dict() for k, m in model.modules().items()},
         "optimizers": {k: o.state_dict() for k, o in model.optimizers().items()},
         "schedulers": {k: s.state_dict() for k, s in model.schedulers().items()},
@@ -155,17 +150,3 @@ def _restore(model: Trainable, state: dict[str, Any]) -> None:
     for k, s in model.schedulers().items():
         s.load_state_dict(state["schedulers"][k])
     torch.set_rng_state(state["rng_cpu"])
-
-
-def load_modules(path: Path, modules: dict[str, torch.nn.Module], meta: dict[str, Any]) -> dict[str, Any]:
-    """Load trained weights (e.g. best.pt) into ``modules`` for inference; returns the checkpoint."""
-    state = load_checkpoint(path, expect=meta)
-    for k, m in modules.items():
-        m.load_state_dict(state["modules"][k])
-        m.eval()
-    return state
-
-
-def config_json_of(config) -> str:
-    """Canonical JSON of a pydantic config (what checkpoints store and hash)."""
-    return json.dumps(json.loads(config.model_dump_json()), sort_keys=True)

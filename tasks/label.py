@@ -36,7 +36,7 @@ def label_synthetic(run_dir: Path, config: PipelineConfig, pix2pix_checkpoint: P
     t0 = time.perf_counter()
     work = RunPaths.of(run_dir).synthetic_dir
     images = read_work_array(work / "synthetic.h5", "images")
-    generator, device = load_labeller(pix2pix_checkpoint, config.pix2pix, config.image_size, config.device)
+    generator, device = load_labeller(pix2pix_checkpoint, config.device, config.image_size)
     probabilities, masks = label_images(generator, images, threshold=config.pix2pix.threshold, device=device)
     confidence = label_confidence(probabilities)
     out = write_work_file(work / "labels.h5", {"labels": masks.astype(np.uint8), "label_confidence": confidence},

@@ -32,11 +32,14 @@ import numpy as np
 from prefect import task
 from pydantic import BaseModel
 
-from brvo_models.crgan import (CRGAN, MODEL_NAME, N_STAGES, PatientSequence, _levels, baseline_predictions,
-                               case_scores, checkpoint_meta_for, heldout_cases, load_generator, make_train_batches,
-                               predict_heldout, sequences_from_arrays, training_signature)
+from brvo_models.crgan import CRGAN, MODEL_NAME, load_generator, unet_levels
+from brvo_models.crgan_data import (N_STAGES, PatientSequence, heldout_cases, make_train_batches,
+                                    sequences_from_arrays)
+from brvo_models.crgan_sampling import case_scores, predict_heldout
+from brvo_models.identity import CheckpointIdentity
 from brvo_models.metrics import mean_scores, ssim
 from brvo_models.runtime import seed_everything, select_device
+from brvo_models.stage_baselines import baseline_predictions
 from brvo_models.training import BEST, LAST, fit
 from storage.checkpoints import checkpoint_sha256, load_checkpoint
 from storage.errors import BrvoError, CheckpointError
@@ -99,7 +102,7 @@ def preflight_train_crgan(run_dir: str | os.PathLike, config: PipelineConfig) ->
     Nothing is written here, so a refused run never touches an existing checkpoint.
     """
     paths = RunPaths.of(run_dir)
-    soul = require_soul_h5(run_dir, config.image_size, _levels)
+    soul = require_soul_h5(run_dir, config.image_size, unet_levels)
     seqs = load_sequences(soul)
     train = [s for s in seqs if s.split == "train"]
     val_cases = heldout_cases(s for s in seqs if s.split == "val")
@@ -110,7 +113,7 @@ def preflight_train_crgan(run_dir: str | os.PathLike, config: PipelineConfig) ->
             f"{soul}: {len(seqs)} patient(s), {len(train)} in train and {n_val_multi} val patient(s) with two or more "
             f"observed stages; CRGAN needs at least 2 train patients and 1 such val patient to hold stages out "
             f"({len(eval_cases)} val/test held-out cases now): add patients or raise val_fraction and re-run preprocess")
-    expect = checkpoint_meta_for(config.crgan, config.image_size, config.seed, [s.patient_id for s in train])
+    expect = _identity(config, train).meta
     ckpt_dir = paths.checkpoints(MODEL_NAME)
     for name in (LAST, BEST):
         path = ckpt_dir / name
@@ -122,6 +125,11 @@ def preflight_train_crgan(run_dir: str | os.PathLike, config: PipelineConfig) ->
                     f"({len(state['meta'].get('patient_ids', []))} vs {len(train)}); "
                     f"use a fresh run directory or delete {ckpt_dir}")
     return soul
+
+
+def _identity(config: PipelineConfig, train: list[PatientSequence]) -> CheckpointIdentity:
+    return CheckpointIdentity(MODEL_NAME, config.crgan, config.image_size, config.seed,
+                              {"patient_ids": [s.patient_id for s in train]})
 
 
 # ------------------------------------------------------------------------------------- train
@@ -152,8 +160,7 @@ def train_crgan(
         lambda epoch: make_train_batches(train, c, config.seed, epoch),
         epochs=c.epochs,
         checkpoint_dir=RunPaths.of(run_dir).checkpoints(MODEL_NAME),
-        meta=checkpoint_meta_for(c, config.image_size, config.seed, [s.patient_id for s in train]),
-        config_json=training_signature(c, config.seed),
+        identity=_identity(config, train),
         on_epoch=on_epoch,
         log=log,
         max_epochs_this_call=max_epochs_this_call,
@@ -232,11 +239,11 @@ def _sample_quality(cases, samples: list[np.ndarray], seqs: list[PatientSequence
 
 def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: LogFn = run_log) -> dict[str, Any]:
     """Score best.pt on held-out real stages of val + test patients against both baselines;
-    write report.json['crgan'] (DESIGN section 9) and return that section."""
+    write report.json['crgan'] and return that section."""
     t0 = time.perf_counter()
     paths = RunPaths.of(run_dir)
     best_path = paths.checkpoints(MODEL_NAME) / BEST
-    generator, _, device = load_generator(best_path, config.crgan, config.image_size, config.device)
+    generator, _, device = load_generator(best_path, config.device, config.image_size)
     best_epoch = int(load_checkpoint(best_path)["meta"].get("epoch", -1))
     seqs = load_sequences(paths.soul_h5)
     cases = heldout_cases(s for s in seqs if s.split in ("val", "test"))

@@ -12,7 +12,7 @@
   ``fit``: atomic, sha256 beside them, refused when from another config or image size.
 * **Held-out evaluation** (:func:`evaluate_pix2pix`) on the test patients, against Otsu and
   Frangi computed in the same run on the same images; Frangi's scales and threshold are
-  tuned on train/val patients only. Written to report.json['pix2pix'] (DESIGN section 9).
+  tuned on train/val patients only. Written to report.json['pix2pix'].
 """
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ from prefect import task
 from pydantic import BaseModel
 
 from brvo_models.metrics import cosine, label_scores, mean_scores, mse, ssim
-from brvo_models.pix2pix import (Pix2Pix, aligned_augment, checkpoint_meta_for, label_images, load_labeller,
-                                 num_downs_for, objective_text, training_signature)
+from brvo_models.identity import CheckpointIdentity
+from brvo_models.pix2pix import (Pix2Pix, aligned_augment, label_images, load_labeller, num_downs_for,
+                                 objective_text)
 from brvo_models.runtime import seed_everything, select_device, to_model_range
 from brvo_models.segmentation_baselines import FrangiBaseline, otsu_masks
 from brvo_models.training import BEST, LAST, fit
@@ -90,7 +91,7 @@ def preflight_train_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig) 
             f"{soul}: {real['patient_id'].nunique()} patient(s), split train/val/test "
             f"{counts['train']}/{counts['val']}/{counts['test']}; Pix2Pix needs at least one patient in each "
             f"for a held-out evaluation: add patients or change val_fraction/test_fraction and re-run preprocess")
-    expect = checkpoint_meta_for(config.pix2pix, config.image_size, config.seed)
+    expect = CheckpointIdentity(MODEL, config.pix2pix, config.image_size, config.seed).meta
     ckpt_dir = paths.checkpoints(MODEL)
     for name in (LAST, BEST):
         if (ckpt_dir / name).exists():
@@ -163,8 +164,7 @@ def train_pix2pix(
         make_batches(train_x, train_y, config),
         epochs=p.epochs,
         checkpoint_dir=RunPaths.of(run_dir).checkpoints(MODEL),
-        meta=checkpoint_meta_for(p, config.image_size, config.seed),
-        config_json=training_signature(p, config.seed),
+        identity=CheckpointIdentity(MODEL, p, config.image_size, config.seed),
         on_epoch=on_epoch,
         log=log,
         max_epochs_this_call=max_epochs_this_call,
@@ -198,7 +198,7 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
     t0 = time.perf_counter()
     paths = RunPaths.of(run_dir)
     best_path = paths.checkpoints(MODEL) / BEST
-    generator, device = load_labeller(best_path, config, config.image_size, config.device)
+    generator, device = load_labeller(best_path, config.device, config.image_size)
     best_epoch = int(load_checkpoint(best_path)["meta"].get("epoch", -1))
     test_x, test_y, test_meta = load_split(paths.soul_h5, ("test",))
     fit_x, fit_y, _ = load_split(paths.soul_h5, ("train", "val"))
