@@ -1,4 +1,4 @@
-"""Where each step reads and writes inside a run directory (DESIGN section 7)."""
+"""Where each step reads and writes inside a run directory: every path of the layout is named here once."""
 from __future__ import annotations
 
 import json

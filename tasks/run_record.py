@@ -21,7 +21,7 @@ def versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {"brvo_augment": code_version(), "python": platform.python_version()}
-    for pkg in ("torch", "torchvision", "prefect", "h5py", "numpy", "scikit-image", "pandas", "pillow"):
+    for pkg in ("torch", "prefect", "h5py", "numpy", "scikit-image", "pandas", "pillow"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
