@@ -296,7 +296,7 @@ class CRGANDiscriminator(nn.Module):
 
 
 class CRGAN:
-    """The CRGAN as a :class:`brvo_models.training.Trainable`."""
+    """The CRGAN as a :class:`brvo_models.training.Trainable` (fit sets the lr of every param group)."""
 
     name = MODEL_NAME
 
@@ -317,14 +317,6 @@ class CRGAN:
             groups.append({"params": list(self.generator.texture.parameters()), "lr": config.lr_texture})
         self.opt_g = torch.optim.Adam(groups, lr=config.lr_g, betas=betas)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.lr_d, betas=betas)
-        total, decay = config.epochs, max(0, int(round(config.epochs * config.decay_fraction)))
-        keep = total - decay
-
-        def factor(epoch: int) -> float:
-            return 1.0 if epoch < keep else max(0.0, 1.0 - (epoch - keep + 1) / (decay + 1))
-
-        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, factor)
-        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, factor)
         self.val_cases = heldout_cases(val_seqs)
 
     def modules(self) -> dict[str, nn.Module]:
@@ -332,9 +324,6 @@ class CRGAN:
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"generator": self.opt_g, "discriminator": self.opt_d}
-
-    def schedulers(self) -> dict[str, Any]:
-        return {"generator": self.sched_g, "discriminator": self.sched_d}
 
     def _tensors(self, batch: dict) -> dict[str, torch.Tensor]:
         dev = self.device

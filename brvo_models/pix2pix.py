@@ -10,7 +10,8 @@ What is kept as there, because its labels are held against the reference model's
 * BatchNorm (affine) by default, InstanceNorm (no affine, no running stats) as an option;
   conv biases only when the norm is instance norm; normal(0, 0.02) init (BN weight N(1, 0.02)).
 * Vanilla GAN loss = BCE-with-logits, D loss halved, G loss = GAN + lambda_L1 * L1.
-* Adam(lr 2e-4, betas (0.5, 0.999)); lr constant, then linear decay to ~0 (LambdaLR).
+* Adam(lr 2e-4, betas (0.5, 0.999)); lr constant, then linear decay to ~0 (the reference 'linear'
+  policy, driven by :func:`brvo_models.training.fit`'s step clock).
 
 Images and labels are one channel in [-1, 1]; a label probability is (tanh + 1) / 2.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
 
 import numpy as np
 import torch
@@ -151,18 +151,6 @@ def build_discriminator(config: Pix2PixConfig) -> PatchDiscriminator:
     return init_weights(PatchDiscriminator(2, config.ndf, config.n_layers_d, config.norm))
 
 
-def lr_lambda(epochs: int, epochs_decay: int | None):
-    """Reference 'linear' policy: lr factor 1 for (epochs - decay) epochs, then linearly towards 0."""
-    n_decay = epochs // 2 if epochs_decay is None else int(epochs_decay)
-    n_decay = max(0, min(n_decay, epochs))
-    n_const = epochs - n_decay
-
-    def rule(epoch: int) -> float:
-        return 1.0 - max(0, epoch + 1 - n_const) / float(n_decay + 1)
-
-    return rule
-
-
 # ----------------------------------------------------------------------------------- the model
 
 
@@ -184,7 +172,7 @@ def _prep(images_uint8: torch.Tensor | np.ndarray, device: torch.device) -> torc
 
 
 class Pix2Pix:
-    """The Trainable (brvo_models.training) for Pix2Pix: G and D, their Adams and LambdaLRs.
+    """The Trainable (brvo_models.training) for Pix2Pix: G and D and their Adams (fit sets the lr).
 
     ``train_step`` takes ``(image, label)`` float tensors (B, 1, H, W) in [-1, 1];
     ``validate`` labels the validation arrays (uint8 images, 0/1 labels) and scores
@@ -205,9 +193,6 @@ class Pix2Pix:
         betas = (config.beta1, config.beta2)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=betas)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=config.lr, betas=betas)
-        rule = lr_lambda(config.epochs, config.epochs_decay)
-        self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G, rule)
-        self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D, rule)
         self.gan_loss = nn.BCEWithLogitsLoss()
         self.l1 = nn.L1Loss()
         self.val_images = val_images
@@ -218,9 +203,6 @@ class Pix2Pix:
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"G": self.opt_G, "D": self.opt_D}
-
-    def schedulers(self) -> dict[str, Any]:
-        return {"G": self.sched_G, "D": self.sched_D}
 
     def _gan(self, logits: torch.Tensor, real: bool) -> torch.Tensor:
         target = torch.ones_like(logits) if real else torch.zeros_like(logits)

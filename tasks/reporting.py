@@ -53,8 +53,8 @@ class ProgressArtifact:
             update_progress_artifact(self._id, progress=percent)
 
 
-def epoch_progress(key: str, description: str, epochs: int) -> Callable[[dict[str, float]], None]:
-    """An ``on_epoch`` callback for :func:`brvo_models.training.fit` that moves a progress artifact
-    (fit already logs each epoch's line through ``run_log``)."""
+def training_progress(key: str, description: str) -> Callable[[dict[str, float]], None]:
+    """An ``on_validation`` callback for :func:`brvo_models.training.fit` that moves a progress artifact
+    to the step reached out of the schedule's budget (fit already logs each validation through ``run_log``)."""
     progress = ProgressArtifact(key, description)
-    return lambda row: progress(row["epoch"], epochs)
+    return lambda row: progress(row["step"], row["total_steps"])

@@ -40,14 +40,14 @@ from brvo_models.identity import CheckpointIdentity
 from brvo_models.metrics import mean_scores, ssim
 from brvo_models.runtime import seed_everything, select_device
 from brvo_models.stage_baselines import baseline_predictions
-from brvo_models.training import BEST, LAST, fit
+from brvo_models.training import BEST, LAST, Schedule, fit, steps_per_epoch
 from storage.checkpoints import checkpoint_sha256, load_checkpoint
 from storage.errors import BrvoError, CheckpointError
 from storage.paired_format import STAGE_NAMES, read_arrays, read_meta
 from storage.run_dir import RunPaths, update_report
 from tasks.config import PipelineConfig
 from tasks.preflight import require_soul_h5
-from tasks.reporting import LogFn, epoch_progress, run_log
+from tasks.reporting import LogFn, run_log, training_progress
 
 METRIC_NOTES = (
     "Cases: every observed stage of every val/test patient with at least one other observed stage, hidden "
@@ -72,10 +72,14 @@ class CRGANResult(BaseModel):
     checkpoint_dir: str
     best_path: str
     best_sha256: str
-    best_epoch: int
+    best_step: int
+    best_epoch: float
     best_val_ssim: float
-    epochs: int
-    resumed_from_epoch: int
+    steps: int
+    planned_steps: int
+    epochs: float
+    stopped_early: bool
+    resumed_from_step: int
     n_train_patients: int
     n_val_cases: int
     seconds: float
@@ -140,10 +144,11 @@ def train_crgan(
     config: PipelineConfig,
     *,
     log: LogFn = run_log,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-    max_epochs_this_call: int | None = None,
+    on_validation: Callable[[dict[str, float]], None] | None = None,
+    max_validations_this_call: int | None = None,
 ) -> CRGANResult:
-    """Train (or resume) the CRGAN on the train patients of RUN_DIR/soul.h5, validating on val each epoch."""
+    """Train (or resume) the CRGAN on the train patients of RUN_DIR/soul.h5 on the config's schedule, validating
+    on val."""
     soul = preflight_train_crgan(run_dir, config)
     c = config.crgan
     seed_everything(config.seed)
@@ -154,23 +159,24 @@ def train_crgan(
     model = CRGAN(c, config.image_size, [s.patient_id for s in train], device, val_seqs=val)
     log(f"crgan: {len(train)} train patients ({sum(len(s.observed) for s in train)} observed stages), "
         f"{len(model.val_cases)} val held-out cases, {config.image_size} px, device {device}, ngf {c.ngf} "
-        f"ndf {c.ndf}, batch {c.batch_size}, {c.epochs} epochs")
+        f"ndf {c.ndf}, batch {c.batch_size}")
     fitted = fit(
         model,
         lambda epoch: make_train_batches(train, c, config.seed, epoch),
-        epochs=c.epochs,
+        schedule=Schedule.from_config(c, steps_per_epoch(len(train), c.batch_size, c.repeats)),
         checkpoint_dir=RunPaths.of(run_dir).checkpoints(MODEL_NAME),
         identity=_identity(config, train),
-        on_epoch=on_epoch,
+        on_validation=on_validation,
         log=log,
-        max_epochs_this_call=max_epochs_this_call,
+        max_validations_this_call=max_validations_this_call,
     )
     best = fitted.best_metrics
     return CRGANResult(
         checkpoint_dir=str(fitted.best_path.parent), best_path=str(fitted.best_path),
-        best_sha256=fitted.best_sha256, best_epoch=fitted.best_epoch,
-        best_val_ssim=float(best.get("val_ssim", float("nan"))), epochs=len(fitted.history),
-        resumed_from_epoch=fitted.resumed_from_epoch, n_train_patients=len(train),
+        best_sha256=fitted.best_sha256, best_step=fitted.best_step, best_epoch=fitted.best_epoch,
+        best_val_ssim=float(best.get("val_ssim", float("nan"))), steps=fitted.steps,
+        planned_steps=fitted.schedule.total_steps, epochs=fitted.epochs, stopped_early=fitted.stopped_early,
+        resumed_from_step=fitted.resumed_from_step, n_train_patients=len(train),
         n_val_cases=len(model.val_cases), seconds=round(fitted.seconds, 2), history=fitted.history,
     )
 
@@ -244,7 +250,7 @@ def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: L
     paths = RunPaths.of(run_dir)
     best_path = paths.checkpoints(MODEL_NAME) / BEST
     generator, _, device = load_generator(best_path, config.device, config.image_size)
-    best_epoch = int(load_checkpoint(best_path)["meta"].get("epoch", -1))
+    best_meta = load_checkpoint(best_path)["meta"]
     seqs = load_sequences(paths.soul_h5)
     cases = heldout_cases(s for s in seqs if s.split in ("val", "test"))
     k = max(2, int(config.crgan.eval_samples))
@@ -272,7 +278,8 @@ def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: L
         "heldout": heldout,
         "sample_quality": quality,
         "image_size": int(config.image_size),
-        "checkpoint": {"path": str(best_path), "sha256": checkpoint_sha256(best_path), "epoch": best_epoch},
+        "checkpoint": {"path": str(best_path), "sha256": checkpoint_sha256(best_path),
+                       "step": int(best_meta.get("step", -1)), "epoch": float(best_meta.get("epoch", -1))},
         "seconds": round(time.perf_counter() - t0, 2),
     }
     update_report(run_dir, MODEL_NAME, section)
@@ -289,8 +296,8 @@ def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: L
 
 
 def _train_and_evaluate(run_dir: str | os.PathLike, config: PipelineConfig) -> CRGANResult:
-    on_epoch = epoch_progress("crgan-training", "CRGAN training: epochs done", config.crgan.epochs)
-    result = train_crgan(run_dir, config, log=run_log, on_epoch=on_epoch)
+    on_validation = training_progress("crgan-training", "CRGAN training: steps done")
+    result = train_crgan(run_dir, config, log=run_log, on_validation=on_validation)
     result.heldout = evaluate_crgan(run_dir, config, log=run_log)["heldout"]
     return result
 

@@ -38,7 +38,7 @@ def _run_dir(tmp_path: Path, name: str = "run", **kw) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny run trained for 2 epochs (shared by the read-only tests below)."""
+    """A tiny run trained for 2 fixed epochs (shared by the read-only tests below)."""
     run = _run_dir(tmp_path_factory.mktemp("crgan"))
     config = _tiny(epochs=2)
     result = train_crgan(run, config, log=lambda _m: None)
@@ -168,15 +168,17 @@ def test_checkpoint_round_trip_and_generation_api(trained):
         load_labeller(best, "cpu")
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    config = _tiny(epochs=2)
+def test_resume_after_a_kill_mid_schedule_gives_the_weights_of_an_uninterrupted_run(tmp_path):
+    # 4 train patients at batch 3: 2 steps per epoch; adaptive, 7 steps, a validation every 3 -> kills mid-epoch
+    config = _tiny(batch_size=3, schedule="adaptive", epochs=1, min_steps=7, max_steps=7, val_every=3, patience=2)
     straight = _run_dir(tmp_path, "straight")
-    train_crgan(straight, config, log=lambda _m: None)
+    done = train_crgan(straight, config, log=lambda _m: None)
     resumed = _run_dir(tmp_path, "resumed")
-    first = train_crgan(resumed, config, log=lambda _m: None, max_epochs_this_call=1)
-    assert first.epochs == 1
+    first = train_crgan(resumed, config, log=lambda _m: None, max_validations_this_call=1)
+    assert first.steps == 3 and first.epochs == 1.5
+    torch.manual_seed(12345)  # a fresh process would have another RNG state: resume must restore it
     second = train_crgan(resumed, config, log=lambda _m: None)
-    assert second.resumed_from_epoch == 1 and second.epochs == 2
+    assert second.resumed_from_step == 3 and second.steps == done.steps == 7
     a = torch.load(RunPaths.of(straight).checkpoints("crgan") / LAST, weights_only=True)
     b = torch.load(RunPaths.of(resumed).checkpoints("crgan") / LAST, weights_only=True)
     for module in ("generator", "discriminator"):
