@@ -5,7 +5,7 @@
   gets an embedding row. Val and test patients are never trained on: they are generated
   with the 'unknown patient' row, from their own observed images (the context).
 * **Training** goes through :func:`brvo_models.training.fit`: atomic checkpoints with a
-  sha256 every epoch (RUN_DIR/checkpoints/crgan/last.pt, best.pt on the validation score),
+  sha256 at every validation (RUN_DIR/checkpoints/crgan/last.pt, best.pt on the validation score),
   exact resume (batches, hiding and noise are drawn from (seed, epoch)), CUDA with bf16
   autocast when present. The validation score is the held-out reconstruction SSIM on the
   val patients (each observed stage hidden in turn and regenerated from the others).
