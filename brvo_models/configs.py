@@ -105,7 +105,8 @@ class CRGANConfig(TrainingSchedule):
                                      description="L1 weight of stages left in the context, relative to hidden ones")
     unknown_patient_prob: float = Field(
         0.5, ge=0.0, le=1.0,
-        description="chance a training sequence uses the 'unknown patient' embedding (how val/test patients are served)")
+        description="chance a training sequence uses the 'unknown patient' embedding (how val/test patients are "
+                    "served)")
     n_layers_d: int = Field(3, ge=1, le=8,
                             description="PatchGAN depth (capped by image size); 3 gives a 70x70 receptive field")
     texture: bool = Field(True, description="samples get speckle and scan-line noise whose two amplitudes the "

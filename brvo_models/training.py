@@ -102,7 +102,8 @@ class Schedule:
         text = (f"{self.kind} schedule: {self.total_steps} steps ({self.total_steps / self.steps_per_epoch:.1f} epochs "
                 f"of {self.steps_per_epoch} steps), validation every {self.val_every} steps")
         if self.patience > 0:
-            text += f", early stop after {self.patience} validations without improvement (not before step {self.min_steps})"
+            text += (f", early stop after {self.patience} validations without improvement "
+                     f"(not before step {self.min_steps})")
         return text
 
 
@@ -169,8 +170,8 @@ def fit(
     size is refused before anything is overwritten; so is one written on another schedule (the
     data changed the steps per epoch). ``on_validation(row)`` gets each history row (``step``,
     ``total_steps``, ``epoch``, mean losses since the last validation, ``val_*``, ``lr_factor``,
-    ``seconds``). ``max_validations_this_call`` returns after that many validations, each of
-    which wrote last.pt (tests use it to simulate a kill).
+    ``seconds`` since the last row, ``seconds_validating`` of them). ``max_validations_this_call``
+    returns after that many validations, each of which wrote last.pt (tests use it to simulate a kill).
     """
     checkpoint_dir = Path(checkpoint_dir)
     last_path, best_path = checkpoint_dir / LAST, checkpoint_dir / BEST
@@ -213,7 +214,7 @@ def fit(
             progress.step += 1
             if not schedule.validates_after(progress.step):
                 continue
-            row, improved = _validate(model, schedule, progress, sums, n_since, factor, time.perf_counter() - t_since)
+            row, improved = _validate(model, schedule, progress, sums, n_since, factor, t_since)
             _checkpoint(model, schedule, identity, progress, improved, last_path, best_path)
             log(_log_line(model.name, schedule, progress, row))
             if on_validation is not None:
@@ -241,17 +242,20 @@ def fit(
 
 
 def _validate(model, schedule: Schedule, progress: _Progress, sums, n_since, factor,
-              seconds) -> tuple[dict[str, float], bool]:
+              t_since: float) -> tuple[dict[str, float], bool]:
     """Validate, update the best score and the early-stopping state; return (history row, new best?)."""
+    t_val = time.perf_counter()
     _set_mode(model, train=False)
     with torch.no_grad():
         val = model.validate()
     _set_mode(model, train=True)
+    t_end = time.perf_counter()
     score = float(val["score"])
     row = {"step": progress.step, "total_steps": schedule.total_steps,
            "epoch": round(progress.step / schedule.steps_per_epoch, 4),
            **{k: v / max(n_since, 1) for k, v in sums.items()},
-           **{f"val_{k}": float(v) for k, v in val.items()}, "lr_factor": factor, "seconds": seconds}
+           **{f"val_{k}": float(v) for k, v in val.items()}, "lr_factor": factor,
+           "seconds": t_end - t_since, "seconds_validating": t_end - t_val}
     progress.history.append(row)
     if score > progress.patience_score + schedule.min_improvement:
         progress.patience_score, progress.bad_validations = score, 0
@@ -277,12 +281,13 @@ def _checkpoint(model, schedule, identity, progress: _Progress, improved: bool, 
 
 
 def _log_line(name: str, schedule: Schedule, progress: _Progress, row: dict[str, float]) -> str:
-    skip = {"step", "total_steps", "epoch", "lr_factor", "seconds"}
+    skip = {"step", "total_steps", "epoch", "lr_factor", "seconds", "seconds_validating"}
     values = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in skip)
     best = f"best={progress.best_score:.4g}@{progress.best_step}"
     end = " early stop" if progress.stopped_early else ""
     return (f"{name}: step {progress.step}/{schedule.total_steps} (epoch {row['epoch']:.2f}) {values} {best} "
-            f"lr_factor={row['lr_factor']:.3g} seconds={row['seconds']:.1f}{end}")
+            f"lr_factor={row['lr_factor']:.3g} seconds={row['seconds']:.1f} "
+            f"(validating {row['seconds_validating']:.1f}){end}")
 
 
 def _payload(model: Trainable, schedule: Schedule, identity: CheckpointIdentity, progress: _Progress) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def training_curves(histories: dict[str, list[dict[str, float]]], out_png: Path)
             bottom.set_axis_off()
             continue
         frame = pd.DataFrame(history)
-        bookkeeping = ("epoch", "seconds", "step", "total_steps", "lr_factor")  # fit's history columns that are no loss
+        bookkeeping = ("epoch", "seconds", "seconds_validating", "step", "total_steps", "lr_factor")  # fit's history columns that are no loss
         losses = [c for c in frame.columns if c not in bookkeeping and not c.startswith("val_")]
         vals = [c for c in frame.columns if c.startswith("val_") and c not in ("val_score", "val_threshold", "val_mse")]
         for c in losses:
