@@ -11,7 +11,10 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from storage.atomic import write_json_atomic
+from storage.errors import BrvoError
 from storage.paired_format import code_version
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
@@ -43,7 +46,13 @@ def recorded_config(run_dir: str | os.PathLike) -> PipelineConfig | None:
     record = read_run_record(run_dir)
     if "config" not in record:
         return None
-    return PipelineConfig.model_validate(record["config"])
+    try:
+        return PipelineConfig.model_validate(record["config"])
+    except ValidationError as exc:  # e.g. a run directory written by an older version, whose fields changed
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise BrvoError(f"{RunPaths.of(run_dir).run_json}: the recorded config does not validate with this version "
+                        f"({where}: {first['msg']}); pass --preset/--config, or use a fresh run directory") from None
 
 
 def record_run(run_dir: str | os.PathLike, config: PipelineConfig, **fields: Any) -> dict[str, Any]:

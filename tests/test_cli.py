@@ -78,3 +78,18 @@ def test_config_file_with_an_unknown_or_invalid_field_names_it_in_one_line(tmp_p
         code, err = _run_main(capsys, "preprocess", str(tmp_path / "run"), "--config", str(cfg))
         assert code == 2 and err.startswith("error: config") and err.count("\n") == 1, err
         assert named in err
+
+
+def test_a_run_json_from_an_older_version_is_one_line_exit_2(tmp_path, capsys):
+    import json
+
+    from tasks.config import preset
+
+    run = tmp_path / "run"
+    run.mkdir()
+    old = json.loads(preset("demo").to_json())
+    old["pix2pix"]["epochs_decay"] = None  # a field this version no longer has
+    (run / "run.json").write_text(json.dumps({"config": old}))
+    code, err = _run_main(capsys, "train-pix2pix", str(run))
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "run.json" in err and "pix2pix.epochs_decay" in err and "Traceback" not in err
