@@ -9,7 +9,7 @@ RUN_DIR ?= demo_run
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch/torchvision pinned in pyproject (2.14.1 / 0.29.1): these install from local disk here.
+	# torch pinned in pyproject (2.14.1): it installs from local disk here.
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 

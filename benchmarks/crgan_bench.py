@@ -23,7 +23,9 @@ import time
 import numpy as np
 import torch
 
-from brvo_models.crgan import CRGAN, PatientSequence, generate, make_train_batches
+from brvo_models.crgan import CRGAN
+from brvo_models.crgan_data import PatientSequence, make_train_batches
+from brvo_models.crgan_sampling import generate
 from brvo_models.runtime import select_device
 from tasks.config import preset
 

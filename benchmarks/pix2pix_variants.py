@@ -29,7 +29,7 @@ from tasks.train_pix2pix import evaluate_pix2pix, train_pix2pix  # noqa: E402
 
 
 def quiet(_message: str) -> None:
-    """Per-epoch log lines would drown the table; the summary rows carry what matters."""
+    """Per-validation log lines would drown the table; the summary rows carry what matters."""
 
 
 def run_one(soul_h5: Path, preset: str, variant: dict, seed: int) -> dict:
@@ -39,7 +39,7 @@ def run_one(soul_h5: Path, preset: str, variant: dict, seed: int) -> dict:
         t0 = time.perf_counter()
         trained = train_pix2pix(tmp, config, log=quiet)
         section = evaluate_pix2pix(tmp, config, log=quiet)
-    return {"seconds": time.perf_counter() - t0, "epoch": section["checkpoint"]["epoch"],
+    return {"seconds": time.perf_counter() - t0, "step": section["checkpoint"]["step"], "steps": trained.steps,
             "val_dice": trained.best_val_dice,
             "threshold": section["threshold"], "model": section["test"],
             "otsu": section["baselines"]["otsu"], "frangi": section["baselines"]["frangi"]}
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     variants = [json.loads(v) for v in (args.variant or ["{}"])]
 
-    print(f"{'variant':48} seed  epoch  thr   val dice  pix2pix dice/cldice  otsu dice/cldice  frangi dice/cldice  seconds")
+    print(f"{'variant':48} seed  best step/steps  thr   val dice  pix2pix dice/cldice  otsu dice/cldice  frangi dice/cldice  seconds")
     for variant in variants:
         name = json.dumps(variant, separators=(",", ":"))
         rows = []
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             r = run_one(args.soul_h5, args.preset, variant, seed)
             rows.append(r)
             m, o, f = r["model"], r["otsu"], r["frangi"]
-            print(f"{name:48} {seed:4d}  {r['epoch']:5d}  {r['threshold']:.2f}  {r['val_dice']:.3f}     "
+            print(f"{name:48} {seed:4d}  {r['step']:6d}/{r['steps']:<6d}   {r['threshold']:.2f}  {r['val_dice']:.3f}     "
                   f"{m['dice']:.3f} / {m['cldice']:.3f}        {o['dice']:.3f} / {o['cldice']:.3f}     "
                   f"{f['dice']:.3f} / {f['cldice']:.3f}       {r['seconds']:.0f}", flush=True)
         val = [r["val_dice"] for r in rows]

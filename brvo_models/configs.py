@@ -1,76 +1,124 @@
 """Typed model configs. Widths and schedules live here so the same code trains a
 small 64 px model on a laptop CPU (preset 'demo') and a paper-size one on a GPU ('full').
+
+Every field carries its range, so a bad value (a zero batch, a negative learning rate, a
+probability above 1) is refused when the config is validated, with the field's name, not
+deep inside training.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Pix2PixConfig(_Frozen):
-    """Pix2Pix (Isola et al. 2017) image -> vessel label; defaults follow the reference."""
+class TrainingSchedule(_Frozen):
+    """How long a model trains, counted in optimiser steps (brvo_models.training.Schedule).
 
-    ngf: int = Field(64, description="generator width of the first layer")
-    ndf: int = Field(64, description="discriminator width of the first layer")
-    n_layers_d: int = Field(3, description="PatchGAN depth; 3 gives the 70x70 receptive field")
+    'fixed' runs exactly ``epochs`` epochs and validates after each (the reference pix2pix
+    schedule). 'adaptive' gives a dataset ``epochs`` epochs' worth of optimiser steps clamped
+    to [min_steps, max_steps], so a small dataset still gets min_steps, validates every
+    ``val_every`` steps and stops once the validation score has not improved for ``patience``
+    validations (never before min_steps). Both keep the lr constant, then decay it linearly
+    over the final ``decay_fraction`` of the schedule.
+    """
+
+    schedule: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="'fixed': exactly `epochs` epochs; 'adaptive': a step budget scaled to the dataset, "
+        "with early stopping")
+    epochs: int = Field(200, ge=1, description="fixed: the number of epochs; adaptive: the step budget is this many "
+                                               "epochs' worth of steps, clamped to [min_steps, max_steps]")
+    decay_fraction: float = Field(0.5, ge=0.0, le=1.0, description="final fraction of the schedule (epochs when "
+                                                                   "fixed, steps when adaptive) with linearly "
+                                                                   "decaying lr")
+    min_steps: int = Field(1000, ge=1, description="adaptive: the fewest optimiser steps, and no early stop before")
+    max_steps: int = Field(100_000, ge=1, description="adaptive: the most optimiser steps")
+    val_every: int = Field(500, ge=1, description="adaptive: optimiser steps between validations (and checkpoints)")
+    patience: int = Field(0, ge=0, description="adaptive: validations without improvement before training stops; "
+                                               "0: never stop early, train the whole budget")
+    min_improvement: float = Field(0.0, ge=0.0, description="adaptive: how much a validation score must beat the "
+                                                            "best to reset the patience")
+
+    @model_validator(mode="after")
+    def _steps_in_order(self) -> "TrainingSchedule":
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps ({self.min_steps}) must not exceed max_steps ({self.max_steps})")
+        return self
+
+
+class Pix2PixConfig(TrainingSchedule):
+    """Pix2Pix (Isola et al. 2017) image -> vessel label; defaults follow the reference
+    (200 epochs, the first 100 at constant lr, then linear decay)."""
+
+    #: fields that change labelling, not training: left out of the checkpoint's training hash
+    inference_only: ClassVar[tuple[str, ...]] = ("threshold",)
+
+    ngf: int = Field(64, ge=1, description="generator width of the first layer")
+    ndf: int = Field(64, ge=1, description="discriminator width of the first layer")
+    n_layers_d: int = Field(3, ge=1, le=8, description="PatchGAN depth; 3 gives the 70x70 receptive field")
     norm: Literal["batch", "instance"] = "batch"
     dropout: bool = True
-    lambda_l1: float = 100.0
+    lambda_l1: float = Field(100.0, ge=0.0)
     lambda_dice: float = Field(
         0.0, ge=0.0, description="not in the reference: weight of a soft-Dice term on the generator's vessel "
-        "probabilities. 0 (every preset) keeps the reference objective; see docs/pix2pix-64px.md for what it "
-        "changes at 64 px")
-    lr: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    batch_size: int = 1
-    epochs: int = Field(200, description="total epochs: the first half at constant lr, then linear decay")
-    epochs_decay: int | None = Field(None, description="epochs of linear decay at the end (default: half of epochs)")
+        "probabilities. 0 (the default, and the full preset) keeps the reference objective; the demo preset uses "
+        "100 (docs/pix2pix-64px.md says what it changes at 64 px)")
+    lr: float = Field(2e-4, gt=0.0)
+    beta1: float = Field(0.5, ge=0.0, lt=1.0)
+    beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    batch_size: int = Field(1, ge=1)
     threshold: float | None = Field(
-        None, description="probability above which a pixel is labelled vessel; None (default): chosen for the best "
-        "Dice on the validation patients at every epoch and stored with the generator weights")
+        None, ge=0.0, le=1.0, description="probability above which a pixel is labelled vessel; None (default): "
+        "chosen for the best Dice on the validation patients at every validation and stored with the generator "
+        "weights")
     augment: bool = Field(True, description="aligned flips and small rotations of (image, label)")
-    max_rotation_deg: float = 10.0
+    max_rotation_deg: float = Field(10.0, ge=0.0, le=180.0)
 
 
-class CRGANConfig(_Frozen):
+class CRGANConfig(TrainingSchedule):
     """Conditional recurrent GAN: patient + stage + noise (+ observed images) -> image per stage."""
 
-    ngf: int = Field(64, description="decoder/encoder base width")
-    ndf: int = Field(64, description="discriminator base width")
-    z_dim: int = 64
-    patient_emb_dim: int = 32
-    stage_emb_dim: int = 16
-    context_dim: int = 128
-    hidden_dim: int = 256
-    lambda_l1: float = 50.0
-    lambda_adv: float = 1.0
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    batch_size: int = 8
-    epochs: int = 200
-    hide_prob: float = Field(0.5, description="chance of hiding each observed stage from the context in a training step")
-    visible_l1_weight: float = Field(0.5, description="L1 weight of stages left in the context, relative to hidden ones")
+    #: fields that change evaluation, not training: left out of the checkpoint's training hash
+    inference_only: ClassVar[tuple[str, ...]] = ("eval_samples",)
+
+    ngf: int = Field(64, ge=1, description="decoder/encoder base width")
+    ndf: int = Field(64, ge=1, description="discriminator base width")
+    z_dim: int = Field(64, ge=1)
+    patient_emb_dim: int = Field(32, ge=1)
+    stage_emb_dim: int = Field(16, ge=1)
+    context_dim: int = Field(128, ge=1)
+    hidden_dim: int = Field(256, ge=1)
+    lambda_l1: float = Field(50.0, ge=0.0)
+    lambda_adv: float = Field(1.0, ge=0.0)
+    lr_g: float = Field(2e-4, gt=0.0)
+    lr_d: float = Field(2e-4, gt=0.0)
+    beta1: float = Field(0.5, ge=0.0, lt=1.0)
+    beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    batch_size: int = Field(8, ge=1)
+    hide_prob: float = Field(0.5, ge=0.0, le=1.0,
+                             description="chance of hiding each observed stage from the context in a training step")
+    visible_l1_weight: float = Field(0.5, ge=0.0,
+                                     description="L1 weight of stages left in the context, relative to hidden ones")
     unknown_patient_prob: float = Field(
-        0.5, description="chance a training sequence uses the 'unknown patient' embedding (how val/test patients are served)")
-    n_layers_d: int = Field(3, description="PatchGAN depth (capped by image size); 3 gives a 70x70 receptive field")
+        0.5, ge=0.0, le=1.0,
+        description="chance a training sequence uses the 'unknown patient' embedding (how val/test patients are "
+                    "served)")
+    n_layers_d: int = Field(3, ge=1, le=8,
+                            description="PatchGAN depth (capped by image size); 3 gives a 70x70 receptive field")
     texture: bool = Field(True, description="samples get speckle and scan-line noise whose two amplitudes the "
                                           "adversarial loss learns (the zero-noise sample is the estimate)")
     adv_into_estimate: bool = Field(
         False, description="let the adversarial gradient reach the generator's estimate too, not only its texture head")
-    lr_texture: float = Field(1e-2, description="learning rate of the two texture amplitudes (log scale)")
+    lr_texture: float = Field(1e-2, gt=0.0, description="learning rate of the two texture amplitudes (log scale)")
     context_subset_prob: float = Field(
-        0.25, description="chance a visible stage enters the training context as the mean of a random subset of "
-                         "its images (else all of them, as at generation time)")
-    repeats: int = Field(1, description="passes over the training patients per epoch")
-    decay_fraction: float = Field(0.5, description="final fraction of epochs with linearly decaying lr")
+        0.25, ge=0.0, le=1.0, description="chance a visible stage enters the training context as the mean of a random "
+                                         "subset of its images (else all of them, as at generation time)")
+    repeats: int = Field(1, ge=1, description="passes over the training patients per epoch")
     augment: bool = Field(True, description="random flips, the same for all stages of a sequence")
-    eval_samples: int = Field(4, description="K random samples per held-out case for the single-sample scores and "
-                                             "the diversity figure (the held-out model score uses the zero-noise sample)")
+    eval_samples: int = Field(4, ge=1, description="K random samples per held-out case for the single-sample scores "
+                                                   "and the diversity figure (the held-out model score uses the "
+                                                   "zero-noise sample)")

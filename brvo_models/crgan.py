@@ -40,104 +40,38 @@ embedding + noise, transposed-conv decoder, discriminator conditioned on
   the adversarial gradient trains the texture, not the estimate (adv_into_estimate:
   measured, it cost 0.7 dB held-out PSNR for +0.006 SSIM). An SSIM loss term was
   measured too and gained nothing, so it is not here.
+
+This module holds the networks, the Trainable and the loaders that rebuild the networks from
+a checkpoint. The data (sequences, training batches, held-out cases, noise) lives in
+:mod:`brvo_models.crgan_data`, sampling and held-out prediction in
+:mod:`brvo_models.crgan_sampling`, the nearest / neighbour-mean baselines in
+:mod:`brvo_models.stage_baselines`, and the checkpoint identity in :mod:`brvo_models.identity`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+import os
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from brvo_models.configs import CRGANConfig
-from brvo_models.runtime import autocast
+from brvo_models.crgan_data import N_STAGES, PatientSequence, heldout_cases, pixel_noise, to_model
+from brvo_models.crgan_sampling import case_scores, predict_heldout
+from brvo_models.identity import load_described
+from brvo_models.metrics import mean_scores
+from brvo_models.runtime import autocast, resolve_device
+from storage.checkpoints import state_must_fit
 
-N_STAGES = 6
 MODEL_NAME = "crgan"
 
 
-# ------------------------------------------------------------------------------------ data
+# ------------------------------------------------------------------------------------ networks
 
 
-@dataclass
-class PatientSequence:
-    """One patient's real images per stage (uint8 (n, H, W) or None where the stage is missing)."""
-
-    patient_id: str
-    split: str
-    images: list[np.ndarray | None]
-    index: int | None = None  # embedding index for training patients, None = unknown patient
-
-    @property
-    def observed(self) -> list[int]:
-        return [s for s in range(N_STAGES) if self.images[s] is not None and len(self.images[s]) > 0]
-
-    def stage_mean(self, stage: int) -> np.ndarray:
-        """Mean of the stage's real images as float32 in [0, 1]."""
-        return self.images[stage].astype(np.float32).mean(axis=0) / 255.0
-
-
-def sequences_from_arrays(images: np.ndarray, meta) -> list[PatientSequence]:
-    """Group real rows (meta: DataFrame with patient_id, stage, split[, is_synthetic]) into sequences."""
-    keep = np.ones(len(meta), bool)
-    if "is_synthetic" in meta:
-        keep &= ~np.asarray(meta["is_synthetic"], bool)
-    seqs = []
-    for pid, group in meta[keep].groupby("patient_id", sort=True):
-        per_stage: list[np.ndarray | None] = [None] * N_STAGES
-        for stage, rows in group.groupby("stage"):
-            per_stage[int(stage)] = images[rows.index.to_numpy()]
-        seqs.append(PatientSequence(str(pid), str(group["split"].iloc[0]), per_stage))
-    return seqs
-
-
-def to_model(x: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """[0, 1] float -> [-1, 1] tensor."""
-    t = torch.as_tensor(x, dtype=torch.float32)
-    return t * 2.0 - 1.0
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] tensor -> uint8 array."""
-    return ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).cpu().numpy()
-
-
-def pixel_noise(n: int, image_size: int, generator: torch.Generator) -> torch.Tensor:
-    """(n, 2, H, W): white noise per pixel, and one value per row broadcast along it (scan lines)."""
-    white = torch.randn(n, 1, image_size, image_size, generator=generator)
-    rows = torch.randn(n, 1, image_size, 1, generator=generator).expand(-1, -1, -1, image_size)
-    return torch.cat([white, rows], dim=1)
-
-
-def draw_noise(seed: int, z_dim: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The noise of one sample: z (z_dim,) and pixel noise for all six stages (6, 2, H, W).
-
-    Drawn on the CPU from a generator seeded by ``seed`` alone, so a sample is the same
-    on every device and for every subset of requested stages.
-    """
-    g = torch.Generator().manual_seed(int(seed) % (2**63))
-    z = torch.randn(z_dim, generator=g)
-    pix = pixel_noise(N_STAGES, image_size, g)
-    return z, pix
-
-
-def resolve_seeds(seeds: int | Sequence[int], k: int) -> list[int]:
-    """A base seed -> [base, base+1, ..., base+k-1]; a list is checked for length k."""
-    if isinstance(seeds, (int, np.integer)):
-        return [int(seeds) + i for i in range(k)]
-    seeds = [int(s) for s in seeds]
-    if len(seeds) != k:
-        raise ValueError(f"{len(seeds)} seeds for k={k} samples")
-    return seeds
-
-
-# ------------------------------------------------------------------------------------ modules
-
-
-def _levels(image_size: int) -> int:
+def unet_levels(image_size: int) -> int:
     """Down-sampling levels of the U-Net: to a 4x4 bottleneck (64 px -> 4, 256 px -> 6)."""
     levels = int(round(math.log2(image_size))) - 2
     if image_size < 32 or 2 ** (levels + 2) != image_size:
@@ -166,7 +100,7 @@ class ContextEncoder(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 1
-        for i in range(min(_levels(image_size), 4)):
+        for i in range(min(unet_levels(image_size), 4)):
             c = width * min(2**i, 8)
             layers += [nn.Conv2d(c_in, c, 4, 2, 1), _gn(c), nn.LeakyReLU(0.2, inplace=True)]
             c_in = c
@@ -210,7 +144,7 @@ class CRGANGenerator(nn.Module):
         self.lstm = nn.LSTM(lstm_in, c.hidden_dim, batch_first=True)
         cond_dim = c.hidden_dim + c.stage_emb_dim + 4  # + gaps to the neighbours and their presence
         self.cond = nn.Sequential(nn.Linear(cond_dim, c.hidden_dim), nn.ReLU(inplace=True))
-        L = _levels(image_size)
+        L = unet_levels(image_size)
         widths = [c.ngf * min(2**i, 8) for i in range(L)]
         self.down = nn.ModuleList()
         c_in = 3  # the nearest visible stage before and after the target, and the mean of all visible stages
@@ -336,7 +270,7 @@ class CRGANDiscriminator(nn.Module):
     def __init__(self, config: CRGANConfig, image_size: int, n_patients: int) -> None:
         super().__init__()
         sn = nn.utils.spectral_norm
-        n_layers = max(1, min(config.n_layers_d, _levels(image_size) - 1))
+        n_layers = max(1, min(config.n_layers_d, unet_levels(image_size) - 1))
         layers: list[nn.Module] = [sn(nn.Conv2d(1, config.ndf, 4, 2, 1)), nn.LeakyReLU(0.2, inplace=True)]
         c_in = config.ndf
         for i in range(1, n_layers):
@@ -359,82 +293,11 @@ class CRGANDiscriminator(nn.Module):
         return self.linear(h) + (h * e[:, :, None, None]).sum(1, keepdim=True)
 
 
-# ------------------------------------------------------------------------------------ training
-
-
-def make_train_batches(seqs: list[PatientSequence], config: CRGANConfig, seed: int, epoch: int) -> list[dict]:
-    """One epoch of training batches, fully determined by (seed, epoch).
-
-    Each sequence appears ``config.repeats`` times per epoch in shuffled batches. Per
-    sequence: a whole-sequence random flip (augment), hide each observed stage with
-    ``hide_prob`` (at least one stays visible), context = mean of a random non-empty
-    subset of each visible stage's images, targets = every observed stage (L1 to its
-    mean image, D's real = one of its images), patient index dropped to 'unknown'
-    with ``unknown_patient_prob`` so unseen patients are served by the context alone.
-    """
-    rng = np.random.default_rng([seed, epoch, 7771])
-    order = np.concatenate([rng.permutation(len(seqs)) for _ in range(config.repeats)])
-    batches = []
-    for start in range(0, len(order), config.batch_size):
-        chunk = [seqs[i] for i in order[start:start + config.batch_size]]
-        batches.append(_train_batch(chunk, config, rng))
-    return batches
-
-
-def _train_batch(chunk: list[PatientSequence], config: CRGANConfig, rng: np.random.Generator) -> dict:
-    H = chunk[0].images[chunk[0].observed[0]].shape[-1]
-    B = len(chunk)
-    context = np.zeros((B, N_STAGES, H, H), np.float32)
-    visible = np.zeros((B, N_STAGES), bool)
-    counts = np.zeros((B, N_STAGES), np.float32)
-    patient = np.zeros(B, np.int64)
-    sel_b, sel_t, hidden, targets, reals = [], [], [], [], []
-    for b, seq in enumerate(chunk):
-        obs = seq.observed
-        hide = rng.random(len(obs)) < config.hide_prob if len(obs) > 1 else np.zeros(len(obs), bool)
-        if hide.all():
-            hide[rng.integers(len(obs))] = False
-        flip_h, flip_v = (rng.random(2) < 0.5) if config.augment else (False, False)
-
-        def aug(a: np.ndarray) -> np.ndarray:
-            if flip_h:
-                a = a[..., :, ::-1]
-            if flip_v:
-                a = a[..., ::-1, :]
-            return a
-
-        unknown = seq.index is None or rng.random() < config.unknown_patient_prob
-        patient[b] = -1 if unknown else seq.index
-        for s, h in zip(obs, hide):
-            imgs = seq.images[s]
-            if not h:
-                if rng.random() < config.context_subset_prob:
-                    subset = np.sort(rng.choice(len(imgs), size=int(rng.integers(1, len(imgs) + 1)), replace=False))
-                else:
-                    subset = np.arange(len(imgs))
-                context[b, s] = aug(imgs[subset].astype(np.float32).mean(0) / 255.0)
-                visible[b, s] = True
-                counts[b, s] = len(subset)
-            sel_b.append(b)
-            sel_t.append(s)
-            hidden.append(bool(h))
-            targets.append(aug(seq.stage_mean(s)))
-            reals.append(aug(imgs[rng.integers(len(imgs))].astype(np.float32) / 255.0))
-    return {
-        "context": context, "visible": visible, "counts": counts, "patient": patient,
-        "sel_b": np.asarray(sel_b, np.int64), "sel_t": np.asarray(sel_t, np.int64),
-        "hidden": np.asarray(hidden, bool), "targets": np.stack(targets), "reals": np.stack(reals),
-        "noise_seed": int(rng.integers(2**62)),
-    }
-
-
-def heldout_cases(seqs: Iterable[PatientSequence]) -> list[tuple[PatientSequence, int]]:
-    """(patient, stage) for every observed stage of a patient with at least one other observed stage."""
-    return [(seq, s) for seq in seqs if len(seq.observed) > 1 for s in seq.observed]
+# ------------------------------------------------------------------------------------ the Trainable
 
 
 class CRGAN:
-    """The CRGAN as a :class:`brvo_models.training.Trainable`."""
+    """The CRGAN as a :class:`brvo_models.training.Trainable` (fit sets the lr of every param group)."""
 
     name = MODEL_NAME
 
@@ -455,14 +318,6 @@ class CRGAN:
             groups.append({"params": list(self.generator.texture.parameters()), "lr": config.lr_texture})
         self.opt_g = torch.optim.Adam(groups, lr=config.lr_g, betas=betas)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.lr_d, betas=betas)
-        total, decay = config.epochs, max(0, int(round(config.epochs * config.decay_fraction)))
-        keep = total - decay
-
-        def factor(epoch: int) -> float:
-            return 1.0 if epoch < keep else max(0.0, 1.0 - (epoch - keep + 1) / (decay + 1))
-
-        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, factor)
-        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, factor)
         self.val_cases = heldout_cases(val_seqs)
 
     def modules(self) -> dict[str, nn.Module]:
@@ -470,9 +325,6 @@ class CRGAN:
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"generator": self.opt_g, "discriminator": self.opt_d}
-
-    def schedulers(self) -> dict[str, Any]:
-        return {"generator": self.sched_g, "discriminator": self.sched_d}
 
     def _tensors(self, batch: dict) -> dict[str, torch.Tensor]:
         dev = self.device
@@ -544,8 +396,6 @@ class CRGAN:
 
     def validate(self) -> dict[str, float]:
         """Held-out reconstruction on val patients: each observed stage hidden in turn; score = mean SSIM."""
-        from brvo_models.metrics import mean_scores
-
         if not self.val_cases:
             return {"score": float("nan")}
         # the zero-noise sample: the model's point estimate, as in the held-out report
@@ -555,255 +405,43 @@ class CRGAN:
         return {"score": m["ssim"], "ssim": m["ssim"], "psnr": m["psnr"], "mse": m["mse"]}
 
 
-# ------------------------------------------------------------------------------------ inference
 
 
-def _context_from_images(context_images: dict[int, np.ndarray], image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """dict stage -> uint8 (n, H, W) -> (context (6, H, W) float32 in [0, 1]: each stage's mean image,
-    counts (6,) float32: its number of images, 0 for a missing stage)."""
-    context = np.zeros((N_STAGES, image_size, image_size), np.float32)
-    counts = np.zeros(N_STAGES, np.float32)
-    for s, imgs in context_images.items():
-        s = int(s)
-        if not 0 <= s < N_STAGES:
-            raise ValueError(f"stage {s} outside 0..{N_STAGES - 1}")
-        imgs = np.asarray(imgs)
-        if imgs.ndim == 2:
-            imgs = imgs[None]
-        if imgs.shape[0] == 0:
-            continue
-        if imgs.shape[1:] != (image_size, image_size):
-            raise ValueError(f"context images of stage {s} have shape {imgs.shape[1:]}, model needs {image_size}px")
-        context[s] = imgs.astype(np.float32).mean(0) / 255.0
-        counts[s] = len(imgs)
-    return context, counts
+# ------------------------------------------------------------------------------------ loading
 
 
-@torch.no_grad()
-def generate_batch(generator: CRGANGenerator, contexts: np.ndarray, counts: np.ndarray,
-                   patients: Sequence[int | None], stages: Sequence[Sequence[int]], seeds: Sequence[int | None],
-                   device: torch.device | str, chunk: int = 64) -> list[torch.Tensor]:
-    """Core batched sampler. Per sequence i: context (6,H,W) in [0,1], counts (6,) (0 = missing
-    stage), patient index or None, the stages to decode and a seed (None: the zero-noise sample,
-    i.e. the model's point estimate). Returns per sequence a tensor (len(stages_i), H, W) in [-1, 1]."""
-    device = _device(device)
-    generator.eval()
-    H = generator.image_size
-    out: list[torch.Tensor] = []
-    for start in range(0, len(seeds), chunk):
-        idx = list(range(start, min(start + chunk, len(seeds))))
-        zs, pixs, sel_b, sel_t = [], [], [], []
-        for j, i in enumerate(idx):
-            if seeds[i] is None:
-                z, pix = torch.zeros(generator.config.z_dim), torch.zeros(N_STAGES, 2, H, H)
-            else:
-                z, pix = draw_noise(seeds[i], generator.config.z_dim, H)
-            zs.append(z)
-            pixs.append(pix[list(stages[i])])
-            sel_b += [j] * len(stages[i])
-            sel_t += list(stages[i])
-        pat = torch.tensor([generator.unknown_index if patients[i] is None else int(patients[i]) for i in idx])
-        ctx = to_model(contexts[idx])[:, :, None]
-        cnt = torch.as_tensor(np.asarray(counts)[idx], dtype=torch.float32)
-        with autocast(device):
-            imgs = generator(ctx.to(device), (cnt > 0).to(device), pat.to(device), torch.stack(zs).to(device),
-                             torch.cat(pixs).to(device), torch.tensor(sel_b, device=device),
-                             torch.tensor(sel_t, device=device), counts=cnt.to(device))
-        imgs = imgs.float()[:, 0].cpu()
-        pos = 0
-        for i in idx:
-            n = len(stages[i])
-            out.append(imgs[pos:pos + n])
-            pos += n
-    return out
+def load_generator(checkpoint_path: str | os.PathLike, device: torch.device | str = "auto",
+                   image_size: int | None = None) -> tuple[CRGANGenerator, dict[str, int], torch.device]:
+    """(generator in eval mode on ``device``, patient_id -> embedding row, device) from a checkpoint.
 
-
-def generate(generator: CRGANGenerator, context_images: dict[int, np.ndarray], patient_index: int | None,
-             stages: Sequence[int], k: int, seeds: int | Sequence[int] | Sequence[Sequence[int]],
-             device: torch.device | str = "auto") -> np.ndarray:
-    """K samples of one patient at each of ``stages``: uint8 (len(stages), k, H, W).
-
-    ``context_images``: stage -> that stage's real images uint8 (n, H, W); each stage
-    enters as the mean of its images, stages not given are missing. ``patient_index``:
-    the embedding row of a training patient (``load_generator``'s mapping), None for
-    a patient not seen in training. ``seeds``: a base int (sample j uses base + j for
-    all stages), k ints (one per sample, shared by the stages), or len(stages) lists
-    of k ints (one seed per image). Same seeds -> same images; batched, no grad.
+    The network is built from the config stored in the checkpoint (:mod:`brvo_models.identity`);
+    ``image_size``, when given, must be the checkpoint's (else a one-line CheckpointError), as must
+    the model. Patients not in the mapping (val/test, new ones) are generated with index None
+    ('unknown').
     """
-    stages = [int(s) for s in stages]
-    H = generator.image_size
-    ctx, cnt = _context_from_images(context_images, H)
-    if isinstance(seeds, (list, tuple)) and seeds and isinstance(seeds[0], (list, tuple, np.ndarray)):
-        if len(seeds) != len(stages) or any(len(row) != k for row in seeds):
-            raise ValueError(f"per-image seeds must be {len(stages)} lists of {k}")
-        flat = [(si, int(sd)) for si in range(len(stages)) for sd in seeds[si]]
-        res = generate_batch(generator, np.repeat(ctx[None], len(flat), 0), np.repeat(cnt[None], len(flat), 0),
-                             [patient_index] * len(flat), [[stages[si]] for si, _ in flat],
-                             [sd for _, sd in flat], device)
-        out = torch.stack([r[0] for r in res]).view(len(stages), k, H, H) if res else torch.zeros(len(stages), k, H, H)
-        return to_uint8(out)
-    seeds = resolve_seeds(seeds, k)
-    res = generate_batch(generator, np.repeat(ctx[None], k, 0), np.repeat(cnt[None], k, 0),
-                         [patient_index] * k, [stages] * k, seeds, device)
-    out = torch.stack(res, dim=1) if res else torch.zeros(len(stages), 0, H, H)
-    return to_uint8(out)
-
-
-def _device(device: torch.device | str) -> torch.device:
-    from brvo_models.runtime import select_device
-
-    return select_device(device) if isinstance(device, str) else torch.device(device)
-
-
-def patient_index(generator: CRGANGenerator, patient_id: str) -> int | None:
-    """Embedding row of a training patient, None for any other (the 'unknown patient' row is used)."""
-    try:
-        return generator.patient_ids.index(str(patient_id))
-    except ValueError:
-        return None
-
-
-@torch.no_grad()
-def realism(discriminator: CRGANDiscriminator, images: np.ndarray, stages: Sequence[int],
-            patient_indices: Sequence[int | None] | None, device: torch.device | str = "cpu",
-            batch_size: int = 64) -> np.ndarray:
-    """Discriminator realism of uint8 images (N, H, W): mean sigmoid of the patch logits, float32 (N,).
-
-    ``stages`` (N,) ints; ``patient_indices`` embedding rows or None (unknown patient) per image."""
-    device = _device(device)
-    discriminator.eval()
-    images = np.asarray(images)
-    n = len(images)
-    if patient_indices is None:
-        patient_indices = [None] * n
-    pats = torch.tensor([discriminator.unknown_index if p is None else int(p) for p in patient_indices])
-    st = torch.as_tensor(np.array(stages, np.int64))  # a copy: callers may pass read-only views
-    out = []
-    for i in range(0, n, batch_size):
-        x = to_model(images[i:i + batch_size].astype(np.float32) / 255.0)[:, None].to(device)
-        with autocast(device):
-            logits = discriminator(x, st[i:i + batch_size].to(device), pats[i:i + batch_size].to(device))
-        out.append(torch.sigmoid(logits.float()).mean(dim=(1, 2, 3)).cpu())
-    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)
-
-
-def predict_heldout(generator: CRGANGenerator, cases: Sequence[tuple[PatientSequence, int]],
-                    seeds: Sequence[int | None] = (None,), device="cpu") -> np.ndarray:
-    """For each (patient, stage) case: hide the stage and generate it from the patient's other stages.
-
-    Returns float [0, 1] images (len(cases), len(seeds), H, W): one per seed (None = the zero-noise
-    sample, the model's point estimate). The hidden stage is not in the context at all.
-    """
-    H = generator.image_size
-    ctxs, cnts, pats, stages, flat_seeds = [], [], [], [], []
-    for seq, s in cases:
-        ctx, cnt = _context_from_images({o: seq.images[o] for o in seq.observed if o != s}, H)
-        for sd in seeds:
-            ctxs.append(ctx)
-            cnts.append(cnt)
-            pats.append(seq.index)
-            stages.append([s])
-            flat_seeds.append(sd)
-    if not ctxs:
-        return np.zeros((0, len(seeds), H, H), np.float32)
-    res = generate_batch(generator, np.stack(ctxs), np.stack(cnts), pats, stages, flat_seeds, device)
-    out = (torch.stack([r[0] for r in res]).clamp(-1, 1) + 1) / 2
-    return out.numpy().reshape(len(cases), len(seeds), H, H)
-
-
-def case_scores(pred: np.ndarray, real_images: np.ndarray) -> dict[str, float]:
-    """Metrics of one prediction (float [0,1]) against EACH real image (uint8) of the stage, averaged."""
-    from brvo_models.metrics import image_scores, mean_scores
-
-    rows = [image_scores(pred, r.astype(np.float64) / 255.0) for r in real_images]
-    m = mean_scores(rows)
-    m.pop("n", None)
-    return m
-
-
-def baseline_predictions(seq: PatientSequence, stage: int) -> dict[str, np.ndarray]:
-    """The two baselines for a hidden stage, from the patient's other observed stages (stage means):
-    'nearest' copies the nearest observed stage (tie: the earlier one); 'neighbour_mean' averages
-    the nearest earlier and the nearest later observed stage (the nearest one where one side is empty)."""
-    others = [o for o in seq.observed if o != stage]
-    nearest = min(others, key=lambda o: (abs(o - stage), o))
-    before = [o for o in others if o < stage]
-    after = [o for o in others if o > stage]
-    if before and after:
-        mean = 0.5 * (seq.stage_mean(max(before)) + seq.stage_mean(min(after)))
-    else:
-        mean = seq.stage_mean(nearest)
-    return {"nearest": seq.stage_mean(nearest), "neighbour_mean": mean}
-
-
-# ------------------------------------------------------------------------------------ checkpoints
-
-
-def training_signature(config: CRGANConfig, seed: int) -> str:
-    """JSON of everything that changes training; its hash in checkpoint meta refuses a mismatched resume."""
-    import json
-
-    return json.dumps({"crgan": config.model_dump(), "seed": int(seed)}, sort_keys=True)
-
-
-def architecture_signature(config: CRGANConfig) -> str:
-    """The fields that shape the networks: what an inference load must agree on with the checkpoint."""
-    import json
-
-    keys = ("ngf", "ndf", "z_dim", "patient_emb_dim", "stage_emb_dim", "context_dim", "hidden_dim",
-            "n_layers_d", "texture")
-    return json.dumps({k: getattr(config, k) for k in keys}, sort_keys=True)
-
-
-def checkpoint_meta_for(config: CRGANConfig, image_size: int, seed: int, patient_ids: Sequence[str]) -> dict[str, Any]:
-    """Checkpoint meta: model, image size, training-config hash, architecture, and the training
-    patients in embedding order (a list of str, so ``weights_only`` loading keeps it)."""
-    from brvo_models.training import checkpoint_meta
-
-    meta = checkpoint_meta(MODEL_NAME, image_size, training_signature(config, seed))
-    meta["architecture"] = architecture_signature(config)
-    meta["patient_ids"] = [str(p) for p in patient_ids]
-    return meta
-
-
-def _inference_load(path, config, image_size: int, device) -> tuple[dict, dict[str, int], torch.device]:
-    from brvo_models.runtime import select_device
-    from storage.checkpoints import load_checkpoint
-
-    if hasattr(config, "crgan"):  # a PipelineConfig
-        config = config.crgan
-    device = select_device(device) if isinstance(device, str) else torch.device(device)
-    state = load_checkpoint(path, expect={"model": MODEL_NAME, "image_size": int(image_size),
-                                          "architecture": architecture_signature(config)})
-    ids = [str(p) for p in state["meta"]["patient_ids"]]
-    return state, {pid: i for i, pid in enumerate(ids)}, device
-
-
-def load_generator(checkpoint_path, config: CRGANConfig, image_size: int, device="auto"
-                   ) -> tuple[CRGANGenerator, dict[str, int], torch.device]:
-    """(generator in eval mode on ``device``, patient_id -> embedding index, device) from a checkpoint.
-
-    Patients not in the mapping (val/test, new ones) are generated with index None ('unknown').
-    """
-    from storage.checkpoints import state_must_fit
-
-    state, index, device = _inference_load(checkpoint_path, config, image_size, device)
-    cfg = config.crgan if hasattr(config, "crgan") else config
-    gen = CRGANGenerator(cfg, int(image_size), len(index))
-    with state_must_fit(checkpoint_path):
-        gen.load_state_dict(state["modules"]["generator"])
+    loaded = load_described(checkpoint_path, MODEL_NAME, CRGANConfig, image_size)
+    index = _patient_index(loaded.state)
+    gen = CRGANGenerator(loaded.config, loaded.image_size, len(index))
+    with state_must_fit(checkpoint_path):  # weights of another shape: a one-line CheckpointError
+        gen.load_state_dict(loaded.state["modules"]["generator"])
     gen.patient_ids = list(index)
+    device = resolve_device(device)
     return gen.to(device).eval(), index, device
 
 
-def load_discriminator(checkpoint_path, config: CRGANConfig, image_size: int, device="auto"
-                       ) -> tuple[CRGANDiscriminator, dict[str, int]]:
-    """(discriminator in eval mode, patient_id -> embedding index) for :func:`realism`."""
-    from storage.checkpoints import state_must_fit
-
-    state, index, device = _inference_load(checkpoint_path, config, image_size, device)
-    cfg = config.crgan if hasattr(config, "crgan") else config
-    disc = CRGANDiscriminator(cfg, int(image_size), len(index))
+def load_discriminator(checkpoint_path: str | os.PathLike, device: torch.device | str = "auto",
+                       image_size: int | None = None) -> tuple[CRGANDiscriminator, dict[str, int], torch.device]:
+    """(discriminator in eval mode, patient_id -> embedding row, device) for
+    :func:`brvo_models.crgan_sampling.realism`; built and checked as :func:`load_generator`."""
+    loaded = load_described(checkpoint_path, MODEL_NAME, CRGANConfig, image_size)
+    index = _patient_index(loaded.state)
+    disc = CRGANDiscriminator(loaded.config, loaded.image_size, len(index))
     with state_must_fit(checkpoint_path):
-        disc.load_state_dict(state["modules"]["discriminator"])
-    return disc.to(device).eval(), index
+        disc.load_state_dict(loaded.state["modules"]["discriminator"])
+    device = resolve_device(device)
+    return disc.to(device).eval(), index, device
+
+
+def _patient_index(state: dict[str, Any]) -> dict[str, int]:
+    """The training patients in embedding order, from the checkpoint meta (a list of str)."""
+    return {str(pid): i for i, pid in enumerate(state["meta"].get("patient_ids", []))}

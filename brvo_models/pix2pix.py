@@ -1,7 +1,7 @@
 """Pix2Pix (Isola et al. 2017): OCTA image -> vessel label, faithful to the reference code.
 
 Reference: junyanz/pytorch-CycleGAN-and-pix2pix (models/networks.py, models/pix2pix_model.py).
-What is kept as there, because the DESIGN asks for a faithful model:
+What is kept as there, because its labels are held against the reference model's:
 
 * U-Net generator built from nested skip blocks, 4x4 stride-2 convolutions, LeakyReLU(0.2)
   on the way down, ReLU on the way up, dropout 0.5 in the inner ngf*8 decoder blocks, Tanh.
@@ -10,24 +10,26 @@ What is kept as there, because the DESIGN asks for a faithful model:
 * BatchNorm (affine) by default, InstanceNorm (no affine, no running stats) as an option;
   conv biases only when the norm is instance norm; normal(0, 0.02) init (BN weight N(1, 0.02)).
 * Vanilla GAN loss = BCE-with-logits, D loss halved, G loss = GAN + lambda_L1 * L1.
-* Adam(lr 2e-4, betas (0.5, 0.999)); lr constant, then linear decay to ~0 (LambdaLR).
+* Adam(lr 2e-4, betas (0.5, 0.999)); lr constant, then linear decay to ~0 (the reference 'linear'
+  policy, driven by :func:`brvo_models.training.fit`'s step clock).
 
 Images and labels are one channel in [-1, 1]; a label probability is (tanh + 1) / 2.
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
-from typing import Any
+import os
 
 import numpy as np
 import torch
 from torch import nn
 
 from brvo_models.configs import Pix2PixConfig
+from brvo_models.identity import load_described
+from brvo_models.losses import soft_dice_loss
 from brvo_models.metrics import batch_dice, cldice
-from brvo_models.runtime import autocast
+from brvo_models.runtime import autocast, resolve_device
+from storage.checkpoints import state_must_fit
 
 MODEL_NAME = "pix2pix"
 
@@ -150,59 +152,7 @@ def build_discriminator(config: Pix2PixConfig) -> PatchDiscriminator:
     return init_weights(PatchDiscriminator(2, config.ndf, config.n_layers_d, config.norm))
 
 
-def lr_lambda(epochs: int, epochs_decay: int | None):
-    """Reference 'linear' policy: lr factor 1 for (epochs - decay) epochs, then linearly towards 0."""
-    n_decay = epochs // 2 if epochs_decay is None else int(epochs_decay)
-    n_decay = max(0, min(n_decay, epochs))
-    n_const = epochs - n_decay
-
-    def rule(epoch: int) -> float:
-        return 1.0 - max(0, epoch + 1 - n_const) / float(n_decay + 1)
-
-    return rule
-
-
-# ------------------------------------------------------------------------ checkpoint identity
-
-
-def training_signature(config: Pix2PixConfig, seed: int) -> str:
-    """JSON of everything that changes training (the inference-only threshold excluded).
-
-    Its hash goes into checkpoint meta, so resuming with another config is refused.
-    """
-    fields = config.model_dump()
-    fields.pop("threshold", None)
-    return json.dumps({"pix2pix": fields, "seed": int(seed)}, sort_keys=True)
-
-
-def generator_signature(config: Pix2PixConfig) -> str:
-    """The generator's architecture: what a labeller must agree on with best.pt."""
-    return json.dumps({"ngf": config.ngf, "norm": config.norm, "dropout": config.dropout}, sort_keys=True)
-
-
-def checkpoint_meta_for(config: Pix2PixConfig, image_size: int, seed: int) -> dict[str, Any]:
-    from brvo_models.training import checkpoint_meta
-
-    meta = checkpoint_meta(MODEL_NAME, image_size, training_signature(config, seed))
-    meta["generator"] = generator_signature(config)
-    return meta
-
-
 # ----------------------------------------------------------------------------------- the model
-
-
-def soft_dice_loss(fake_b: torch.Tensor, real_b: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Mean over images of 1 - soft Dice between vessel probabilities (tanh output + 1) / 2 and labels.
-
-    Not in the reference pix2pix (``lambda_dice`` = 0 leaves it out). L1's per-pixel optimum is the
-    median label, which drops thin vessels that are less likely than not; Dice rewards recall of
-    them. ``eps`` keeps a vessel-free image's loss finite and near 0 when the output is too.
-    """
-    p = (fake_b + 1.0) * 0.5
-    t = (real_b + 1.0) * 0.5
-    dims = tuple(range(1, p.ndim))
-    inter = (p * t).sum(dims)
-    return (1.0 - (2.0 * inter + eps) / (p.sum(dims) + t.sum(dims) + eps)).mean()
 
 
 def objective_text(p2p: Pix2PixConfig) -> str:
@@ -223,7 +173,7 @@ def _prep(images_uint8: torch.Tensor | np.ndarray, device: torch.device) -> torc
 
 
 class Pix2Pix:
-    """The Trainable (brvo_models.training) for Pix2Pix: G and D, their Adams and LambdaLRs.
+    """The Trainable (brvo_models.training) for Pix2Pix: G and D and their Adams (fit sets the lr).
 
     ``train_step`` takes ``(image, label)`` float tensors (B, 1, H, W) in [-1, 1];
     ``validate`` labels the validation arrays (uint8 images, 0/1 labels) and scores
@@ -244,9 +194,6 @@ class Pix2Pix:
         betas = (config.beta1, config.beta2)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=betas)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=config.lr, betas=betas)
-        rule = lr_lambda(config.epochs, config.epochs_decay)
-        self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G, rule)
-        self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D, rule)
         self.gan_loss = nn.BCEWithLogitsLoss()
         self.l1 = nn.L1Loss()
         self.val_images = val_images
@@ -257,9 +204,6 @@ class Pix2Pix:
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"G": self.opt_G, "D": self.opt_D}
-
-    def schedulers(self) -> dict[str, Any]:
-        return {"G": self.sched_G, "D": self.sched_D}
 
     def _gan(self, logits: torch.Tensor, real: bool) -> torch.Tensor:
         target = torch.ones_like(logits) if real else torch.zeros_like(logits)
@@ -292,7 +236,8 @@ class Pix2Pix:
         loss_g = loss_g_gan + loss_g_l1
         losses = {"G_GAN": loss_g_gan.item(), "G_L1": loss_g_l1.item()}
         if self.config.lambda_dice > 0:
-            loss_g_dice = soft_dice_loss(fake_b.float(), real_b.float()) * self.config.lambda_dice
+            probabilities, targets = (fake_b.float() + 1.0) * 0.5, (real_b.float() + 1.0) * 0.5
+            loss_g_dice = soft_dice_loss(probabilities, targets) * self.config.lambda_dice
             loss_g = loss_g + loss_g_dice
             losses["G_Dice"] = loss_g_dice.item()
         loss_g.backward()
@@ -364,23 +309,21 @@ def label_images(generator: nn.Module, images: np.ndarray, threshold: float | No
     return probs, (probs > threshold).astype(np.uint8)
 
 
-def load_labeller(checkpoint_path: str | Path, config, image_size: int,
-                  device: torch.device | str = "auto") -> tuple[UnetGenerator, torch.device]:
+def load_labeller(checkpoint_path: str | os.PathLike, device: torch.device | str = "auto",
+                  image_size: int | None = None) -> tuple[UnetGenerator, torch.device]:
     """(trained generator in eval mode, its device) from ``checkpoint_path`` (best.pt).
 
-    ``config`` is a Pix2PixConfig or a PipelineConfig (its ``.pix2pix``); ``device`` is
-    'auto' (CUDA when present), 'cpu', 'cuda' or a torch.device. Loads with weights_only=True
-    and a verified sha256 (storage.checkpoints); a checkpoint of another image size or
-    generator architecture raises a one-line CheckpointError.
+    The generator is built from the Pix2Pix config stored in the checkpoint
+    (:mod:`brvo_models.identity`), so it always matches the weights. ``device`` is 'auto'
+    (CUDA when present), 'cpu', 'cuda' or a torch.device; ``image_size``, when given, must be
+    the checkpoint's. Loads with weights_only=True and a verified sha256; a checkpoint of
+    another model or image size raises a one-line CheckpointError.
     """
-    from brvo_models.runtime import select_device
-    from brvo_models.training import load_modules
-
-    p2p = getattr(config, "pix2pix", config)
-    device = device if isinstance(device, torch.device) else select_device(str(device))
-    generator = build_generator(p2p, image_size)
-    expect = {"model": MODEL_NAME, "image_size": int(image_size), "generator": generator_signature(p2p)}
-    load_modules(Path(checkpoint_path), {"G": generator}, expect)
+    loaded = load_described(checkpoint_path, MODEL_NAME, Pix2PixConfig, image_size)
+    generator = build_generator(loaded.config, loaded.image_size)
+    with state_must_fit(checkpoint_path):  # weights of another shape: a one-line CheckpointError
+        generator.load_state_dict(loaded.state["modules"]["G"])
+    device = resolve_device(device)
     return generator.to(device).eval(), device
 
 

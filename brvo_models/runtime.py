@@ -19,6 +19,11 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def resolve_device(device: torch.device | str) -> torch.device:
+    """A torch.device as given, or a name ('auto', 'cpu', 'cuda', ...) through :func:`select_device`."""
+    return device if isinstance(device, torch.device) else select_device(str(device))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -35,8 +40,3 @@ def autocast(device: torch.device):
 def to_model_range(x: torch.Tensor) -> torch.Tensor:
     """[0, 1] -> [-1, 1] (the Tanh output range every model here uses)."""
     return x * 2.0 - 1.0
-
-
-def from_model_range(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1]."""
-    return (x.clamp(-1, 1) + 1.0) * 0.5

@@ -1,27 +1,41 @@
-"""The one training contract every model here follows, and the epoch loop that drives it.
+"""The training contract the two GANs follow, and the step loop that drives it.
 
-A model (Pix2Pix, CRGAN, the usefulness segmenter) implements :class:`Trainable`:
-named modules, optimisers and lr schedulers, a ``train_step`` on one batch and a
-``validate`` that returns metrics with a ``score`` (higher is better). :func:`fit`
-owns everything around that: epochs, resume from ``last.pt``, atomic checkpoints
-every epoch (weights, optimiser and scheduler states, RNG state, epoch, config,
-metrics history; sha256 beside each), ``best.pt`` on the validation score, and
-progress callbacks. Because shuffling is seeded per epoch and the torch RNG is
-saved, a run killed after epoch k and resumed ends, on CPU, with the same weights
-as an uninterrupted run.
+Pix2Pix and CRGAN implement :class:`Trainable` (the small segmenters of the usefulness
+experiment train for a fixed number of steps in a loop of their own, with no checkpoints):
+named modules and optimisers, a ``train_step`` on one batch and a ``validate`` that returns
+metrics with a ``score`` (higher is better). :func:`fit` owns everything around that.
+
+* **A schedule counted in optimiser steps** (:class:`Schedule`). 'fixed' runs exactly
+  ``epochs`` epochs and validates at each epoch's end, as the reference pix2pix does.
+  'adaptive' scales a step budget to the dataset (``epochs`` epochs' worth of steps, clamped
+  to ``[min_steps, max_steps]``), so a small dataset is not silently given a fraction of the
+  training; it validates every ``val_every`` steps and stops early once the validation score
+  has not improved for ``patience`` validations, never before ``min_steps``.
+* **The learning rate is a function of the step counter**: constant, then a linear decay
+  towards 0 over the final ``decay_fraction`` of the schedule (per epoch when 'fixed', the
+  reference rule; per step when 'adaptive'). fit sets it before every optimiser step.
+* **Checkpoints at every validation**: ``last.pt`` (weights, optimiser states, torch RNG,
+  step, schedule, early-stopping state, metrics history, the model's self-description from
+  :mod:`brvo_models.identity`) and ``best.pt`` on the best validation score; atomic, sha256
+  beside each (storage.checkpoints).
+* **Exact resume.** ``batches(epoch)`` is a pure function of the epoch (seeded), so a resume
+  at step s replays epoch s // steps_per_epoch and skips the batches already trained on; with
+  the RNG, optimiser and early-stopping state restored, a run killed mid-schedule and resumed
+  ends, on CPU, with the weights of an uninterrupted run.
 """
 from __future__ import annotations
 
-import json
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
+from brvo_models.identity import CheckpointIdentity
 from storage.checkpoints import load_checkpoint, save_checkpoint, state_must_fit
-from storage.hashing import json_sha256
+from storage.errors import CheckpointError
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -34,11 +48,68 @@ class Trainable(Protocol):
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...
 
-    def schedulers(self) -> dict[str, Any]: ...
-
     def train_step(self, batch: Any) -> dict[str, float]: ...
 
     def validate(self) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long a model trains and when it validates, in optimiser steps; build with :meth:`from_config`."""
+
+    kind: str
+    steps_per_epoch: int
+    total_steps: int  # the budget: the run ends here unless it stops early
+    val_every: int  # steps between validations (and checkpoints); the last step always validates
+    min_steps: int  # no early stop before this many steps
+    patience: int  # validations without improvement before stopping; 0 = never stop early
+    min_improvement: float  # a score must beat the best by more than this to reset the patience
+    lr_unit: int  # steps per lr change: an epoch ('fixed', the reference rule) or one step
+    decay_units: int  # final lr units with linear decay
+
+    @classmethod
+    def from_config(cls, config: Any, steps_per_epoch: int) -> "Schedule":
+        """The schedule a model config asks for (its ``schedule``, ``epochs``, ``decay_fraction``,
+        ``min_steps``, ``max_steps``, ``val_every``, ``patience``, ``min_improvement``) on a dataset
+        of ``steps_per_epoch`` batches per epoch."""
+        spe = int(steps_per_epoch)
+        if spe < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {spe}")
+        if config.schedule == "fixed":
+            total = int(config.epochs) * spe
+            return cls("fixed", spe, total, val_every=spe, min_steps=total, patience=0, min_improvement=0.0,
+                       lr_unit=spe, decay_units=int(round(config.epochs * config.decay_fraction)))
+        total = min(max(int(config.epochs) * spe, int(config.min_steps)), int(config.max_steps))
+        return cls("adaptive", spe, total, val_every=int(config.val_every), min_steps=min(int(config.min_steps), total),
+                   patience=int(config.patience), min_improvement=float(config.min_improvement), lr_unit=1,
+                   decay_units=int(round(total * config.decay_fraction)))
+
+    def lr_factor(self, step: int) -> float:
+        """The lr multiplier of the optimiser step taken after ``step`` steps.
+
+        The reference pix2pix rule on this schedule's unit: 1 for the first (units - decay)
+        units, then 1 - k / (decay + 1) in the k-th decaying unit, so the last unit trains at
+        1 / (decay + 1) of the base lr, not at 0.
+        """
+        units = self.total_steps // self.lr_unit
+        n_const = units - self.decay_units
+        return 1.0 - max(0, step // self.lr_unit + 1 - n_const) / float(self.decay_units + 1)
+
+    def validates_after(self, step: int) -> bool:
+        return step % self.val_every == 0 or step == self.total_steps
+
+    def describe(self) -> str:
+        text = (f"{self.kind} schedule: {self.total_steps} steps ({self.total_steps / self.steps_per_epoch:.1f} epochs "
+                f"of {self.steps_per_epoch} steps), validation every {self.val_every} steps")
+        if self.patience > 0:
+            text += (f", early stop after {self.patience} validations without improvement "
+                     f"(not before step {self.min_steps})")
+        return text
+
+
+def steps_per_epoch(n_items: int, batch_size: int, repeats: int = 1) -> int:
+    """Batches in an epoch of ``n_items`` seen ``repeats`` times, the last batch partial."""
+    return max(1, math.ceil(int(n_items) * int(repeats) / int(batch_size)))
 
 
 @dataclass
@@ -46,105 +117,191 @@ class FitResult:
     last_path: Path
     best_path: Path
     best_sha256: str
-    best_epoch: int
+    best_step: int
     best_metrics: dict[str, float]
+    schedule: Schedule
+    steps: int  # optimiser steps trained in total (this call and the ones it resumed)
+    stopped_early: bool
     history: list[dict[str, float]] = field(default_factory=list)
-    resumed_from_epoch: int = 0
+    resumed_from_step: int = 0
     seconds: float = 0.0
 
+    @property
+    def best_epoch(self) -> float:
+        return self.best_step / self.schedule.steps_per_epoch
 
-def checkpoint_meta(model_name: str, image_size: int, config_json: str) -> dict[str, Any]:
-    """What a checkpoint must agree on with the run that loads it."""
-    return {"model": model_name, "image_size": int(image_size), "config_hash": json_sha256(config_json)}
+    @property
+    def epochs(self) -> float:
+        return self.steps / self.schedule.steps_per_epoch
+
+
+@dataclass
+class _Progress:
+    """What a checkpoint carries besides the weights, so a resume continues where the run was."""
+
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_score: float = float("-inf")
+    best_step: int = -1
+    best_sha256: str = ""
+    patience_score: float = float("-inf")  # the score the patience counts from (best + min_improvement rule)
+    bad_validations: int = 0
+    finished: bool = False
+    stopped_early: bool = False
 
 
 def fit(
     model: Trainable,
     batches: Callable[[int], Iterable[Any]],
     *,
-    epochs: int,
+    schedule: Schedule,
     checkpoint_dir: Path,
-    meta: dict[str, Any],
-    config_json: str,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    identity: CheckpointIdentity,
+    on_validation: Callable[[dict[str, float]], None] | None = None,
     log: Callable[[str], None] = print,
-    max_epochs_this_call: int | None = None,
+    max_validations_this_call: int | None = None,
 ) -> FitResult:
-    """Train ``model`` to ``epochs`` total epochs, resuming from ``checkpoint_dir/last.pt`` when present.
+    """Train ``model`` on ``schedule``, resuming from ``checkpoint_dir/last.pt`` when present.
 
-    ``batches(epoch)`` yields the batches of one epoch (seed its shuffling with the epoch).
-    ``meta`` (from :func:`checkpoint_meta`) is stored in every checkpoint and checked on resume,
-    so a checkpoint from another config or image size is refused before anything is overwritten.
-    ``max_epochs_this_call`` stops early (used by tests to simulate a kill).
+    ``batches(epoch)`` yields exactly ``schedule.steps_per_epoch`` batches, the same ones every
+    time it is called with that epoch (seed its shuffling and augmentation with the epoch).
+    ``identity`` (:class:`brvo_models.identity.CheckpointIdentity`) describes every checkpoint
+    written and is checked on resume, so a checkpoint from another model, config, seed or image
+    size is refused before anything is overwritten; so is one written on another schedule (the
+    data changed the steps per epoch). ``on_validation(row)`` gets each history row (``step``,
+    ``total_steps``, ``epoch``, mean losses since the last validation, ``val_*``, ``lr_factor``,
+    ``seconds`` since the last row, ``seconds_validating`` of them). ``max_validations_this_call``
+    returns after that many validations, each of which wrote last.pt (tests use it to simulate a kill).
     """
     checkpoint_dir = Path(checkpoint_dir)
     last_path, best_path = checkpoint_dir / LAST, checkpoint_dir / BEST
-    start_epoch, history = 0, []
-    best_score, best_epoch, best_sha = float("-inf"), -1, ""
+    progress = _Progress()
     if last_path.exists():
-        state = load_checkpoint(last_path, expect=meta)
+        state = load_checkpoint(last_path, expect=identity.meta)
+        if state.get("schedule") != asdict(schedule):
+            raise CheckpointError(
+                f"{last_path}: checkpoint was trained on another schedule ({_schedule_text(state.get('schedule'))}) "
+                f"than this run's data gives ({_schedule_text(asdict(schedule))}); use a fresh run directory or "
+                f"delete {checkpoint_dir}")
         with state_must_fit(last_path):  # weights of another shape: a one-line CheckpointError
             _restore(model, state)
-        start_epoch = int(state["epoch"])
-        history = list(state.get("history", []))
-        best_score = float(state.get("best_score", float("-inf")))
-        best_epoch = int(state.get("best_epoch", -1))
-        best_sha = str(state.get("best_sha256", ""))
-        log(f"{model.name}: resuming from {last_path} after epoch {start_epoch}")
+        progress = _Progress(**state["progress"], history=list(state["history"]))
+        log(f"{model.name}: resuming from {last_path} at step {progress.step}/{schedule.total_steps}"
+            + (" (finished)" if progress.finished else ""))
+    resumed_from = progress.step
+    base_lrs = _base_lrs(model)
+    log(f"{model.name}: {schedule.describe()}")
     t_start = time.perf_counter()
-    stop_at = epochs if max_epochs_this_call is None else min(epochs, start_epoch + max_epochs_this_call)
-    for epoch in range(start_epoch, stop_at):
-        t0 = time.perf_counter()
-        for module in model.modules().values():
-            module.train()
-        sums: dict[str, float] = {}
-        n_steps = 0
+    validations = 0
+    sums: dict[str, float] = {}
+    n_since = 0
+    t_since = time.perf_counter()
+    epoch, skip = divmod(progress.step, schedule.steps_per_epoch)
+    _set_mode(model, train=True)
+    while not progress.finished:
+        n_batches = 0
         for batch in batches(epoch):
+            n_batches += 1
+            if n_batches > schedule.steps_per_epoch:
+                raise RuntimeError(f"{model.name}: batches({epoch}) yields more than the schedule's "
+                                   f"{schedule.steps_per_epoch} steps per epoch")
+            if n_batches <= skip:  # trained on before the resume: replayed, not trained again
+                continue
+            factor = schedule.lr_factor(progress.step)
+            _set_lr(model, base_lrs, factor)
             for k, v in model.train_step(batch).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-            n_steps += 1
-        for sched in model.schedulers().values():
-            sched.step()
-        for module in model.modules().values():
-            module.eval()
-        with torch.no_grad():
-            val = model.validate()
-        row = {"epoch": epoch + 1, **{k: v / max(n_steps, 1) for k, v in sums.items()},
-               **{f"val_{k}": float(v) for k, v in val.items()}, "seconds": time.perf_counter() - t0}
-        history.append(row)
-        improved = float(val["score"]) > best_score
-        if improved:
-            best_score, best_epoch = float(val["score"]), epoch + 1
-        payload = _payload(model, epoch + 1, meta, config_json, history, best_score, best_epoch, best_sha)
-        if improved:
-            best_sha = save_checkpoint(best_path, payload)
-            payload["best_sha256"] = best_sha
-        save_checkpoint(last_path, payload)
-        log(f"{model.name}: epoch {epoch + 1}/{epochs} " + " ".join(
-            f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
-        if on_epoch is not None:
-            on_epoch(row)
+            n_since += 1
+            progress.step += 1
+            if not schedule.validates_after(progress.step):
+                continue
+            row, improved = _validate(model, schedule, progress, sums, n_since, factor, t_since)
+            _checkpoint(model, schedule, identity, progress, improved, last_path, best_path)
+            log(_log_line(model.name, schedule, progress, row))
+            if on_validation is not None:
+                on_validation(row)
+            sums, n_since, t_since = {}, 0, time.perf_counter()
+            validations += 1
+            if progress.finished or (max_validations_this_call is not None
+                                     and validations >= max_validations_this_call):
+                break
+        else:
+            if n_batches != schedule.steps_per_epoch:
+                raise RuntimeError(f"{model.name}: batches({epoch}) yielded {n_batches} batches, the schedule "
+                                   f"expects {schedule.steps_per_epoch} per epoch")
+            epoch, skip = epoch + 1, 0
+            continue
+        break
     if not best_path.exists():
-        raise RuntimeError(f"{model.name}: no epoch was trained and no best checkpoint exists")
-    best_row = next((r for r in history if r["epoch"] == best_epoch), history[-1] if history else {})
-    return FitResult(last_path=last_path, best_path=best_path, best_sha256=best_sha or "",
-                     best_epoch=best_epoch, best_metrics=best_row, history=history,
-                     resumed_from_epoch=start_epoch, seconds=time.perf_counter() - t_start)
+        raise RuntimeError(f"{model.name}: no step was validated and no best checkpoint exists")
+    best_row = next((r for r in progress.history if r["step"] == progress.best_step),
+                    progress.history[-1] if progress.history else {})
+    return FitResult(last_path=last_path, best_path=best_path, best_sha256=progress.best_sha256,
+                     best_step=progress.best_step, best_metrics=best_row, schedule=schedule, steps=progress.step,
+                     stopped_early=progress.stopped_early, history=progress.history,
+                     resumed_from_step=resumed_from, seconds=time.perf_counter() - t_start)
 
 
-def _payload(model, epoch, meta, config_json, history, best_score, best_epoch, best_sha) -> dict[str, Any]:
+def _validate(model, schedule: Schedule, progress: _Progress, sums, n_since, factor,
+              t_since: float) -> tuple[dict[str, float], bool]:
+    """Validate, update the best score and the early-stopping state; return (history row, new best?)."""
+    t_val = time.perf_counter()
+    _set_mode(model, train=False)
+    with torch.no_grad():
+        val = model.validate()
+    _set_mode(model, train=True)
+    t_end = time.perf_counter()
+    score = float(val["score"])
+    row = {"step": progress.step, "total_steps": schedule.total_steps,
+           "epoch": round(progress.step / schedule.steps_per_epoch, 4),
+           **{k: v / max(n_since, 1) for k, v in sums.items()},
+           **{f"val_{k}": float(v) for k, v in val.items()}, "lr_factor": factor,
+           "seconds": t_end - t_since, "seconds_validating": t_end - t_val}
+    progress.history.append(row)
+    if score > progress.patience_score + schedule.min_improvement:
+        progress.patience_score, progress.bad_validations = score, 0
+    else:
+        progress.bad_validations += 1
+    improved = score > progress.best_score
+    if improved:
+        progress.best_score, progress.best_step = score, progress.step
+    stop = (schedule.patience > 0 and progress.bad_validations >= schedule.patience
+            and progress.step >= schedule.min_steps)
+    progress.stopped_early = stop and progress.step < schedule.total_steps
+    progress.finished = stop or progress.step >= schedule.total_steps
+    return row, improved
+
+
+def _checkpoint(model, schedule, identity, progress: _Progress, improved: bool, last_path: Path,
+                best_path: Path) -> None:
+    payload = _payload(model, schedule, identity, progress)
+    if improved:
+        progress.best_sha256 = save_checkpoint(best_path, payload)
+        payload["progress"]["best_sha256"] = progress.best_sha256
+    save_checkpoint(last_path, payload)
+
+
+def _log_line(name: str, schedule: Schedule, progress: _Progress, row: dict[str, float]) -> str:
+    skip = {"step", "total_steps", "epoch", "lr_factor", "seconds", "seconds_validating"}
+    values = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in skip)
+    best = f"best={progress.best_score:.4g}@{progress.best_step}"
+    end = " early stop" if progress.stopped_early else ""
+    return (f"{name}: step {progress.step}/{schedule.total_steps} (epoch {row['epoch']:.2f}) {values} {best} "
+            f"lr_factor={row['lr_factor']:.3g} seconds={row['seconds']:.1f} "
+            f"(validating {row['seconds_validating']:.1f}){end}")
+
+
+def _payload(model: Trainable, schedule: Schedule, identity: CheckpointIdentity, progress: _Progress) -> dict[str, Any]:
+    epoch = round(progress.step / schedule.steps_per_epoch, 4)
     return {
-        "meta": {**meta, "epoch": epoch},
-        "epoch": epoch,
-        "config_json": config_json,
+        "meta": {**identity.meta, "step": progress.step, "epoch": epoch},
+        "config_json": identity.config_json,
+        "schedule": asdict(schedule),
+        "progress": {k: v for k, v in asdict(progress).items() if k != "history"},
         "modules": {k: m.state_dict() for k, m in model.modules().items()},
         "optimizers": {k: o.state_dict() for k, o in model.optimizers().items()},
-        "schedulers": {k: s.state_dict() for k, s in model.schedulers().items()},
         "rng_cpu": torch.get_rng_state(),
-        "history": history,
-        "best_score": best_score,
-        "best_epoch": best_epoch,
-        "best_sha256": best_sha,
+        "history": progress.history,
     }
 
 
@@ -153,21 +310,32 @@ def _restore(model: Trainable, state: dict[str, Any]) -> None:
         m.load_state_dict(state["modules"][k])
     for k, o in model.optimizers().items():
         o.load_state_dict(state["optimizers"][k])
-    for k, s in model.schedulers().items():
-        s.load_state_dict(state["schedulers"][k])
     torch.set_rng_state(state["rng_cpu"])
 
 
-def load_modules(path: Path, modules: dict[str, torch.nn.Module], meta: dict[str, Any]) -> dict[str, Any]:
-    """Load trained weights (e.g. best.pt) into ``modules`` for inference; returns the checkpoint."""
-    state = load_checkpoint(path, expect=meta)
-    with state_must_fit(path):
-        for k, m in modules.items():
-            m.load_state_dict(state["modules"][k])
-            m.eval()
-    return state
+def _base_lrs(model: Trainable) -> dict[str, list[float]]:
+    """Each param group's lr before any scaling (``initial_lr``, kept in the optimiser state)."""
+    out = {}
+    for k, opt in model.optimizers().items():
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        out[k] = [float(g["initial_lr"]) for g in opt.param_groups]
+    return out
 
 
-def config_json_of(config) -> str:
-    """Canonical JSON of a pydantic config (what checkpoints store and hash)."""
-    return json.dumps(json.loads(config.model_dump_json()), sort_keys=True)
+def _set_lr(model: Trainable, base_lrs: dict[str, list[float]], factor: float) -> None:
+    for k, opt in model.optimizers().items():
+        for group, base in zip(opt.param_groups, base_lrs[k]):
+            group["lr"] = base * factor
+
+
+def _set_mode(model: Trainable, train: bool) -> None:
+    for module in model.modules().values():
+        module.train(train)
+
+
+def _schedule_text(s: dict[str, Any] | None) -> str:
+    if not isinstance(s, dict):
+        return "none recorded"
+    return f"{s.get('kind')}, {s.get('total_steps')} steps of {s.get('steps_per_epoch')} per epoch"
+

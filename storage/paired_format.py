@@ -1,4 +1,4 @@
-"""The one writer and reader of the 'brvo-paired' HDF5 format (DESIGN section 4).
+"""The one writer and reader of the 'brvo-paired' HDF5 format, the project's dataset format (docs/design.md).
 
 Layout::
 

@@ -53,8 +53,3 @@ def read_work_table(path: str | os.PathLike) -> pd.DataFrame:
 def read_work_array(path: str | os.PathLike, name: str) -> np.ndarray:
     with h5py.File(path, "r") as f:
         return f[name][:]
-
-
-def read_work_attrs(path: str | os.PathLike) -> dict[str, Any]:
-    with h5py.File(path, "r") as f:
-        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}

@@ -146,8 +146,8 @@ def training_curves(histories: dict[str, list[dict[str, float]]], out_png: Path)
         frame = pd.DataFrame(history)
         clock = "step" if "step" in frame else "epoch"
         x = frame[clock]
-        losses = [c for c in frame.columns
-                  if c not in ("epoch", "step", "seconds", "lr") and not c.startswith("val_")]
+        bookkeeping = ("epoch", "seconds", "seconds_validating", "step", "total_steps", "lr_factor")  # not losses
+        losses = [c for c in frame.columns if c not in bookkeeping and not c.startswith("val_")]
         vals = [c for c in frame.columns if c.startswith("val_") and c not in ("val_score", "val_threshold", "val_mse")]
         for c in losses:
             first = frame[c].iloc[0]

@@ -50,13 +50,14 @@ def sample_seed(base_seed: int, patient_id: str, stage: int, index: int) -> int:
 
 
 def fill_missing(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path, *, log=run_log) -> FillResult:
-    from brvo_models.crgan import generate, load_generator
+    from brvo_models.crgan import load_generator
+    from brvo_models.crgan_sampling import generate
 
     t0 = time.perf_counter()
     paths = RunPaths.of(run_dir)
     meta = read_meta(paths.soul_h5)
     images, _ = read_arrays(paths.soul_h5)
-    generator, patient_index, device = load_generator(crgan_checkpoint, config.crgan, config.image_size, config.device)
+    generator, patient_index, device = load_generator(crgan_checkpoint, config.device, config.image_size)
     k = config.samples_per_missing
     holes = missing_stages(meta)
     split_of = meta.groupby("patient_id")["split"].first().to_dict()

@@ -40,7 +40,7 @@ def label_synthetic(run_dir: Path, config: PipelineConfig, pix2pix_checkpoint: P
     t0 = time.perf_counter()
     paths = RunPaths.of(run_dir)
     images = read_work_array(paths.synthetic_h5, "images")
-    generator, device = load_labeller(pix2pix_checkpoint, config.pix2pix, config.image_size, config.device)
+    generator, device = load_labeller(pix2pix_checkpoint, config.device, config.image_size)
     probabilities, masks = label_images(generator, images, threshold=config.pix2pix.threshold, device=device)
     confidence = label_confidence(probabilities)
     out = write_work_file(paths.synthetic_labels_h5, {"labels": masks.astype(np.uint8), "label_confidence": confidence},

@@ -88,18 +88,20 @@ class ProgressArtifact:
 
 
 class TrainingProgress:
-    """The ``on_epoch`` callback of a training step: a progress artifact and a live table in the UI.
+    """The ``on_validation`` callback of a training step: a progress artifact and a live table in the UI.
 
-    :func:`brvo_models.training.fit` calls it after every validation with that row (losses, val
-    scores, seconds). The markdown artifact ``<model>-training`` shows the latest rows and the best
+    :func:`brvo_models.training.fit` calls it after every validation with that row (step, the
+    schedule's total_steps, losses, val scores, seconds). The markdown artifact ``<model>-training``
+    shows the latest rows and the best
     validation score so far, republished at most every ``every_s`` seconds (and on the last row),
     so a long GPU run can be followed from the Prefect UI without an artifact version per step.
     Outside a Prefect run it does nothing (fit logs each row anyway).
     """
 
-    def __init__(self, model: str, total: float, *, clock: str = "epoch", score: str = "val_score",
+    def __init__(self, model: str, *, clock: str = "step", total: str = "total_steps", score: str = "val_score",
                  every_s: float = 10.0, rows_shown: int = 12) -> None:
-        self.model, self.total, self.clock, self.score = model, total, clock, score
+        self.model, self.clock, self.total_key, self.score = model, clock, total, score
+        self.total = float("nan")
         self.every_s, self.rows_shown = every_s, rows_shown
         self.rows: list[dict[str, float]] = []
         self.progress = ProgressArtifact(f"{model}-training-progress", f"{model} training: {clock}s done")
@@ -108,6 +110,7 @@ class TrainingProgress:
     def __call__(self, row: dict[str, float]) -> None:
         self.rows.append(dict(row))
         done = float(row.get(self.clock, len(self.rows)))
+        self.total = float(row.get(self.total_key, done))
         self.progress(done, self.total)
         if not in_prefect_run():
             return
@@ -121,7 +124,8 @@ class TrainingProgress:
 
     def markdown(self) -> str:
         best = max(self.rows, key=lambda r: r.get(self.score, float("-inf")))
-        columns = [self.clock] + [k for k in self.rows[-1] if k not in (self.clock, "seconds")] + ["seconds"]
+        hidden = (self.clock, self.total_key, "seconds")
+        columns = [self.clock] + [k for k in self.rows[-1] if k not in hidden] + ["seconds"]
         lines = [f"# {self.model} training", "",
                  f"{self.clock} {_num(self.rows[-1].get(self.clock))} of {_num(self.total)}; best {self.score} "
                  f"{_num(best.get(self.score))} at {self.clock} {_num(best.get(self.clock))} (the checkpoint kept)", "",
@@ -138,6 +142,6 @@ def _num(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def epoch_progress(model: str, epochs: int) -> TrainingProgress:
-    """The on_epoch callback a training step hands to :func:`brvo_models.training.fit`."""
-    return TrainingProgress(model, epochs)
+def training_progress(model: str) -> TrainingProgress:
+    """The ``on_validation`` callback a training step hands to :func:`brvo_models.training.fit`."""
+    return TrainingProgress(model)

@@ -11,7 +11,9 @@ import platform
 from pathlib import Path
 from typing import Any
 
+
 from storage.atomic import write_json_atomic
+from storage.errors import BrvoError
 from storage.paired_format import code_version
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig, parse_config
@@ -21,7 +23,7 @@ def versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {"brvo_augment": code_version(), "python": platform.python_version()}
-    for pkg in ("torch", "torchvision", "prefect", "h5py", "numpy", "scikit-image", "pandas", "pillow"):
+    for pkg in ("torch", "prefect", "h5py", "numpy", "scikit-image", "pandas", "pillow"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -43,7 +45,11 @@ def recorded_config(run_dir: str | os.PathLike) -> PipelineConfig | None:
     record = read_run_record(run_dir)
     if "config" not in record:
         return None
-    return parse_config(record["config"])
+    try:
+        return parse_config(record["config"])
+    except BrvoError as exc:  # e.g. a run directory written by an older version, whose fields changed
+        raise BrvoError(f"{RunPaths.of(run_dir).run_json}: the recorded config does not validate with this version "
+                        f"({exc}); pass --preset/--config, or use a fresh run directory") from None
 
 
 def record_run(run_dir: str | os.PathLike, config: PipelineConfig, **fields: Any) -> dict[str, Any]:

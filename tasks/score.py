@@ -108,11 +108,12 @@ def score_samples(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path,
         ref = stage_means[(pid, nearest_observed_stage(observed[pid], int(stage)))]
         consistency[i] = ssim(images[i].astype(np.float32) / 255.0, ref)
 
-    from brvo_models.crgan import load_discriminator, realism
+    from brvo_models.crgan import load_discriminator
+    from brvo_models.crgan_sampling import realism
 
-    discriminator, patient_index = load_discriminator(crgan_checkpoint, config.crgan, config.image_size, config.device)
+    discriminator, patient_index, device = load_discriminator(crgan_checkpoint, config.device, config.image_size)
     realism_p = realism(discriminator, images, table["stage"].to_numpy(dtype=np.int64),
-                        [patient_index.get(pid) for pid in table["patient_id"]], device=config.device)
+                        [patient_index.get(pid) for pid in table["patient_id"]], device=device)
 
     densities = labels.reshape(len(labels), -1).mean(axis=1)
     scores = pd.DataFrame({

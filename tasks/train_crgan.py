@@ -5,7 +5,7 @@
   gets an embedding row. Val and test patients are never trained on: they are generated
   with the 'unknown patient' row, from their own observed images (the context).
 * **Training** goes through :func:`brvo_models.training.fit`: atomic checkpoints with a
-  sha256 every epoch (RUN_DIR/checkpoints/crgan/last.pt, best.pt on the validation score),
+  sha256 at every validation (RUN_DIR/checkpoints/crgan/last.pt, best.pt on the validation score),
   exact resume (batches, hiding and noise are drawn from (seed, epoch)), CUDA with bf16
   autocast when present. The validation score is the held-out reconstruction SSIM on the
   val patients (each observed stage hidden in turn and regenerated from the others).
@@ -31,25 +31,15 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 from pydantic import BaseModel
 
-from brvo_models.crgan import (
-    CRGAN,
-    MODEL_NAME,
-    N_STAGES,
-    PatientSequence,
-    _levels,
-    baseline_predictions,
-    case_scores,
-    checkpoint_meta_for,
-    heldout_cases,
-    load_generator,
-    make_train_batches,
-    predict_heldout,
-    sequences_from_arrays,
-    training_signature,
-)
+from brvo_models.crgan import CRGAN, MODEL_NAME, load_generator, unet_levels
+from brvo_models.crgan_data import (N_STAGES, PatientSequence, heldout_cases, make_train_batches,
+                                    sequences_from_arrays)
+from brvo_models.crgan_sampling import case_scores, predict_heldout
+from brvo_models.identity import CheckpointIdentity
 from brvo_models.metrics import mean_scores, ssim
 from brvo_models.runtime import seed_everything, select_device
-from brvo_models.training import BEST, LAST, fit
+from brvo_models.stage_baselines import baseline_predictions
+from brvo_models.training import BEST, LAST, Schedule, fit, steps_per_epoch
 from storage.checkpoints import checkpoint_sha256, load_checkpoint
 from storage.errors import BrvoError, CheckpointError
 from storage.paired_format import STAGE_NAMES, read_arrays, read_meta
@@ -57,7 +47,7 @@ from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
 from tasks.models import TrainedModel
 from tasks.preflight import require_soul_h5
-from tasks.reporting import LogFn, epoch_progress, run_log
+from tasks.reporting import LogFn, run_log, training_progress
 from tasks.steps import Step, StepContext, claim_partial_work
 
 if TYPE_CHECKING:
@@ -86,10 +76,14 @@ class CRGANResult(BaseModel):
     checkpoint_dir: str
     best_path: str
     best_sha256: str
-    best_epoch: int
+    best_step: int
+    best_epoch: float
     best_val_ssim: float
-    epochs: int
-    resumed_from_epoch: int
+    steps: int
+    planned_steps: int
+    epochs: float
+    stopped_early: bool
+    resumed_from_step: int
     n_train_patients: int
     n_val_cases: int
     seconds: float
@@ -116,7 +110,7 @@ def preflight_train_crgan(run_dir: str | os.PathLike, config: PipelineConfig) ->
     Nothing is written here, so a refused run never touches an existing checkpoint.
     """
     paths = RunPaths.of(run_dir)
-    soul = require_soul_h5(run_dir, config.image_size, _levels)
+    soul = require_soul_h5(run_dir, config.image_size, unet_levels)
     seqs = load_sequences(soul)
     train = [s for s in seqs if s.split == "train"]
     val_cases = heldout_cases(s for s in seqs if s.split == "val")
@@ -127,7 +121,7 @@ def preflight_train_crgan(run_dir: str | os.PathLike, config: PipelineConfig) ->
             f"{soul}: {len(seqs)} patient(s), {len(train)} in train and {n_val_multi} val patient(s) with two or more "
             f"observed stages; CRGAN needs at least 2 train patients and 1 such val patient to hold stages out "
             f"({len(eval_cases)} val/test held-out cases now): add patients or raise val_fraction and re-run preprocess")
-    expect = checkpoint_meta_for(config.crgan, config.image_size, config.seed, [s.patient_id for s in train])
+    expect = _identity(config, train).meta
     ckpt_dir = paths.checkpoints(MODEL_NAME)
     for name in (LAST, BEST):
         path = ckpt_dir / name
@@ -141,6 +135,11 @@ def preflight_train_crgan(run_dir: str | os.PathLike, config: PipelineConfig) ->
     return soul
 
 
+def _identity(config: PipelineConfig, train: list[PatientSequence]) -> CheckpointIdentity:
+    return CheckpointIdentity(MODEL_NAME, config.crgan, config.image_size, config.seed,
+                              {"patient_ids": [s.patient_id for s in train]})
+
+
 # ------------------------------------------------------------------------------------- train
 
 
@@ -149,10 +148,11 @@ def train_crgan(
     config: PipelineConfig,
     *,
     log: LogFn = run_log,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-    max_epochs_this_call: int | None = None,
+    on_validation: Callable[[dict[str, float]], None] | None = None,
+    max_validations_this_call: int | None = None,
 ) -> CRGANResult:
-    """Train (or resume) the CRGAN on the train patients of RUN_DIR/soul.h5, validating on val each epoch."""
+    """Train (or resume) the CRGAN on the train patients of RUN_DIR/soul.h5 on the config's schedule, validating
+    on val."""
     soul = preflight_train_crgan(run_dir, config)
     c = config.crgan
     seed_everything(config.seed)
@@ -163,24 +163,24 @@ def train_crgan(
     model = CRGAN(c, config.image_size, [s.patient_id for s in train], device, val_seqs=val)
     log(f"crgan: {len(train)} train patients ({sum(len(s.observed) for s in train)} observed stages), "
         f"{len(model.val_cases)} val held-out cases, {config.image_size} px, device {device}, ngf {c.ngf} "
-        f"ndf {c.ndf}, batch {c.batch_size}, {c.epochs} epochs")
+        f"ndf {c.ndf}, batch {c.batch_size}")
     fitted = fit(
         model,
         lambda epoch: make_train_batches(train, c, config.seed, epoch),
-        epochs=c.epochs,
+        schedule=Schedule.from_config(c, steps_per_epoch(len(train), c.batch_size, c.repeats)),
         checkpoint_dir=RunPaths.of(run_dir).checkpoints(MODEL_NAME),
-        meta=checkpoint_meta_for(c, config.image_size, config.seed, [s.patient_id for s in train]),
-        config_json=training_signature(c, config.seed),
-        on_epoch=on_epoch,
+        identity=_identity(config, train),
+        on_validation=on_validation,
         log=log,
-        max_epochs_this_call=max_epochs_this_call,
+        max_validations_this_call=max_validations_this_call,
     )
     best = fitted.best_metrics
     return CRGANResult(
         checkpoint_dir=str(fitted.best_path.parent), best_path=str(fitted.best_path),
-        best_sha256=fitted.best_sha256, best_epoch=fitted.best_epoch,
-        best_val_ssim=float(best.get("val_ssim", float("nan"))), epochs=len(fitted.history),
-        resumed_from_epoch=fitted.resumed_from_epoch, n_train_patients=len(train),
+        best_sha256=fitted.best_sha256, best_step=fitted.best_step, best_epoch=fitted.best_epoch,
+        best_val_ssim=float(best.get("val_ssim", float("nan"))), steps=fitted.steps,
+        planned_steps=fitted.schedule.total_steps, epochs=fitted.epochs, stopped_early=fitted.stopped_early,
+        resumed_from_step=fitted.resumed_from_step, n_train_patients=len(train),
         n_val_cases=len(model.val_cases), seconds=round(fitted.seconds, 2), history=fitted.history,
     )
 
@@ -253,8 +253,8 @@ def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: L
     t0 = time.perf_counter()
     paths = RunPaths.of(run_dir)
     best_path = paths.checkpoints(MODEL_NAME) / BEST
-    generator, _, device = load_generator(best_path, config.crgan, config.image_size, config.device)
-    best_epoch = int(load_checkpoint(best_path)["meta"].get("epoch", -1))
+    generator, _, device = load_generator(best_path, config.device, config.image_size)
+    best_meta = load_checkpoint(best_path)["meta"]
     seqs = load_sequences(paths.soul_h5)
     cases = heldout_cases(s for s in seqs if s.split in ("val", "test"))
     k = max(2, int(config.crgan.eval_samples))
@@ -282,7 +282,8 @@ def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: L
         "heldout": heldout,
         "sample_quality": quality,
         "image_size": int(config.image_size),
-        "checkpoint": {"path": str(best_path), "sha256": checkpoint_sha256(best_path), "epoch": best_epoch},
+        "checkpoint": {"path": str(best_path), "sha256": checkpoint_sha256(best_path),
+                       "step": int(best_meta.get("step", -1)), "epoch": float(best_meta.get("epoch", -1))},
         "seconds": round(time.perf_counter() - t0, 2),
     }
     m, b = heldout["model"], heldout["baselines"]
@@ -300,8 +301,7 @@ def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: L
 def train_crgan_step(ctx: StepContext, preprocess: PreprocessResult) -> TrainedModel:
     """The 'crgan' step: train (resuming only work made for this step's key), then evaluate held out."""
     claim_partial_work(ctx.paths.checkpoints(MODEL_NAME), ctx)
-    on_epoch = epoch_progress("crgan", ctx.config.crgan.epochs)
-    result = train_crgan(ctx.run_dir, ctx.config, log=ctx.log, on_epoch=on_epoch)
+    result = train_crgan(ctx.run_dir, ctx.config, log=ctx.log, on_validation=training_progress(MODEL_NAME))
     evaluation = evaluate_crgan(ctx.run_dir, ctx.config, log=ctx.log)
     return TrainedModel(model=MODEL_NAME, checkpoint=result.best_path, sha256=result.best_sha256,
                         image_size=ctx.config.image_size, training=result.model_dump(exclude={"heldout"}),

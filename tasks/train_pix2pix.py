@@ -12,7 +12,7 @@
   ``fit``: atomic, sha256 beside them, refused when from another config or image size.
 * **Held-out evaluation** (:func:`evaluate_pix2pix`) on the test patients, against Otsu and
   Frangi computed in the same run on the same images; Frangi's scales and threshold are
-  tuned on train/val patients only. Written to report.json['pix2pix'] (DESIGN section 9).
+  tuned on train/val patients only. Written to report.json['pix2pix'].
 """
 from __future__ import annotations
 
@@ -26,19 +26,12 @@ import torch
 from pydantic import BaseModel
 
 from brvo_models.metrics import cosine, label_scores, mean_scores, mse, ssim
-from brvo_models.pix2pix import (
-    Pix2Pix,
-    aligned_augment,
-    checkpoint_meta_for,
-    label_images,
-    load_labeller,
-    num_downs_for,
-    objective_text,
-    training_signature,
-)
+from brvo_models.identity import CheckpointIdentity
+from brvo_models.pix2pix import (Pix2Pix, aligned_augment, label_images, load_labeller, num_downs_for,
+                                 objective_text)
 from brvo_models.runtime import seed_everything, select_device, to_model_range
 from brvo_models.segmentation_baselines import FrangiBaseline, otsu_masks
-from brvo_models.training import BEST, LAST, fit
+from brvo_models.training import BEST, LAST, Schedule, fit, steps_per_epoch
 from storage.checkpoints import checkpoint_sha256, load_checkpoint
 from storage.errors import BrvoError
 from storage.paired_format import read_arrays, read_meta
@@ -46,7 +39,7 @@ from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
 from tasks.models import TrainedModel
 from tasks.preflight import require_soul_h5
-from tasks.reporting import LogFn, epoch_progress, run_log
+from tasks.reporting import LogFn, run_log, training_progress
 from tasks.steps import Step, StepContext, claim_partial_work
 
 if TYPE_CHECKING:
@@ -72,11 +65,15 @@ class Pix2PixResult(BaseModel):
     checkpoint_dir: str
     best_path: str
     best_sha256: str
-    best_epoch: int
+    best_step: int
+    best_epoch: float
     best_val_dice: float
     best_val_cldice: float
-    epochs: int
-    resumed_from_epoch: int
+    steps: int
+    planned_steps: int
+    epochs: float
+    stopped_early: bool
+    resumed_from_step: int
     n_train: int
     n_val: int
     seconds: float
@@ -102,7 +99,7 @@ def preflight_train_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig) 
             f"{soul}: {real['patient_id'].nunique()} patient(s), split train/val/test "
             f"{counts['train']}/{counts['val']}/{counts['test']}; Pix2Pix needs at least one patient in each "
             f"for a held-out evaluation: add patients or change val_fraction/test_fraction and re-run preprocess")
-    expect = checkpoint_meta_for(config.pix2pix, config.image_size, config.seed)
+    expect = CheckpointIdentity(MODEL, config.pix2pix, config.image_size, config.seed).meta
     ckpt_dir = paths.checkpoints(MODEL)
     for name in (LAST, BEST):
         if (ckpt_dir / name).exists():
@@ -155,10 +152,10 @@ def train_pix2pix(
     config: PipelineConfig,
     *,
     log: LogFn = run_log,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-    max_epochs_this_call: int | None = None,
+    on_validation: Callable[[dict[str, float]], None] | None = None,
+    max_validations_this_call: int | None = None,
 ) -> Pix2PixResult:
-    """Train (or resume) Pix2Pix on the train split of RUN_DIR/soul.h5, validating on val each epoch."""
+    """Train (or resume) Pix2Pix on the train split of RUN_DIR/soul.h5 on the config's schedule, validating on val."""
     soul = preflight_train_pix2pix(run_dir, config)
     p = config.pix2pix
     seed_everything(config.seed)
@@ -167,27 +164,26 @@ def train_pix2pix(
     train_x, train_y, _ = load_split(soul, ("train",))
     val_x, val_y, _ = load_split(soul, ("val",))
     log(f"pix2pix: {len(train_x)} train / {len(val_x)} val images at {config.image_size} px, device {device}, "
-        f"ngf {p.ngf} ndf {p.ndf}, batch {p.batch_size}, {p.epochs} epochs (data loaded in "
-        f"{time.perf_counter() - t0:.1f} s)")
+        f"ngf {p.ngf} ndf {p.ndf}, batch {p.batch_size} (data loaded in {time.perf_counter() - t0:.1f} s)")
     model = Pix2Pix(p, config.image_size, device, val_images=val_x, val_labels=val_y)
     fitted = fit(
         model,
         make_batches(train_x, train_y, config),
-        epochs=p.epochs,
+        schedule=Schedule.from_config(p, steps_per_epoch(len(train_x), p.batch_size)),
         checkpoint_dir=RunPaths.of(run_dir).checkpoints(MODEL),
-        meta=checkpoint_meta_for(p, config.image_size, config.seed),
-        config_json=training_signature(p, config.seed),
-        on_epoch=on_epoch,
+        identity=CheckpointIdentity(MODEL, p, config.image_size, config.seed),
+        on_validation=on_validation,
         log=log,
-        max_epochs_this_call=max_epochs_this_call,
+        max_validations_this_call=max_validations_this_call,
     )
     best = fitted.best_metrics
     return Pix2PixResult(
         checkpoint_dir=str(fitted.best_path.parent), best_path=str(fitted.best_path),
-        best_sha256=fitted.best_sha256, best_epoch=fitted.best_epoch,
+        best_sha256=fitted.best_sha256, best_step=fitted.best_step, best_epoch=fitted.best_epoch,
         best_val_dice=float(best.get("val_dice", float("nan"))),
         best_val_cldice=float(best.get("val_cldice", float("nan"))),
-        epochs=len(fitted.history), resumed_from_epoch=fitted.resumed_from_epoch,
+        steps=fitted.steps, planned_steps=fitted.schedule.total_steps, epochs=fitted.epochs,
+        stopped_early=fitted.stopped_early, resumed_from_step=fitted.resumed_from_step,
         n_train=len(train_x), n_val=len(val_x), seconds=round(fitted.seconds, 2), history=fitted.history,
     )
 
@@ -210,8 +206,8 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
     t0 = time.perf_counter()
     paths = RunPaths.of(run_dir)
     best_path = paths.checkpoints(MODEL) / BEST
-    generator, device = load_labeller(best_path, config, config.image_size, config.device)
-    best_epoch = int(load_checkpoint(best_path)["meta"].get("epoch", -1))
+    generator, device = load_labeller(best_path, config.device, config.image_size)
+    best_meta = load_checkpoint(best_path)["meta"]
     test_x, test_y, test_meta = load_split(paths.soul_h5, ("test",))
     fit_x, fit_y, _ = load_split(paths.soul_h5, ("train", "val"))
     threshold = config.pix2pix.threshold
@@ -229,7 +225,8 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
         "threshold": threshold,
         "threshold_source": "config" if config.pix2pix.threshold is not None else "chosen on validation patients",
         "objective": objective_text(config.pix2pix),
-        "checkpoint": {"path": str(best_path), "sha256": checkpoint_sha256(best_path), "epoch": best_epoch},
+        "checkpoint": {"path": str(best_path), "sha256": checkpoint_sha256(best_path),
+                       "step": int(best_meta.get("step", -1)), "epoch": float(best_meta.get("epoch", -1))},
         "frangi_params": {"sigmas": list(frangi_model.sigmas), "threshold": frangi_model.threshold,
                           "tuned_on": f"{frangi_model.n_tuned} train/val images",
                           "tuned_dice": round(frangi_model.tuned_dice, 4)},
@@ -249,8 +246,7 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
 def train_pix2pix_step(ctx: StepContext, preprocess: PreprocessResult) -> TrainedModel:
     """The 'pix2pix' step: train (resuming only work made for this step's key), then evaluate held out."""
     claim_partial_work(ctx.paths.checkpoints(MODEL), ctx)
-    on_epoch = epoch_progress("pix2pix", ctx.config.pix2pix.epochs)
-    result = train_pix2pix(ctx.run_dir, ctx.config, log=ctx.log, on_epoch=on_epoch)
+    result = train_pix2pix(ctx.run_dir, ctx.config, log=ctx.log, on_validation=training_progress(MODEL))
     evaluation = evaluate_pix2pix(ctx.run_dir, ctx.config, log=ctx.log)
     return TrainedModel(model=MODEL, checkpoint=result.best_path, sha256=result.best_sha256,
                         image_size=ctx.config.image_size, training=result.model_dump(exclude={"test"}),

@@ -193,3 +193,18 @@ def test_unreachable_prefect_api_is_one_line_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: cannot reach the Prefect API at http://127.0.0.1:") , proc.stderr
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "ph").exists()
+
+
+def test_a_run_json_from_an_older_version_is_one_line_exit_2(tmp_path, capsys):
+    import json
+
+    from tasks.config import preset
+
+    run = tmp_path / "run"
+    run.mkdir()
+    old = json.loads(preset("demo").to_json())
+    old["pix2pix"]["epochs_decay"] = None  # a field this version no longer has
+    (run / "run.json").write_text(json.dumps({"config": old}))
+    code, err = _run_main(capsys, "train-pix2pix", str(run))
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "run.json" in err and "pix2pix.epochs_decay" in err and "Traceback" not in err

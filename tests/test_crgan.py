@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from brvo_models.crgan import (CRGAN, CRGANDiscriminator, CRGANGenerator, generate, generate_batch,
-                               heldout_cases, load_discriminator, load_generator, make_train_batches,
-                               pixel_noise, predict_heldout, realism)
+from brvo_models.crgan import CRGAN, CRGANDiscriminator, CRGANGenerator, load_discriminator, load_generator
+from brvo_models.crgan_data import heldout_cases, make_train_batches, pixel_noise
+from brvo_models.crgan_sampling import generate, generate_batch, predict_heldout, realism
+from brvo_models.pix2pix import load_labeller
 from brvo_models.training import BEST, LAST
 from conftest import write_blob_dataset
 from storage.hashing import file_sha256
@@ -37,7 +38,7 @@ def _run_dir(tmp_path: Path, name: str = "run", **kw) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny run trained for 2 epochs (shared by the read-only tests below)."""
+    """A tiny run trained for 2 fixed epochs (shared by the read-only tests below)."""
     run = _run_dir(tmp_path_factory.mktemp("crgan"))
     config = _tiny(epochs=2)
     result = train_crgan(run, config, log=lambda _m: None)
@@ -136,7 +137,7 @@ def test_checkpoint_round_trip_and_generation_api(trained):
     best = Path(result.best_path)
     assert best.exists() and (best.parent / LAST).exists() and result.epochs == 2
     assert file_sha256(best) == result.best_sha256
-    gen, index, device = load_generator(best, config.crgan, SIZE, "cpu")
+    gen, index, device = load_generator(best, "cpu", SIZE)
     train_ids = [s.patient_id for s in load_sequences(run / "soul.h5") if s.split == "train"]
     assert list(index) == train_ids and index[train_ids[1]] == 1
     state = torch.load(best, weights_only=True)
@@ -156,23 +157,28 @@ def test_checkpoint_round_trip_and_generation_api(trained):
     ctx[:, 0], counts = 0.4, np.array([[2.0] + [0.0] * 5] * 2)
     x, y = generate_batch(gen, ctx, counts, [None, None], [[2], [2]], [1, 2], device)
     assert not torch.equal(x, y)
-    disc, index_d = load_discriminator(best, config.crgan, SIZE, "cpu")
+    disc, index_d, _ = load_discriminator(best, "cpu")
     assert index_d == index
     p = realism(disc, a.reshape(-1, SIZE, SIZE), [1, 1, 1, 3, 3, 3, 5, 5, 5], [0] * 6 + [None] * 3, "cpu")
     assert p.shape == (9,) and p.dtype == np.float32 and ((p > 0) & (p < 1)).all()
-    with pytest.raises(CheckpointError, match="architecture"):
-        load_generator(best, config.crgan.model_copy(update={"ngf": 16}), SIZE, "cpu")
+    assert gen.config == config.crgan  # built from the config the checkpoint describes
+    with pytest.raises(CheckpointError, match="image_size"):
+        load_generator(best, "cpu", 64)
+    with pytest.raises(CheckpointError, match="model"):  # a CRGAN checkpoint is no labeller
+        load_labeller(best, "cpu")
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    config = _tiny(epochs=2)
+def test_resume_after_a_kill_mid_schedule_gives_the_weights_of_an_uninterrupted_run(tmp_path):
+    # 4 train patients at batch 3: 2 steps per epoch; adaptive, 7 steps, a validation every 3 -> kills mid-epoch
+    config = _tiny(batch_size=3, schedule="adaptive", epochs=1, min_steps=7, max_steps=7, val_every=3, patience=2)
     straight = _run_dir(tmp_path, "straight")
-    train_crgan(straight, config, log=lambda _m: None)
+    done = train_crgan(straight, config, log=lambda _m: None)
     resumed = _run_dir(tmp_path, "resumed")
-    first = train_crgan(resumed, config, log=lambda _m: None, max_epochs_this_call=1)
-    assert first.epochs == 1
+    first = train_crgan(resumed, config, log=lambda _m: None, max_validations_this_call=1)
+    assert first.steps == 3 and first.epochs == 1.5
+    torch.manual_seed(12345)  # a fresh process would have another RNG state: resume must restore it
     second = train_crgan(resumed, config, log=lambda _m: None)
-    assert second.resumed_from_epoch == 1 and second.epochs == 2
+    assert second.resumed_from_step == 3 and second.steps == done.steps == 7
     a = torch.load(RunPaths.of(straight).checkpoints("crgan") / LAST, weights_only=True)
     b = torch.load(RunPaths.of(resumed).checkpoints("crgan") / LAST, weights_only=True)
     for module in ("generator", "discriminator"):
@@ -244,8 +250,8 @@ def test_interrupted_checkpoint_is_refused_and_nothing_overwritten(trained, tmp_
     best_sha = file_sha256(ckpts / BEST)
     with pytest.raises(CheckpointError, match="interrupted"):
         preflight_train_crgan(run, config)
-    with pytest.raises(CheckpointError):
-        train_crgan(run, config.with_overrides(**{"crgan.epochs": 3}), log=lambda _m: None)
+    with pytest.raises(CheckpointError, match="interrupted"):
+        train_crgan(run, config, log=lambda _m: None)
     assert file_sha256(ckpts / BEST) == best_sha
     (ckpts / "last.pt.sha256").unlink()  # truncated and no digest to compare: unverifiable, refused (issue 15)
     with pytest.raises(CheckpointError, match="sidecar"):

@@ -1,0 +1,26 @@
+"""Shared loss terms on hand-computed cases."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from brvo_models.losses import soft_dice_loss
+
+
+def test_soft_dice_loss_on_hand_computed_cases():
+    label = torch.zeros(2, 1, 4, 4)
+    label[0, 0, :2, :2] = 1  # 4 vessel pixels; image 1 has none
+    # image 0: 2*4/(4+4) = 1 -> loss 0; image 1: (0+eps)/(0+eps) = 1 -> loss 0
+    assert float(soft_dice_loss(label.clone(), label, eps=1e-12)) == pytest.approx(0.0, abs=1e-6)
+    half = torch.full((1, 1, 4, 4), 0.5)  # probability 0.5 everywhere vs 4 of 16 pixels vessel
+    # 2 * (4 * 0.5) / (16 * 0.5 + 4) = 4 / 12 -> loss 2/3 (eps 0)
+    assert float(soft_dice_loss(half, label[:1], eps=0.0)) == pytest.approx(2 / 3)
+    # the mean over images: a perfect image and a missed one (no overlap, eps 0) -> 0.5
+    missed = torch.zeros(1, 1, 4, 4)
+    missed[0, 0, 2:, 2:] = 1
+    both = soft_dice_loss(torch.cat([label[:1], missed]), torch.cat([label[:1], label[:1]]), eps=0.0)
+    assert float(both) == pytest.approx(0.5)
+    # a gradient that raises the probability of a missed vessel pixel
+    p = torch.full((1, 1, 4, 4), 0.5, requires_grad=True)
+    soft_dice_loss(p, label[:1]).backward()
+    assert p.grad[0, 0, 0, 0] < 0 < p.grad[0, 0, 3, 3]
