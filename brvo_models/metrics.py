@@ -1,4 +1,4 @@
-"""Image and label metrics (DESIGN section 6).
+"""Image and label metrics (docs/design.md, section 7).
 
 Image metrics take float arrays in [0, 1] (data_range=1 unless given); label
 metrics take binary masks. SSIM is skimage's with Gaussian weights, sigma 1.5

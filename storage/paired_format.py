@@ -21,7 +21,7 @@ UTF-8 keeps kind ``'S'`` and ``.asstr()`` decodes it as UTF-8 by itself.
 written is the character-set flag of the text columns (ASCII -> UTF-8), and a
 reader of the first version 1 (``.asstr()``, :func:`read_meta`) reads the new files
 correctly (measured: main's validate and read_meta on a file of this writer with
-non-ASCII ids give the ids back), so nothing would be misread and DESIGN's rule
+non-ASCII ids give the ids back), so nothing would be misread and the format's rule
 for a bump does not apply. Files of the first writer hold UTF-8 bytes under the
 ASCII flag; this reader decodes every text column as UTF-8 (ASCII is a subset),
 so those stay readable too (with h5py alone, ``.asstr(encoding="utf-8")``).

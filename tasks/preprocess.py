@@ -1,4 +1,4 @@
-"""Preprocess: RUN_DIR/manifest.csv -> RUN_DIR/soul.h5 ('brvo-paired' v1, DESIGN section 4).
+"""Preprocess: RUN_DIR/manifest.csv -> RUN_DIR/soul.h5 ('brvo-paired' v1, docs/design.md section 5).
 
 Why it is shaped like this:
 

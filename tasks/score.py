@@ -1,6 +1,6 @@
 """Score every synthetic sample, and accept or reject it by configurable thresholds.
 
-Per sample (DESIGN section 6):
+Per sample (the metrics of docs/design.md, section 7):
 - consistency_ssim: SSIM to the mean image of the patient's nearest real stage
   (ties go to the earlier stage): does it still look like this patient?
 - realism: the CRGAN discriminator's probability that it is real, given (patient, stage);

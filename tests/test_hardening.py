@@ -230,7 +230,7 @@ def test_03_training_killed_between_checkpoint_and_digest_resumes_to_the_same_we
         runs[name].mkdir()
         write_blob_dataset(runs[name] / "soul.h5", n_patients=8, image_size=32)
     train_pix2pix(runs["whole"], config, log=lambda _m: None)
-    train_pix2pix(runs["killed"], config, log=lambda _m: None, max_epochs_this_call=1)
+    train_pix2pix(runs["killed"], config, log=lambda _m: None, max_validations_this_call=1)
     _die_on_rename(monkeypatch, killed_at)
     with pytest.raises(_Killed):
         train_pix2pix(runs["killed"], config, log=lambda _m: None)
@@ -238,7 +238,7 @@ def test_03_training_killed_between_checkpoint_and_digest_resumes_to_the_same_we
     train_pix2pix(runs["killed"], config, log=lambda _m: None)  # resumes; no 'delete it' refusal
     whole = load_checkpoint(RunPaths.of(runs["whole"]).checkpoints("pix2pix") / "last.pt")
     resumed = load_checkpoint(RunPaths.of(runs["killed"]).checkpoints("pix2pix") / "last.pt")
-    assert resumed["epoch"] == whole["epoch"] == 2
+    assert resumed["meta"]["epoch"] == whole["meta"]["epoch"] == 2
     for module, weights in whole["modules"].items():
         for key, tensor in weights.items():
             assert torch.equal(resumed["modules"][module][key], tensor), (module, key)
@@ -268,7 +268,7 @@ def test_04_a_checkpoint_that_does_not_fit_the_network_is_a_one_line_error(tmp_p
     run = tmp_path / "run"
     run.mkdir()
     write_blob_dataset(run / "soul.h5", n_patients=8, image_size=32)
-    train_pix2pix(run, config, log=lambda _m: None, max_epochs_this_call=1)
+    train_pix2pix(run, config, log=lambda _m: None, max_validations_this_call=1)
     ckpts = RunPaths.of(run).checkpoints("pix2pix")
     for name in ("last.pt", "best.pt"):  # one tensor's shape changed, meta intact, re-signed
         state = load_checkpoint(ckpts / name)
@@ -280,12 +280,13 @@ def test_04_a_checkpoint_that_does_not_fit_the_network_is_a_one_line_error(tmp_p
         train_pix2pix(run, config, log=lambda _m: None)  # resume: restoring last.pt
     assert "last.pt" in _one_line(exc)
     with pytest.raises(CheckpointError) as exc:
-        load_labeller(ckpts / "best.pt", config, 32, "cpu")  # inference: loading best.pt
+        load_labeller(ckpts / "best.pt", "cpu", 32)  # inference: loading best.pt
     assert "best.pt" in _one_line(exc)
 
 
 def test_04_a_crgan_checkpoint_that_does_not_fit_is_a_one_line_error(tmp_path):
-    from brvo_models.crgan import CRGANDiscriminator, CRGANGenerator, checkpoint_meta_for, load_generator
+    from brvo_models.crgan import CRGANDiscriminator, CRGANGenerator, load_generator
+    from brvo_models.identity import CheckpointIdentity
 
     cfg = preset("tiny").crgan
     gen, disc = CRGANGenerator(cfg, 32, 2), CRGANDiscriminator(cfg, 32, 2)
@@ -293,10 +294,11 @@ def test_04_a_crgan_checkpoint_that_does_not_fit_is_a_one_line_error(tmp_path):
     key = next(k for k, v in weights.items() if v.ndim >= 2)
     weights[key] = torch.zeros(tuple(s + 1 for s in weights[key].shape))
     path = tmp_path / "best.pt"
-    save_checkpoint(path, {"meta": checkpoint_meta_for(cfg, 32, 0, ["001", "002"]),
+    identity = CheckpointIdentity("crgan", cfg, 32, 0, extra_meta={"patient_ids": ["001", "002"]})
+    save_checkpoint(path, {"meta": identity.meta, "config_json": identity.config_json,
                            "modules": {"generator": weights, "discriminator": disc.state_dict()}})
     with pytest.raises(CheckpointError) as exc:
-        load_generator(path, cfg, 32, "cpu")
+        load_generator(path, "cpu", 32)
     assert "best.pt" in _one_line(exc)
 
 
