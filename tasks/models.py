@@ -7,9 +7,12 @@ evaluation travel with it (flows/augment.py decides where the models come from).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel
+
+from tasks.reporting import training_progress
+from tasks.steps import StepContext, claim_partial_work
 
 ModelName = Literal["pix2pix", "crgan"]
 
@@ -43,3 +46,14 @@ class TrainedModel(BaseModel):
         if self.training:
             section["training"] = {k: v for k, v in self.training.items() if k != "history"}
         return section
+
+
+def train_and_evaluate(ctx: StepContext, model: ModelName, train: Callable[..., Any],
+                       evaluate: Callable[..., dict[str, Any]]) -> TrainedModel:
+    """What both training steps do: claim the checkpoints for this step's key (a resume never continues
+    work made for other inputs, config or code), train with live progress in the UI, evaluate held out."""
+    claim_partial_work(ctx.paths.checkpoints(model), ctx)
+    result = train(ctx.run_dir, ctx.config, log=ctx.log, on_validation=training_progress(model))
+    evaluation = evaluate(ctx.run_dir, ctx.config, log=ctx.log)
+    return TrainedModel(model=model, checkpoint=result.best_path, sha256=result.best_sha256,
+                        image_size=ctx.config.image_size, training=result.model_dump(), evaluation=evaluation)

@@ -45,10 +45,10 @@ from storage.errors import BrvoError, CheckpointError
 from storage.paired_format import STAGE_NAMES, read_arrays, read_meta
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
-from tasks.models import TrainedModel
+from tasks.models import TrainedModel, train_and_evaluate
 from tasks.preflight import require_soul_h5
-from tasks.reporting import LogFn, run_log, training_progress
-from tasks.steps import Step, StepContext, claim_partial_work
+from tasks.reporting import LogFn, run_log
+from tasks.steps import Step, StepContext
 
 if TYPE_CHECKING:
     from tasks.preprocess import PreprocessResult
@@ -88,7 +88,6 @@ class CRGANResult(BaseModel):
     n_val_cases: int
     seconds: float
     history: list[dict[str, float]] = []
-    heldout: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------------- data + preflight
@@ -300,12 +299,7 @@ def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: L
 
 def train_crgan_step(ctx: StepContext, preprocess: PreprocessResult) -> TrainedModel:
     """The 'crgan' step: train (resuming only work made for this step's key), then evaluate held out."""
-    claim_partial_work(ctx.paths.checkpoints(MODEL_NAME), ctx)
-    result = train_crgan(ctx.run_dir, ctx.config, log=ctx.log, on_validation=training_progress(MODEL_NAME))
-    evaluation = evaluate_crgan(ctx.run_dir, ctx.config, log=ctx.log)
-    return TrainedModel(model=MODEL_NAME, checkpoint=result.best_path, sha256=result.best_sha256,
-                        image_size=ctx.config.image_size, training=result.model_dump(exclude={"heldout"}),
-                        evaluation=evaluation)
+    return train_and_evaluate(ctx, MODEL_NAME, train_crgan, evaluate_crgan)
 
 
 TRAIN_CRGAN = Step(

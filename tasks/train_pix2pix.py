@@ -37,10 +37,10 @@ from storage.errors import BrvoError
 from storage.paired_format import read_arrays, read_meta
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
-from tasks.models import TrainedModel
+from tasks.models import TrainedModel, train_and_evaluate
 from tasks.preflight import require_soul_h5
-from tasks.reporting import LogFn, run_log, training_progress
-from tasks.steps import Step, StepContext, claim_partial_work
+from tasks.reporting import LogFn, run_log
+from tasks.steps import Step, StepContext
 
 if TYPE_CHECKING:
     from tasks.preprocess import PreprocessResult
@@ -78,7 +78,6 @@ class Pix2PixResult(BaseModel):
     n_val: int
     seconds: float
     history: list[dict[str, float]] = []
-    test: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------------- preflight
@@ -245,12 +244,7 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
 
 def train_pix2pix_step(ctx: StepContext, preprocess: PreprocessResult) -> TrainedModel:
     """The 'pix2pix' step: train (resuming only work made for this step's key), then evaluate held out."""
-    claim_partial_work(ctx.paths.checkpoints(MODEL), ctx)
-    result = train_pix2pix(ctx.run_dir, ctx.config, log=ctx.log, on_validation=training_progress(MODEL))
-    evaluation = evaluate_pix2pix(ctx.run_dir, ctx.config, log=ctx.log)
-    return TrainedModel(model=MODEL, checkpoint=result.best_path, sha256=result.best_sha256,
-                        image_size=ctx.config.image_size, training=result.model_dump(exclude={"test"}),
-                        evaluation=evaluation)
+    return train_and_evaluate(ctx, MODEL, train_pix2pix, evaluate_pix2pix)
 
 
 TRAIN_PIX2PIX = Step(
