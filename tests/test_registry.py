@@ -105,3 +105,35 @@ def test_killed_publish_leaves_no_version_and_is_cleaned_up(tmp_path):
     assert reg.versions() == [] and reg.latest_version() is None
     version = _publish(reg, _fake_run(tmp_path / "run"), preset("tiny"), "abc")
     assert version.startswith("v0001-") and not stale.exists()
+
+
+def test_augment_refuses_a_registry_version_of_another_image_size_before_any_work(tmp_path):
+    """Issue 14: the version's own config decides; a mismatch fails before ingest, not after preprocess."""
+    from flows.augment import augment_chain
+
+    reg = ModelRegistry(tmp_path / "reg")
+    version = _publish(reg, _fake_run(tmp_path / "run1", image_size=64), preset("tiny").with_overrides(image_size=64),
+                       "abc")
+    (tmp_path / "soul").mkdir()
+    with pytest.raises(BrvoError, match=f"registry version {version} was trained at 64 px but this run asks for 32"):
+        augment_chain(tmp_path / "soul", tmp_path / "run", preset("tiny"), registry_dir=tmp_path / "reg")
+    assert not (tmp_path / "run").exists()
+
+
+def test_augment_reads_the_registry_from_the_environment_like_retrain(tmp_path, monkeypatch):
+    """Issue 14: a work-pool worker started with BRVO_REGISTRY_DIR gives augment its registry, as serve does."""
+    from flows.augment import resolve_registry
+    from flows.settings import registry_dir_setting
+
+    reg = ModelRegistry(tmp_path / "reg")
+    version = _publish(reg, _fake_run(tmp_path / "run1"), preset("tiny"), "abc")
+    monkeypatch.delenv("BRVO_REGISTRY_DIR", raising=False)
+    assert registry_dir_setting(None) is None
+    monkeypatch.setenv("BRVO_REGISTRY_DIR", str(tmp_path / "reg"))
+    assert registry_dir_setting(None) == str(tmp_path / "reg") and registry_dir_setting("x") == "x"
+    models = resolve_registry(registry_dir_setting(None), None, force_retrain=False)
+    assert models.version == version
+    assert resolve_registry(registry_dir_setting(None), None, force_retrain=True) is None
+    assert resolve_registry(str(tmp_path / "empty"), None, force_retrain=False) is None  # nothing published
+    with pytest.raises(BrvoError, match="not found"):
+        resolve_registry(str(tmp_path / "reg"), "v9999-20000101T000000Z", force_retrain=False)
