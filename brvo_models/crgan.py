@@ -374,10 +374,12 @@ class CRGAN:
         total = c.lambda_l1 * (l1_hidden + c.visible_l1_weight * l1_visible) + c.lambda_adv * adv
         return {"loss_g": total, "l1_hidden": l1_hidden, "l1_visible": l1_visible, "adv_g": adv}
 
-    def train_step(self, batch: dict) -> dict[str, float]:
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One D step then one G step; the losses come back as detached tensors on the model's
+        device (nothing here waits for the GPU: fit sums them there)."""
         t = self._tensors(batch)
         fake, mean = self._generate(t)
-        out: dict[str, float] = {}
+        out: dict[str, torch.Tensor] = {}
         if self.config.lambda_adv > 0:
             real_logits = self._d_logits(t["reals"], t)
             fake_logits = self._d_logits(fake.detach(), t)
@@ -386,12 +388,12 @@ class CRGAN:
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             self.opt_d.step()
-            out["loss_d"] = float(loss_d.detach())
+            out["loss_d"] = loss_d.detach()
         losses = self._g_losses(t, fake, mean)
         self.opt_g.zero_grad(set_to_none=True)
         losses["loss_g"].backward()
         self.opt_g.step()
-        out.update({k: float(v.detach()) for k, v in losses.items()})
+        out.update({k: v.detach() for k, v in losses.items()})
         return out
 
     def validate(self) -> dict[str, float]:

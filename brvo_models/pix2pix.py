@@ -209,8 +209,12 @@ class Pix2Pix:
         target = torch.ones_like(logits) if real else torch.zeros_like(logits)
         return self.gan_loss(logits.float(), target.float())
 
-    def train_step(self, batch) -> dict[str, float]:
-        """One reference optimize_parameters(): D step on (real, fake.detach()), then G step."""
+    def train_step(self, batch) -> dict[str, torch.Tensor]:
+        """One reference optimize_parameters(): D step on (real, fake.detach()), then G step.
+
+        Returns the losses as detached tensors on the model's device: nothing here waits for the
+        GPU (fit sums them there and copies them to the host once per validation).
+        """
         real_a, real_b = batch[0], batch[1]
         real_a = real_a.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         real_b = real_b.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
@@ -234,16 +238,16 @@ class Pix2Pix:
         loss_g_gan = self._gan(pred_fake, True)
         loss_g_l1 = self.l1(fake_b.float(), real_b.float()) * self.config.lambda_l1
         loss_g = loss_g_gan + loss_g_l1
-        losses = {"G_GAN": loss_g_gan.item(), "G_L1": loss_g_l1.item()}
+        losses = {"G_GAN": loss_g_gan, "G_L1": loss_g_l1}
         if self.config.lambda_dice > 0:
             probabilities, targets = (fake_b.float() + 1.0) * 0.5, (real_b.float() + 1.0) * 0.5
             loss_g_dice = soft_dice_loss(probabilities, targets) * self.config.lambda_dice
             loss_g = loss_g + loss_g_dice
-            losses["G_Dice"] = loss_g_dice.item()
+            losses["G_Dice"] = loss_g_dice
         loss_g.backward()
         self.opt_G.step()
         self.D.requires_grad_(True)
-        return {**losses, "D_real": loss_d_real.item(), "D_fake": loss_d_fake.item()}
+        return {k: v.detach() for k, v in {**losses, "D_real": loss_d_real, "D_fake": loss_d_fake}.items()}
 
     def validate(self) -> dict[str, float]:
         """Mean val Dice (the score) and clDice; with ``threshold=None`` also picks the threshold.

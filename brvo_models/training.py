@@ -18,6 +18,11 @@ metrics with a ``score`` (higher is better). :func:`fit` owns everything around 
   step, schedule, early-stopping state, metrics history, the model's self-description from
   :mod:`brvo_models.identity`) and ``best.pt`` on the best validation score; atomic, sha256
   beside each (storage.checkpoints).
+* **No host synchronisation per step.** ``train_step`` returns its losses as (detached)
+  tensors; fit adds them up where they are, in float64, and copies the sums to the host once
+  per validation (:class:`LossSums`). On CUDA a step then never waits for the GPU, so the
+  host queues the next step's kernels while the GPU runs this one. (Python floats are accepted
+  too.) The float64 sums equal, bit for bit, the Python float sums fit kept before.
 * **Exact resume.** ``batches(epoch)`` is a pure function of the epoch (seeded), so a resume
   at step s replays epoch s // steps_per_epoch and skips the batches already trained on; with
   the RNG, optimiser and early-stopping state restored, a run killed mid-schedule and resumed
@@ -48,7 +53,7 @@ class Trainable(Protocol):
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...
 
-    def train_step(self, batch: Any) -> dict[str, float]: ...
+    def train_step(self, batch: Any) -> dict[str, torch.Tensor | float]: ...
 
     def validate(self) -> dict[str, float]: ...
 
@@ -193,7 +198,7 @@ def fit(
     log(f"{model.name}: {schedule.describe()}")
     t_start = time.perf_counter()
     validations = 0
-    sums: dict[str, float] = {}
+    sums = LossSums()
     n_since = 0
     t_since = time.perf_counter()
     epoch, skip = divmod(progress.step, schedule.steps_per_epoch)
@@ -209,8 +214,7 @@ def fit(
                 continue
             factor = schedule.lr_factor(progress.step)
             _set_lr(model, base_lrs, factor)
-            for k, v in model.train_step(batch).items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            sums.add(model.train_step(batch))
             n_since += 1
             progress.step += 1
             if not schedule.validates_after(progress.step):
@@ -220,7 +224,7 @@ def fit(
             log(_log_line(model.name, schedule, progress, row))
             if on_validation is not None:
                 on_validation(row)
-            sums, n_since, t_since = {}, 0, time.perf_counter()
+            sums, n_since, t_since = LossSums(), 0, time.perf_counter()
             validations += 1
             if progress.finished or (max_validations_this_call is not None
                                      and validations >= max_validations_this_call):
@@ -242,9 +246,37 @@ def fit(
                      resumed_from_step=resumed_from, seconds=time.perf_counter() - t_start)
 
 
-def _validate(model, schedule: Schedule, progress: _Progress, sums, n_since, factor,
+class LossSums:
+    """Running sums of the losses ``train_step`` returns, kept on their device until :meth:`to_host`.
+
+    A tensor loss is added as float64 where it lives (no ``.item()``, so no wait for the GPU);
+    a float is added as a Python float. Either way the sum is the float64 sum of the values in
+    step order, the same bits a loop of ``total + float(loss)`` gives.
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[str, torch.Tensor | float] = {}
+
+    def add(self, losses: dict[str, torch.Tensor | float]) -> None:
+        for k, v in losses.items():
+            value = v.detach().to(torch.float64) if isinstance(v, torch.Tensor) else float(v)
+            total = self.totals.get(k)
+            self.totals[k] = value if total is None else total + value
+
+    def to_host(self) -> dict[str, float]:
+        """The sums as Python floats: one device-to-host copy for all tensor sums on a device."""
+        tensors = {k: v for k, v in self.totals.items() if isinstance(v, torch.Tensor)}
+        out = {k: float(v) for k, v in self.totals.items() if not isinstance(v, torch.Tensor)}
+        if tensors:
+            values = torch.stack([v.reshape(()) for v in tensors.values()]).cpu().tolist()
+            out.update(zip(tensors, values))
+        return {k: out[k] for k in self.totals}
+
+
+def _validate(model, schedule: Schedule, progress: _Progress, sums: LossSums, n_since, factor,
               t_since: float) -> tuple[dict[str, float], bool]:
     """Validate, update the best score and the early-stopping state; return (history row, new best?)."""
+    losses = sums.to_host()  # the one host synchronisation for the steps since the last row
     t_val = time.perf_counter()
     _set_mode(model, train=False)
     with torch.no_grad():
@@ -254,7 +286,7 @@ def _validate(model, schedule: Schedule, progress: _Progress, sums, n_since, fac
     score = float(val["score"])
     row = {"step": progress.step, "total_steps": schedule.total_steps,
            "epoch": round(progress.step / schedule.steps_per_epoch, 4),
-           **{k: v / max(n_since, 1) for k, v in sums.items()},
+           **{k: v / max(n_since, 1) for k, v in losses.items()},
            **{f"val_{k}": float(v) for k, v in val.items()}, "lr_factor": factor,
            "seconds": t_end - t_since, "seconds_validating": t_end - t_val}
     progress.history.append(row)
