@@ -27,6 +27,7 @@ from torch import nn
 from brvo_models.configs import Pix2PixConfig
 from brvo_models.identity import load_described
 from brvo_models.losses import soft_dice_loss
+from brvo_models import batched_metrics
 from brvo_models.metrics import batch_dice, cldice
 from brvo_models.runtime import autocast, resolve_device
 from storage.checkpoints import state_must_fit
@@ -184,7 +185,7 @@ class Pix2Pix:
 
     def __init__(self, config: Pix2PixConfig, image_size: int, device: torch.device | str = "cpu",
                  val_images: np.ndarray | None = None, val_labels: np.ndarray | None = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, score_on: torch.device | str | None = "auto"):
         self.config = config
         self.image_size = int(image_size)
         self.device = torch.device(device)
@@ -198,6 +199,9 @@ class Pix2Pix:
         self.l1 = nn.L1Loss()
         self.val_images = val_images
         self.val_labels = val_labels
+        #: where validation scores are computed (batched_metrics.metrics_device): the GPU on CUDA, else
+        #: None, the numpy path. Both give the same Dice (integer counts) and clDice (same skeletons).
+        self.metrics_device = batched_metrics.metrics_device(self.device, score_on)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"G": self.G, "D": self.D}
@@ -208,6 +212,14 @@ class Pix2Pix:
     def _gan(self, logits: torch.Tensor, real: bool) -> torch.Tensor:
         target = torch.ones_like(logits) if real else torch.zeros_like(logits)
         return self.gan_loss(logits.float(), target.float())
+
+    def stage(self, batch):
+        """(image, label) ready for :meth:`train_step` on the model's device: on CUDA copied up through
+        pinned memory without blocking the host (fit's prefetch thread calls this); unchanged on CPU."""
+        if self.device.type != "cuda":
+            return batch
+        return tuple(x if x.device == self.device else x.pin_memory().to(self.device, non_blocking=True)
+                     for x in batch[:2])
 
     def train_step(self, batch) -> dict[str, torch.Tensor]:
         """One reference optimize_parameters(): D step on (real, fake.detach()), then G step.
@@ -260,6 +272,8 @@ class Pix2Pix:
         probs, _ = label_images(self.G, self.val_images, 0.5, batch_size=max(32, self.config.batch_size),
                                 device=self.device)
         labels = np.asarray(self.val_labels)
+        if self.metrics_device is not None:
+            return self._validate_batched(probs, labels)
         if self.config.threshold is None:
             scores = [float(np.mean(batch_dice(probs > t, labels))) for t in THRESHOLD_GRID]
             threshold = float(THRESHOLD_GRID[int(np.argmax(scores))])
@@ -269,6 +283,26 @@ class Pix2Pix:
         masks = probs > threshold
         d = batch_dice(masks, labels)
         c = [cldice(m, t) for m, t in zip(masks, labels)]
+        return {"score": float(np.mean(d)), "dice": float(np.mean(d)), "cldice": float(np.mean(c)),
+                "threshold": threshold}
+
+
+    def _validate_batched(self, probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        """:meth:`validate`'s scores on ``metrics_device``: per-image values made there, averaged on the host
+        in the numpy path's order (probabilities compared in float64, as numpy compares them)."""
+        dev = self.metrics_device
+        p = torch.from_numpy(probs).to(dev).double()
+        t = torch.from_numpy(labels).to(dev)
+        if self.config.threshold is None:
+            per_image = torch.stack([batched_metrics.dice(p > float(th), t) for th in THRESHOLD_GRID]).cpu().numpy()
+            scores = [float(np.mean(row)) for row in per_image]
+            threshold = float(THRESHOLD_GRID[int(np.argmax(scores))])
+        else:
+            threshold = float(self.config.threshold)
+        self.G.label_threshold.fill_(threshold)
+        masks = p > threshold
+        d = batched_metrics.dice(masks, t).cpu().numpy()
+        c = batched_metrics.cldice(masks, t, skeleton_backend="torch").cpu().numpy()  # the port, as on CUDA
         return {"score": float(np.mean(d)), "dice": float(np.mean(d)), "cldice": float(np.mean(c)),
                 "threshold": threshold}
 

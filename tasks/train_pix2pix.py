@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
+from brvo_models import batched_metrics
 from brvo_models.metrics import cosine, label_scores, mean_scores, mse, ssim
 from brvo_models.identity import CheckpointIdentity
 from brvo_models.pix2pix import (Pix2Pix, aligned_augment, label_images, load_labeller, num_downs_for,
@@ -191,8 +192,13 @@ def train_pix2pix(
 # ---------------------------------------------------------------------------------- evaluate
 
 
-def mask_scores(masks: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Mean dice, iou, cldice, mse, ssim, cosine of binary masks vs labels (see METRIC_NOTES), plus n."""
+def mask_scores(masks: np.ndarray, labels: np.ndarray, device: torch.device | None = None) -> dict[str, float]:
+    """Mean dice, iou, cldice, mse, ssim, cosine of binary masks vs labels (see METRIC_NOTES), plus n.
+
+    ``device``: computed there in batches (brvo_models.batched_metrics; the GPU path), else one image
+    at a time with numpy/skimage (the reference; both agree to 1e-4)."""
+    if device is not None:
+        return mean_scores(batched_metrics.mask_image_scores(masks, labels, device=device))
     rows = []
     for m, t in zip(masks, labels):
         mf, tf = m.astype(np.float64), t.astype(np.float64)
@@ -201,8 +207,12 @@ def mask_scores(masks: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return mean_scores(rows)
 
 
-def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log: LogFn = run_log) -> dict[str, Any]:
-    """Score best.pt on the test patients against Otsu and Frangi: the report's 'pix2pix' section."""
+def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log: LogFn = run_log,
+                     score_on: torch.device | str | None = "auto") -> dict[str, Any]:
+    """Score best.pt on the test patients against Otsu and Frangi: the report's 'pix2pix' section.
+
+    ``score_on``: where the scores are computed (:func:`brvo_models.batched_metrics.metrics_device`;
+    "auto": the GPU when the run's device is CUDA, else the numpy path)."""
     t0 = time.perf_counter()
     paths = RunPaths.of(run_dir)
     best_path = paths.checkpoints(MODEL) / BEST
@@ -213,10 +223,11 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
     threshold = config.pix2pix.threshold
     threshold = float(generator.label_threshold) if threshold is None else float(threshold)
     _, masks = label_images(generator, test_x, threshold, batch_size=64, device=device)
-    model_scores = mask_scores(masks, test_y)
-    otsu = mask_scores(otsu_masks(test_x), test_y)
+    scores_device = batched_metrics.metrics_device(device, score_on)
+    model_scores = mask_scores(masks, test_y, scores_device)
+    otsu = mask_scores(otsu_masks(test_x), test_y, scores_device)
     frangi_model = FrangiBaseline.tune(fit_x, fit_y, seed=config.seed)
-    frangi = mask_scores(frangi_model.predict(test_x), test_y)
+    frangi = mask_scores(frangi_model.predict(test_x), test_y, scores_device)
     section = {
         "test": model_scores,
         "baselines": {"otsu": otsu, "frangi": frangi},

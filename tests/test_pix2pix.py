@@ -315,3 +315,20 @@ def test_evaluate_without_training_says_so(tmp_path):
     with pytest.raises(CheckpointError) as exc:
         evaluate_pix2pix(run, TINY, log=_quiet)
     assert "train" in _one_line(exc)
+
+
+def test_batches_made_ahead_in_a_thread_train_the_same_weights(tmp_path, monkeypatch):
+    """fit's prefetch (on by default on CUDA): forced on CPU it changes no bit."""
+    from functools import partial
+
+    import tasks.train_pix2pix
+    from brvo_models.training import fit
+
+    plain = train_pix2pix(_run_dir(tmp_path, "plain"), TINY, log=_quiet)
+    monkeypatch.setattr(tasks.train_pix2pix, "fit", partial(fit, prefetch=2))
+    ahead = train_pix2pix(_run_dir(tmp_path, "ahead"), TINY, log=_quiet)
+    a, b = load_checkpoint(Path(plain.checkpoint_dir) / "last.pt"), load_checkpoint(Path(ahead.checkpoint_dir) / "last.pt")
+    for net in ("G", "D"):
+        for k, v in a["modules"][net].items():
+            assert torch.equal(v, b["modules"][net][k]), f"{net}.{k}"
+    assert [r["G_L1"] for r in plain.history] == [r["G_L1"] for r in ahead.history]

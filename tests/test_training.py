@@ -270,3 +270,54 @@ def test_min_steps_above_max_steps_is_refused():
         CRGANConfig(min_steps=600, max_steps=500)
     with pytest.raises(BrvoError, match="min_steps"):
         preset("demo").with_overrides(**{"pix2pix.min_steps": 5000})
+
+
+# ------------------------------------------------------------------------------------ prefetch
+
+
+def _prefetch_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "fit-prefetch" and t.is_alive()]
+
+
+@pytest.mark.parametrize("kill_after", [None, 2])
+def test_prefetching_batches_changes_no_result(tmp_path, kill_after):
+    """The GPU path makes batches in a background thread; on CPU, forced, it must give the same bits."""
+    config = _adaptive(min_steps=30, max_steps=30, val_every=4, patience=3)
+    plain, ahead = FakeModel(), FakeModel(tensor_losses=True)
+    a = _fit(plain, config, 7, tmp_path / "plain")
+    if kill_after:  # a resume mid-epoch: the thread skips the batches already trained on
+        _fit(FakeModel(tensor_losses=True), config, 7, tmp_path / "ahead", prefetch=2,
+             max_validations_this_call=kill_after)
+        torch.manual_seed(12345)
+        b = fit(ahead, batches_of(7), schedule=Schedule.from_config(config, 7), checkpoint_dir=tmp_path / "ahead",
+                identity=CheckpointIdentity("fake", config, 32, 0), log=lambda _m: None, prefetch=3)
+    else:
+        b = _fit(ahead, config, 7, tmp_path / "ahead", prefetch=2)
+    assert torch.equal(plain.net.weight, ahead.net.weight) and torch.equal(plain.net.bias, ahead.net.bias)
+    assert [r["step"] for r in a.history] == [r["step"] for r in b.history]
+    assert a.history[-1]["loss"] == b.history[-1]["loss"]
+    assert not _prefetch_threads()  # the thread is gone once fit returns
+
+
+def test_prefetch_stages_batches_and_raises_their_errors_in_fit(tmp_path):
+    config = _adaptive(min_steps=10, max_steps=10, val_every=5)
+    staged: list[int] = []
+
+    class Staging(FakeModel):
+        def stage(self, batch):
+            staged.append(len(staged))
+            return batch * 1.0
+
+    _fit(Staging(), config, 3, tmp_path / "ok", prefetch=2)
+    assert len(staged) >= 10  # every trained batch went through stage (the thread may run ahead)
+
+    def broken(epoch: int):
+        yield torch.zeros(4, 1)
+        raise OSError("soul.h5 went away")
+
+    with pytest.raises(OSError, match="went away"):
+        fit(FakeModel(), broken, schedule=Schedule.from_config(config, 3), checkpoint_dir=tmp_path / "bad",
+            identity=CheckpointIdentity("fake", config, 32, 0), log=lambda _m: None, prefetch=2)
+    assert not _prefetch_threads()
