@@ -156,6 +156,19 @@ def build_discriminator(config: Pix2PixConfig) -> PatchDiscriminator:
 # ----------------------------------------------------------------------------------- the model
 
 
+def training_callables(G: nn.Module, D: nn.Module, config: Pix2PixConfig,
+                       device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """What the training step calls for G and D: the modules, or with ``config.cuda_graphs`` on a CUDA
+    device their ``torch.compile(mode="reduce-overhead")`` forms (CUDA graphs replay a whole forward or
+    backward as one launch: batch 1 at 256 px is launch-bound, the GPU idles between kernels).
+    Elsewhere the flag does nothing (CUDA graphs need CUDA; the training step logs it)."""
+    if not (config.cuda_graphs and device.type == "cuda"):
+        return G, D
+    return (torch.compile(G, mode="reduce-overhead", dynamic=False),
+            torch.compile(D, mode="reduce-overhead", dynamic=False))
+
+
+
 def objective_text(p2p: Pix2PixConfig) -> str:
     """The generator's training objective in words, flagging any term the reference pix2pix lacks."""
     text = f"BCE PatchGAN + {p2p.lambda_l1:g} x L1"
@@ -193,6 +206,9 @@ class Pix2Pix:
         self.G = build_generator(config, image_size).to(self.device, memory_format=self.memory_format)
         self.D = build_discriminator(config).to(self.device, memory_format=self.memory_format)
         betas = (config.beta1, config.beta2)
+        # what train_step calls: the modules themselves, or (cuda_graphs on CUDA) their compiled forms; the
+        # modules stay the ones checkpointed, so their state_dict keys never change
+        self._train_G, self._train_D = training_callables(self.G, self.D, config, self.device)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=betas)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=config.lr, betas=betas)
         self.gan_loss = nn.BCEWithLogitsLoss()
@@ -230,14 +246,16 @@ class Pix2Pix:
         real_a, real_b = batch[0], batch[1]
         real_a = real_a.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         real_b = real_b.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        if self._train_G is not self.G:  # CUDA graphs: a new training iteration starts here
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(self.device):
-            fake_b = self.G(real_a)
+            fake_b = self._train_G(real_a)
         # D: real pair -> 1, fake pair -> 0
         self.D.requires_grad_(True)
         self.opt_D.zero_grad(set_to_none=True)
         with autocast(self.device):
-            pred_fake = self.D(torch.cat([real_a, fake_b.detach()], 1))
-            pred_real = self.D(torch.cat([real_a, real_b], 1))
+            pred_fake = self._train_D(torch.cat([real_a, fake_b.detach()], 1))
+            pred_real = self._train_D(torch.cat([real_a, real_b], 1))
         loss_d_fake, loss_d_real = self._gan(pred_fake, False), self._gan(pred_real, True)
         loss_d = 0.5 * (loss_d_fake + loss_d_real)
         loss_d.backward()
@@ -246,7 +264,7 @@ class Pix2Pix:
         self.D.requires_grad_(False)
         self.opt_G.zero_grad(set_to_none=True)
         with autocast(self.device):
-            pred_fake = self.D(torch.cat([real_a, fake_b], 1))
+            pred_fake = self._train_D(torch.cat([real_a, fake_b], 1))
         loss_g_gan = self._gan(pred_fake, True)
         loss_g_l1 = self.l1(fake_b.float(), real_b.float()) * self.config.lambda_l1
         loss_g = loss_g_gan + loss_g_l1

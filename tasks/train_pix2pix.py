@@ -167,6 +167,8 @@ def train_pix2pix(
     val_x, val_y, _ = load_split(soul, ("val",))
     log(f"pix2pix: {len(train_x)} train / {len(val_x)} val images at {config.image_size} px, device {device}, "
         f"ngf {p.ngf} ndf {p.ndf}, batch {p.batch_size} (data loaded in {time.perf_counter() - t0:.1f} s)")
+    if p.cuda_graphs and device.type != "cuda":
+        log(f"pix2pix: cuda_graphs applies to CUDA devices only; training eagerly on {device}")
     model = Pix2Pix(p, config.image_size, device, val_images=val_x, val_labels=val_y)
     fitted = fit(
         model,
