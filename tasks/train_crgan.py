@@ -368,6 +368,6 @@ def train_crgan_step(ctx: StepContext, preprocess: PreprocessResult) -> TrainedM
 
 
 TRAIN_CRGAN = Step(
-    name=MODEL_NAME, run=train_crgan_step, result_type=TrainedModel, needs=("preprocess",),
+    name=MODEL_NAME, uses_device=True, run=train_crgan_step, result_type=TrainedModel, needs=("preprocess",),
     config_fields=("image_size", "seed", "crgan"), report=MODEL_NAME,
     description="train the CRGAN (patient + stage + noise -> image); held-out stages against baselines")

@@ -272,6 +272,6 @@ def train_pix2pix_step(ctx: StepContext, preprocess: PreprocessResult) -> Traine
 
 
 TRAIN_PIX2PIX = Step(
-    name=MODEL, run=train_pix2pix_step, result_type=TrainedModel, needs=("preprocess",),
+    name=MODEL, uses_device=True, run=train_pix2pix_step, result_type=TrainedModel, needs=("preprocess",),
     config_fields=("image_size", "seed", "pix2pix"), report=MODEL,
     description="train Pix2Pix (image -> vessel label) on soul.h5; held-out evaluation against baselines")
