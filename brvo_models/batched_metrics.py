@@ -35,6 +35,11 @@ threads contend on a loaded machine), so CPU callers lose nothing by keeping brv
 
 Aggregation: :func:`mean_batch_scores` gives what ``metrics.mean_scores`` gives for the
 same images' rows (metric means plus ``n``); :func:`rows` turns a batch result into those rows.
+
+Evaluations choose the path with :func:`metrics_device`: the run's device when it is a GPU, else
+None (the numpy path). :func:`paired_scores` scores many (a[i], b[j]) pairs drawn from two image
+pools (each pool copied to the device once, pairs gathered there in chunks): what the held-out
+CRGAN scores, the sample-quality SSIMs and the scoring step's consistency SSIM need.
 """
 from __future__ import annotations
 
@@ -296,3 +301,81 @@ def mean_batch_scores(scores: Mapping[str, torch.Tensor]) -> dict[str, float]:
     out = {k: float(v.detach().double().mean()) for k, v in scores.items()}
     out["n"] = n
     return out
+
+
+# ---------------------------------------------------------------- where evaluations score
+
+
+def metrics_device(run_device: torch.device | str | None,
+                   score_on: torch.device | str | None = "auto") -> torch.device | None:
+    """The device held-out scores are computed on, or None for the numpy path of :mod:`brvo_models.metrics`.
+
+    ``score_on`` "auto" (what runs use): the run's device when it is a CUDA device, else None (the
+    numpy path is the reference, and on the CPU as fast or faster than this module). None: the
+    numpy path. A device: this module's path on it (tests force it on the CPU to hold it to the
+    numpy path).
+    """
+    if isinstance(score_on, str) and score_on == "auto":
+        if run_device is None:
+            return None
+        run_device = torch.device(run_device)
+        return run_device if run_device.type == "cuda" else None
+    return None if score_on is None else torch.device(score_on)
+
+
+def _pool(images, device: torch.device) -> torch.Tensor:
+    """An (N, H, W) image pool on ``device`` in its own dtype (uint8 stays uint8 until gathered)."""
+    t = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(images))
+    if t.ndim != 3:
+        raise ValueError(f"expected an (N, H, W) image pool, got shape {tuple(t.shape)}")
+    return t.to(device)
+
+
+def _unit_range(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 images read as x / 255 (as the numpy path's ``r / 255.0``); floats as they are."""
+    return x.to(dtype) / 255.0 if x.dtype == torch.uint8 else x.to(dtype)
+
+
+def paired_scores(a, b, index_a, index_b, metrics=("mse", "psnr", "ssim", "cosine"), *, device,
+                  data_range: float = 1.0, chunk: int = 64, dtype: torch.dtype = torch.float64) -> dict[str, np.ndarray]:
+    """Image metrics of the pairs (a[index_a[i]], b[index_b[i]]), one value per pair, as numpy arrays.
+
+    ``a`` and ``b``: (N, H, W) pools, floats in [0, 1] or uint8 (read as x / 255). Each pool is
+    copied to ``device`` once; pairs are gathered and scored there ``chunk`` at a time (bounded
+    memory: an SSIM chunk of 64 pairs at 256 px is about 170 MB in float64).
+    """
+    index_a = np.asarray(index_a, np.int64)
+    index_b = np.asarray(index_b, np.int64)
+    if index_a.shape != index_b.shape or index_a.ndim != 1:
+        raise ValueError(f"index_a and index_b must be 1-D and of one length, got {index_a.shape} and {index_b.shape}")
+    unknown = [m for m in metrics if m not in IMAGE_METRICS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {sorted(IMAGE_METRICS)}")
+    device = torch.device(device)
+    pool_a, pool_b = _pool(a, device), _pool(b, device)
+    out: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
+    ia, ib = torch.from_numpy(index_a).to(device), torch.from_numpy(index_b).to(device)
+    for start in range(0, len(index_a), chunk):
+        x = _unit_range(pool_a[ia[start:start + chunk]], dtype)
+        y = _unit_range(pool_b[ib[start:start + chunk]], dtype)
+        for m in metrics:
+            fn = IMAGE_METRICS[m]
+            value = fn(x, y, data_range, dtype=dtype) if m in ("psnr", "ssim") else fn(x, y, dtype=dtype)
+            out[m].append(value.double().cpu().numpy())
+    return {m: np.concatenate(v) if v else np.zeros(0) for m, v in out.items()}
+
+
+def mask_image_scores(masks, labels, *, device, chunk: int = 64) -> list[dict[str, float]]:
+    """Per mask: dice, iou, cldice of the mask vs its label, and mse, ssim, cosine of the two as 0/1 images
+    (data_range 1): the rows the numpy path computes one mask at a time, in that key order. Skeletons
+    by the tensor port on every device, so a CPU test runs what CUDA runs."""
+    device = torch.device(device)
+    rows_out: list[dict[str, float]] = []
+    for start in range(0, len(masks), chunk):
+        m = as_batch(np.asarray(masks[start:start + chunk]), device=device)
+        t = as_batch(np.asarray(labels[start:start + chunk]), device=device)
+        mf, tf = m.to(torch.float64), t.to(torch.float64)
+        scores = {**label_scores(m, t, skeleton_backend="torch"), "mse": mse(mf, tf), "ssim": ssim(mf, tf, 1.0),
+                  "cosine": cosine(mf, tf)}
+        rows_out += rows(scores)
+    return rows_out

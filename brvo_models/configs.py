@@ -56,6 +56,9 @@ class Pix2PixConfig(TrainingSchedule):
 
     #: fields that change labelling, not training: left out of the checkpoint's training hash
     inference_only: ClassVar[tuple[str, ...]] = ("threshold",)
+    #: fields that change how training runs, not what it trains: also left out of that hash, so a run may
+    #: resume with them changed (they stay in the step key: on a GPU they change the rounding)
+    execution_only: ClassVar[tuple[str, ...]] = ("cuda_graphs",)
 
     ngf: int = Field(64, ge=1, description="generator width of the first layer")
     ndf: int = Field(64, ge=1, description="discriminator width of the first layer")
@@ -77,6 +80,10 @@ class Pix2PixConfig(TrainingSchedule):
         "weights")
     augment: bool = Field(True, description="aligned flips and small rotations of (image, label)")
     max_rotation_deg: float = Field(10.0, ge=0.0, le=180.0)
+    cuda_graphs: bool = Field(
+        False, description="CUDA only: compile G and D for training with torch.compile(mode='reduce-overhead') "
+        "(CUDA graphs: one launch per graph instead of one per kernel, for batch 1). Off by default: its speed "
+        "has not been measured yet (the default-mode torch.compile measured slower at batch 1)")
 
 
 class CRGANConfig(TrainingSchedule):

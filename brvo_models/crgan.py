@@ -59,7 +59,8 @@ import torch.nn.functional as F
 
 from brvo_models.configs import CRGANConfig
 from brvo_models.crgan_data import N_STAGES, PatientSequence, heldout_cases, pixel_noise, to_model
-from brvo_models.crgan_sampling import case_scores, predict_heldout
+from brvo_models import batched_metrics
+from brvo_models.crgan_sampling import predict_heldout, score_cases
 from brvo_models.identity import load_described
 from brvo_models.metrics import mean_scores
 from brvo_models.runtime import autocast, resolve_device
@@ -302,7 +303,8 @@ class CRGAN:
     name = MODEL_NAME
 
     def __init__(self, config: CRGANConfig, image_size: int, patient_ids: Sequence[str],
-                 device: torch.device | str = "cpu", val_seqs: Sequence[PatientSequence] = ()) -> None:
+                 device: torch.device | str = "cpu", val_seqs: Sequence[PatientSequence] = (),
+                 score_on: torch.device | str | None = "auto") -> None:
         self.config = config
         self.image_size = int(image_size)
         self.device = torch.device(device)
@@ -319,6 +321,8 @@ class CRGAN:
         self.opt_g = torch.optim.Adam(groups, lr=config.lr_g, betas=betas)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.lr_d, betas=betas)
         self.val_cases = heldout_cases(val_seqs)
+        #: where validation scores are computed: the GPU on CUDA, else None (the numpy path)
+        self.metrics_device = batched_metrics.metrics_device(self.device, score_on)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"generator": self.generator, "discriminator": self.discriminator}
@@ -327,10 +331,31 @@ class CRGAN:
         return {"generator": self.opt_g, "discriminator": self.opt_d}
 
     def _tensors(self, batch: dict) -> dict[str, torch.Tensor]:
+        """A training batch (:func:`brvo_models.crgan_data.make_train_batches`) as tensors on the device.
+
+        On the CPU (the reference path) the noise comes from a CPU generator seeded with the
+        batch's ``noise_seed``. On CUDA it is drawn on the GPU from a CUDA generator with that seed
+        (same distributions and seed, other numbers; no 2 x N x H x W draw on the host and copy
+        per step), and the arrays go up through pinned memory without blocking the host.
+        """
         dev = self.device
         patient = torch.as_tensor(batch["patient"])
         patient = torch.where(patient < 0, torch.full_like(patient, self.generator.unknown_index), patient)
         B, N = len(patient), len(batch["sel_b"])
+        if dev.type == "cuda":
+            g = torch.Generator(device=dev).manual_seed(batch["noise_seed"])
+
+            def up(a) -> torch.Tensor:
+                return torch.as_tensor(a).pin_memory().to(dev, non_blocking=True)
+
+            return {
+                "context": to_model(up(batch["context"]))[:, :, None], "visible": up(batch["visible"]),
+                "counts": up(batch["counts"]), "patient": up(patient),
+                "z": torch.randn(B, self.config.z_dim, generator=g, device=dev),
+                "pix": pixel_noise(N, self.image_size, g),
+                "sel_b": up(batch["sel_b"]), "sel_t": up(batch["sel_t"]), "hidden": up(batch["hidden"]),
+                "targets": to_model(up(batch["targets"]))[:, None], "reals": to_model(up(batch["reals"]))[:, None],
+            }
         g = torch.Generator().manual_seed(batch["noise_seed"])
         z = torch.randn(B, self.config.z_dim, generator=g)
         pix = pixel_noise(N, self.image_size, g)
@@ -345,9 +370,13 @@ class CRGAN:
             "reals": to_model(batch["reals"])[:, None].to(dev),
         }
 
+    def stage(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The batch ready for :meth:`train_step` on the model's device (fit's prefetch thread calls this)."""
+        return batch if _staged(batch) else self._tensors(batch)
+
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Generator loss terms on a batch (no optimiser step): used by train_step and tests."""
-        t = self._tensors(batch)
+        t = self.stage(batch)
         fake, mean = self._generate(t)
         return self._g_losses(t, fake, mean)
 
@@ -374,10 +403,12 @@ class CRGAN:
         total = c.lambda_l1 * (l1_hidden + c.visible_l1_weight * l1_visible) + c.lambda_adv * adv
         return {"loss_g": total, "l1_hidden": l1_hidden, "l1_visible": l1_visible, "adv_g": adv}
 
-    def train_step(self, batch: dict) -> dict[str, float]:
-        t = self._tensors(batch)
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One D step then one G step; the losses come back as detached tensors on the model's
+        device (nothing here waits for the GPU: fit sums them there). ``batch``: raw or staged."""
+        t = self.stage(batch)
         fake, mean = self._generate(t)
-        out: dict[str, float] = {}
+        out: dict[str, torch.Tensor] = {}
         if self.config.lambda_adv > 0:
             real_logits = self._d_logits(t["reals"], t)
             fake_logits = self._d_logits(fake.detach(), t)
@@ -386,12 +417,12 @@ class CRGAN:
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             self.opt_d.step()
-            out["loss_d"] = float(loss_d.detach())
+            out["loss_d"] = loss_d.detach()
         losses = self._g_losses(t, fake, mean)
         self.opt_g.zero_grad(set_to_none=True)
         losses["loss_g"].backward()
         self.opt_g.step()
-        out.update({k: float(v.detach()) for k, v in losses.items()})
+        out.update({k: v.detach() for k, v in losses.items()})
         return out
 
     def validate(self) -> dict[str, float]:
@@ -400,11 +431,15 @@ class CRGAN:
             return {"score": float("nan")}
         # the zero-noise sample: the model's point estimate, as in the held-out report
         preds = predict_heldout(self.generator, self.val_cases, seeds=[None], device=self.device)[:, 0]
-        rows = [case_scores(p, seq.images[s]) for p, (seq, s) in zip(preds, self.val_cases)]
+        rows = score_cases(list(preds), [seq.images[s] for seq, s in self.val_cases], self.metrics_device)
         m = mean_scores(rows)
         return {"score": m["ssim"], "ssim": m["ssim"], "psnr": m["psnr"], "mse": m["mse"]}
 
 
+
+
+def _staged(batch: dict) -> bool:
+    return isinstance(batch.get("context"), torch.Tensor)
 
 
 # ------------------------------------------------------------------------------------ loading

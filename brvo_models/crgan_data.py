@@ -7,7 +7,7 @@ run and device: what exact resume and reproducible samples rest on.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -27,14 +27,24 @@ class PatientSequence:
     split: str
     images: list[np.ndarray | None]
     index: int | None = None  # embedding index for training patients, None = unknown patient
+    _means: dict[int, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def observed(self) -> list[int]:
         return [s for s in range(N_STAGES) if self.images[s] is not None and len(self.images[s]) > 0]
 
     def stage_mean(self, stage: int) -> np.ndarray:
-        """Mean of the stage's real images as float32 in [0, 1]."""
-        return self.images[stage].astype(np.float32).mean(axis=0) / 255.0
+        """Mean of the stage's real images as float32 in [0, 1] (read-only).
+
+        Computed once per stage and kept: every training batch needs it (targets, full contexts),
+        and recomputing it was most of the time spent building a batch at 256 px.
+        """
+        mean = self._means.get(stage)
+        if mean is None:
+            mean = self.images[stage].astype(np.float32).mean(axis=0) / 255.0
+            mean.flags.writeable = False
+            self._means[stage] = mean
+        return mean
 
 
 def sequences_from_arrays(images: np.ndarray, meta) -> list[PatientSequence]:
@@ -62,9 +72,11 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def pixel_noise(n: int, image_size: int, generator: torch.Generator) -> torch.Tensor:
-    """(n, 2, H, W): white noise per pixel, and one value per row broadcast along it (scan lines)."""
-    white = torch.randn(n, 1, image_size, image_size, generator=generator)
-    rows = torch.randn(n, 1, image_size, 1, generator=generator).expand(-1, -1, -1, image_size)
+    """(n, 2, H, W) on the generator's device: white noise per pixel, and one value per row broadcast
+    along it (scan lines)."""
+    dev = generator.device
+    white = torch.randn(n, 1, image_size, image_size, generator=generator, device=dev)
+    rows = torch.randn(n, 1, image_size, 1, generator=generator, device=dev).expand(-1, -1, -1, image_size)
     return torch.cat([white, rows], dim=1)
 
 
@@ -141,9 +153,10 @@ def _train_batch(chunk: list[PatientSequence], config: CRGANConfig, rng: np.rand
             if not h:
                 if rng.random() < config.context_subset_prob:
                     subset = np.sort(rng.choice(len(imgs), size=int(rng.integers(1, len(imgs) + 1)), replace=False))
-                else:
+                    context[b, s] = aug(imgs[subset].astype(np.float32).mean(0) / 255.0)
+                else:  # all of them: the stage mean (the same bits as the mean of imgs[arange(n)])
                     subset = np.arange(len(imgs))
-                context[b, s] = aug(imgs[subset].astype(np.float32).mean(0) / 255.0)
+                    context[b, s] = aug(seq.stage_mean(s))
                 visible[b, s] = True
                 counts[b, s] = len(subset)
             sel_b.append(b)

@@ -8,7 +8,8 @@ it loads or resumes (:func:`storage.checkpoints.load_checkpoint` ``expect=``):
 
 * ``model`` and ``image_size``: a checkpoint of another model or size is refused;
 * ``config_hash``: the hash of everything that changes training (the description without
-  the config's ``inference_only`` fields, e.g. Pix2Pix's labelling threshold), so resuming
+  the config's ``inference_only`` fields, e.g. Pix2Pix's labelling threshold, and its
+  ``execution_only`` ones, e.g. whether CUDA graphs run the steps), so resuming
   under another config or seed, which could not end where an uninterrupted run would, is
   refused;
 * a model's own keys (CRGAN: ``patient_ids``, its embedding rows in order).
@@ -53,7 +54,7 @@ class CheckpointIdentity:
     def config_hash(self) -> str:
         """Hash of what changes training: the description without the inference-only fields."""
         fields = self.config.model_dump(mode="json")
-        for name in getattr(self.config, "inference_only", ()):
+        for name in (*getattr(self.config, "inference_only", ()), *getattr(self.config, "execution_only", ())):
             fields.pop(name, None)
         return json_sha256(self._described(fields))
 

@@ -27,6 +27,7 @@ from torch import nn
 from brvo_models.configs import Pix2PixConfig
 from brvo_models.identity import load_described
 from brvo_models.losses import soft_dice_loss
+from brvo_models import batched_metrics
 from brvo_models.metrics import batch_dice, cldice
 from brvo_models.runtime import autocast, resolve_device
 from storage.checkpoints import state_must_fit
@@ -155,6 +156,19 @@ def build_discriminator(config: Pix2PixConfig) -> PatchDiscriminator:
 # ----------------------------------------------------------------------------------- the model
 
 
+def training_callables(G: nn.Module, D: nn.Module, config: Pix2PixConfig,
+                       device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """What the training step calls for G and D: the modules, or with ``config.cuda_graphs`` on a CUDA
+    device their ``torch.compile(mode="reduce-overhead")`` forms (CUDA graphs replay a whole forward or
+    backward as one launch: batch 1 at 256 px is launch-bound, the GPU idles between kernels).
+    Elsewhere the flag does nothing (CUDA graphs need CUDA; the training step logs it)."""
+    if not (config.cuda_graphs and device.type == "cuda"):
+        return G, D
+    return (torch.compile(G, mode="reduce-overhead", dynamic=False),
+            torch.compile(D, mode="reduce-overhead", dynamic=False))
+
+
+
 def objective_text(p2p: Pix2PixConfig) -> str:
     """The generator's training objective in words, flagging any term the reference pix2pix lacks."""
     text = f"BCE PatchGAN + {p2p.lambda_l1:g} x L1"
@@ -184,7 +198,7 @@ class Pix2Pix:
 
     def __init__(self, config: Pix2PixConfig, image_size: int, device: torch.device | str = "cpu",
                  val_images: np.ndarray | None = None, val_labels: np.ndarray | None = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, score_on: torch.device | str | None = "auto"):
         self.config = config
         self.image_size = int(image_size)
         self.device = torch.device(device)
@@ -192,12 +206,18 @@ class Pix2Pix:
         self.G = build_generator(config, image_size).to(self.device, memory_format=self.memory_format)
         self.D = build_discriminator(config).to(self.device, memory_format=self.memory_format)
         betas = (config.beta1, config.beta2)
+        # what train_step calls: the modules themselves, or (cuda_graphs on CUDA) their compiled forms; the
+        # modules stay the ones checkpointed, so their state_dict keys never change
+        self._train_G, self._train_D = training_callables(self.G, self.D, config, self.device)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=betas)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=config.lr, betas=betas)
         self.gan_loss = nn.BCEWithLogitsLoss()
         self.l1 = nn.L1Loss()
         self.val_images = val_images
         self.val_labels = val_labels
+        #: where validation scores are computed (batched_metrics.metrics_device): the GPU on CUDA, else
+        #: None, the numpy path. Both give the same Dice (integer counts) and clDice (same skeletons).
+        self.metrics_device = batched_metrics.metrics_device(self.device, score_on)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"G": self.G, "D": self.D}
@@ -209,19 +229,33 @@ class Pix2Pix:
         target = torch.ones_like(logits) if real else torch.zeros_like(logits)
         return self.gan_loss(logits.float(), target.float())
 
-    def train_step(self, batch) -> dict[str, float]:
-        """One reference optimize_parameters(): D step on (real, fake.detach()), then G step."""
+    def stage(self, batch):
+        """(image, label) ready for :meth:`train_step` on the model's device: on CUDA copied up through
+        pinned memory without blocking the host (fit's prefetch thread calls this); unchanged on CPU."""
+        if self.device.type != "cuda":
+            return batch
+        return tuple(x if x.device == self.device else x.pin_memory().to(self.device, non_blocking=True)
+                     for x in batch[:2])
+
+    def train_step(self, batch) -> dict[str, torch.Tensor]:
+        """One reference optimize_parameters(): D step on (real, fake.detach()), then G step.
+
+        Returns the losses as detached tensors on the model's device: nothing here waits for the
+        GPU (fit sums them there and copies them to the host once per validation).
+        """
         real_a, real_b = batch[0], batch[1]
         real_a = real_a.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         real_b = real_b.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        if self._train_G is not self.G:  # CUDA graphs: a new training iteration starts here
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(self.device):
-            fake_b = self.G(real_a)
+            fake_b = self._train_G(real_a)
         # D: real pair -> 1, fake pair -> 0
         self.D.requires_grad_(True)
         self.opt_D.zero_grad(set_to_none=True)
         with autocast(self.device):
-            pred_fake = self.D(torch.cat([real_a, fake_b.detach()], 1))
-            pred_real = self.D(torch.cat([real_a, real_b], 1))
+            pred_fake = self._train_D(torch.cat([real_a, fake_b.detach()], 1))
+            pred_real = self._train_D(torch.cat([real_a, real_b], 1))
         loss_d_fake, loss_d_real = self._gan(pred_fake, False), self._gan(pred_real, True)
         loss_d = 0.5 * (loss_d_fake + loss_d_real)
         loss_d.backward()
@@ -230,20 +264,20 @@ class Pix2Pix:
         self.D.requires_grad_(False)
         self.opt_G.zero_grad(set_to_none=True)
         with autocast(self.device):
-            pred_fake = self.D(torch.cat([real_a, fake_b], 1))
+            pred_fake = self._train_D(torch.cat([real_a, fake_b], 1))
         loss_g_gan = self._gan(pred_fake, True)
         loss_g_l1 = self.l1(fake_b.float(), real_b.float()) * self.config.lambda_l1
         loss_g = loss_g_gan + loss_g_l1
-        losses = {"G_GAN": loss_g_gan.item(), "G_L1": loss_g_l1.item()}
+        losses = {"G_GAN": loss_g_gan, "G_L1": loss_g_l1}
         if self.config.lambda_dice > 0:
             probabilities, targets = (fake_b.float() + 1.0) * 0.5, (real_b.float() + 1.0) * 0.5
             loss_g_dice = soft_dice_loss(probabilities, targets) * self.config.lambda_dice
             loss_g = loss_g + loss_g_dice
-            losses["G_Dice"] = loss_g_dice.item()
+            losses["G_Dice"] = loss_g_dice
         loss_g.backward()
         self.opt_G.step()
         self.D.requires_grad_(True)
-        return {**losses, "D_real": loss_d_real.item(), "D_fake": loss_d_fake.item()}
+        return {k: v.detach() for k, v in {**losses, "D_real": loss_d_real, "D_fake": loss_d_fake}.items()}
 
     def validate(self) -> dict[str, float]:
         """Mean val Dice (the score) and clDice; with ``threshold=None`` also picks the threshold.
@@ -256,6 +290,8 @@ class Pix2Pix:
         probs, _ = label_images(self.G, self.val_images, 0.5, batch_size=max(32, self.config.batch_size),
                                 device=self.device)
         labels = np.asarray(self.val_labels)
+        if self.metrics_device is not None:
+            return self._validate_batched(probs, labels)
         if self.config.threshold is None:
             scores = [float(np.mean(batch_dice(probs > t, labels))) for t in THRESHOLD_GRID]
             threshold = float(THRESHOLD_GRID[int(np.argmax(scores))])
@@ -265,6 +301,26 @@ class Pix2Pix:
         masks = probs > threshold
         d = batch_dice(masks, labels)
         c = [cldice(m, t) for m, t in zip(masks, labels)]
+        return {"score": float(np.mean(d)), "dice": float(np.mean(d)), "cldice": float(np.mean(c)),
+                "threshold": threshold}
+
+
+    def _validate_batched(self, probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        """:meth:`validate`'s scores on ``metrics_device``: per-image values made there, averaged on the host
+        in the numpy path's order (probabilities compared in float64, as numpy compares them)."""
+        dev = self.metrics_device
+        p = torch.from_numpy(probs).to(dev).double()
+        t = torch.from_numpy(labels).to(dev)
+        if self.config.threshold is None:
+            per_image = torch.stack([batched_metrics.dice(p > float(th), t) for th in THRESHOLD_GRID]).cpu().numpy()
+            scores = [float(np.mean(row)) for row in per_image]
+            threshold = float(THRESHOLD_GRID[int(np.argmax(scores))])
+        else:
+            threshold = float(self.config.threshold)
+        self.G.label_threshold.fill_(threshold)
+        masks = p > threshold
+        d = batched_metrics.dice(masks, t).cpu().numpy()
+        c = batched_metrics.cldice(masks, t, skeleton_backend="torch").cpu().numpy()  # the port, as on CUDA
         return {"score": float(np.mean(d)), "dice": float(np.mean(d)), "cldice": float(np.mean(c)),
                 "threshold": threshold}
 

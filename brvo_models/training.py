@@ -18,6 +18,17 @@ metrics with a ``score`` (higher is better). :func:`fit` owns everything around 
   step, schedule, early-stopping state, metrics history, the model's self-description from
   :mod:`brvo_models.identity`) and ``best.pt`` on the best validation score; atomic, sha256
   beside each (storage.checkpoints).
+* **No host synchronisation per step.** ``train_step`` returns its losses as (detached)
+  tensors; fit adds them up where they are, in float64, and copies the sums to the host once
+  per validation (:class:`LossSums`). On CUDA a step then never waits for the GPU, so the
+  host queues the next step's kernels while the GPU runs this one. (Python floats are accepted
+  too.) The float64 sums equal, bit for bit, the Python float sums fit kept before.
+* **Batches made ahead of the GPU** (``prefetch``, on by default on CUDA only): a background
+  thread calls ``batches(epoch)`` and the model's optional ``stage(batch)`` (the batch as
+  tensors on the device: pinned copies, noise drawn there) a few batches ahead, across epoch
+  boundaries, so the host builds batch n+1 while the GPU trains on batch n. Batches are pure
+  functions of the epoch and ``stage`` draws from no global RNG, so prefetching changes no
+  result (tested on CPU against the sequential loop, bit for bit).
 * **Exact resume.** ``batches(epoch)`` is a pure function of the epoch (seeded), so a resume
   at step s replays epoch s // steps_per_epoch and skips the batches already trained on; with
   the RNG, optimiser and early-stopping state restored, a run killed mid-schedule and resumed
@@ -26,6 +37,8 @@ metrics with a ``score`` (higher is better). :func:`fit` owns everything around 
 from __future__ import annotations
 
 import math
+import queue
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,9 +61,12 @@ class Trainable(Protocol):
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...
 
-    def train_step(self, batch: Any) -> dict[str, float]: ...
+    def train_step(self, batch: Any) -> dict[str, torch.Tensor | float]: ...
 
     def validate(self) -> dict[str, float]: ...
+
+    # optional: ``stage(batch)`` -> the batch ready for ``train_step`` on the model's device; fit's
+    # prefetch thread calls it ahead of training. train_step must accept raw and staged batches.
 
 
 @dataclass(frozen=True)
@@ -160,6 +176,7 @@ def fit(
     on_validation: Callable[[dict[str, float]], None] | None = None,
     log: Callable[[str], None] = print,
     max_validations_this_call: int | None = None,
+    prefetch: int | None = None,
 ) -> FitResult:
     """Train ``model`` on ``schedule``, resuming from ``checkpoint_dir/last.pt`` when present.
 
@@ -172,6 +189,8 @@ def fit(
     ``total_steps``, ``epoch``, mean losses since the last validation, ``val_*``, ``lr_factor``,
     ``seconds`` since the last row, ``seconds_validating`` of them). ``max_validations_this_call``
     returns after that many validations, each of which wrote last.pt (tests use it to simulate a kill).
+    ``prefetch``: batches made (and staged) ahead in a background thread; None: 2 on CUDA, 0 (none,
+    the plain loop) elsewhere.
     """
     checkpoint_dir = Path(checkpoint_dir)
     last_path, best_path = checkpoint_dir / LAST, checkpoint_dir / BEST
@@ -192,11 +211,34 @@ def fit(
     base_lrs = _base_lrs(model)
     log(f"{model.name}: {schedule.describe()}")
     t_start = time.perf_counter()
+    epoch, skip = divmod(progress.step, schedule.steps_per_epoch)
+    if prefetch is None:
+        prefetch = 2 if torch.device(getattr(model, "device", "cpu")).type == "cuda" else 0
+    source = _Prefetcher(batches, getattr(model, "stage", None), epoch, skip, prefetch) if prefetch > 0 else None
+    try:
+        _train(model, batches if source is None else source.epoch, schedule, identity, progress, epoch, skip,
+               base_lrs, last_path, best_path, on_validation, log, max_validations_this_call)
+    finally:
+        if source is not None:
+            source.close()
+    if not best_path.exists():
+        raise RuntimeError(f"{model.name}: no step was validated and no best checkpoint exists")
+    best_row = next((r for r in progress.history if r["step"] == progress.best_step),
+                    progress.history[-1] if progress.history else {})
+    return FitResult(last_path=last_path, best_path=best_path, best_sha256=progress.best_sha256,
+                     best_step=progress.best_step, best_metrics=best_row, schedule=schedule, steps=progress.step,
+                     stopped_early=progress.stopped_early, history=progress.history,
+                     resumed_from_step=resumed_from, seconds=time.perf_counter() - t_start)
+
+
+def _train(model: Trainable, batches: Callable[[int], Iterable[Any]], schedule: Schedule,
+           identity: CheckpointIdentity, progress: _Progress, epoch: int, skip: int, base_lrs, last_path: Path,
+           best_path: Path, on_validation, log, max_validations_this_call: int | None) -> None:
+    """fit's step loop, from ``epoch`` (its first ``skip`` batches already trained on) to the end or a stop."""
     validations = 0
-    sums: dict[str, float] = {}
+    sums = LossSums()
     n_since = 0
     t_since = time.perf_counter()
-    epoch, skip = divmod(progress.step, schedule.steps_per_epoch)
     _set_mode(model, train=True)
     while not progress.finished:
         n_batches = 0
@@ -209,8 +251,7 @@ def fit(
                 continue
             factor = schedule.lr_factor(progress.step)
             _set_lr(model, base_lrs, factor)
-            for k, v in model.train_step(batch).items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            sums.add(model.train_step(batch))
             n_since += 1
             progress.step += 1
             if not schedule.validates_after(progress.step):
@@ -220,7 +261,7 @@ def fit(
             log(_log_line(model.name, schedule, progress, row))
             if on_validation is not None:
                 on_validation(row)
-            sums, n_since, t_since = {}, 0, time.perf_counter()
+            sums, n_since, t_since = LossSums(), 0, time.perf_counter()
             validations += 1
             if progress.finished or (max_validations_this_call is not None
                                      and validations >= max_validations_this_call):
@@ -232,19 +273,102 @@ def fit(
             epoch, skip = epoch + 1, 0
             continue
         break
-    if not best_path.exists():
-        raise RuntimeError(f"{model.name}: no step was validated and no best checkpoint exists")
-    best_row = next((r for r in progress.history if r["step"] == progress.best_step),
-                    progress.history[-1] if progress.history else {})
-    return FitResult(last_path=last_path, best_path=best_path, best_sha256=progress.best_sha256,
-                     best_step=progress.best_step, best_metrics=best_row, schedule=schedule, steps=progress.step,
-                     stopped_early=progress.stopped_early, history=progress.history,
-                     resumed_from_step=resumed_from, seconds=time.perf_counter() - t_start)
 
 
-def _validate(model, schedule: Schedule, progress: _Progress, sums, n_since, factor,
+_END = object()  # marks the end of an epoch in the prefetch queue
+
+
+class _Prefetcher:
+    """Makes batches ahead of training in one background thread, in order, across epoch boundaries.
+
+    ``epoch(e)`` yields epoch e's batches as ``batches(e)`` yields them, each passed through
+    ``stage`` (None for the first ``skip`` batches of the first epoch, which a resume skips);
+    epochs must be asked for in order, as fit does. An error in the thread is raised where the
+    batch would have been. :meth:`close` stops the thread (it may have run ahead of a stop).
+    """
+
+    def __init__(self, batches: Callable[[int], Iterable[Any]], stage: Callable[[Any], Any] | None,
+                 first_epoch: int, skip: int, depth: int) -> None:
+        self._batches, self._stage = batches, stage or (lambda batch: batch)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(first_epoch, skip), name="fit-prefetch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, epoch: int, skip: int) -> None:
+        try:
+            while not self._stop.is_set():
+                for i, batch in enumerate(self._batches(epoch)):
+                    if not self._put((epoch, None if i < skip else self._stage(batch))):
+                        return
+                if not self._put((epoch, _END)):
+                    return
+                epoch, skip = epoch + 1, 0
+        except BaseException as exc:  # handed to the training loop, raised there
+            self._put((epoch, exc))
+
+    def epoch(self, epoch: int):
+        while True:
+            got, item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if got != epoch:
+                raise RuntimeError(f"prefetch: epoch {epoch} asked for, epoch {got} made (epochs out of order)")
+            if item is _END:
+                return
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+
+class LossSums:
+    """Running sums of the losses ``train_step`` returns, kept on their device until :meth:`to_host`.
+
+    A tensor loss is added as float64 where it lives (no ``.item()``, so no wait for the GPU);
+    a float is added as a Python float. Either way the sum is the float64 sum of the values in
+    step order, the same bits a loop of ``total + float(loss)`` gives.
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[str, torch.Tensor | float] = {}
+
+    def add(self, losses: dict[str, torch.Tensor | float]) -> None:
+        for k, v in losses.items():
+            value = v.detach().to(torch.float64) if isinstance(v, torch.Tensor) else float(v)
+            total = self.totals.get(k)
+            self.totals[k] = value if total is None else total + value
+
+    def to_host(self) -> dict[str, float]:
+        """The sums as Python floats: one device-to-host copy for all tensor sums on a device."""
+        tensors = {k: v for k, v in self.totals.items() if isinstance(v, torch.Tensor)}
+        out = {k: float(v) for k, v in self.totals.items() if not isinstance(v, torch.Tensor)}
+        if tensors:
+            values = torch.stack([v.reshape(()) for v in tensors.values()]).cpu().tolist()
+            out.update(zip(tensors, values))
+        return {k: out[k] for k in self.totals}
+
+
+def _validate(model, schedule: Schedule, progress: _Progress, sums: LossSums, n_since, factor,
               t_since: float) -> tuple[dict[str, float], bool]:
     """Validate, update the best score and the early-stopping state; return (history row, new best?)."""
+    losses = sums.to_host()  # the one host synchronisation for the steps since the last row
     t_val = time.perf_counter()
     _set_mode(model, train=False)
     with torch.no_grad():
@@ -254,7 +378,7 @@ def _validate(model, schedule: Schedule, progress: _Progress, sums, n_since, fac
     score = float(val["score"])
     row = {"step": progress.step, "total_steps": schedule.total_steps,
            "epoch": round(progress.step / schedule.steps_per_epoch, 4),
-           **{k: v / max(n_since, 1) for k, v in sums.items()},
+           **{k: v / max(n_since, 1) for k, v in losses.items()},
            **{f"val_{k}": float(v) for k, v in val.items()}, "lr_factor": factor,
            "seconds": t_end - t_since, "seconds_validating": t_end - t_val}
     progress.history.append(row)

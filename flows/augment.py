@@ -19,6 +19,7 @@ from prefect import flow
 from prefect.states import Completed
 
 from flows.prepare import run_steps
+from tasks.concurrency import step_task_runner
 from flows.artifacts import publish_augment_artifacts
 from flows.settings import registry_dir_setting
 from storage.errors import BrvoError
@@ -126,7 +127,7 @@ def _summary(run_dir: Path, run: PlanRun, report: dict[str, Any]) -> dict[str, A
             "bars": report.get("bars", {}), "bars_summary": bars_summary(report), "warnings": warnings_of(report)}
 
 
-@flow(name="augment", log_prints=True)
+@flow(name="augment", log_prints=True, task_runner=step_task_runner())
 def augment(
     soul_dir: str,
     run_dir: str,

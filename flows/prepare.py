@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 from prefect import flow
 
 from storage.locking import run_dir_lock
+from tasks.concurrency import group_executor
 from tasks.config import PipelineConfig, parse_config
 from tasks.ingest import INGEST
 from tasks.preprocess import PREPROCESS
@@ -35,12 +36,16 @@ def run_steps(plan: Sequence[Step], run_dir: str | Path, config: PipelineConfig,
               only: Iterable[str] | None = None, execute: Executor = execute_with_prefect,
               lock_wait_s: float = LOCK_WAIT_S) -> PlanRun:
     """Run ``plan`` (or just the steps in ``only``) in ``run_dir`` under its lock; write the documents
-    (``run.report`` is the report.json written) and record every output's sha256 in run.json."""
+    (``run.report`` is the report.json written) and record every output's sha256 in run.json.
+
+    Steps that need nothing from each other run at once where the config says so (on CUDA by
+    default: tasks.concurrency), else one after another in plan order."""
     run_dir = Path(run_dir).resolve()
     source = Path(source).resolve() if source is not None else None
     with run_dir_lock(run_dir, timeout_s=lock_wait_s):
         record_run(run_dir, config, **({"soul_dir": str(source)} if source is not None else {}))
-        run = run_plan(plan, StepContext(run_dir=run_dir, config=config, source=source), execute=execute, only=only)
+        run = run_plan(plan, StepContext(run_dir=run_dir, config=config, source=source), execute=execute, only=only,
+                       run_together=group_executor(config, execute))
         run.report = write_documents(run_dir, plan, run, config, str(source) if source is not None else "")
         record_run(run_dir, config, hashes={path: stamp.sha256 for outcome in run.outcomes.values()
                                             for path, stamp in outcome.record.outputs.items()})

@@ -36,6 +36,7 @@ from storage.fingerprint import SourceFingerprint, fingerprint_source
 from storage.hashing import json_sha256
 from storage.locking import file_lock
 from storage.registry import ModelRegistry
+from tasks.concurrency import step_task_runner
 from tasks.config import PipelineConfig, flatten_fields
 from tasks.config import preset as preset_config
 from tasks.reporting import in_prefect_run, run_log
@@ -102,7 +103,7 @@ def publish_task(run: PlanRun, registry_dir: Path, config: PipelineConfig, sourc
     return version
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain", log_prints=True, task_runner=step_task_runner())
 def retrain(
     soul_dir: str | None = None,
     registry_dir: str | None = None,

@@ -33,6 +33,9 @@ class PipelineConfig(BaseModel):
     workers: int = Field(2, ge=1, le=64, description="processes for JPEG decoding in preprocess")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
                         description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
+    concurrent_steps: Literal["auto", "on", "off"] = Field(
+        "auto", description="run steps that need nothing from each other (the two trainings) at once, a process "
+        "each: 'auto' on CUDA only (CPU runs stay sequential and bit-reproducible), 'on', 'off'")
     pix2pix: Pix2PixConfig = Pix2PixConfig()
     crgan: CRGANConfig = CRGANConfig()
     samples_per_missing: int = Field(4, ge=1, le=256, description="K synthetic images per missing (patient, stage)")

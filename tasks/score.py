@@ -20,7 +20,9 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
+from brvo_models.batched_metrics import metrics_device, paired_scores
 from brvo_models.metrics import ssim
+from brvo_models.runtime import select_device
 from storage.atomic import atomic_path
 from storage.paired_format import read_arrays, read_meta
 from storage.run_dir import RunPaths
@@ -84,7 +86,10 @@ def summarise(scores: pd.DataFrame) -> dict[str, dict[str, float]]:
     return out
 
 
-def score_samples(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path, *, log=run_log) -> ScoreResult:
+def score_samples(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path, *, log=run_log,
+                  score_on="auto") -> ScoreResult:
+    """``score_on``: where consistency SSIMs are computed (brvo_models.batched_metrics.metrics_device:
+    "auto" = the GPU when the run's device is CUDA, else numpy)."""
     t0 = time.perf_counter()
     paths = RunPaths.of(run_dir)
     table = read_work_table(paths.synthetic_h5)
@@ -103,10 +108,19 @@ def score_samples(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path,
         stage_means[(pid, int(stage))] = real_images[np.asarray(rows)].astype(np.float32).mean(axis=0) / 255.0
     observed = real_meta.groupby("patient_id")["stage"].apply(lambda s: sorted(set(int(x) for x in s))).to_dict()
 
-    consistency = np.empty(len(table), np.float32)
-    for i, (pid, stage) in enumerate(zip(table["patient_id"], table["stage"])):
-        ref = stage_means[(pid, nearest_observed_stage(observed[pid], int(stage)))]
-        consistency[i] = ssim(images[i].astype(np.float32) / 255.0, ref)
+    refs = [(pid, nearest_observed_stage(observed[pid], int(stage))) for pid, stage in zip(table["patient_id"],
+                                                                                           table["stage"])]
+    scores_device = metrics_device(select_device(config.device), score_on)
+    if scores_device is None:
+        consistency = np.empty(len(table), np.float32)
+        for i, ref in enumerate(refs):
+            consistency[i] = ssim(images[i].astype(np.float32) / 255.0, stage_means[ref])
+    else:
+        keys = sorted(set(refs))
+        pool = np.stack([stage_means[k] for k in keys]) if keys else np.zeros((0,) + images.shape[1:], np.float32)
+        slot = {k: i for i, k in enumerate(keys)}
+        consistency = paired_scores(images, pool, np.arange(len(refs)), [slot[r] for r in refs], ("ssim",),
+                                    device=scores_device)["ssim"].astype(np.float32)
 
     from brvo_models.crgan import load_discriminator
     from brvo_models.crgan_sampling import realism

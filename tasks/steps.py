@@ -24,6 +24,14 @@ describes, deleting a run directory deletes its cache, and the same logic runs i
 Python (tests, CLI) and under Prefect, where a served step finishes in a ``Cached`` state.
 The records also hold each step's result, so report.json is rebuilt from them at the end of
 every run and is nobody's input.
+
+Independent steps at once. Given ``run_together``, :func:`run_plan` hands each run of
+consecutive steps whose needs are all met (e.g. the two trainings after preprocess) to it as
+one group; every other step, and every step when it is None, runs alone in plan order. Under
+Prefect, :func:`submit_with_prefect` submits a group to the flow's task runner (``task.submit``),
+so the runner decides where the steps run: processes, threads or a Dask cluster. Who turns this
+on, and for which device, is tasks.concurrency's business (on CUDA only: on the CPU the order
+stays sequential and bit-reproducible).
 """
 from __future__ import annotations
 
@@ -100,6 +108,7 @@ class Step:
     cache: bool = True
     retries: int = 0
     description: str = ""
+    uses_device: bool = False  # trains on the run's device: holds a GPU slot (tasks.concurrency) there
 
     def config_slice(self, config: PipelineConfig) -> dict[str, Any]:
         data = config.model_dump(mode="json")
@@ -428,13 +437,51 @@ def execute_plainly(step: Step, ctx: StepContext, upstream: Mapping[str, BaseMod
     return compute_step(step, ctx, upstream, key)
 
 
+@dataclass(frozen=True)
+class StepCall:
+    """One step ready to execute: an :data:`Executor`'s arguments, bundled so several can run at once."""
+
+    step: Step
+    ctx: StepContext
+    upstream: Mapping[str, BaseModel]
+    key: str
+    record: StepRecord | None
+
+    def run(self, execute: Executor) -> StepOutcome:
+        return execute(self.step, self.ctx, self.upstream, self.key, self.record)
+
+
+#: Runs independent steps at once; returns their outcomes in the calls' order (and raises the
+#: first failure, in that order, once every call has finished).
+GroupExecutor = Callable[[Sequence[StepCall]], "list[StepOutcome]"]
+
+
+def run_together_in_threads(calls: Sequence[StepCall], execute: Executor = execute_plainly) -> list[StepOutcome]:
+    """A :data:`GroupExecutor` of plain Python: one thread per call (each with a copy of the caller's context
+    variables). Threads share the process's global torch RNG, so use it for steps that draw from none
+    (tests, I/O-bound steps); under Prefect, prefer the flow's task runner (:func:`submit_with_prefect`)."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="step") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, call.run, execute) for call in calls]
+        errors = [f.exception() for f in futures]
+    for error in errors:
+        if error is not None:
+            raise error
+    return [f.result() for f in futures]
+
+
 def run_plan(plan: Sequence[Step], ctx: StepContext, *, execute: Executor = execute_plainly,
-             only: Iterable[str] | None = None) -> PlanRun:
+             only: Iterable[str] | None = None, run_together: GroupExecutor | None = None) -> PlanRun:
     """Run ``plan`` in order; each step is served from its record when fresh, else computed.
 
     ``only``: run just these steps and take every other step's result from its last record
     (a single-step CLI command on a run directory); a missing or stale-on-disk record of such
     an upstream step is a one-line error naming the command that makes it.
+    ``run_together``: runs of consecutive steps that need nothing from each other (all their
+    needs met before the first of them) go to it as one group; a step alone still goes to
+    ``execute``. Results and records are those of the sequential run.
     """
     names = [s.name for s in plan]
     if len(set(names)) != len(names):
@@ -449,22 +496,32 @@ def run_plan(plan: Sequence[Step], ctx: StepContext, *, execute: Executor = exec
             digest_cache.append(source_digest(ctx))
         return digest_cache[0]
 
-    for step in plan:
+    def ready(step: Step) -> bool:
+        return (only is None or step.name in only) and all(n in run.outcomes for n in step.needs)
+
+    i = 0
+    while i < len(plan):
+        step = plan[i]
         missing = [n for n in step.needs if n not in run.outcomes]
         if missing:
             raise ValueError(f"step {step.name!r} needs {missing}, which come later in the plan or not at all")
-        upstream = {n: run.outcomes[n].result for n in step.needs}
         if only is not None and step.name not in only:
             record = read_record(ctx.paths, step.name)
             if record is None or not outputs_intact(ctx.paths, record):
                 raise BrvoError(f"{ctx.run_dir}: no finished '{step.name}' step (or its outputs changed since); "
                                 f"run it first (brvo-augment {step.name.replace('_', '-')} ...)")
-            outcome = StepOutcome(step.name, load_result(step, record), True, record.seconds, record)
+            outcomes = [StepOutcome(step.name, load_result(step, record), True, record.seconds, record)]
         else:
-            key, fresh = plan_step(step, ctx, records, source)
-            outcome = execute(step, ctx, upstream, key, fresh)
-        run.outcomes[step.name] = outcome
-        records[step.name] = outcome.record
+            group = [step]
+            while run_together is not None and i + len(group) < len(plan) and ready(plan[i + len(group)]):
+                group.append(plan[i + len(group)])
+            calls = [StepCall(s, ctx, {n: run.outcomes[n].result for n in s.needs}, *plan_step(s, ctx, records, source))
+                     for s in group]
+            outcomes = [calls[0].run(execute)] if len(calls) == 1 else run_together(calls)
+        for outcome in outcomes:
+            run.outcomes[outcome.name] = outcome
+            records[outcome.name] = outcome.record
+        i += len(outcomes)
     return run
 
 
@@ -507,6 +564,11 @@ def prefect_task(step: Step):
                 return Completed(data=load_result(step, record), name="Cached",
                                  message=f"served from {_record_path(context.paths, step.name).name} "
                                          f"(computed {record.finished_utc} in {record.seconds:.1f} s)")
+        if step.uses_device:
+            from tasks.concurrency import device_slot
+
+            with device_slot(context.config.device, log=context.log):
+                return compute_step(step, context, needs, key).result
         return compute_step(step, context, needs, key).result
 
     body.__name__ = body.__qualname__ = step.name
@@ -519,6 +581,59 @@ def execute_with_prefect(step: Step, ctx: StepContext, upstream: Mapping[str, Ba
                          record: StepRecord | None) -> StepOutcome:
     """Run (or serve) the step as a Prefect task run; a failed step re-raises its error."""
     state = prefect_task(step)(ctx, dict(upstream), key, record is not None, return_state=True)
+    return _outcome_of(step, ctx, key, state)
+
+
+def submit_with_prefect(calls: Sequence[StepCall]) -> list[StepOutcome]:
+    """A :data:`GroupExecutor`: submit the calls that compute to the flow's task runner (``task.submit``),
+    then wait for all; the runner decides where they run (the augment flow's: a process each). Calls
+    served from their records, and a group with one step left to compute, run here as
+    :func:`execute_with_prefect` runs them; so does everything outside a flow run (no runner there)."""
+    from prefect.context import FlowRunContext
+
+    computing = [c for c in calls if c.record is None]
+    if FlowRunContext.get() is None or len(computing) < 2:
+        return [call.run(execute_with_prefect) for call in calls]
+    with _api_shared_with_workers():
+        futures = {id(c): prefect_task(c.step).submit(c.ctx, dict(c.upstream), c.key, False) for c in computing}
+    outcomes, errors = [], []
+    for call in calls:  # served ones meanwhile, here
+        try:
+            if id(call) in futures:
+                future = futures[id(call)]
+                future.wait()
+                outcomes.append(_outcome_of(call.step, call.ctx, call.key, future.state))
+            else:
+                outcomes.append(call.run(execute_with_prefect))
+        except BaseException as exc:  # every step finishes before the first failure is raised
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+    return outcomes
+
+
+def _api_shared_with_workers():
+    """Settings under which submitted task runs report to this process's Prefect API.
+
+    Without a configured PREFECT_API_URL a process runs an ephemeral API server of its own; a
+    task runner's worker processes (process pool, Dask) would each start another one (measured
+    here: about 20 s each, sometimes past Prefect's start timeout) and their task runs would land
+    in its database, not this flow run's. The submitted context carries these settings, so the
+    workers use this process's server instead."""
+    import contextlib
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if get_current_settings().api.url:
+        return contextlib.nullcontext()
+    with get_client(sync_client=True) as client:
+        url = str(client.api_url)
+    return temporary_settings(updates={PREFECT_API_URL: url})
+
+
+def _outcome_of(step: Step, ctx: StepContext, key: str, state) -> StepOutcome:
+    """The outcome of a finished task run of ``step``: its result (a failure re-raises) and fresh record."""
     result = state.result()
     fresh = read_record(ctx.paths, step.name)
     if fresh is None or fresh.key != key:

@@ -29,12 +29,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+import torch
 from pydantic import BaseModel
 
 from brvo_models.crgan import CRGAN, MODEL_NAME, load_generator, unet_levels
 from brvo_models.crgan_data import (N_STAGES, PatientSequence, heldout_cases, make_train_batches,
                                     sequences_from_arrays)
-from brvo_models.crgan_sampling import case_scores, predict_heldout
+from brvo_models import batched_metrics
+from brvo_models.crgan_sampling import predict_heldout, score_cases
 from brvo_models.identity import CheckpointIdentity
 from brvo_models.metrics import mean_scores, ssim
 from brvo_models.runtime import seed_everything, select_device
@@ -218,21 +220,62 @@ def _heldout_section(cases, scored: dict[str, list[dict[str, float]]]) -> dict[s
     return section
 
 
-def _sample_quality(cases, samples: list[np.ndarray], seqs: list[PatientSequence]) -> dict[str, Any]:
-    """Diversity between different-noise samples of one (patient, stage), and own- vs other-patient SSIM."""
-    pair_div, pix_std = [], []
-    for s in samples:
-        pair_div += [1.0 - ssim(a, b) for a, b in itertools.combinations(s, 2)]
-        pix_std.append(float(s.std(axis=0).mean()))
+def _pair_ssims(a: np.ndarray, b: np.ndarray, index_a, index_b, device: torch.device | None) -> np.ndarray:
+    """SSIM of (a[i], b[j]) for each pair (uint8 read as x / 255): numpy one pair at a time, or batched on ``device``."""
+    if device is not None:
+        return batched_metrics.paired_scores(a, b, index_a, index_b, ("ssim",), device=device)["ssim"]
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / 255.0 if x.dtype == np.uint8 else x
+
+    return np.array([ssim(unit(a[i]), unit(b[j])) for i, j in zip(index_a, index_b)], np.float64)
+
+
+def _sample_quality(cases, samples: list[np.ndarray], seqs: list[PatientSequence],
+                    device: torch.device | None = None) -> dict[str, Any]:
+    """Diversity between different-noise samples of one (patient, stage), and own- vs other-patient SSIM.
+
+    Every SSIM is one pair of a pool of samples and a pool of real images, listed first and then
+    scored in one call (:func:`_pair_ssims`: batched on ``device``, else numpy), then averaged as
+    the notes say."""
+    pool = np.concatenate(samples) if samples else np.zeros((0, 1, 1), np.float32)
+    first = np.cumsum([0] + [len(s) for s in samples])  # pool index of each case's first sample
+    div_a, div_b = [], []
+    for c, s in enumerate(samples):
+        for i, j in itertools.combinations(range(len(s)), 2):
+            div_a.append(first[c] + i)
+            div_b.append(first[c] + j)
+    pair_div = list(1.0 - _pair_ssims(pool, pool, div_a, div_b, device))
+    pix_std = [float(s.std(axis=0).mean()) for s in samples]
     by_stage: dict[int, list[PatientSequence]] = {t: [q for q in seqs if q.images[t] is not None] for t in range(N_STAGES)}
-    own, other = [], []
-    for (seq, stage), s in zip(cases, samples):
-        x = s[0]
-        own.append(np.mean([ssim(x, r / 255.0) for r in seq.images[stage]]))
+    reals: list[np.ndarray] = []
+    slot: dict[tuple[str, int], int] = {}
+
+    def real_index(q: PatientSequence, stage: int, n: int | None = None) -> list[int]:
+        if (q.patient_id, stage) not in slot:
+            slot[(q.patient_id, stage)] = sum(len(r) for r in reals)
+            reals.append(q.images[stage])
+        count = len(q.images[stage]) if n is None else min(n, len(q.images[stage]))
+        return [slot[(q.patient_id, stage)] + k for k in range(count)]
+
+    # (case, group, pool index of the real image): group -1 = own patient, else the other patient's number
+    pairs: list[tuple[int, int, int]] = []
+    for c, (seq, stage) in enumerate(cases):
+        pairs += [(c, -1, r) for r in real_index(seq, stage)]
         others = [q for q in by_stage[stage] if q.patient_id != seq.patient_id]
+        for g, q in enumerate(others):
+            pairs += [(c, g, r) for r in real_index(q, stage, OTHER_IMAGES)]
+    real_pool = np.concatenate(reals) if reals else np.zeros((0, 1, 1), np.uint8)
+    values = _pair_ssims(pool, real_pool, [first[c] for c, _, _ in pairs], [r for _, _, r in pairs], device)
+    per_case: list[dict[int, list[float]]] = [{} for _ in cases]
+    for (c, g, _), v in zip(pairs, values):
+        per_case[c].setdefault(g, []).append(float(v))
+    own, other = [], []
+    for groups in per_case:
+        own.append(np.mean(groups[-1]))
+        others = [np.mean(v) for g, v in sorted(groups.items()) if g >= 0]
         if others:
-            other.append(np.mean([np.mean([ssim(x, r / 255.0) for r in q.images[stage][:OTHER_IMAGES]])
-                                  for q in others]))
+            other.append(np.mean(others))
     return {
         "diversity": float(np.mean(pair_div)) if pair_div else 0.0,
         "diversity_pixel_std": float(np.mean(pix_std)) if pix_std else 0.0,
@@ -246,9 +289,11 @@ def _sample_quality(cases, samples: list[np.ndarray], seqs: list[PatientSequence
     }
 
 
-def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: LogFn = run_log) -> dict[str, Any]:
+def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: LogFn = run_log,
+                   score_on: torch.device | str | None = "auto") -> dict[str, Any]:
     """Score best.pt on held-out real stages of val + test patients against both baselines:
-    the report's 'crgan' section."""
+    the report's 'crgan' section. ``score_on``: where the scores are computed
+    (:func:`brvo_models.batched_metrics.metrics_device`; "auto": the GPU on CUDA, else numpy)."""
     t0 = time.perf_counter()
     paths = RunPaths.of(run_dir)
     best_path = paths.checkpoints(MODEL_NAME) / BEST
@@ -259,15 +304,29 @@ def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: L
     k = max(2, int(config.crgan.eval_samples))
     seeds = [None] + [config.seed + j for j in range(k)]
     preds = predict_heldout(generator, cases, seeds=seeds, device=device)
+    scores_device = batched_metrics.metrics_device(device, score_on)
+    # every (prediction, case) pair listed first, then scored in one call (batched on a GPU)
+    jobs: list[tuple[str, int]] = []
+    flat_preds: list[np.ndarray] = []
+    flat_reals: list[np.ndarray] = []
+    for c, ((seq, stage), pred) in enumerate(zip(cases, preds)):
+        named = [("model", pred[0])] + [("sample", x) for x in pred[1:]] + list(baseline_predictions(seq, stage).items())
+        for name, image in named:
+            jobs.append((name, c))
+            flat_preds.append(image)
+            flat_reals.append(seq.images[stage])
+    rows = score_cases(flat_preds, flat_reals, scores_device)
+    by_case: list[dict[str, list[dict[str, float]]]] = [{} for _ in cases]
+    for (name, c), row in zip(jobs, rows):
+        by_case[c].setdefault(name, []).append(row)
     scored: dict[str, list[dict[str, float]]] = {"model": [], "model_single_sample": [], "nearest": [],
                                                  "neighbour_mean": []}
-    for (seq, stage), pred in zip(cases, preds):
-        real, estimate, samples = seq.images[stage], pred[0], pred[1:]
-        scored["model"].append(case_scores(estimate, real))
-        single = [case_scores(x, real) for x in samples]
+    for got in by_case:
+        single = got["sample"]
+        scored["model"].append(got["model"][0])
         scored["model_single_sample"].append({m: float(np.mean([r[m] for r in single])) for m in single[0]})
-        for name, pred in baseline_predictions(seq, stage).items():
-            scored[name].append(case_scores(pred, real))
+        scored["nearest"].append(got["nearest"][0])
+        scored["neighbour_mean"].append(got["neighbour_mean"][0])
     heldout = _heldout_section(cases, scored)
     test_idx = [i for i, (seq, _) in enumerate(cases) if seq.split == "test"]
     if test_idx:
@@ -276,7 +335,7 @@ def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: L
     heldout["k_samples"] = k
     heldout["sample_seeds"] = seeds[1:]
     heldout["metric_notes"] = METRIC_NOTES
-    quality = _sample_quality(cases, [p[1:] for p in preds], seqs)
+    quality = _sample_quality(cases, [p[1:] for p in preds], seqs, scores_device)
     section = {
         "heldout": heldout,
         "sample_quality": quality,
@@ -303,6 +362,6 @@ def train_crgan_step(ctx: StepContext, preprocess: PreprocessResult) -> TrainedM
 
 
 TRAIN_CRGAN = Step(
-    name=MODEL_NAME, run=train_crgan_step, result_type=TrainedModel, needs=("preprocess",),
+    name=MODEL_NAME, uses_device=True, run=train_crgan_step, result_type=TrainedModel, needs=("preprocess",),
     config_fields=("image_size", "seed", "crgan"), report=MODEL_NAME,
     description="train the CRGAN (patient + stage + noise -> image); held-out stages against baselines")

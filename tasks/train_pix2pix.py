@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
+from brvo_models import batched_metrics
 from brvo_models.metrics import cosine, label_scores, mean_scores, mse, ssim
 from brvo_models.identity import CheckpointIdentity
 from brvo_models.pix2pix import (Pix2Pix, aligned_augment, label_images, load_labeller, num_downs_for,
@@ -41,6 +42,7 @@ from tasks.models import TrainedModel, train_and_evaluate
 from tasks.preflight import require_soul_h5
 from tasks.reporting import LogFn, run_log
 from tasks.steps import Step, StepContext
+from tasks.workers import process_map
 
 if TYPE_CHECKING:
     from tasks.preprocess import PreprocessResult
@@ -164,6 +166,8 @@ def train_pix2pix(
     val_x, val_y, _ = load_split(soul, ("val",))
     log(f"pix2pix: {len(train_x)} train / {len(val_x)} val images at {config.image_size} px, device {device}, "
         f"ngf {p.ngf} ndf {p.ndf}, batch {p.batch_size} (data loaded in {time.perf_counter() - t0:.1f} s)")
+    if p.cuda_graphs and device.type != "cuda":
+        log(f"pix2pix: cuda_graphs applies to CUDA devices only; training eagerly on {device}")
     model = Pix2Pix(p, config.image_size, device, val_images=val_x, val_labels=val_y)
     fitted = fit(
         model,
@@ -190,8 +194,13 @@ def train_pix2pix(
 # ---------------------------------------------------------------------------------- evaluate
 
 
-def mask_scores(masks: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Mean dice, iou, cldice, mse, ssim, cosine of binary masks vs labels (see METRIC_NOTES), plus n."""
+def mask_scores(masks: np.ndarray, labels: np.ndarray, device: torch.device | None = None) -> dict[str, float]:
+    """Mean dice, iou, cldice, mse, ssim, cosine of binary masks vs labels (see METRIC_NOTES), plus n.
+
+    ``device``: computed there in batches (brvo_models.batched_metrics; the GPU path), else one image
+    at a time with numpy/skimage (the reference; both agree to 1e-4)."""
+    if device is not None:
+        return mean_scores(batched_metrics.mask_image_scores(masks, labels, device=device))
     rows = []
     for m, t in zip(masks, labels):
         mf, tf = m.astype(np.float64), t.astype(np.float64)
@@ -200,8 +209,12 @@ def mask_scores(masks: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return mean_scores(rows)
 
 
-def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log: LogFn = run_log) -> dict[str, Any]:
-    """Score best.pt on the test patients against Otsu and Frangi: the report's 'pix2pix' section."""
+def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log: LogFn = run_log,
+                     score_on: torch.device | str | None = "auto") -> dict[str, Any]:
+    """Score best.pt on the test patients against Otsu and Frangi: the report's 'pix2pix' section.
+
+    ``score_on``: where the scores are computed (:func:`brvo_models.batched_metrics.metrics_device`;
+    "auto": the GPU when the run's device is CUDA, else the numpy path)."""
     t0 = time.perf_counter()
     paths = RunPaths.of(run_dir)
     best_path = paths.checkpoints(MODEL) / BEST
@@ -212,10 +225,15 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
     threshold = config.pix2pix.threshold
     threshold = float(generator.label_threshold) if threshold is None else float(threshold)
     _, masks = label_images(generator, test_x, threshold, batch_size=64, device=device)
-    model_scores = mask_scores(masks, test_y)
-    otsu = mask_scores(otsu_masks(test_x), test_y)
-    frangi_model = FrangiBaseline.tune(fit_x, fit_y, seed=config.seed)
-    frangi = mask_scores(frangi_model.predict(test_x), test_y)
+    scores_device = batched_metrics.metrics_device(device, score_on)
+    model_scores = mask_scores(masks, test_y, scores_device)
+    otsu = mask_scores(otsu_masks(test_x), test_y, scores_device)
+    t_frangi = time.perf_counter()
+    with process_map() as parallel_map:  # Frangi is per image and CPU-bound: one process per CPU
+        frangi_model = FrangiBaseline.tune(fit_x, fit_y, seed=config.seed, map_fn=parallel_map)
+        frangi_masks = frangi_model.predict(test_x, map_fn=parallel_map)
+    frangi_seconds = time.perf_counter() - t_frangi
+    frangi = mask_scores(frangi_masks, test_y, scores_device)
     section = {
         "test": model_scores,
         "baselines": {"otsu": otsu, "frangi": frangi},
@@ -228,7 +246,7 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
                        "step": int(best_meta.get("step", -1)), "epoch": float(best_meta.get("epoch", -1))},
         "frangi_params": {"sigmas": list(frangi_model.sigmas), "threshold": frangi_model.threshold,
                           "tuned_on": f"{frangi_model.n_tuned} train/val images",
-                          "tuned_dice": round(frangi_model.tuned_dice, 4)},
+                          "tuned_dice": round(frangi_model.tuned_dice, 4), "seconds": round(frangi_seconds, 2)},
         "metric_notes": METRIC_NOTES,
         "paper_context": PAPER_CONTEXT,
         "seconds": round(time.perf_counter() - t0, 2),
@@ -248,6 +266,6 @@ def train_pix2pix_step(ctx: StepContext, preprocess: PreprocessResult) -> Traine
 
 
 TRAIN_PIX2PIX = Step(
-    name=MODEL, run=train_pix2pix_step, result_type=TrainedModel, needs=("preprocess",),
+    name=MODEL, uses_device=True, run=train_pix2pix_step, result_type=TrainedModel, needs=("preprocess",),
     config_fields=("image_size", "seed", "pix2pix"), report=MODEL,
     description="train Pix2Pix (image -> vessel label) on soul.h5; held-out evaluation against baselines")

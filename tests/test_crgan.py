@@ -259,3 +259,21 @@ def test_interrupted_checkpoint_is_refused_and_nothing_overwritten(trained, tmp_
     (ckpts / "last.pt.sha256").write_text(file_sha256(last) + "\n")  # re-signed: still not a loadable file
     with pytest.raises(CheckpointError, match="cannot load checkpoint"):
         preflight_train_crgan(run, config)
+
+
+def test_batches_made_ahead_in_a_thread_train_the_same_weights(tmp_path, monkeypatch):
+    """fit's prefetch (on by default on CUDA): staged batches on CPU, forced here, change no bit."""
+    from functools import partial
+
+    import tasks.train_crgan
+    from brvo_models.training import fit
+
+    config = _tiny(epochs=2)
+    plain = train_crgan(_run_dir(tmp_path, "plain"), config, log=lambda _m: None)
+    monkeypatch.setattr(tasks.train_crgan, "fit", partial(fit, prefetch=2))
+    ahead = train_crgan(_run_dir(tmp_path, "ahead"), config, log=lambda _m: None)
+    a, b = (torch.load(r.checkpoint_dir + "/" + LAST, weights_only=True) for r in (plain, ahead))
+    for module in ("generator", "discriminator"):
+        for k, v in a["modules"][module].items():
+            assert torch.equal(v, b["modules"][module][k]), f"{module}.{k}"
+    assert [r["loss_g"] for r in plain.history] == [r["loss_g"] for r in ahead.history]

@@ -315,3 +315,50 @@ def test_evaluate_without_training_says_so(tmp_path):
     with pytest.raises(CheckpointError) as exc:
         evaluate_pix2pix(run, TINY, log=_quiet)
     assert "train" in _one_line(exc)
+
+
+def test_batches_made_ahead_in_a_thread_train_the_same_weights(tmp_path, monkeypatch):
+    """fit's prefetch (on by default on CUDA): forced on CPU it changes no bit."""
+    from functools import partial
+
+    import tasks.train_pix2pix
+    from brvo_models.training import fit
+
+    plain = train_pix2pix(_run_dir(tmp_path, "plain"), TINY, log=_quiet)
+    monkeypatch.setattr(tasks.train_pix2pix, "fit", partial(fit, prefetch=2))
+    ahead = train_pix2pix(_run_dir(tmp_path, "ahead"), TINY, log=_quiet)
+    a, b = load_checkpoint(Path(plain.checkpoint_dir) / "last.pt"), load_checkpoint(Path(ahead.checkpoint_dir) / "last.pt")
+    for net in ("G", "D"):
+        for k, v in a["modules"][net].items():
+            assert torch.equal(v, b["modules"][net][k]), f"{net}.{k}"
+    assert [r["G_L1"] for r in plain.history] == [r["G_L1"] for r in ahead.history]
+
+
+def test_cuda_graphs_compile_the_training_modules_on_cuda_only(monkeypatch):
+    """The flag's wiring (its speed and the CUDA run are the gpu-marked tests' job): reduce-overhead
+    compiles of G and D on a CUDA device, the modules themselves elsewhere or when off."""
+    from brvo_models.pix2pix import build_discriminator, training_callables
+
+    compiled: list[tuple[nn.Module, str]] = []
+
+    def fake_compile(module, mode=None, dynamic=None):
+        compiled.append((module, mode))
+        return ("compiled", module)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    config = Pix2PixConfig(ngf=4, ndf=4, cuda_graphs=True)
+    G, D = build_generator(config, 32), build_discriminator(config)
+    assert training_callables(G, D, config, torch.device("cpu")) == (G, D)
+    assert training_callables(G, D, config.model_copy(update={"cuda_graphs": False}), torch.device("cuda")) == (G, D)
+    assert compiled == []
+    assert training_callables(G, D, config, torch.device("cuda:0")) == (("compiled", G), ("compiled", D))
+    assert compiled == [(G, "reduce-overhead"), (D, "reduce-overhead")]
+
+
+def test_cuda_graphs_are_not_part_of_the_checkpoint_identity():
+    from brvo_models.identity import CheckpointIdentity
+
+    a = CheckpointIdentity("pix2pix", Pix2PixConfig(), 64, 0)
+    b = CheckpointIdentity("pix2pix", Pix2PixConfig(cuda_graphs=True), 64, 0)
+    assert a.config_hash == b.config_hash  # a run may resume with the flag changed
+    assert a.config_hash != CheckpointIdentity("pix2pix", Pix2PixConfig(ngf=32), 64, 0).config_hash

@@ -54,6 +54,7 @@ PLAN = (FIRST, SECOND)
 
 def _run(tmp_path: Path, config: PipelineConfig | None = None, plan=PLAN, **kw):
     CALLS.clear()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     return run_plan(plan, StepContext(run_dir=tmp_path, config=config or preset("tiny"), log=lambda _m: None), **kw)
 
 
@@ -231,3 +232,201 @@ def test_expected_errors_log_one_line_in_prefect_unexpected_keep_their_traceback
                 logger.removeHandler(keep)
         assert keep.records, "the failure is logged"
         assert any(r.exc_info for r in keep.records) == traceback_expected
+
+
+# --------------------------------------------------------------------- independent steps at once
+
+def _wait_for_partner(ctx: StepContext, me: str, partner: str) -> None:
+    """When the run directory asks for it, prove the partner step runs at the same time: announce, then
+    wait for the partner's announcement (across threads or processes: marker files)."""
+    import os
+    import time
+
+    if not (ctx.run_dir / "expect_partner").exists():
+        return
+    (ctx.run_dir / f"{me}.started").write_text(str(os.getpid()))
+    deadline = time.monotonic() + 120
+    while not (ctx.run_dir / f"{partner}.started").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{me}: {partner} never ran at the same time")
+        time.sleep(0.05)
+
+
+def make_left(ctx: StepContext, first: Out) -> Out:
+    """Needs only FIRST (a stand-in for a training)."""
+    _wait_for_partner(ctx, "left", "right")
+    ctx.paths.quarantine.write_text(first.text + "left\n")
+    return Out(text=ctx.paths.quarantine.read_text())
+
+
+def make_right(ctx: StepContext, first: Out) -> Out:
+    """Needs only FIRST too: independent of LEFT."""
+    _wait_for_partner(ctx, "right", "left")
+    ctx.paths.stage_table.write_text(first.text + "right\n")
+    return Out(text=ctx.paths.stage_table.read_text())
+
+
+def make_join(ctx: StepContext, left: Out, right: Out) -> Out:
+    ctx.paths.soul_h5.write_text(left.text + right.text)
+    return Out(text=ctx.paths.soul_h5.read_text())
+
+
+LEFT = Step("left", make_left, Out, needs=("first",), writes=("quarantine",), config_fields=("seed",))
+RIGHT = Step("right", make_right, Out, needs=("first",), writes=("stage_table",), config_fields=("seed",))
+JOIN = Step("join", make_join, Out, needs=("left", "right"), writes=("soul_h5",))
+FORK = (FIRST, LEFT, RIGHT, JOIN)
+
+
+def _same_records(a: Path, b: Path, names) -> None:
+    for name in names:
+        ra, rb = read_record(RunPaths.of(a), name), read_record(RunPaths.of(b), name)
+        assert ra.key == rb.key and ra.result == rb.result, name
+        assert {k: v.sha256 for k, v in ra.outputs.items()} == {k: v.sha256 for k, v in rb.outputs.items()}, name
+
+
+def test_independent_steps_run_together_with_the_results_and_records_of_a_sequential_run(tmp_path):
+    seen: list[list[str]] = []
+
+    def together(calls):
+        seen.append([c.step.name for c in calls])
+        return steps.run_together_in_threads(calls)
+
+    sequential = _run(tmp_path / "sequential", plan=FORK)
+    (tmp_path / "together").mkdir()
+    (tmp_path / "together" / "expect_partner").write_text("")  # each of left/right waits for the other
+    concurrent = _run(tmp_path / "together", plan=FORK, run_together=together)
+    assert seen == [["left", "right"]]  # first and join have dependencies: they run alone
+    assert list(concurrent.outcomes) == ["first", "left", "right", "join"]
+    assert {k: v.result for k, v in concurrent.outcomes.items()} == {k: v.result for k, v in sequential.outcomes.items()}
+    _same_records(tmp_path / "sequential", tmp_path / "together", ["first", "left", "right", "join"])
+    again = _run(tmp_path / "together", plan=FORK, run_together=together)
+    assert again.cached == ["first", "left", "right", "join"]
+
+
+def test_a_failing_step_of_a_group_fails_the_plan_after_its_partner_finished(tmp_path):
+    def broken_right(ctx: StepContext, first: Out) -> Out:
+        raise BrvoError("right: bad input")
+
+    plan = (FIRST, LEFT, Step("right", broken_right, Out, needs=("first",)), JOIN)
+    with pytest.raises(BrvoError, match="bad input"):
+        _run(tmp_path, plan=plan, run_together=steps.run_together_in_threads)
+    assert read_record(RunPaths.of(tmp_path), "left") is not None  # the partner's work is kept
+
+
+def test_concurrency_is_on_for_cuda_runs_only_unless_forced():
+    from tasks.concurrency import concurrent_steps_enabled, group_executor
+
+    cpu = preset("tiny").with_overrides(device="cpu")
+    assert not concurrent_steps_enabled(cpu) and group_executor(cpu, steps.execute_plainly) is None
+    assert concurrent_steps_enabled(cpu.with_overrides(concurrent_steps="on"))
+    assert not concurrent_steps_enabled(cpu.with_overrides(device="auto", concurrent_steps="off"))
+    assert group_executor(cpu.with_overrides(concurrent_steps="on"), steps.execute_plainly) is not None
+
+
+def test_device_steps_of_a_group_get_a_gpu_each_where_there_are_several(tmp_path):
+    from tasks.concurrency import spread_over_gpus
+
+    ctx = StepContext(run_dir=tmp_path, config=preset("tiny").with_overrides(device="auto"))
+    calls = [steps.StepCall(Step(n, make_left, Out, uses_device=d), ctx, {}, "k", None)
+             for n, d in (("a", True), ("fig", False), ("b", True))]
+    devices = lambda cs: [c.ctx.config.device for c in cs]  # noqa: E731
+    assert devices(spread_over_gpus(calls, n_gpus=2)) == ["cuda:0", "auto", "cuda:1"]
+    assert devices(spread_over_gpus(calls, n_gpus=1)) == ["auto"] * 3  # one GPU: shared
+    pinned = [steps.StepCall(c.step, StepContext(run_dir=tmp_path, config=ctx.config.with_overrides(device="cuda:1")),
+                             {}, "k", None) for c in calls]
+    assert devices(spread_over_gpus(pinned, n_gpus=4)) == ["cuda:1"] * 3  # a device the user chose stays
+
+
+def _fork_flow(run_dir: str, runner):
+    """A flow that runs FORK with the Prefect group executor on ``runner``."""
+    from prefect import flow
+
+    @flow(name="fork", task_runner=runner)
+    def fork_flow():
+        return run_plan(FORK, StepContext(run_dir=Path(run_dir), config=preset("tiny")),
+                        execute=steps.execute_with_prefect, run_together=steps.submit_with_prefect)
+
+    return fork_flow
+
+
+def _pids(run_dir: Path) -> set[int]:
+    return {int((run_dir / f"{n}.started").read_text()) for n in ("left", "right")}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_prefect_submits_independent_steps_to_the_flows_process_pool(tmp_path):
+    """What a CUDA run does with the trainings: one process each (the augment flow's task runner)."""
+    import os
+
+    from tasks.concurrency import step_task_runner
+
+    sequential = _run(tmp_path / "sequential", plan=FORK)
+    run_dir = tmp_path / "pool"
+    run_dir.mkdir()
+    (run_dir / "expect_partner").write_text("")
+    concurrent = _fork_flow(str(run_dir), step_task_runner())()
+    pids = _pids(run_dir)
+    assert len(pids) == 2 and os.getpid() not in pids  # two worker processes, at the same time
+    assert {k: v.result for k, v in concurrent.outcomes.items()} == {k: v.result for k, v in sequential.outcomes.items()}
+    _same_records(tmp_path / "sequential", run_dir, ["first", "left", "right", "join"])
+    again = _fork_flow(str(run_dir), step_task_runner())()
+    assert again.cached == ["first", "left", "right", "join"]  # served here, without starting processes
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_dask_cluster_of_two_local_workers_runs_them_too(tmp_path):
+    """For users who outgrow one machine: the same flow on prefect-dask's DaskTaskRunner."""
+    from prefect_dask import DaskTaskRunner
+
+    sequential = _run(tmp_path / "sequential", plan=FORK)
+    run_dir = tmp_path / "dask"
+    run_dir.mkdir()
+    (run_dir / "expect_partner").write_text("")
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
+                                            "dashboard_address": None})
+    concurrent = _fork_flow(str(run_dir), runner)()
+    assert len(_pids(run_dir)) == 2
+    assert {k: v.result for k, v in concurrent.outcomes.items()} == {k: v.result for k, v in sequential.outcomes.items()}
+    _same_records(tmp_path / "sequential", run_dir, ["first", "left", "right", "join"])
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_gpu_slot_needs_no_limit_and_honours_one_that_exists():
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from tasks.concurrency import device_slot, limit_slot
+
+    lines: list[str] = []
+    with device_slot("cpu", log=lines.append):  # nothing to hold on a CPU
+        pass
+    with limit_slot("brvo-test-missing", log=lines.append):
+        pass
+    with limit_slot("brvo-test-missing", log=lines.append):
+        pass
+    assert len(lines) == 1 and "prefect gcl create brvo-test-missing" in lines[0]  # said once, no setup needed
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="brvo-test-one", limit=1))
+    order: list[str] = []
+    held = threading.Event()
+
+    def holder():
+        with limit_slot("brvo-test-one"):
+            order.append("first in")
+            held.set()
+            time.sleep(1.5)
+            order.append("first out")
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(30)
+    with limit_slot("brvo-test-one"):
+        order.append("second in")
+    thread.join()
+    assert order == ["first in", "first out", "second in"]  # the second waited for the slot

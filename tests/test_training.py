@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from brvo_models.configs import CRGANConfig, Pix2PixConfig
 from brvo_models.identity import CheckpointIdentity
-from brvo_models.training import BEST, LAST, Schedule, fit, steps_per_epoch
+from brvo_models.training import BEST, LAST, LossSums, Schedule, fit, steps_per_epoch
 from storage.checkpoints import load_checkpoint
 from storage.errors import BrvoError, CheckpointError
 from tasks.config import preset
@@ -26,7 +26,8 @@ class FakeModel:
 
     name = "fake"
 
-    def __init__(self, scores=None, lr: float = 0.1) -> None:
+    def __init__(self, scores=None, lr: float = 0.1, tensor_losses: bool = False) -> None:
+        self.tensor_losses = tensor_losses  # return the loss as a tensor, as the GANs do (no .item())
         self.net = torch.nn.Linear(1, 1)
         with torch.no_grad():  # the same start for every instance, whatever the RNG state
             self.net.weight.fill_(0.3)
@@ -49,7 +50,7 @@ class FakeModel:
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
-        return {"loss": loss.item()}
+        return {"loss": loss.detach() if self.tensor_losses else loss.item()}
 
     def validate(self):
         self.validations += 1
@@ -213,6 +214,41 @@ def test_one_log_line_per_validation(tmp_path):
         assert key in steps[0]
 
 
+# ------------------------------------------------------------------------ no host sync per step
+
+
+def test_loss_sums_stay_on_the_device_and_equal_the_float_sums_bit_for_bit(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    values = [torch.rand((), generator=g) * 10 ** float(e) for e in torch.randint(-4, 4, (200,), generator=g)]
+    expected = 0.0
+    for v in values:
+        expected += float(v)
+
+    def no_sync(*_a, **_k):
+        raise AssertionError("LossSums.add copied a loss to the host")
+
+    sums = LossSums()
+    with monkeypatch.context() as m:  # add must never read a value back (on CUDA: a wait for the GPU)
+        m.setattr(torch.Tensor, "item", no_sync)
+        m.setattr(torch.Tensor, "__float__", no_sync)
+        m.setattr(torch.Tensor, "tolist", no_sync)
+        for v in values:
+            sums.add({"loss": v, "plain": 0.5})
+    host = sums.to_host()
+    assert host["loss"] == expected  # the same bits as the float loop fit kept before
+    assert host["plain"] == 100.0 and list(host) == ["loss", "plain"]
+
+
+def test_tensor_losses_give_the_history_and_weights_of_float_losses(tmp_path):
+    config = _adaptive(min_steps=20, max_steps=20, val_every=7)
+    floats, tensors = FakeModel(), FakeModel(tensor_losses=True)
+    a = _fit(floats, config, 3, tmp_path / "floats")
+    b = _fit(tensors, config, 3, tmp_path / "tensors")
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rows]  # noqa: E731
+    assert strip(a.history) == strip(b.history) and len(a.history) == 3
+    assert torch.equal(floats.net.weight, tensors.net.weight)
+
+
 # ---------------------------------------------------------------------------------- the config
 
 
@@ -234,3 +270,54 @@ def test_min_steps_above_max_steps_is_refused():
         CRGANConfig(min_steps=600, max_steps=500)
     with pytest.raises(BrvoError, match="min_steps"):
         preset("demo").with_overrides(**{"pix2pix.min_steps": 5000})
+
+
+# ------------------------------------------------------------------------------------ prefetch
+
+
+def _prefetch_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "fit-prefetch" and t.is_alive()]
+
+
+@pytest.mark.parametrize("kill_after", [None, 2])
+def test_prefetching_batches_changes_no_result(tmp_path, kill_after):
+    """The GPU path makes batches in a background thread; on CPU, forced, it must give the same bits."""
+    config = _adaptive(min_steps=30, max_steps=30, val_every=4, patience=3)
+    plain, ahead = FakeModel(), FakeModel(tensor_losses=True)
+    a = _fit(plain, config, 7, tmp_path / "plain")
+    if kill_after:  # a resume mid-epoch: the thread skips the batches already trained on
+        _fit(FakeModel(tensor_losses=True), config, 7, tmp_path / "ahead", prefetch=2,
+             max_validations_this_call=kill_after)
+        torch.manual_seed(12345)
+        b = fit(ahead, batches_of(7), schedule=Schedule.from_config(config, 7), checkpoint_dir=tmp_path / "ahead",
+                identity=CheckpointIdentity("fake", config, 32, 0), log=lambda _m: None, prefetch=3)
+    else:
+        b = _fit(ahead, config, 7, tmp_path / "ahead", prefetch=2)
+    assert torch.equal(plain.net.weight, ahead.net.weight) and torch.equal(plain.net.bias, ahead.net.bias)
+    assert [r["step"] for r in a.history] == [r["step"] for r in b.history]
+    assert a.history[-1]["loss"] == b.history[-1]["loss"]
+    assert not _prefetch_threads()  # the thread is gone once fit returns
+
+
+def test_prefetch_stages_batches_and_raises_their_errors_in_fit(tmp_path):
+    config = _adaptive(min_steps=10, max_steps=10, val_every=5)
+    staged: list[int] = []
+
+    class Staging(FakeModel):
+        def stage(self, batch):
+            staged.append(len(staged))
+            return batch * 1.0
+
+    _fit(Staging(), config, 3, tmp_path / "ok", prefetch=2)
+    assert len(staged) >= 10  # every trained batch went through stage (the thread may run ahead)
+
+    def broken(epoch: int):
+        yield torch.zeros(4, 1)
+        raise OSError("soul.h5 went away")
+
+    with pytest.raises(OSError, match="went away"):
+        fit(FakeModel(), broken, schedule=Schedule.from_config(config, 3), checkpoint_dir=tmp_path / "bad",
+            identity=CheckpointIdentity("fake", config, 32, 0), log=lambda _m: None, prefetch=2)
+    assert not _prefetch_threads()
