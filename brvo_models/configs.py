@@ -70,6 +70,12 @@ class Pix2PixConfig(TrainingSchedule):
         0.0, ge=0.0, description="not in the reference: weight of a soft-Dice term on the generator's vessel "
         "probabilities. 0 (the default, and the full preset) keeps the reference objective; the demo preset uses "
         "100 (docs/pix2pix-64px.md says what it changes at 64 px)")
+    lambda_bce: float = Field(
+        0.0, ge=0.0, description="not in the reference: weight of a per-pixel binary cross-entropy term on the "
+        "generator's vessel probabilities (the supervised segmenter's loss). 0 (the default) leaves it out")
+    lambda_gan: float = Field(
+        1.0, ge=0.0, description="weight of the generator's adversarial term (the reference's is 1). The "
+        "discriminator trains as always; 0 makes the generator a plain supervised U-Net")
     lr: float = Field(2e-4, gt=0.0)
     beta1: float = Field(0.5, ge=0.0, lt=1.0)
     beta2: float = Field(0.999, ge=0.0, lt=1.0)

@@ -171,9 +171,11 @@ def training_callables(G: nn.Module, D: nn.Module, config: Pix2PixConfig,
 
 def objective_text(p2p: Pix2PixConfig) -> str:
     """The generator's training objective in words, flagging any term the reference pix2pix lacks."""
-    text = f"BCE PatchGAN + {p2p.lambda_l1:g} x L1"
-    if p2p.lambda_dice > 0:
-        text += f" + {p2p.lambda_dice:g} x soft Dice (not in the reference pix2pix)"
+    gan = "BCE PatchGAN" if p2p.lambda_gan == 1 else f"{p2p.lambda_gan:g} x BCE PatchGAN"
+    text = f"{gan} + {p2p.lambda_l1:g} x L1"
+    extra = [f"{w:g} x {name}" for name, w in (("soft Dice", p2p.lambda_dice), ("pixel BCE", p2p.lambda_bce)) if w > 0]
+    if extra or p2p.lambda_gan != 1:
+        text += "".join(f" + {e}" for e in extra) + " (not in the reference pix2pix)"
     else:
         text += " (the reference pix2pix objective)"
     return text
@@ -267,13 +269,19 @@ class Pix2Pix:
             pred_fake = self._train_D(torch.cat([real_a, fake_b], 1))
         loss_g_gan = self._gan(pred_fake, True)
         loss_g_l1 = self.l1(fake_b.float(), real_b.float()) * self.config.lambda_l1
-        loss_g = loss_g_gan + loss_g_l1
+        loss_g = loss_g_gan * self.config.lambda_gan + loss_g_l1
         losses = {"G_GAN": loss_g_gan, "G_L1": loss_g_l1}
+        probabilities, targets = (fake_b.float() + 1.0) * 0.5, (real_b.float() + 1.0) * 0.5
         if self.config.lambda_dice > 0:
-            probabilities, targets = (fake_b.float() + 1.0) * 0.5, (real_b.float() + 1.0) * 0.5
             loss_g_dice = soft_dice_loss(probabilities, targets) * self.config.lambda_dice
             loss_g = loss_g + loss_g_dice
             losses["G_Dice"] = loss_g_dice
+        if self.config.lambda_bce > 0:
+            # clamped: tanh saturates, and BCE of an exact 0 or 1 is infinite
+            loss_g_bce = nn.functional.binary_cross_entropy(
+                probabilities.clamp(1e-6, 1 - 1e-6), targets) * self.config.lambda_bce
+            loss_g = loss_g + loss_g_bce
+            losses["G_BCE"] = loss_g_bce
         loss_g.backward()
         self.opt_G.step()
         self.D.requires_grad_(True)

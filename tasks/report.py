@@ -39,7 +39,8 @@ BAR_MEANING = {
 def bar_checks(report: dict[str, Any]) -> dict[str, bool]:
     """The project's quality bars, checked on this run's numbers (absent sections are left out).
 
-    pix2pix_beats_baselines: higher Dice and clDice than Otsu and Frangi on the test patients;
+    pix2pix_beats_baselines: higher Dice and clDice than every label baseline of the run (Otsu, Frangi and
+    the supervised segmenter) on the test patients;
     crgan_beats_baselines: higher mean SSIM and PSNR than nearest-stage copy and neighbour mean;
     crgan_patient_specific: a sample is more similar to its own patient than to the others.
     """
@@ -106,6 +107,15 @@ FIGURES_SHOWN = ("figures/training_curves.png", "figures/score_histograms.png")
 MONTAGES_SHOWN = 3
 
 
+def _segmenter_text(params: dict[str, Any] | None) -> str:
+    """How the supervised-segmenter baseline was made, in one sentence (empty when the run has none)."""
+    if not params:
+        return ""
+    return (f" The segmenter baseline ({params.get('arch', 'supervised CNN')}) trained {params.get('steps')} steps on "
+            f"the same train rows; its weights (step {params.get('best_step')}) and threshold "
+            f"{_fmt(params.get('threshold'))} were chosen on validation patients.")
+
+
 def render_report(report: dict[str, Any], data_source: str) -> str:
     out = ["# brvo-augment run report", "", f"Input: {data_source}", ""]
     bars = bar_checks(report)
@@ -126,8 +136,8 @@ def render_report(report: dict[str, Any], data_source: str) -> str:
         out += ["## Pix2Pix labels on held-out test patients", "",
                 f"{p2p.get('n_test_patients', '?')} test patients at {p2p.get('image_size', '?')} px; Pix2Pix "
                 f"threshold {_fmt(p2p.get('threshold'))} ({p2p.get('threshold_source', '?')}); Frangi's scales and "
-                "threshold tuned on train/val patients. Generator objective: "
-                f"{p2p.get('objective', 'not recorded')}.", "",
+                "threshold tuned on train/val patients." + _segmenter_text(p2p.get("segmenter_params"))
+                + f" Generator objective: {p2p.get('objective', 'not recorded')}.", "",
                 _table(rows, ["dice", "iou", "cldice", "n"]), "", PAPER_CONTEXT, ""]
     crg = report.get("crgan", {}).get("heldout")
     if crg:
@@ -262,7 +272,7 @@ def _card_evidence(report: dict[str, Any]) -> list[str]:
         base = "; ".join(f"{k} {v['dice']:.3f}" for k, v in (p2p.get("baselines") or {}).items())
         objective = f" Generator objective: {p2p['objective']}." if p2p.get("objective") else ""
         lines.append(f"- Pix2Pix labels on held-out real test patients: Dice {p2p['test']['dice']:.3f} "
-                     f"(non-learned baselines: {base}).{objective}")
+                     f"(baselines: {base}).{objective}")
     crg = (report.get("crgan") or {}).get("heldout") or {}
     if crg.get("model"):
         base = "; ".join(f"{k} {v['ssim']:.3f}" for k, v in (crg.get("baselines") or {}).items())

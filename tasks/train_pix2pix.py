@@ -10,9 +10,11 @@
   uninterrupted one.
 * **Checkpoints** (RUN_DIR/checkpoints/pix2pix/last.pt, best.pt on val Dice) are written by
   ``fit``: atomic, sha256 beside them, refused when from another config or image size.
-* **Held-out evaluation** (:func:`evaluate_pix2pix`) on the test patients, against Otsu and
-  Frangi computed in the same run on the same images; Frangi's scales and threshold are
-  tuned on train/val patients only. Written to report.json['pix2pix'].
+* **Held-out evaluation** (:func:`evaluate_pix2pix`) on the test patients, against three label
+  baselines computed in the same run on the same images: Otsu, Frangi (scales and threshold
+  tuned on train/val patients only) and a plain supervised segmenter
+  (:mod:`brvo_models.segmenter`, ``config.segmenter_steps`` steps on the same train rows, its
+  weights and threshold chosen on the val patients). Written to report.json['pix2pix'].
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from brvo_models.pix2pix import (Pix2Pix, aligned_augment, label_images, load_la
                                  objective_text)
 from brvo_models.runtime import seed_everything, select_device, to_model_range
 from brvo_models.segmentation_baselines import FrangiBaseline, otsu_masks
+from brvo_models.segmenter import fit_segmenter, predict_probabilities
 from brvo_models.training import BEST, LAST, Schedule, fit, steps_per_epoch
 from storage.checkpoints import checkpoint_sha256, load_checkpoint
 from storage.errors import BrvoError
@@ -234,9 +237,11 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
         frangi_masks = frangi_model.predict(test_x, map_fn=parallel_map)
     frangi_seconds = time.perf_counter() - t_frangi
     frangi = mask_scores(frangi_masks, test_y, scores_device)
+    segmenter, segmenter_params = segmenter_baseline(paths.soul_h5, test_x, config, log=log)
+    segmenter_scores = mask_scores(segmenter, test_y, scores_device)
     section = {
         "test": model_scores,
-        "baselines": {"otsu": otsu, "frangi": frangi},
+        "baselines": {"otsu": otsu, "frangi": frangi, "segmenter": segmenter_scores},
         "n_test_patients": int(test_meta["patient_id"].nunique()),
         "image_size": int(config.image_size),
         "threshold": threshold,
@@ -247,14 +252,37 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
         "frangi_params": {"sigmas": list(frangi_model.sigmas), "threshold": frangi_model.threshold,
                           "tuned_on": f"{frangi_model.n_tuned} train/val images",
                           "tuned_dice": round(frangi_model.tuned_dice, 4), "seconds": round(frangi_seconds, 2)},
+        "segmenter_params": segmenter_params,
         "metric_notes": METRIC_NOTES,
         "paper_context": PAPER_CONTEXT,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     log(f"pix2pix held-out ({model_scores['n']} test images, {section['n_test_patients']} patients): "
         + "; ".join(f"{name} dice {s['dice']:.3f} cldice {s['cldice']:.3f}"
-                    for name, s in (("pix2pix", model_scores), ("otsu", otsu), ("frangi", frangi))))
+                    for name, s in (("pix2pix", model_scores), ("otsu", otsu), ("frangi", frangi),
+                                    ("segmenter", segmenter_scores))))
     return section
+
+
+def segmenter_baseline(soul: Path, test_images: np.ndarray, config: PipelineConfig, *,
+                       log: LogFn = run_log) -> tuple[np.ndarray, dict[str, Any]]:
+    """The third label baseline: test masks (uint8 0/1) of a plain supervised segmenter, and how it was made.
+
+    Trained on the same train rows as Pix2Pix for ``config.segmenter_steps`` optimiser steps (seed
+    ``config.seed``, the run's device), validated ten times on the val patients, which choose its
+    weights and threshold; the test patients only receive its labels. Pix2Pix must at least match
+    what this minute of ordinary supervised training gives."""
+    train_x, train_y, _ = load_split(soul, ("train",))
+    val_x, val_y, _ = load_split(soul, ("val",))
+    steps = int(config.segmenter_steps)
+    fit = fit_segmenter(train_x, train_y, image_size=config.image_size, steps=steps, val_images=val_x,
+                        val_labels=val_y, val_every=max(1, steps // 10), seed=config.seed, device=config.device)
+    masks = (predict_probabilities(fit.net, test_images) > fit.threshold).astype(np.uint8)
+    log(f"segmenter baseline: {steps} steps in {fit.seconds:.1f} s, best step {fit.best_step} "
+        f"(val dice {fit.best_val_dice:.3f}, threshold {fit.threshold:.2f})")
+    return masks, {"arch": "dilated CNN (5 convs, 8 channels), BCE + soft Dice", "steps": steps,
+                   "best_step": fit.best_step, "best_val_dice": round(fit.best_val_dice, 4),
+                   "threshold": fit.threshold, "seconds": round(fit.seconds, 2)}
 
 
 # ------------------------------------------------------------------------------------ the step
@@ -267,5 +295,5 @@ def train_pix2pix_step(ctx: StepContext, preprocess: PreprocessResult) -> Traine
 
 TRAIN_PIX2PIX = Step(
     name=MODEL, uses_device=True, run=train_pix2pix_step, result_type=TrainedModel, needs=("preprocess",),
-    config_fields=("image_size", "seed", "pix2pix"), report=MODEL,
+    config_fields=("image_size", "seed", "pix2pix", "segmenter_steps"), report=MODEL,
     description="train Pix2Pix (image -> vessel label) on soul.h5; held-out evaluation against baselines")

@@ -11,7 +11,7 @@ from torch import nn
 
 from brvo_models.configs import Pix2PixConfig
 from brvo_models.pix2pix import (PatchDiscriminator, Pix2Pix, UnetGenerator, aligned_augment, build_generator,
-                                 label_images, load_labeller)
+                                 label_images, load_labeller, objective_text)
 from brvo_models.training import Schedule
 from storage.checkpoints import load_checkpoint
 from storage.hashing import file_sha256
@@ -121,6 +121,36 @@ def test_reference_objective_unless_lambda_dice_is_set():
     assert "G_Dice" not in Pix2Pix(Pix2PixConfig(ngf=4, ndf=4), 32).train_step(batch)
     losses = Pix2Pix(Pix2PixConfig(ngf=4, ndf=4, lambda_dice=5.0), 32).train_step(batch)
     assert 0.0 < losses["G_Dice"] <= 5.0
+    assert "G_BCE" not in losses
+    assert 0.0 < Pix2Pix(Pix2PixConfig(ngf=4, ndf=4, lambda_bce=2.0), 32).train_step(batch)["G_BCE"]
+
+
+def _generator_after_one_step(config: Pix2PixConfig, batch) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    model = Pix2Pix(config, 32)
+    model.train_step(batch)
+    return {k: v.clone() for k, v in model.G.state_dict().items()}
+
+
+def test_objective_weights_change_what_the_generator_learns():
+    """lambda_gan scales the adversarial gradient (0: G trains on its supervised terms alone), lambda_bce adds one."""
+    torch.manual_seed(0)
+    batch = (torch.rand(2, 1, 32, 32) * 2 - 1, (torch.rand(2, 1, 32, 32) > 0.8).float() * 2 - 1)
+    base = dict(ngf=4, ndf=4, dropout=False)
+    reference = _generator_after_one_step(Pix2PixConfig(**base), batch)
+    again = _generator_after_one_step(Pix2PixConfig(**base), batch)
+    no_gan = _generator_after_one_step(Pix2PixConfig(**base, lambda_gan=0.0), batch)
+    with_bce = _generator_after_one_step(Pix2PixConfig(**base, lambda_bce=10.0), batch)
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(reference, again)
+    assert not same(reference, no_gan) and not same(reference, with_bce)
+
+
+def test_objective_text_names_every_term_outside_the_reference():
+    assert objective_text(Pix2PixConfig()) == "BCE PatchGAN + 100 x L1 (the reference pix2pix objective)"
+    text = objective_text(Pix2PixConfig(lambda_gan=0.1, lambda_dice=1000, lambda_bce=50))
+    assert text == ("0.1 x BCE PatchGAN + 100 x L1 + 1000 x soft Dice + 50 x pixel BCE "
+                    "(not in the reference pix2pix)")
 
 
 # -------------------------------------------------------------------------------- labelling
@@ -191,9 +221,13 @@ def test_step_trains_checkpoints_and_evaluates_held_out(tmp_path):
     report = model.report_section()
     keys = {"dice", "iou", "cldice", "mse", "ssim", "cosine", "n"}
     assert set(report["test"]) == keys
-    assert set(report["baselines"]) == {"otsu", "frangi"}
+    assert set(report["baselines"]) == {"otsu", "frangi", "segmenter"}
+    # the supervised-segmenter baseline: the config's fixed budget, weights and threshold chosen on val
+    seg = report["segmenter_params"]
+    assert seg["steps"] == TINY.segmenter_steps and 1 <= seg["best_step"] <= seg["steps"]
+    assert 0.0 < seg["threshold"] < 1.0 and 0.0 <= seg["best_val_dice"] <= 1.0
     assert all(set(v) == keys for v in report["baselines"].values())
-    assert report["test"]["n"] == report["baselines"]["otsu"]["n"] > 0
+    assert report["test"]["n"] == report["baselines"]["otsu"]["n"] == report["baselines"]["segmenter"]["n"] > 0
     assert report["threshold"] == pytest.approx(float(gen.label_threshold))
     # the reported test scores are this checkpoint's, on this run's test patients, at the stored threshold
     test_x, test_y, _ = load_split(run / "soul.h5", ("test",))

@@ -7,7 +7,9 @@ def _report(p2p_dice=0.70, p2p_cldice=0.72, crgan_ssim=0.68, crgan_psnr=23.4, ow
     img = lambda s, p: {"ssim": s, "psnr": p, "mse": 0.005, "cosine": 0.97}  # noqa: E731
     return {
         "pix2pix": {"test": scores(p2p_dice, p2p_cldice),
-                    "baselines": {"otsu": scores(0.60, 0.61), "frangi": scores(0.62, 0.70)}},
+                    "baselines": {"otsu": scores(0.60, 0.61), "frangi": scores(0.62, 0.70),
+                                  "segmenter": scores(0.66, 0.68)},
+                    "segmenter_params": {"arch": "dilated CNN", "steps": 2000, "best_step": 1800, "threshold": 0.55}},
         "crgan": {"heldout": {"n": 5, "model": img(crgan_ssim, crgan_psnr),
                               "baselines": {"nearest": img(0.65, 22.8), "neighbour_mean": img(0.67, 23.1)},
                               "test_only": {"n": 2, "model": img(0.69, 23.5), "nearest": img(0.64, 22.7),
@@ -92,3 +94,17 @@ def test_report_and_card_say_which_generator_objective_made_the_labels():
     assert f"Generator objective: {expected}." in render_report(report, "phantom")
     assert f"Generator objective: {expected}." in render_card(report, {}, "phantom")
     assert objective_text(Pix2PixConfig()) == "BCE PatchGAN + 100 x L1 (the reference pix2pix objective)"
+
+
+def test_a_supervised_segmenter_that_labels_better_fails_the_bar_with_a_warning():
+    """The third label baseline counts like Otsu and Frangi: Pix2Pix below it on either metric misses the bar."""
+    from tasks.report import warnings_of
+
+    assert bar_checks(_report(p2p_dice=0.67, p2p_cldice=0.71))["pix2pix_beats_baselines"] is True
+    below = _report(p2p_dice=0.65, p2p_cldice=0.71)  # Otsu and Frangi beaten, the segmenter (0.66) is not
+    assert bar_checks(below)["pix2pix_beats_baselines"] is False
+    assert any(w.startswith("quality bar not met: pix2pix_beats_baselines") for w in warnings_of(below))
+    text = render_report(below, "phantom")
+    assert "| baseline: segmenter | 0.6600 |" in text
+    assert "trained 2000 steps on the same train rows" in text and "threshold 0.5500" in text
+    assert "segmenter 0.660" in render_card(below, {}, "phantom")
