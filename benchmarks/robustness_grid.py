@@ -1,0 +1,396 @@
+"""Robustness grid (issue 11 item 3): the demo recipe on phantoms unlike the demo's, through the product's code.
+
+    python benchmarks/robustness_grid.py run --data DATA_DIR --out grid.jsonl
+        [--patients 12 24 53 120] [--visits 1-2 3-8] [--seeds 0 1] [--sizes 64 128]
+        [--device cpu|cuda|auto] [--jobs N] [--threads T] [--models pix2pix crgan]
+        [--variant '{"pix2pix": {...}}'] [--val-only]
+    python benchmarks/robustness_grid.py prepare --data DATA_DIR [the same selectors] [--jobs N]
+    python benchmarks/robustness_grid.py table grid.jsonl [the same selectors]
+    python benchmarks/robustness_grid.py select grid_val.jsonl
+
+One *configuration* is (patients, images per visit, image size); each runs on two *seeds*: seed s
+makes the phantom (``generate_phantom(seed=s)``), splits its patients (``preprocess``) and trains
+the models (``config.seed = s``). Per (configuration, seed), in a fresh run directory under DATA_DIR:
+
+* the dataset: ``generate_phantom`` -> ``ingest`` -> ``preprocess`` (what ``flows.cli phantom`` and
+  ``prepare`` run, without Prefect), made once and reused (its soul.h5 is the cache);
+* Pix2Pix: ``train_pix2pix`` then ``evaluate_pix2pix`` (best.pt and its threshold chosen on the val
+  patients; Otsu, Frangi and the supervised segmenter scored on the same test images in the same call);
+* CRGAN: ``train_crgan`` then ``evaluate_crgan`` (held-out real stages of val + test patients against
+  nearest-stage copy and neighbour mean).
+
+The config is the demo preset at the configuration's image size (``--variant`` overrides fields, as a
+config file would); the schedules are the preset's (adaptive: counted in optimiser steps). Each
+(configuration, seed) appends one JSON row to ``--out`` as soon as it finishes, so a stopped grid keeps
+what it ran, and ``run`` skips rows already in ``--out``. ``--jobs`` runs that many rows at once, each a
+process of this script with ``--threads`` torch threads (a GPU is shared by the jobs).
+
+``table`` prints every configuration of the selected grid, "not run" where ``--out`` has no row, and the
+verdict of the rule fixed before any number was seen (docs/robustness-grid.md): a model beats a baseline
+on a configuration when its mean over the two seeds is higher on both metrics (Dice and clDice for the
+labels, SSIM and PSNR for CRGAN); "every seed" when each seed wins on both too. With one seed run the
+verdict says so ("1 seed").
+
+``--val-only`` trains Pix2Pix only and records its validation scores (no test patient is labelled):
+the rows ``select`` reads to choose a recipe among ``--variant`` values on validation patients alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PATIENTS = (12, 24, 53, 120)
+VISITS = ("1-2", "3-8")
+SEEDS = (0, 1)
+SIZES = (64, 128)
+LABEL_BASELINES = ("otsu", "frangi", "segmenter")
+IMAGE_BASELINES = ("nearest", "neighbour_mean")
+
+
+def quiet(_message: str) -> None:
+    """Per-validation log lines would drown the table; the rows carry what matters."""
+
+
+def dataset_name(patients: int, visits: str, seed: int, size: int) -> str:
+    return f"ph{patients}_v{visits}_s{seed}_{size}px"
+
+
+def prepare_dataset(data_dir: Path, patients: int, visits: str, seed: int, size: int) -> Path:
+    """DATA_DIR/<name>/soul.h5 for this configuration and seed, made with the product's phantom, ingest and
+    preprocess on first use; returns the run directory."""
+    from tasks.config import load_config
+    from tasks.ingest import ingest
+    from tasks.phantom import generate_phantom
+    from tasks.preprocess import preprocess
+    from brvo_models.phantom.config import phantom_config
+
+    run = data_dir / dataset_name(patients, visits, seed, size)
+    if (run / "soul.h5").exists():
+        return run
+    lo, hi = (int(v) for v in visits.split("-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run.name}-", dir=data_dir))
+    try:
+        source, staging = tmp / "phantom", tmp / "run"
+        generate_phantom(source, phantom_config(n_patients=patients, seed=seed, image_size=size,
+                                                images_per_visit=(lo, hi)), workers=1)
+        ingest(source, staging, log=quiet, workers=1)
+        preprocess(staging, load_config("demo", image_size=size, seed=seed), log=quiet, workers=1)
+        if run.exists():
+            shutil.rmtree(run)
+        staging.rename(run)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return run
+
+
+def run_row(data_dir: Path, patients: int, visits: str, seed: int, size: int, *, device: str, models: list[str],
+            variant: dict, val_only: bool) -> dict:
+    """Train and score one (configuration, seed) through the product's step functions."""
+    import torch
+
+    from tasks.config import flatten_fields, load_config
+    from tasks.train_crgan import evaluate_crgan, train_crgan
+    from tasks.train_pix2pix import evaluate_pix2pix, train_pix2pix
+
+    t0 = time.perf_counter()
+    dataset = prepare_dataset(data_dir, patients, visits, seed, size)
+    row: dict = {"patients": patients, "visits": visits, "seed": seed, "size": size, "variant": variant,
+                 "device": device, "val_only": val_only, "prepare_s": round(time.perf_counter() - t0, 1)}
+    config = load_config("demo", image_size=size, seed=seed, device=device, **flatten_fields(variant))
+    with tempfile.TemporaryDirectory(prefix="grid-", dir=data_dir) as tmp:
+        shutil.copy2(dataset / "soul.h5", Path(tmp) / "soul.h5")
+        if "pix2pix" in models:
+            t = time.perf_counter()
+            trained = train_pix2pix(tmp, config, log=quiet)
+            row["pix2pix_train_s"] = round(time.perf_counter() - t, 1)
+            row["pix2pix_fit"] = {"n_train": trained.n_train, "n_val": trained.n_val, "steps": trained.steps,
+                                  "planned_steps": trained.planned_steps, "best_step": trained.best_step,
+                                  "stopped_early": trained.stopped_early, "val_dice": trained.best_val_dice,
+                                  "val_cldice": trained.best_val_cldice}
+            if not val_only:
+                t = time.perf_counter()
+                section = evaluate_pix2pix(tmp, config, log=quiet)
+                row["pix2pix_eval_s"] = round(time.perf_counter() - t, 1)
+                row["labels"] = {"pix2pix": section["test"], **section["baselines"]}
+                row["labels_n_test_patients"] = section["n_test_patients"]
+                row["threshold"] = section["threshold"]
+                row["segmenter_params"] = section.get("segmenter_params")
+        if "crgan" in models and not val_only:
+            t = time.perf_counter()
+            trained_c = train_crgan(tmp, config, log=quiet)
+            row["crgan_train_s"] = round(time.perf_counter() - t, 1)
+            t = time.perf_counter()
+            section = evaluate_crgan(tmp, config, log=quiet)
+            row["crgan_eval_s"] = round(time.perf_counter() - t, 1)
+            row["crgan_fit"] = {"steps": trained_c.steps, "planned_steps": trained_c.planned_steps,
+                                "best_step": trained_c.best_step, "stopped_early": trained_c.stopped_early}
+            heldout = section["heldout"]
+            row["images"] = {"crgan": heldout["model"], **heldout["baselines"]}
+            row["images_n"] = heldout["n"]
+    row["wall_s"] = round(time.perf_counter() - t0, 1)
+    row["torch_threads"] = torch.get_num_threads()
+    return row
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def selected(args: argparse.Namespace) -> list[tuple[int, str, int, int]]:
+    return [(p, v, s, z) for z in args.sizes for p in args.patients for v in args.visits for s in args.seeds]
+
+
+def key_of(row: dict) -> tuple:
+    return (row["patients"], row["visits"], row["seed"], row["size"], json.dumps(row["variant"], sort_keys=True),
+            bool(row.get("val_only")))
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def one(args: argparse.Namespace) -> int:
+    """A single (configuration, seed), run in its own process by ``run``; appends its row to --out."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    patients, visits, seed, size = args.cell
+    row = run_row(args.data, int(patients), visits, int(seed), int(size), device=args.device, models=args.models,
+                  variant=json.loads(args.variant), val_only=args.val_only)
+    with open(args.out, "a") as fh:  # one short line per write: appends from several jobs do not interleave
+        fh.write(json.dumps(row) + "\n")
+    print(summary_line(row), flush=True)
+    return 0
+
+
+def summary_line(row: dict) -> str:
+    name = f"{row['patients']} pts {row['visits']}/visit {row['size']} px seed {row['seed']}"
+    parts = [name]
+    if "pix2pix_fit" in row:
+        f = row["pix2pix_fit"]
+        parts.append(f"pix2pix {f['steps']} steps (best {f['best_step']}) val {f['val_dice']:.3f}")
+    if "labels" in row:
+        parts.append("test " + ", ".join(f"{k} {v['dice']:.3f}/{v['cldice']:.3f}" for k, v in row["labels"].items()))
+    if "images" in row:
+        parts.append(f"crgan {row['crgan_fit']['steps']} steps; " + ", ".join(
+            f"{k} {v['ssim']:.3f}/{v['psnr']:.2f}" for k, v in row["images"].items()))
+    parts.append(f"{row['wall_s']:.0f} s")
+    return " | ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    args.data.mkdir(parents=True, exist_ok=True)
+    variant = json.dumps(json.loads(args.variant), sort_keys=True)
+    done = {key_of(r) for r in read_rows(args.out)}
+    todo = [c for c in selected(args) if (*c, variant, bool(args.val_only)) not in done]
+    # datasets first, one process each at most --jobs at a time, so two jobs never make the same one
+    print(f"{len(todo)} of {len(selected(args))} (configuration, seed) rows to run on {args.device}, "
+          f"{args.jobs} at a time", flush=True)
+    base = [sys.executable, str(Path(__file__).resolve()), "one", "--data", str(args.data), "--out", str(args.out),
+            "--device", args.device, "--threads", str(args.threads), "--variant", args.variant,
+            "--models", *args.models] + (["--val-only"] if args.val_only else [])
+    running: list[tuple[subprocess.Popen, tuple]] = []
+    failed = 0
+    queue = list(todo)
+    while queue or running:
+        while queue and len(running) < args.jobs:
+            cell = queue.pop(0)
+            running.append((subprocess.Popen(base + ["--cell", *map(str, cell)]), cell))
+        time.sleep(0.5)
+        for proc, cell in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, cell))
+                if proc.returncode:
+                    failed += 1
+                    print(f"FAILED (exit {proc.returncode}): {dataset_name(cell[0], cell[1], cell[2], cell[3])}",
+                          flush=True)
+    return 1 if failed else 0
+
+
+def _prepare_cell(job: tuple) -> str:
+    data_dir, cell = job
+    return str(prepare_dataset(Path(data_dir), *cell))
+
+
+def prepare(args: argparse.Namespace) -> int:
+    """Make the selected datasets (``--jobs`` at once), so that several ``run`` calls can then share them."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    args.data.mkdir(parents=True, exist_ok=True)
+    cells = selected(args)
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for made in pool.map(_prepare_cell, [(str(args.data), c) for c in cells]):
+            print(f"dataset ready: {made}", flush=True)
+    print(f"{len(cells)} datasets in {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- table
+
+
+def _mean(rows: list[dict], group: str, name: str, metric: str) -> float:
+    return statistics.mean(r[group][name][metric] for r in rows)
+
+
+def verdict(rows: list[dict], group: str, model: str, baseline: str, metrics: tuple[str, str]) -> str:
+    """The rule fixed in advance: the seed mean higher on both metrics; 'every seed' when each seed is too."""
+    wins = all(_mean(rows, group, model, m) > _mean(rows, group, baseline, m) for m in metrics)
+    every = all(r[group][model][m] > r[group][baseline][m] for r in rows for m in metrics)
+    if len(rows) == 1:
+        return "yes (1 seed)" if wins else "**no** (1 seed)"
+    return ("yes, every seed" if every else "yes") if wins else "**no**"
+
+
+def table(args: argparse.Namespace) -> int:
+    rows = [r for r in read_rows(args.results) if not r.get("val_only")]
+    variants = {json.dumps(r["variant"], sort_keys=True) for r in rows}
+    if len(variants) > 1:
+        print(f"note: {len(variants)} variants in {args.results}; rows of all of them are pooled: {sorted(variants)}")
+    by_config: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["seed"] in args.seeds:
+            by_config.setdefault((r["patients"], r["visits"], r["size"]), []).append(r)
+    print("| patients | imgs/visit | px | seeds run | n train imgs | Pix2Pix steps (best) | Pix2Pix Dice / clDice "
+          "| Otsu | Frangi | segmenter | Pix2Pix beats Otsu / Frangi / segmenter | CRGAN steps | CRGAN SSIM / PSNR "
+          "| nearest | neighbour mean | CRGAN beats nearest / neighbour mean | wall s per seed |")
+    print("|---" * 17 + "|")
+    for size in args.sizes:
+        for patients in args.patients:
+            for visits in args.visits:
+                rs = sorted(by_config.get((patients, visits, size), []), key=lambda r: r["seed"])
+                head = f"| {patients} | {visits} | {size} |"
+                if not rs:
+                    print(head + " not run |" + " |" * 13)
+                    continue
+                cells = [",".join(str(r["seed"]) for r in rs)]
+                lab = [r for r in rs if "labels" in r]
+                img = [r for r in rs if "images" in r]
+                if lab:
+                    cells.append(",".join(str(r["pix2pix_fit"]["n_train"]) for r in lab))
+                    cells.append(", ".join(f"{r['pix2pix_fit']['steps']} ({r['pix2pix_fit']['best_step']})"
+                                           for r in lab))
+                    for name in ("pix2pix",) + LABEL_BASELINES:
+                        per = " ".join(f"{r['labels'][name]['dice']:.3f}/{r['labels'][name]['cldice']:.3f}"
+                                       for r in lab)
+                        cells.append(f"{_mean(lab, 'labels', name, 'dice'):.3f} / "
+                                     f"{_mean(lab, 'labels', name, 'cldice'):.3f} ({per})")
+                    cells.append(" / ".join(verdict(lab, "labels", "pix2pix", b, ("dice", "cldice"))
+                                            for b in LABEL_BASELINES))
+                else:
+                    cells += ["not run"] * 8
+                if img:
+                    cells.append(", ".join(f"{r['crgan_fit']['steps']} ({r['crgan_fit']['best_step']})" for r in img))
+                    for name in ("crgan",) + IMAGE_BASELINES:
+                        cells.append(f"{_mean(img, 'images', name, 'ssim'):.3f} / "
+                                     f"{_mean(img, 'images', name, 'psnr'):.2f}")
+                    cells.append(" / ".join(verdict(img, "images", "crgan", b, ("ssim", "psnr"))
+                                            for b in IMAGE_BASELINES))
+                else:
+                    cells += ["not run"] * 5
+                cells.append(", ".join(f"{r['wall_s']:.0f}" for r in rs) + f" ({rs[0].get('device', '?')})")
+                print(head + " " + " | ".join(cells) + " |")
+    return 0
+
+
+# --------------------------------------------------------------------------------------- select
+
+
+def real_gain(candidate: dict[str, float], current: dict[str, float], min_gain: float = 0.01) -> bool:
+    """The rule fixed in advance: the mean over datasets of val Dice higher by more than ``min_gain`` AND
+    higher on a majority of the datasets. ``candidate``/``current``: dataset -> val Dice (the seed mean)."""
+    common = sorted(set(candidate) & set(current))
+    if not common:
+        return False
+    gain = statistics.mean(candidate[d] - current[d] for d in common)
+    ups = sum(candidate[d] > current[d] for d in common)
+    return gain > min_gain and ups * 2 > len(common)
+
+
+def select(args: argparse.Namespace) -> int:
+    """Choose a recipe among ``--candidates`` (JSON variants, in the order given; the first is the incumbent)
+    from their --val-only rows: a candidate replaces the current choice only when :func:`real_gain` says so."""
+    rows = [r for r in read_rows(args.results) if r.get("val_only")]
+    order = [json.dumps(json.loads(c), sort_keys=True) for c in args.candidates]
+    val: dict[str, dict[str, list[float]]] = {v: {} for v in order}
+    for r in rows:
+        v = json.dumps(r["variant"], sort_keys=True)
+        if v not in val:
+            continue
+        val[v].setdefault(dataset_name(r["patients"], r["visits"], r["seed"], r["size"]), []).append(
+            r["pix2pix_fit"]["val_dice"])
+    means = {v: {d: statistics.mean(x) for d, x in per.items()} for v, per in val.items()}
+    missing = [v for v in order if not means[v]]
+    if missing:
+        print(f"no --val-only rows for {missing}")
+        return 1
+    chosen = order[0]
+    for v in order:
+        m = means[v]
+        print(f"{v}: mean val Dice {statistics.mean(m.values()):.4f} over {len(m)} datasets: "
+              + ", ".join(f"{d} {x:.3f}" for d, x in sorted(m.items())))
+    for v in order[1:]:
+        if real_gain(means[v], means[chosen]):
+            chosen = v
+    print(f"chosen: {chosen}")
+    if args.write:
+        Path(args.write).write_text(chosen + "\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+def _add_selectors(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--patients", type=int, nargs="+", default=list(PATIENTS))
+    p.add_argument("--visits", nargs="+", default=list(VISITS), choices=list(VISITS))
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train and score the selected (configuration, seed) rows")
+    _add_selectors(r)
+    for p in (r, sub.add_parser("one", help="one (configuration, seed); what run starts per job")):
+        p.add_argument("--data", type=Path, required=True, help="where the datasets and run directories live")
+        p.add_argument("--out", type=Path, required=True)
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (the config's device field)")
+        p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+        p.add_argument("--models", nargs="+", default=["pix2pix", "crgan"], choices=["pix2pix", "crgan"])
+        p.add_argument("--variant", default="{}", help="JSON object of config fields over the demo preset")
+        p.add_argument("--val-only", action="store_true", help="train Pix2Pix and record validation scores only")
+        if p is r:
+            p.add_argument("--jobs", type=int, default=1, help="rows at once, a process each")
+        else:
+            p.add_argument("--cell", nargs=4, required=True, metavar=("PATIENTS", "VISITS", "SEED", "SIZE"))
+    pr = sub.add_parser("prepare", help="make the selected datasets (phantom, ingest, preprocess)")
+    _add_selectors(pr)
+    pr.add_argument("--data", type=Path, required=True)
+    pr.add_argument("--jobs", type=int, default=1)
+    t = sub.add_parser("table", help="the markdown table of a results file over the selected grid")
+    t.add_argument("results", type=Path)
+    _add_selectors(t)
+    s = sub.add_parser("select", help="choose a recipe from --val-only rows by the rule fixed in advance")
+    s.add_argument("results", type=Path)
+    s.add_argument("--candidates", nargs="+", required=True, help="JSON variants, the incumbent first")
+    s.add_argument("--write", default=None, help="file to write the chosen variant's JSON to")
+    args = parser.parse_args(argv)
+    return {"run": run, "one": one, "prepare": prepare, "table": table, "select": select}[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
