@@ -12,8 +12,9 @@ One *configuration* is (patients, images per visit, image size); each runs on tw
 makes the phantom (``generate_phantom(seed=s)``), splits its patients (``preprocess``) and trains
 the models (``config.seed = s``). Per (configuration, seed), in a fresh run directory under DATA_DIR:
 
-* the dataset: ``generate_phantom`` -> ``ingest`` -> ``preprocess`` (what ``flows.cli phantom`` and
-  ``prepare`` run, without Prefect), made once and reused (its soul.h5 is the cache);
+* the dataset: ``generate_phantom`` (at the phantom's own 304 px, as ``make demo`` makes it) -> ``ingest``
+  -> ``preprocess`` (resized to the configuration's size; what ``flows.cli phantom`` and ``prepare`` run,
+  without Prefect), made once and reused (its soul.h5 is the cache);
 * Pix2Pix: ``train_pix2pix`` then ``evaluate_pix2pix`` (best.pt and its threshold chosen on the val
   patients; Otsu, Frangi and the supervised segmenter scored on the same test images in the same call);
 * CRGAN: ``train_crgan`` then ``evaluate_crgan`` (held-out real stages of val + test patients against
@@ -79,11 +80,21 @@ def prepare_dataset(data_dir: Path, patients: int, visits: str, seed: int, size:
     if (run / "soul.h5").exists():
         return run
     lo, hi = (int(v) for v in visits.split("-"))
+    # the phantom at its own (SOUL's 304 px) size, as `make demo` makes it; preprocess resizes it to `size`,
+    # so the 64 and 128 px datasets of a (patients, visits, seed) show the same eyes
+    source = data_dir / "sources" / f"ph{patients}_v{visits}_s{seed}"
+    if not (source / "S1").exists():
+        source.parent.mkdir(parents=True, exist_ok=True)
+        tmp_source = Path(tempfile.mkdtemp(prefix=f".{source.name}-", dir=source.parent))
+        generate_phantom(tmp_source / "phantom", phantom_config(n_patients=patients, seed=seed,
+                                                                images_per_visit=(lo, hi)), workers=1)
+        if not (source / "S1").exists():
+            shutil.rmtree(source, ignore_errors=True)
+            (tmp_source / "phantom").rename(source)
+        shutil.rmtree(tmp_source, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{run.name}-", dir=data_dir))
     try:
-        source, staging = tmp / "phantom", tmp / "run"
-        generate_phantom(source, phantom_config(n_patients=patients, seed=seed, image_size=size,
-                                                images_per_visit=(lo, hi)), workers=1)
+        staging = tmp / "run"
         ingest(source, staging, log=quiet, workers=1)
         preprocess(staging, load_config("demo", image_size=size, seed=seed), log=quiet, workers=1)
         if run.exists():
@@ -219,9 +230,9 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _prepare_cell(job: tuple) -> str:
-    data_dir, cell = job
-    return str(prepare_dataset(Path(data_dir), *cell))
+def _prepare_cells(job: tuple) -> list[str]:
+    data_dir, cells = job
+    return [str(prepare_dataset(Path(data_dir), *cell)) for cell in cells]
 
 
 def prepare(args: argparse.Namespace) -> int:
@@ -230,10 +241,13 @@ def prepare(args: argparse.Namespace) -> int:
 
     args.data.mkdir(parents=True, exist_ok=True)
     cells = selected(args)
+    by_source: dict[tuple, list[tuple]] = {}
+    for cell in cells:  # the sizes of one phantom in one process: it is generated once
+        by_source.setdefault(cell[:3], []).append(cell)
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for made in pool.map(_prepare_cell, [(str(args.data), c) for c in cells]):
-            print(f"dataset ready: {made}", flush=True)
+        for made in pool.map(_prepare_cells, [(str(args.data), group) for group in by_source.values()]):
+            print(f"datasets ready: {', '.join(made)}", flush=True)
     print(f"{len(cells)} datasets in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 
