@@ -106,6 +106,16 @@ FIGURES_SHOWN = ("figures/training_curves.png", "figures/score_histograms.png")
 MONTAGES_SHOWN = 3
 
 
+def _how_step_ran(report: dict[str, Any], step: str, cached: list[str]) -> str:
+    """The timings table's note: computed, served from the cache, or a model loaded from the registry."""
+    if step == "total":
+        return ""
+    if step in cached:
+        return "served from cache"
+    version = (report.get(step) or {}).get("registry_version") if step in ("pix2pix", "crgan") else None
+    return f"loaded registry version {version}" if version else "ran"
+
+
 def render_report(report: dict[str, Any], data_source: str) -> str:
     out = ["# brvo-augment run report", "", f"Input: {data_source}", ""]
     bars = bar_checks(report)
@@ -175,7 +185,7 @@ def render_report(report: dict[str, Any], data_source: str) -> str:
                 use.get("verdict", ""), ""]
     if report.get("timings_s"):
         cached = report["timings_s"].get("cached") or []
-        rows = {k: {"seconds": v, "this run": "served from cache" if k in cached else ("" if k == "total" else "ran")}
+        rows = {k: {"seconds": v, "this run": _how_step_ran(report, k, cached)}
                 for k, v in report["timings_s"].items() if k != "cached"}
         out += ["## Timings (s)", "", _table(rows, ["seconds", "this run"]), ""]
         if cached:

@@ -80,6 +80,10 @@ def test_report_names_the_models_origin_and_the_acceptance_rule():
         assert "Pix2Pix: registry version v0003-20261201T030012Z; CRGAN: trained in this run" in doc
     assert "| realism | 0.4000 | 0.1000 | 0.5000 | >= 0.05 | 1 |" in text
     assert "label_confidence >= 0.6" in card and "density_z |z| <= 3.0" in card
+    report["timings_s"] = {"pix2pix": 0.4, "crgan": 61.0, "score": 2.0, "total": 63.4, "cached": ["score"]}
+    text = render_report(report, "phantom")
+    assert "| pix2pix | 0.4000 | loaded registry version v0003-20261201T030012Z |" in text
+    assert "| crgan | 61.0000 | ran |" in text and "| score | 2.0000 | served from cache |" in text
 
 
 def test_report_and_card_say_which_generator_objective_made_the_labels():
@@ -92,3 +96,17 @@ def test_report_and_card_say_which_generator_objective_made_the_labels():
     assert f"Generator objective: {expected}." in render_report(report, "phantom")
     assert f"Generator objective: {expected}." in render_card(report, {}, "phantom")
     assert objective_text(Pix2PixConfig()) == "BCE PatchGAN + 100 x L1 (the reference pix2pix objective)"
+
+
+def test_training_curves_show_only_models_trained_in_this_run(tmp_path):
+    """A registry run has no training history: no empty picture in the report, and a half-registry
+    run draws the one model it trained."""
+    from tasks.figures import training_curves
+
+    out = tmp_path / "curves.png"
+    assert training_curves({"pix2pix": [], "crgan": []}, out) is None and not out.exists()
+    history = [{"step": s, "loss_G": 1.0 / s, "val_dice": 0.1 * s, "val_score": 0.1 * s} for s in (1, 2, 3)]
+    assert training_curves({"pix2pix": history, "crgan": []}, out) == out
+    from PIL import Image
+
+    assert Image.open(out).size[0] < Image.open(out).size[1] * 1.5  # one column, not two
