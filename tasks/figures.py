@@ -48,7 +48,10 @@ def timeline_montage(tiles: dict[int, MontageTile], title: str, out_png: Path) -
     caption names the sample, how many of the K were accepted, and the shown sample's scores.
     Stages without a tile stay blank.
     """
-    pad, head, foot = 6, 34, 40
+    pad, head, line_height = 6, 34, 12
+    captions = {stage: (name,) if tiles.get(stage) is None else (f"{name} {tiles[stage].kind}", *tiles[stage].caption)
+                for stage, name in enumerate(STAGE_NAMES)}
+    foot = 4 + line_height * max(len(lines) for lines in captions.values())  # every caption line fits
     width = len(STAGE_NAMES) * (TILE + pad) + pad
     height = head + 2 * (TILE + pad) + foot
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
@@ -58,9 +61,8 @@ def timeline_montage(tiles: dict[int, MontageTile], title: str, out_png: Path) -
     for stage, name in enumerate(STAGE_NAMES):
         x = pad + stage * (TILE + pad)
         tile = tiles.get(stage)
-        lines = (name,) if tile is None else (f"{name} {tile.kind}", *tile.caption)
-        for i, line in enumerate(lines):
-            draw.text((x + 2, head + 2 * (TILE + pad) + 1 + 12 * i), line, fill=(0, 0, 0))
+        for i, line in enumerate(captions[stage]):
+            draw.text((x + 2, head + 2 * (TILE + pad) + 1 + line_height * i), line, fill=(0, 0, 0))
         if tile is None:
             for row in range(2):
                 y = head + row * (TILE + pad)

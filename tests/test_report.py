@@ -110,3 +110,19 @@ def test_training_curves_show_only_models_trained_in_this_run(tmp_path):
     from PIL import Image
 
     assert Image.open(out).size[0] < Image.open(out).size[1] * 1.5  # one column, not two
+
+
+def test_timeline_montage_captions_fit_on_the_picture(tmp_path):
+    """A synthetic stage's caption (stage, sample, two score lines) is drawn whole, not cut at the bottom."""
+    import numpy as np
+    from PIL import Image
+
+    from tasks.figures import MontageTile, timeline_montage
+
+    image, label = np.full((16, 16), 128, np.uint8), np.zeros((16, 16), np.uint8)
+    tiles = {0: MontageTile(image, label, "real", ("exam 1",)),
+             1: MontageTile(image, label, "rejected", ("sample 0, 0/2 acc.", "ssim 0.74 real 0.51", "z 9.10 conf 0.50"))}
+    out = timeline_montage(tiles, "patient 1", tmp_path / "m.png")
+    pixels = np.asarray(Image.open(out).convert("L"))
+    dark_rows = np.flatnonzero((pixels < 100).any(axis=1))
+    assert dark_rows.max() < pixels.shape[0] - 2  # white margin under the last caption line
