@@ -16,7 +16,7 @@ PAPER_CONTEXT = ("The SOUL paper's segmenters (pre-trained on ROSE-1) reach Dice
 
 
 def _fmt(v: Any) -> str:
-    if v is None:  # a NaN number after a JSON round trip (e.g. too few images for KID)
+    if v is None or (isinstance(v, float) and v != v):  # NaN (None after a JSON round trip): not measured
         return "n/a"
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
