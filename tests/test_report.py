@@ -126,3 +126,19 @@ def test_timeline_montage_captions_fit_on_the_picture(tmp_path):
     pixels = np.asarray(Image.open(out).convert("L"))
     dark_rows = np.flatnonzero((pixels < 100).any(axis=1))
     assert dark_rows.max() < pixels.shape[0] - 2  # white margin under the last caption line
+
+
+def test_live_training_table_marks_the_best_validation_and_fits_the_page():
+    """What a researcher follows in the UI during a long run: the latest validations, the best one marked."""
+    from tasks.reporting import TrainingProgress
+
+    progress = TrainingProgress("pix2pix")
+    for step, score in ((100, 0.4), (200, 0.6), (300, 0.5)):
+        progress({"step": step, "total_steps": 400, "epoch": step // 50, "G_L1": 90.0 - step / 10, "val_score": score,
+                  "val_dice": score, "lr_factor": 1.0, "seconds": step / 10, "seconds_validating": 0.5})
+    text = progress.markdown()
+    assert "step 300 of 400; best val_score 0.6 at step 200 (the checkpoint kept)" in text
+    header = next(line for line in text.splitlines() if line.startswith("| step"))
+    assert header == "| step | G_L1 | val_score | val_dice | seconds |"
+    best_rows = [line for line in text.splitlines() if "**best**" in line]
+    assert len(best_rows) == 1 and best_rows[0].startswith("| 200 |")
