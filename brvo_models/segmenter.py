@@ -9,7 +9,7 @@ training gives on the same rows, so this module trains exactly that, at the same
 * ``arch="unet"``: the Pix2Pix U-Net (no adversary, no dropout, batch norm, ``width`` = ngf),
   kept for the usefulness experiment (tasks/usefulness.py).
 
-Training: BCE + soft Dice (:func:`brvo_models.pix2pix.soft_dice_loss`), Adam (lr 3e-3: on the
+Training: BCE + soft Dice (:func:`brvo_models.losses.soft_dice_loss`), Adam (lr 3e-3: on the
 validation patients of two 64 px phantoms it reached val Dice 0.70 within 3,000 steps, where lr 1e-3
 was still at 0.68 and climbing, so the baseline is not undertrained at that budget), a fixed budget
 of ``steps`` optimiser steps on batches sampled with replacement from a seeded generator and
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from brvo_models.metrics import batch_dice, label_scores, mean_scores
-from brvo_models.pix2pix import (THRESHOLD_GRID, UnetGenerator, aligned_augment, init_weights, num_downs_for,
-                                 soft_dice_loss)
+from brvo_models.losses import soft_dice_loss
+from brvo_models.pix2pix import THRESHOLD_GRID, UnetGenerator, aligned_augment, init_weights, num_downs_for
 from brvo_models.runtime import autocast, select_device
 
 Arch = Literal["dilated", "unet"]
@@ -91,7 +91,7 @@ class VesselSegmenter(nn.Module):
         else:
             p = ((out + 1.0) * 0.5).clamp(1e-5, 1 - 1e-5)
             bce = F.binary_cross_entropy(p, y)
-        return bce + soft_dice_loss(p * 2 - 1, y * 2 - 1)
+        return bce + soft_dice_loss(p, y)  # probabilities in [0, 1] and 0/1 labels (brvo_models.losses)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.probabilities(x)

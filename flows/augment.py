@@ -28,6 +28,7 @@ from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig, load_config, parse_config
 from tasks.export import EXPORT
 from tasks.figures import FIGURES
+from tasks.image_quality import IMAGE_QUALITY
 from tasks.fill_stages import FILL
 from tasks.ingest import INGEST
 from tasks.label import LABEL
@@ -45,7 +46,7 @@ LOCK_WAIT_S = 5.0
 
 #: The whole chain when the run trains its own models.
 AUGMENT: tuple[Step, ...] = (INGEST, PREPROCESS, TRAIN_PIX2PIX, TRAIN_CRGAN, FILL, LABEL, SCORE, EXPORT, FIGURES,
-                             USEFULNESS)
+                             IMAGE_QUALITY, USEFULNESS)
 
 
 # ----------------------------------------------------------------------------------- registry

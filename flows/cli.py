@@ -144,6 +144,7 @@ def _single_step(args: argparse.Namespace, target: str, config, source: Path | N
     run-directory lock like every command that writes there; print its result."""
     from flows.augment import AUGMENT
     from flows.prepare import run_steps
+    from storage.run_dir import RunPaths
 
     names = [step.name for step in AUGMENT]
     plan = AUGMENT[: names.index(target) + 1]
@@ -152,7 +153,7 @@ def _single_step(args: argparse.Namespace, target: str, config, source: Path | N
     if getattr(args, "require_bars", False):
         missed = [bar for bar, met in run.report.get("bars", {}).items() if bar.startswith(target) and not met]
         if missed:
-            print(f"quality bar(s) missed: {', '.join(missed)} (see {args.run_dir / 'report.md'})", file=sys.stderr)
+            print(f"quality bar(s) missed: {', '.join(missed)} (see {RunPaths.of(args.run_dir).report_md})", file=sys.stderr)
             return EXIT_BARS_MISSED
     return 0
 

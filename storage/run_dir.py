@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.atomic import write_json_atomic
 from storage.errors import UnsafePathError
 
 #: longest component safe_component returns, in UTF-8 bytes (file systems allow 255)
@@ -158,11 +157,3 @@ class RunPaths:
 def read_report(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = RunPaths.of(run_dir).report_json
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def update_report(run_dir: str | os.PathLike, section: str, value: Any) -> dict[str, Any]:
-    """Set ``report.json[section] = value`` (atomic read-modify-write) and return the whole report."""
-    report = read_report(run_dir)
-    report[section] = value
-    write_json_atomic(RunPaths.of(run_dir).report_json, report)
-    return report

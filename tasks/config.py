@@ -31,6 +31,9 @@ class PipelineConfig(BaseModel):
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="share of patients held out for validation")
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="share of patients held out for testing")
     workers: int = Field(2, ge=1, le=64, description="processes for JPEG decoding in preprocess")
+    max_file_mb: float = Field(64.0, gt=0, description="ingest quarantines a file larger than this (MB) unread")
+    max_megapixels: float = Field(64.0, gt=0, description="ingest quarantines an image whose header declares more "
+                                                          "pixels than this (millions), before decoding it")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
                         description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
     concurrent_steps: Literal["auto", "on", "off"] = Field(

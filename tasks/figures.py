@@ -48,7 +48,10 @@ def timeline_montage(tiles: dict[int, MontageTile], title: str, out_png: Path) -
     caption names the sample, how many of the K were accepted, and the shown sample's scores.
     Stages without a tile stay blank.
     """
-    pad, head, foot = 6, 34, 40
+    pad, head, line_height = 6, 34, 12
+    captions = {stage: (name,) if tiles.get(stage) is None else (f"{name} {tiles[stage].kind}", *tiles[stage].caption)
+                for stage, name in enumerate(STAGE_NAMES)}
+    foot = 4 + line_height * max(len(lines) for lines in captions.values())  # every caption line fits
     width = len(STAGE_NAMES) * (TILE + pad) + pad
     height = head + 2 * (TILE + pad) + foot
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
@@ -58,9 +61,8 @@ def timeline_montage(tiles: dict[int, MontageTile], title: str, out_png: Path) -
     for stage, name in enumerate(STAGE_NAMES):
         x = pad + stage * (TILE + pad)
         tile = tiles.get(stage)
-        lines = (name,) if tile is None else (f"{name} {tile.kind}", *tile.caption)
-        for i, line in enumerate(lines):
-            draw.text((x + 2, head + 2 * (TILE + pad) + 1 + 12 * i), line, fill=(0, 0, 0))
+        for i, line in enumerate(captions[stage]):
+            draw.text((x + 2, head + 2 * (TILE + pad) + 1 + line_height * i), line, fill=(0, 0, 0))
         if tile is None:
             for row in range(2):
                 y = head + row * (TILE + pad)
@@ -121,8 +123,12 @@ def score_histograms(scores: pd.DataFrame, thresholds: dict[str, tuple[float | N
     return out_png
 
 
-def training_curves(histories: dict[str, list[dict[str, float]]], out_png: Path) -> Path:
+def training_curves(histories: dict[str, list[dict[str, float]]], out_png: Path) -> Path | None:
     """Per model (columns): training losses on top, validation metrics below, against the training clock.
+
+    Only models trained in this run have a history (a registry version's curves belong to the run
+    that trained it); with none, no figure is written and None is returned, so the report does not
+    show an empty picture.
 
     Losses live on scales that differ by orders of magnitude (a weighted L1 of 50 beside a
     discriminator loss of 0.6), so each is drawn relative to its first value on a log axis, with
@@ -134,15 +140,12 @@ def training_curves(histories: dict[str, list[dict[str, float]]], out_png: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = max(1, len(histories))
-    fig, axes = plt.subplots(2, n, figsize=(6 * n, 6.6), squeeze=False)
+    histories = {model: history for model, history in histories.items() if history}
+    if not histories:
+        return None
+    fig, axes = plt.subplots(2, len(histories), figsize=(6 * len(histories), 6.6), squeeze=False)
     for col, (model, history) in enumerate(histories.items()):
         top, bottom = axes[0, col], axes[1, col]
-        if not history:
-            top.set_title(f"{model}: no training history (e.g. a registry model)")
-            top.set_axis_off()
-            bottom.set_axis_off()
-            continue
         frame = pd.DataFrame(history)
         clock = "step" if "step" in frame else "epoch"
         x = frame[clock]
@@ -204,9 +207,11 @@ def write_figures(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, 
             "density_z": (-config.max_abs_density_z, config.max_abs_density_z),
             "label_confidence": (config.min_label_confidence, None)},
             paths.figures / "score_histograms.png"),
-        training_curves({m.model: list(m.training.get("history") or []) for m in (pix2pix, crgan)},
-                        paths.figures / "training_curves.png"),
     ]
+    curves = training_curves({m.model: list(m.training.get("history") or []) for m in (pix2pix, crgan)},
+                             paths.figures / "training_curves.png")
+    if curves is not None:
+        figures.append(curves)
     # patients with the most synthetic stages first: the montages report.md shows are the informative ones
     order = meta.groupby("patient_id")["is_synthetic"].sum().sort_values(ascending=False, kind="stable").index
     groups = meta.groupby("patient_id").groups

@@ -414,7 +414,7 @@ def _probe(path: Path, max_file_mb: float = DEFAULT_MAX_FILE_MB,
         return _Probe(False, "empty file (0 bytes)")
     if size > max_file_mb * 1e6:
         return _Probe(False, f"file is {size / 1e6:.1f} MB, over the ingest cap of {max_file_mb:g} MB "
-                             f"(raise max_file_mb if such images are real)")
+                             f"(raise the config's max_file_mb if such images are real)")
     try:
         with Image.open(path) as im:  # reads the header only
             width, height = im.size
@@ -422,7 +422,7 @@ def _probe(path: Path, max_file_mb: float = DEFAULT_MAX_FILE_MB,
         return _Probe(False, f"cannot decode image: {_short(exc)}")
     if width * height > max_megapixels * 1e6:
         return _Probe(False, f"image is {width}x{height} ({width * height / 1e6:.0f} Mpx), over the ingest cap of "
-                             f"{max_megapixels:g} Mpx (raise max_megapixels if such images are real)")
+                             f"{max_megapixels:g} Mpx (raise the config's max_megapixels if such images are real)")
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -717,10 +717,12 @@ def ingest(source: Path, run_dir: Path, *, log: Callable[[str], None] = run_log,
 
 def ingest_step(ctx: StepContext) -> IngestResult:
     """The 'ingest' step: the run's input source -> manifest, quarantine, stage table, ingest.json."""
-    return ingest(ctx.source, ctx.run_dir, log=ctx.log)
+    return ingest(ctx.source, ctx.run_dir, log=ctx.log, max_file_mb=ctx.config.max_file_mb,
+                  max_megapixels=ctx.config.max_megapixels)
 
 
 INGEST = Step(
     name="ingest", run=ingest_step, result_type=IngestResult, reads_source=True, retries=1,
+    config_fields=("max_file_mb", "max_megapixels"),
     writes=("manifest", "quarantine", "stage_table", "ingest_json"),
     description="read a SOUL directory or manifest CSV: manifest.csv, quarantine.csv, stage table")

@@ -313,8 +313,6 @@ def preprocess(
     pairs per decoded chunk (memory per chunk: 2 * chunk_size * image_size**2 bytes).
     """
     t_start = time.perf_counter()
-    if config.image_size < 8:
-        raise BrvoError(f"image_size {config.image_size} is too small; use a multiple of 32, at least 32")
     run_dir = Path(run_dir)
     paths = RunPaths.of(run_dir)
     manifest_path = preflight_preprocess(run_dir)

@@ -16,6 +16,8 @@ PAPER_CONTEXT = ("The SOUL paper's segmenters (pre-trained on ROSE-1) reach Dice
 
 
 def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and v != v):  # NaN (None after a JSON round trip): not measured
+        return "n/a"
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
     return str(v)
@@ -116,6 +118,45 @@ def _segmenter_text(params: dict[str, Any] | None) -> str:
             f"{_fmt(params.get('threshold'))} were chosen on validation patients.")
 
 
+def _image_quality_lines(section: dict[str, Any] | None) -> list[str]:
+    """report.md's distribution-level image quality: pooled numbers per extractor, then KID per stage."""
+    if not section:
+        return []
+    from tasks.image_quality import SHOWN
+
+    out = ["## Image quality: synthetic vs held-out real images", "",
+           f"{section['n_synthetic']} synthetic images ({section['synthetic_rows']}) against "
+           f"{section['n_held_out_real']} real images of the val and test patients; the ceiling row puts the "
+           f"{section['n_train_real']} real training images in place of the synthetic ones (other real patients: "
+           "what a generator of new patients would match). "
+           + "; ".join(f"{k}: {v}" for k, v in SHOWN.items()) + ".", ""]
+    rows: dict[str, dict[str, Any]] = {}
+    for extractor, stages in section["extractors"].items():
+        pooled = stages.get("all") or {}
+        rows[f"synthetic ({extractor})"] = pooled
+        if pooled.get("baseline"):
+            rows[f"ceiling: real train ({extractor})"] = pooled["baseline"]
+    out += [_table(rows, list(SHOWN)), ""]
+    per_stage = {stage: {"KID synthetic": v.get("kid_mean"), "KID ceiling": (v.get("baseline") or {}).get("kid_mean"),
+                         "n synthetic": v.get("n_synthetic"), "n real": v.get("n_real"),
+                         "why no synthetic KID": v.get("reason") or ""}
+                 for stage, v in (section["extractors"].get("random_cnn") or {}).items() if stage != "all"}
+    if per_stage:
+        out += ["Per stage (random-CNN features):", "",
+                _table(per_stage, ["KID synthetic", "KID ceiling", "n synthetic", "n real", "why no synthetic KID"]), ""]
+    return out
+
+
+def _how_step_ran(report: dict[str, Any], step: str, cached: list[str]) -> str:
+    """The timings table's note: computed, served from the cache, or a model loaded from the registry."""
+    if step == "total":
+        return ""
+    if step in cached:
+        return "served from cache"
+    version = (report.get(step) or {}).get("registry_version") if step in ("pix2pix", "crgan") else None
+    return f"loaded registry version {version}" if version else "ran"
+
+
 def render_report(report: dict[str, Any], data_source: str) -> str:
     out = ["# brvo-augment run report", "", f"Input: {data_source}", ""]
     bars = bar_checks(report)
@@ -177,6 +218,7 @@ def render_report(report: dict[str, Any], data_source: str) -> str:
                 f"its threshold); {syn.get('degenerate_labels', 0)} degenerate labels.", "",
                 _table(syn["per_stage"], ["real", "synthetic", "accepted"]), "",
                 _table(scores, ["mean", "p10", "p90", "accepted when", "rejected by it"]), ""]
+    out += _image_quality_lines(report.get("image_quality"))
     use = report.get("usefulness")
     if use:
         rows = {k: v for k, v in use.items() if isinstance(v, dict) and "dice" in v}
@@ -185,7 +227,7 @@ def render_report(report: dict[str, Any], data_source: str) -> str:
                 use.get("verdict", ""), ""]
     if report.get("timings_s"):
         cached = report["timings_s"].get("cached") or []
-        rows = {k: {"seconds": v, "this run": "served from cache" if k in cached else ("" if k == "total" else "ran")}
+        rows = {k: {"seconds": v, "this run": _how_step_ran(report, k, cached)}
                 for k, v in report["timings_s"].items() if k != "cached"}
         out += ["## Timings (s)", "", _table(rows, ["seconds", "this run"]), ""]
         if cached:
@@ -278,6 +320,11 @@ def _card_evidence(report: dict[str, Any]) -> list[str]:
         base = "; ".join(f"{k} {v['ssim']:.3f}" for k, v in (crg.get("baselines") or {}).items())
         lines.append(f"- CRGAN on real stages hidden and regenerated: SSIM {crg['model']['ssim']:.3f} "
                      f"(baselines: {base}).")
+    quality = ((report.get("image_quality") or {}).get("extractors") or {}).get("random_cnn", {}).get("all")
+    if quality and quality.get("baseline"):
+        lines.append(f"- Synthetic vs held-out real images (random-CNN features, all stages): KID "
+                     f"{_fmt(quality['kid_mean'])} (real images of other patients: {_fmt(quality['baseline']['kid_mean'])}; "
+                     f"lower is better), precision {_fmt(quality['precision'])}, recall {_fmt(quality['recall'])}.")
     use = report.get("usefulness") or {}
     if use.get("verdict"):
         lines.append(f"- Usefulness for a segmenter: {use['verdict']}.")

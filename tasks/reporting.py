@@ -124,7 +124,8 @@ class TrainingProgress:
 
     def markdown(self) -> str:
         best = max(self.rows, key=lambda r: r.get(self.score, float("-inf")))
-        hidden = (self.clock, self.total_key, "seconds")
+        # bookkeeping the header line already says (or nobody follows live) stays out, so the table fits the page
+        hidden = (self.clock, self.total_key, "seconds", "epoch", "seconds_validating", "lr_factor")
         columns = [self.clock] + [k for k in self.rows[-1] if k not in hidden] + ["seconds"]
         lines = [f"# {self.model} training", "",
                  f"{self.clock} {_num(self.rows[-1].get(self.clock))} of {_num(self.total)}; best {self.score} "

@@ -561,11 +561,19 @@ def test_09_the_size_cap_is_configurable_and_huge_dimensions_are_refused_before_
                   ("B", "0", "wide.png", "wide_l.png")],
                  columns=["patient_id", "stage", "image_path", "label_path"]).to_csv(data / "m.csv", index=False)
     limit = (data / "big.png").stat().st_size - 1
-    result = ingest(data / "m.csv", tmp_path / "run", log=lambda _m: None, max_file_mb=limit / 1e6)
+    # the user's handle: the run config's max_file_mb, through the ingest step (the CLI's --config, a deployment's -p)
+    from tasks.config import preset
+    from tasks.ingest import ingest_step
+    from tasks.steps import StepContext
+
+    config = preset("tiny").with_overrides(max_file_mb=limit / 1e6)
+    result = ingest_step(StepContext(run_dir=tmp_path / "run", config=config, source=data / "m.csv",
+                                     log=lambda _m: None))
     quarantine = pd.read_csv(tmp_path / "run" / "quarantine.csv", keep_default_na=False)
     reason = dict(zip(quarantine.path, quarantine.reason))
     assert result.n_images == 1
-    assert "over the ingest cap" in reason[str(data / "big.png")]
+    assert "over the ingest cap" in reason[str(data / "big.png")] and "max_file_mb" in reason[str(data / "big.png")]
+    assert ingest(data / "m.csv", tmp_path / "default", log=lambda _m: None).n_images == 2  # 64 MB cap: kept
     assert "Mpx" in reason[str(data / "wide.png")] and "12000x12000" in reason[str(data / "wide.png")]
 
 

@@ -82,6 +82,10 @@ def test_report_names_the_models_origin_and_the_acceptance_rule():
         assert "Pix2Pix: registry version v0003-20261201T030012Z; CRGAN: trained in this run" in doc
     assert "| realism | 0.4000 | 0.1000 | 0.5000 | >= 0.05 | 1 |" in text
     assert "label_confidence >= 0.6" in card and "density_z |z| <= 3.0" in card
+    report["timings_s"] = {"pix2pix": 0.4, "crgan": 61.0, "score": 2.0, "total": 63.4, "cached": ["score"]}
+    text = render_report(report, "phantom")
+    assert "| pix2pix | 0.4000 | loaded registry version v0003-20261201T030012Z |" in text
+    assert "| crgan | 61.0000 | ran |" in text and "| score | 2.0000 | served from cache |" in text
 
 
 def test_report_and_card_say_which_generator_objective_made_the_labels():
@@ -108,3 +112,49 @@ def test_a_supervised_segmenter_that_labels_better_fails_the_bar_with_a_warning(
     assert "| baseline: segmenter | 0.6600 |" in text
     assert "trained 2000 steps on the same train rows" in text and "threshold 0.5500" in text
     assert "segmenter 0.660" in render_card(below, {}, "phantom")
+
+
+def test_training_curves_show_only_models_trained_in_this_run(tmp_path):
+    """A registry run has no training history: no empty picture in the report, and a half-registry
+    run draws the one model it trained."""
+    from tasks.figures import training_curves
+
+    out = tmp_path / "curves.png"
+    assert training_curves({"pix2pix": [], "crgan": []}, out) is None and not out.exists()
+    history = [{"step": s, "loss_G": 1.0 / s, "val_dice": 0.1 * s, "val_score": 0.1 * s} for s in (1, 2, 3)]
+    assert training_curves({"pix2pix": history, "crgan": []}, out) == out
+    from PIL import Image
+
+    assert Image.open(out).size[0] < Image.open(out).size[1] * 1.5  # one column, not two
+
+
+def test_timeline_montage_captions_fit_on_the_picture(tmp_path):
+    """A synthetic stage's caption (stage, sample, two score lines) is drawn whole, not cut at the bottom."""
+    import numpy as np
+    from PIL import Image
+
+    from tasks.figures import MontageTile, timeline_montage
+
+    image, label = np.full((16, 16), 128, np.uint8), np.zeros((16, 16), np.uint8)
+    tiles = {0: MontageTile(image, label, "real", ("exam 1",)),
+             1: MontageTile(image, label, "rejected", ("sample 0, 0/2 acc.", "ssim 0.74 real 0.51", "z 9.10 conf 0.50"))}
+    out = timeline_montage(tiles, "patient 1", tmp_path / "m.png")
+    pixels = np.asarray(Image.open(out).convert("L"))
+    dark_rows = np.flatnonzero((pixels < 100).any(axis=1))
+    assert dark_rows.max() < pixels.shape[0] - 2  # white margin under the last caption line
+
+
+def test_live_training_table_marks_the_best_validation_and_fits_the_page():
+    """What a researcher follows in the UI during a long run: the latest validations, the best one marked."""
+    from tasks.reporting import TrainingProgress
+
+    progress = TrainingProgress("pix2pix")
+    for step, score in ((100, 0.4), (200, 0.6), (300, 0.5)):
+        progress({"step": step, "total_steps": 400, "epoch": step // 50, "G_L1": 90.0 - step / 10, "val_score": score,
+                  "val_dice": score, "lr_factor": 1.0, "seconds": step / 10, "seconds_validating": 0.5})
+    text = progress.markdown()
+    assert "step 300 of 400; best val_score 0.6 at step 200 (the checkpoint kept)" in text
+    header = next(line for line in text.splitlines() if line.startswith("| step"))
+    assert header == "| step | G_L1 | val_score | val_dice | seconds |"
+    best_rows = [line for line in text.splitlines() if "**best**" in line]
+    assert len(best_rows) == 1 and best_rows[0].startswith("| 200 |")

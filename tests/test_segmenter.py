@@ -111,3 +111,26 @@ def test_bad_input_is_refused_with_a_clear_error(data):
         fit_segmenter(tx, ty[:-1], image_size=SIZE, steps=1)
     with pytest.raises(ValueError, match="arch"):
         VesselSegmenter("resnet")
+
+
+def test_loss_is_lowest_for_the_right_mask_and_the_dice_term_does_not_favour_empty_masks():
+    """The objective ranks predictions as a user expects: the annotation beats an empty and a full mask."""
+
+    class Fixed(torch.nn.Module):  # logits that give the probabilities we want to score
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, x):
+            return self.logits
+
+    y = torch.zeros(2, 1, 16, 16)
+    y[:, :, 4:6, :] = 1.0  # a horizontal vessel
+    net = VesselSegmenter("dilated")
+    losses = {}
+    for name, mask in (("right", y), ("empty", torch.zeros_like(y)), ("full", torch.ones_like(y))):
+        net.net = Fixed((mask * 2 - 1) * 8.0)  # confident logits
+        losses[name] = float(net.loss(torch.zeros_like(y), y))
+    assert losses["right"] < 0.05 < losses["empty"] and losses["right"] < losses["full"]
+    from brvo_models.losses import soft_dice_loss
+    assert float(soft_dice_loss(torch.zeros_like(y), y)) > 0.9 > 0.05 > float(soft_dice_loss(y, y))
