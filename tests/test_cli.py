@@ -208,3 +208,23 @@ def test_a_run_json_from_an_older_version_is_one_line_exit_2(tmp_path, capsys):
     code, err = _run_main(capsys, "train-pix2pix", str(run))
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert "run.json" in err and "pix2pix.epochs_decay" in err and "Traceback" not in err
+
+
+def test_require_bars_makes_a_missed_quality_bar_a_nonzero_exit_and_still_writes_everything(
+        prefect_harness, tiny_phantom, tmp_path, capsys):
+    """`train-pix2pix --require-bars` exits 3 when Pix2Pix loses to a label baseline (one epoch of the tiny preset
+    cannot beat Frangi or the supervised segmenter); without the flag the same run exits 0. Report and
+    checkpoints are written either way."""
+    import json
+
+    from flows.cli import EXIT_BARS_MISSED
+
+    run = tmp_path / "run"
+    assert _run_main(capsys, "prepare", str(tiny_phantom), str(run), "--preset", "tiny")[0] == 0
+    code, err = _run_main(capsys, "train-pix2pix", str(run), "--preset", "tiny", "--require-bars")
+    report = json.loads((run / "report.json").read_text())
+    assert report["bars"]["pix2pix_beats_baselines"] is False
+    assert set(report["pix2pix"]["baselines"]) == {"otsu", "frangi", "segmenter"}
+    assert code == EXIT_BARS_MISSED and "pix2pix_beats_baselines" in err and "report.md" in err
+    assert (run / "report.md").exists() and (run / "checkpoints" / "pix2pix" / "best.pt").exists()
+    assert _run_main(capsys, "train-pix2pix", str(run), "--preset", "tiny")[0] == 0
