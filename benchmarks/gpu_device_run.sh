@@ -20,7 +20,7 @@
 #      timed alone (the flow's own evaluation seconds, overlapping the other model's training, are already in
 #      step 4's report.json and gpu_bench_flow.json)
 # Copied to $OUT: every log, gpu_bench*.json, and the run's report.json, report.md, run.json, DATASET_CARD.md,
-# .steps/*.json and figures. Exit status: 0 when every section passed, else 1 (see summary.txt).
+# .steps/*.json and the top-level figures (not the per-patient timelines). Exit status: 0 when every section passed, else 1 (see summary.txt).
 #
 # SMOKE=1 checks the script itself on a CPU in a few minutes: an 8-patient phantom, the tiny preset, the bench's
 # --tiny sizes (pytest -m gpu then skips: no CUDA).
@@ -88,7 +88,7 @@ from tasks.phantom import generate_phantom
 print(generate_phantom(Path('$SOUL'), n_patients=$PATIENTS, workers=min(16, os.cpu_count() or 1)))"
 
 # ---------------------------------------------------------------- 3. training-step benchmark
-section bench 130 $PY benchmarks/gpu_bench.py $BENCH_SIZE --sections peak,pix2pix,crgan,graphs --window 1.0 \
+section bench 120 $PY benchmarks/gpu_bench.py $BENCH_SIZE --sections peak,pix2pix,crgan,graphs --window 1.0 \
     --section-timeout 60 --json "$OUT/gpu_bench.json"
 
 # ---------------------------------------------------------------- 4. the full preset, schedules cut
@@ -100,14 +100,14 @@ cat > "$WORK/short.json" <<'EOF'
  "usefulness_steps": 200, "usefulness_seeds": 1, "workers": 8}
 EOF
 cp "$WORK/short.json" "$OUT/full_run_config.json"
-section full_run 250 $PY -m flows.cli run "$SOUL" "$RUN" --preset $PRESET --config "$WORK/short.json"
+section full_run 240 $PY -m flows.cli run "$SOUL" "$RUN" --preset $PRESET --config "$WORK/short.json"
 [ -f "$RUN/augmented.h5" ] && section inspect 40 $PY -m flows.cli inspect "$RUN/augmented.h5" --deep
 section flow_timings 30 $PY benchmarks/gpu_bench.py $BENCH_SIZE --sections flow --full-run "$RUN" \
     --json "$OUT/gpu_bench_flow.json"
 mkdir -p "$OUT/run"
 for f in report.json report.md run.json DATASET_CARD.md; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/run/"; done
 [ -d "$RUN/.steps" ] && cp -r "$RUN/.steps" "$OUT/run/steps"
-[ -d "$RUN/figures" ] && cp -r "$RUN/figures" "$OUT/run/figures"
+[ -d "$RUN/figures" ] && mkdir -p "$OUT/run/figures" && cp "$RUN"/figures/*.png "$OUT/run/figures/" 2>/dev/null
 
 # ---------------------------------------------------------------- 5. the CUDA integration test
 if $PY -c "import pytest" 2>/dev/null; then
