@@ -22,8 +22,8 @@
 # Copied to $OUT: every log, gpu_bench*.json, and the run's report.json, report.md, run.json, DATASET_CARD.md,
 # .steps/*.json and the top-level figures (not the per-patient timelines). Exit status: 0 when every section passed, else 1 (see summary.txt).
 #
-# SMOKE=1 checks the script itself on a CPU in a few minutes: an 8-patient phantom, the tiny preset, the bench's
-# --tiny sizes (pytest -m gpu then skips: no CUDA).
+# SMOKE=1 checks the script itself on a CPU in a few minutes: an 8-patient phantom, the tiny preset with one
+# epoch each, the bench's --tiny sizes at batch 1 (pytest -m gpu then skips: no CUDA).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
@@ -31,7 +31,8 @@ mkdir -p "$OUT"
 WORK=${WORK:-/tmp/brvo_gpu_work}
 TOTAL_S=${TOTAL_S:-530}
 PY=${PYTHON:-python3}
-if [ "${SMOKE:-0}" = 1 ]; then PATIENTS=8 PRESET=tiny BENCH_SIZE=--tiny; else PATIENTS=53 PRESET=full BENCH_SIZE=; fi
+if [ "${SMOKE:-0}" = 1 ]; then PATIENTS=8 PRESET=tiny BENCH_SIZE="--tiny --batches 1 --window 0.2"
+else PATIENTS=53 PRESET=full BENCH_SIZE=; fi
 START=$(date +%s)
 rm -rf "$WORK" && mkdir -p "$WORK"
 SUMMARY="$OUT/summary.txt"
@@ -88,8 +89,8 @@ from tasks.phantom import generate_phantom
 print(generate_phantom(Path('$SOUL'), n_patients=$PATIENTS, workers=min(16, os.cpu_count() or 1)))"
 
 # ---------------------------------------------------------------- 3. training-step benchmark
-section bench 120 $PY benchmarks/gpu_bench.py $BENCH_SIZE --sections peak,pix2pix,crgan,graphs --window 1.0 \
-    --section-timeout 60 --json "$OUT/gpu_bench.json"
+section bench 120 $PY benchmarks/gpu_bench.py --sections peak,pix2pix,crgan,graphs --window 1.0 \
+    --section-timeout 60 --json "$OUT/gpu_bench.json" $BENCH_SIZE
 
 # ---------------------------------------------------------------- 4. the full preset, schedules cut
 # Pix2Pix: 3 epochs at batch 1 (594 train images, ~12-15 s an epoch on an H200 per issue 12); CRGAN: 25 epochs
@@ -99,6 +100,7 @@ cat > "$WORK/short.json" <<'EOF'
 {"pix2pix": {"epochs": 3}, "crgan": {"epochs": 25}, "samples_per_missing": 2,
  "usefulness_steps": 200, "usefulness_seeds": 1, "workers": 8}
 EOF
+[ "${SMOKE:-0}" = 1 ] && echo '{"pix2pix": {"epochs": 1}, "crgan": {"epochs": 1}, "usefulness_steps": 5}' > "$WORK/short.json"
 cp "$WORK/short.json" "$OUT/full_run_config.json"
 section full_run 240 $PY -m flows.cli run "$SOUL" "$RUN" --preset $PRESET --config "$WORK/short.json"
 [ -f "$RUN/augmented.h5" ] && section inspect 40 $PY -m flows.cli inspect "$RUN/augmented.h5" --deep
