@@ -38,8 +38,9 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,12 +48,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import brvo_models.crgan as crgan_module  # noqa: E402
-import brvo_models.pix2pix as pix2pix_module  # noqa: E402
-from brvo_models.crgan import CRGAN  # noqa: E402
-from brvo_models.crgan_data import N_STAGES, PatientSequence, make_train_batches  # noqa: E402
-from brvo_models.pix2pix import Pix2Pix  # noqa: E402
-from tasks.config import preset  # noqa: E402
+import brvo_models.crgan as crgan_module
+import brvo_models.pix2pix as pix2pix_module
+from brvo_models.crgan import CRGAN
+from brvo_models.crgan_data import N_STAGES, PatientSequence, make_train_batches
+from brvo_models.pix2pix import Pix2Pix
+from tasks.config import preset
 
 SECTIONS = ("peak", "pix2pix", "crgan", "graphs", "eval", "flow")
 
@@ -230,7 +231,7 @@ def bench_pix2pix(args, device, peak, results: list, cuda_graphs_variants=(False
                         results.append(row)
                         raise
                 finally:
-                    model = batch = None  # noqa: F841
+                    model = batch = None
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 results.append(row)
@@ -261,7 +262,7 @@ def bench_crgan(args, device, peak, results: list) -> None:
                     staged = model.stage(raw)
                     sync(device)
                     row["stage_s"] = time.perf_counter() - t
-                    images = int(len(raw["sel_b"]))
+                    images = len(raw["sel_b"])
                     row["images_per_step"] = images
                     row.update(measure(name, lambda: model.train_step(staged), images, device, args.window, peak,
                                        warmup=2))
@@ -272,7 +273,7 @@ def bench_crgan(args, device, peak, results: list) -> None:
                     results.append(row)
                     raise
             finally:
-                model = staged = None  # noqa: F841
+                model = staged = None
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             results.append(row)

@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from flows.cli import main
 from brvo_models.segmentation_baselines import tuning_sample_size
+from flows.cli import main
 from storage.checkpoints import load_checkpoint
 from storage.paired_format import read_meta, validate
 from storage.run_dir import RunPaths, read_report

@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_full_preset import check_full_run, run_full_preset, small_phantom  # noqa: F401 (a fixture)
 
 from brvo_models.crgan import load_generator
 from brvo_models.pix2pix import label_images, load_labeller
 from storage.paired_format import read_arrays
 from storage.run_dir import RunPaths
-from test_full_preset import check_full_run, run_full_preset, small_phantom  # noqa: F401 (a fixture)
 
 pytestmark = [
     pytest.mark.gpu,
