@@ -390,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=float, default=None, help="seconds of timed steps per configuration "
                                                                  "(default 2, tiny 0.2)")
     ap.add_argument("--section-timeout", type=int, default=120, help="seconds per section before it is cut off")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="turn on torch.backends.cudnn.benchmark (off in the product, and by default here)")
     ap.add_argument("--json", type=Path, default=None, help="results file (default $OUT/gpu_bench.json if $OUT)")
     args = ap.parse_args(argv)
 
@@ -409,8 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown section(s) {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     json_path = args.json or (Path(os.environ["OUT"]) / "gpu_bench.json" if os.environ.get("OUT") else None)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    # the product leaves cuDNN's autotuner off; --cudnn-benchmark measures what turning it on would give
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
 
     results: dict[str, Any] = {"env": {
         "tiny": args.tiny, "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
@@ -418,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         "cuda": torch.version.cuda, "image_size": args.config.image_size, "batches": args.batches,
         "precisions": args.precisions, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "pix2pix_config": args.config.pix2pix.model_dump(), "crgan_config": args.config.crgan.model_dump(),
-        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "cudnn_benchmark": bool(args.cudnn_benchmark), "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
     }, "errors": {}, "section_seconds": {}}
 
     def save() -> None:
