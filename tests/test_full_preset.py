@@ -62,7 +62,8 @@ def check_full_run(run_dir, report: dict) -> None:
     training = report["pix2pix"]["training"]
     n_tuned = int(report["pix2pix"]["frangi_params"]["tuned_on"].split()[0])
     assert n_tuned == min(tuning_sample_size(256), training["n_train"] + training["n_val"])
-    steps = ("ingest", "preprocess", "pix2pix", "crgan", "fill", "label", "score", "export", "figures", "usefulness")
+    steps = ("ingest", "preprocess", "pix2pix", "crgan", "fill", "label", "score", "export", "figures", "usefulness",
+             "image_quality")
     assert all(report["timings_s"][s] >= 0 for s in steps)
 
 
