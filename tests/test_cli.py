@@ -152,6 +152,9 @@ def test_phantom_command_writes_the_configured_dataset(tmp_path, capsys):
     ({"val_fraction": 0.6, "test_fraction": 0.5}, "test_fraction"),
     ({"workers": 0}, "workers"),
     ({"min_label_confidence": 2}, "min_label_confidence"),
+    ({"crgan": {"batch_size": -3}}, "crgan.batch_size"),
+    ({"pix2pix": {"epochs": -1}}, "pix2pix.epochs"),
+    ({"max_file_mb": 0}, "max_file_mb"),
 ])
 def test_out_of_range_config_is_refused_before_any_work(tmp_path, capsys, fields, named):
     """Issue 15 #8: a bad value is one line and exit 2 before ingest runs (nothing is written)."""

@@ -610,7 +610,7 @@ def test_11_inspect_into_a_closed_pipe_exits_quietly(tmp_path):
                             stderr=subprocess.PIPE, env=_env(), cwd=REPO)
     proc.stdout.close()  # as `| head -1` does once it has its line
     err = proc.stderr.read().decode()
-    proc.wait(timeout=120)
+    assert proc.wait(timeout=120) == 141, err  # the shell's code for a closed pipe, as `head` users expect
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
 
 

@@ -21,6 +21,9 @@ def test_readme_snippet_runs(name, tiny_augment_run, tmp_path, monkeypatch):
     (tmp_path / "demo_run").symlink_to(run_dir)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
+    import torch
+
+    torch.manual_seed(0)  # the snippet's shuffling and initial weights: the same run every time
     exec(compile(readme_snippet(name), f"README:{name}", "exec"), namespace)
     if name == "read-soul":
         assert len(namespace["images"]) == len(namespace["labels"]) > 0

@@ -1,0 +1,64 @@
+"""benchmarks/gpu_bench.py on the CPU at its --tiny sizes: the figures the GPU session relies on come out
+(img/s, FLOPs, the fraction of the matmul peak, a run's per-step timings) and a failing section is recorded
+without losing the others."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import brvo_models.crgan as crgan_module
+import brvo_models.pix2pix as pix2pix_module
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_bench.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_bench_times_both_training_steps_and_keeps_going_after_a_failed_section(gpu_bench, tmp_path):
+    out = tmp_path / "bench.json"
+    # 'eval' without --full-run fails; the sections after it must still run and the JSON must say why
+    rc = gpu_bench.main(["--tiny", "--device", "cpu", "--batches", "1", "--window", "0.05",
+                         "--sections", "peak,eval,pix2pix,crgan", "--json", str(out)])
+    assert rc == 1
+    results = json.loads(out.read_text())
+    assert "--full-run" in results["errors"]["eval"] and set(results["errors"]) == {"eval"}
+    assert results["peak"]["tflops"] > 0
+    rows = results["pix2pix"] + results["crgan"]
+    assert [(r["model"], r["batch"], r["precision"]) for r in rows] == [("pix2pix", 1, "fp32"), ("crgan", 1, "fp32")]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["img_per_s"] > 0 and row["flops_per_step"] > 0
+        assert row["fraction_of_bf16_peak"] == pytest.approx(row["tflops"] / results["peak"]["tflops"])
+    assert results["crgan"][0]["images_per_step"] >= 1  # the stage images of one patient's sequence
+
+
+def test_fp32_swaps_the_models_autocast_only_while_timed(gpu_bench):
+    before = pix2pix_module.autocast, crgan_module.autocast
+    with gpu_bench.precision("fp32"):
+        assert pix2pix_module.autocast is not before[0] and crgan_module.autocast is not before[1]
+    assert (pix2pix_module.autocast, crgan_module.autocast) == before
+
+
+def test_flow_timings_come_from_the_runs_report_and_step_records(gpu_bench, tmp_path):
+    (tmp_path / ".steps").mkdir()
+    (tmp_path / ".steps" / "pix2pix.json").write_text(json.dumps({"step": "pix2pix", "seconds": 61.5,
+                                                                  "finished_utc": "2026-01-01T00:00:00+00:00"}))
+    (tmp_path / "report.json").write_text(json.dumps({
+        "timings_s": {"ingest": 1.0, "pix2pix": 61.5, "total": 62.5},
+        "pix2pix": {"seconds": 9.0, "training": {"seconds": 50.0, "steps": 100, "epochs": 4},
+                    "frangi_params": {"seconds": 3.0}}}))
+    flow = gpu_bench.flow_timings(tmp_path)
+    assert flow["timings_s"]["pix2pix"] == 61.5 and flow["step_records"]["pix2pix"]["seconds"] == 61.5
+    assert flow["pix2pix_detail"] == {"train_seconds": 50.0, "steps": 100, "epochs": 4, "eval_seconds": 9.0,
+                                      "frangi_seconds": 3.0}
+    with pytest.raises(RuntimeError, match="neither report.json"):
+        gpu_bench.flow_timings(tmp_path / "missing")
