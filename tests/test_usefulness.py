@@ -107,14 +107,18 @@ def blob_study(tmp_path_factory) -> StudyData:
     return load_study_data(path, path)
 
 
+def _wrongly_labelled_copies(real: Rows) -> Rows:
+    """Three 'synthetic' copies of each real row whose labels belong to other images, shifted 3 px (label noise)."""
+    rng = np.random.default_rng(0)
+    wrong = np.roll(np.repeat(real.labels[rng.permutation(len(real))], 3, 0), 3, axis=2)
+    n = 3 * len(real)
+    return Rows(np.repeat(real.images, 3, 0), wrong, np.repeat(real.patient_id, 3), np.repeat(real.stage, 3),
+                np.ones(n, bool), np.ones(n, bool))
+
+
 def test_a_mix_with_wrong_labels_measures_a_loss(blob_study):
     """Synthetic rows whose labels belong to other images, shifted 3 px (label noise), must make segmentation worse."""
-    real = blob_study.real["train"]
-    rng = np.random.default_rng(0)
-    noisy = Rows(np.repeat(real.images, 3, 0), np.roll(np.repeat(real.labels[rng.permutation(len(real))], 3, 0), 3, axis=2),
-                 np.repeat(real.patient_id, 3), np.repeat(real.stage, 3), np.ones(3 * len(real), bool),
-                 np.ones(3 * len(real), bool))
-    data = StudyData(real=blob_study.real, synthetic_train=noisy)
+    data = StudyData(real=blob_study.real, synthetic_train=_wrongly_labelled_copies(blob_study.real["train"]))
     config = UsefulnessConfig(seeds=4, arms=("real_plus_synthetic",), low_data_fractions=(),
                               tasks=("segmentation",), **FAST)
     result = run_protocol(data, config, log=lambda _: None)
@@ -372,12 +376,7 @@ def test_the_relabeller_of_a_low_data_arm_sees_only_the_subset(blob_study, tmp_p
 
 def test_row_weights_keep_down_weighted_wrong_labels_from_hurting(blob_study):
     """Synthetic rows with wrong labels at weight 1e-6 are (almost) never drawn: no loss is measured."""
-    real = blob_study.real["train"]
-    rng = np.random.default_rng(0)
-    noisy = Rows(np.repeat(real.images, 3, 0), np.roll(np.repeat(real.labels[rng.permutation(len(real))], 3, 0), 3, axis=2),
-                 np.repeat(real.patient_id, 3), np.repeat(real.stage, 3), np.ones(3 * len(real), bool),
-                 np.ones(3 * len(real), bool))
-    data = StudyData(real=blob_study.real, synthetic_train=noisy)
+    data = StudyData(real=blob_study.real, synthetic_train=_wrongly_labelled_copies(blob_study.real["train"]))
     config = UsefulnessConfig(seeds=3, arms=("real_plus_synthetic",), low_data_fractions=(),
                               tasks=("segmentation",), synthetic_weight=1e-6, **FAST)
     (cmp,) = run_protocol(data, config, log=lambda _: None)["comparisons"]
