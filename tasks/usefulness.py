@@ -452,14 +452,22 @@ def run_protocol(data: StudyData, config: UsefulnessConfig, *, maker: SyntheticM
     }
 
 
+def _num(value: Any, spec: str) -> str:
+    """A number for a table; 'n/a' for a missing one (NaN is stored as null in a step record: one seed has no SE)."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "n/a"
+    return format(value, spec)
+
+
 def verdict_lines(result: dict[str, Any]) -> list[str]:
     """One sentence per comparison, e.g. for a log or a report."""
     out = []
     for c in result["comparisons"]:
         base = result["arms"][c["baseline"]]["tasks"][c["task"]][c["metric"]]["mean"]
         arm = result["arms"][c["arm"]]["tasks"][c["task"]][c["metric"]]["mean"]
-        out.append(f"{c['task']}: {c['arm']} vs {c['baseline']}: {c['metric']} {base:.4f} -> {arm:.4f}, paired gain "
-                   f"{c['mean_gain']:+.4f} (SE {c['se']:.4f}, needs > {c['t_crit']:.2f} SE): {c['verdict']}")
+        out.append(f"{c['task']}: {c['arm']} vs {c['baseline']}: {c['metric']} {_num(base, '.4f')} -> "
+                   f"{_num(arm, '.4f')}, paired gain {_num(c['mean_gain'], '+.4f')} (SE {_num(c['se'], '.4f')}, "
+                   f"needs > {_num(c['t_crit'], '.2f')} SE): {c['verdict']}")
     return out
 
 
@@ -475,13 +483,13 @@ def render_markdown(result: dict[str, Any]) -> str:
         cells = []
         for t, m in cols:
             s = arm["tasks"][t].get(m)
-            cells.append(f"{s['mean']:.4f} +- {s['sd']:.4f}" if s else "")
-        rows = f"{np.mean(arm['n_rows']):.0f} ({np.mean(arm['n_synthetic_rows']):.0f})"
-        lines.append(f"| {name} | {rows} | {np.mean(arm['n_patients']):.0f} | " + " | ".join(cells) + " |")
+            cells.append(f"{_num(s['mean'], '.4f')} +- {_num(s['sd'], '.4f')}" if s else "")
+        rows = f"{_num(np.mean(arm['n_rows']), '.0f')} ({_num(np.mean(arm['n_synthetic_rows']), '.0f')})"
+        lines.append(f"| {name} | {rows} | {_num(np.mean(arm['n_patients']), '.0f')} | " + " | ".join(cells) + " |")
     lines += ["", "| comparison | task | paired gain | SE | needs > | verdict |", "|---|---|---|---|---|---|"]
     for c in result["comparisons"]:
-        lines.append(f"| {c['arm']} vs {c['baseline']} | {c['task']} ({c['metric']}) | {c['mean_gain']:+.4f} | "
-                     f"{c['se']:.4f} | {c['t_crit']:.2f} SE | **{c['verdict']}** |")
+        lines.append(f"| {c['arm']} vs {c['baseline']} | {c['task']} ({c['metric']}) | {_num(c['mean_gain'], '+.4f')} | "
+                     f"{_num(c['se'], '.4f')} | {_num(c['t_crit'], '.2f')} SE | **{c['verdict']}** |")
     ref = result.get("references", {}).get("response")
     notes = [f"Scored on the real rows of the {result['eval_split']} patients; seeds {result['seeds']}; mixes of "
              f"{mix_settings(result)}. Rule, declared before any number was seen: {result['rule']}."]
@@ -493,8 +501,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         notes.append(f"Not run here (budget): {', '.join(left_out)}; benchmarks/usefulness_study.py runs the full "
                      "study.")
     if ref:
-        notes.append(f"Response forecast references on the same pairs: no change MAE {ref['no_change_mae']:.4f}, "
-                     f"train mean change per (a, b) MAE {ref['stage_mean_mae']:.4f}.")
+        notes.append(f"Response forecast references on the same pairs: no change MAE "
+                     f"{_num(ref['no_change_mae'], '.4f')}, train mean change per (a, b) MAE "
+                     f"{_num(ref['stage_mean_mae'], '.4f')}.")
     return "\n".join(lines + [""] + notes)
 
 
@@ -535,7 +544,7 @@ def usage_advice(result: dict[str, Any]) -> str:
     hurt = [c for c in mixes if c["verdict"] == "loss"]
 
     def say(c: dict[str, Any]) -> str:
-        return f"{c['arm']} on {c['task']} ({c['metric']} {c['mean_gain']:+.4f}, SE {c['se']:.4f})"
+        return f"{c['arm']} on {c['task']} ({c['metric']} {_num(c['mean_gain'], '+.4f')}, SE {_num(c['se'], '.4f')})"
 
     parts = [f"Mixes measured with {mix_settings(result)}."]
     if helped:

@@ -390,3 +390,23 @@ def test_fit_segmenter_refuses_bad_row_weights():
     for bad in ([1, 1, 1], [1, -1, 1, 1], [0, 0, 0, 0], [1, np.nan, 1, 1]):
         with pytest.raises(ValueError, match="row_weights"):
             fit_segmenter(x, y, image_size=32, steps=1, row_weights=np.asarray(bad, float), device="cpu")
+
+
+def test_a_one_seed_result_read_back_from_a_step_record_renders():
+    """One seed has no SE: a step record stores the NaNs as null, and a rerun served from it must still render."""
+    from tasks.report import render_card, render_report
+    from tasks.usefulness import render_markdown
+
+    arm = lambda v: {"n_rows": [10], "n_synthetic_rows": [0], "n_patients": [4],  # noqa: E731
+                     "tasks": {"segmentation": {"dice": {"mean": v, "sd": 0.0, "per_seed": [v]},
+                                                "cldice": {"mean": None, "sd": None, "per_seed": [None]}}}}
+    cmp = {"arm": "real_plus_synthetic", "baseline": "real_only", "task": "segmentation", "metric": "dice",
+           **paired_verdict([0.6], [0.7], True)}
+    cmp = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in cmp.items()}
+    use = {"rule": "r", "eval_split": "test", "seeds": [0], "arms": {"real_only": arm(0.6),
+           "real_plus_synthetic": arm(0.7)}, "comparisons": [cmp], "references": {}}
+    table = render_markdown(use)
+    assert "| real_plus_synthetic vs real_only | segmentation (dice) | +0.1000 | n/a | n/a SE | " \
+           "**no difference shown** |" in table
+    assert "| real_only | 10 (0) | 4 | 0.6000 +- 0.0000 | n/a +- n/a |" in table
+    assert "n/a" in render_report({"usefulness": use}, "phantom") and "n/a" in render_card({"usefulness": use}, {}, "x")
