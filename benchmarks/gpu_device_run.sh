@@ -94,13 +94,13 @@ section bench 120 $PY benchmarks/gpu_bench.py --sections peak,pix2pix,crgan,grap
 
 # ---------------------------------------------------------------- 4. the full preset, schedules cut
 # Pix2Pix: 3 epochs at batch 1 (594 train images, ~12-15 s an epoch on an H200 per issue 12); CRGAN: 25 epochs
-# (3 steps each; ~2.4 s an epoch); usefulness cut to one seed of 200 steps. Everything else is the full preset (256 px, widths).
+# (3 steps each; ~2.4 s an epoch); usefulness cut to one seed, segmenter 200 steps. Everything else is the full preset (256 px, widths).
 RUN=$WORK/run
 cat > "$WORK/short.json" <<'EOF'
 {"pix2pix": {"epochs": 3}, "crgan": {"epochs": 25}, "samples_per_missing": 2,
- "usefulness_steps": 200, "usefulness_seeds": 1, "workers": 8}
+ "usefulness": {"seeds": 1, "segmenter": {"steps": 200}}, "workers": 8}
 EOF
-[ "${SMOKE:-0}" = 1 ] && echo '{"pix2pix": {"epochs": 1}, "crgan": {"epochs": 1}, "usefulness_steps": 5}' > "$WORK/short.json"
+[ "${SMOKE:-0}" = 1 ] && echo '{"pix2pix": {"epochs": 1}, "crgan": {"epochs": 1}, "usefulness": {"segmenter": {"steps": 5}}}' > "$WORK/short.json"
 cp "$WORK/short.json" "$OUT/full_run_config.json"
 section full_run 240 $PY -m flows.cli run "$SOUL" "$RUN" --preset $PRESET --config "$WORK/short.json"
 [ -f "$RUN/augmented.h5" ] && section inspect 40 $PY -m flows.cli inspect "$RUN/augmented.h5" --deep

@@ -135,3 +135,87 @@ class CRGANConfig(TrainingSchedule):
     eval_samples: int = Field(4, ge=1, description="K random samples per held-out case for the single-sample scores "
                                                    "and the diversity figure (the held-out model score uses the "
                                                    "zero-noise sample)")
+
+
+class SegmenterRecipe(_Frozen):
+    """How the usefulness protocol trains its segmenter: the project's one supervised segmenter
+    (:func:`brvo_models.segmenter.fit_segmenter`: dilated CNN, BCE + soft Dice, best-on-val weights and
+    threshold). The same recipe trains every arm (and the relabeller); validation patients, real rows
+    only, choose its kept weights and threshold.
+
+    Chosen on the 53-patient demo phantom's validation patients (64 px, real rows, seed 0, one thread):
+    arch dilated (8 channels, no norm) at lr 3e-3 stayed at val Dice 0.23 (every pixel a vessel) through
+    1,000 steps at batch 8 or 32; dilated_bn (16 channels) on whole images reached 0.708 in 600 steps
+    (64 CPU s), on 32 px windows 0.690 in 600 steps (21 CPU s) and 0.680 in 300 (13 CPU s). Chosen by
+    budget (the protocol trains one per arm and seed): the best val Dice under about 25 CPU s a fit, so
+    32 px windows, 600 steps."""
+
+    arch: Literal["dilated", "dilated_bn", "unet"] = "dilated_bn"
+    width: int = Field(16, ge=1, le=256, description="channels of every hidden layer")
+    steps: int = Field(600, ge=1, le=1_000_000, description="optimiser steps (batches sampled with replacement)")
+    batch_size: int = Field(16, ge=1, le=4096)
+    lr: float = Field(3e-3, gt=0.0, le=1.0)
+    validations: int = Field(10, ge=1, le=1000, description="validations over the run (the best one is kept)")
+    crop: int | None = Field(32, ge=8, description="train on random square windows of this side (fully "
+                                                   "convolutional nets; about 4x cheaper a step at 64 px); None = whole")
+
+
+class ForecastRecipe(_Frozen):
+    """The usefulness protocol's treatment-response forecaster (brvo_models.response.ResponseForecaster).
+
+    Chosen on the validation patients of the 53-patient demo phantom (real rows, 2 seeds): val MAE 0.00364
+    (width 8, 300 steps, weight decay 1e-4) to 0.00389 over widths 8/16, 300/1000 steps, weight decay
+    1e-4/1e-2; then averaging the forecast over the 8 flips/rotations: 0.00355. On the same pairs "no
+    change" scores 0.00575 and the train rows' mean change per stage pair 0.00394: the forecaster adds
+    the patient-specific part.
+    """
+
+    width: int = Field(8, ge=1, le=256, description="channels of the first conv layer (doubling per level, 4 levels)")
+    steps: int = Field(300, ge=1, le=1_000_000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    lr: float = Field(2e-3, gt=0.0, le=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    density_scale: float = Field(20.0, gt=0.0, description="densities are regressed in units of 1/scale")
+    stage_prior: bool = Field(True, description="start from the training pairs' mean change per stage pair and "
+                                                "learn the patient-specific rest (see ResponseForecaster)")
+    tta: bool = Field(True, description="average the forecast over the 8 flips/rotations it was trained on")
+
+
+class UsefulnessConfig(_Frozen):
+    """What the usefulness protocol runs (tasks/usefulness.py): its arms, tasks, seeds, mix and recipes.
+
+    The defaults are the full study (benchmarks/usefulness_study.py); the demo preset runs a reduced one
+    to fit its time budget and says so in the report.
+    """
+
+    seeds: int = Field(3, ge=1, le=100, description="training seeds per arm; arms are compared paired by seed")
+    arms: tuple[Literal["real_only", "real_plus_synthetic", "synthetic_only"], ...] = Field(
+        ("real_only", "real_plus_synthetic", "synthetic_only"),
+        description="full-data arms, on the run's train patients and its synthetic rows")
+    low_data_fractions: tuple[float, ...] = Field(
+        (0.25, 0.5), description="low-data arms: this fraction of the train patients, real rows alone vs the "
+                                 "same rows + synthetic rows from models trained on that subset only")
+    subset_models: Literal["per_seed", "shared"] = Field(
+        "per_seed", description="per_seed: each seed draws its own patient subset and trains its own generator "
+                                "and labeller on it; shared: seed 0's subset and models serve every seed (cheaper; "
+                                "the seeds then vary the downstream training only)")
+    tasks: tuple[Literal["segmentation", "response"], ...] = ("segmentation", "response")
+    synthetic_filter: Literal["accepted", "all"] = Field(
+        "accepted", description="which synthetic rows enter a mix: the pipeline's accepted ones, or all")
+    synthetic_labels: Literal["pipeline", "segmenter"] = Field(
+        "pipeline", description="labels of the synthetic rows in a mix: the pipeline's (Pix2Pix), or the supervised "
+                                "segmenter's trained on the same real rows as the arm (the subset's in a low-data "
+                                "arm), weights and threshold chosen on the validation patients")
+    synthetic_weight: float = Field(1.0, gt=0, le=100.0, description="loss weight of a synthetic row (real rows: 1)")
+    eval_split: Literal["test", "val"] = Field(
+        "test", description="whose real rows score the arms: the held-out test patients (report) or the "
+                            "validation patients (for choosing settings)")
+    segmenter: SegmenterRecipe = SegmenterRecipe()
+    forecaster: ForecastRecipe = ForecastRecipe()
+
+    @model_validator(mode="after")
+    def _fractions_in_range(self) -> "UsefulnessConfig":
+        bad = [f for f in self.low_data_fractions if not 0.0 < f < 1.0]
+        if bad:
+            raise ValueError(f"low_data_fractions must lie in (0, 1), got {bad}")
+        return self

@@ -121,6 +121,11 @@ class RunPaths:
         return self.work / "scores.csv"
 
     @property
+    def usefulness_work(self) -> Path:
+        """The usefulness protocol's low-data sub-runs (a labeller and a generator per patient subset), cached."""
+        return self.root / "usefulness"
+
+    @property
     def step_records(self) -> Path:
         """One JSON record per finished step: its cache key, result and output stamps (tasks.steps)."""
         return self.root / ".steps"

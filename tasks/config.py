@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from brvo_models.configs import CRGANConfig, Pix2PixConfig
+from brvo_models.configs import CRGANConfig, ForecastRecipe, Pix2PixConfig, SegmenterRecipe, UsefulnessConfig
 from storage.errors import BrvoError
 
 PresetName = Literal["tiny", "demo", "full"]
@@ -51,9 +51,8 @@ class PipelineConfig(BaseModel):
         "dilated CNN, BCE + soft Dice, trained on Pix2Pix's train rows; weights and threshold chosen on validation "
         "patients). 2000 at lr 3e-3: val Dice 0.69 on two 64 px phantoms, about 0.01 below 6000 steps' "
         "(brvo_models/segmenter.py)")
-    usefulness_steps: int = Field(1000, ge=1, le=1_000_000,
-                                  description="optimisation steps per usefulness segmenter (both arms)")
-    usefulness_seeds: int = Field(3, ge=1, le=100, description="training seeds per arm of the usefulness experiment")
+    usefulness: UsefulnessConfig = Field(UsefulnessConfig(), description="the usefulness protocol's arms, tasks, "
+                                         "seeds, mix and downstream recipes (tasks/usefulness.py)")
 
     @field_validator("image_size")
     @classmethod
@@ -77,13 +76,15 @@ class PipelineConfig(BaseModel):
         for key, value in overrides.items():
             if value is None:
                 continue
-            if "." in key:
-                head, tail = key.split(".", 1)
-                if not isinstance(data.get(head), dict):
-                    raise BrvoError(f"config: unknown section {head!r} in {key!r}; sections are pix2pix and crgan")
-                data[head] = {**data[head], tail: value}
-            else:
-                data[key] = value
+            *sections, name = key.split(".")
+            node = data
+            for i, head in enumerate(sections):
+                if not isinstance(node.get(head), dict):
+                    raise BrvoError(f"config: unknown section {'.'.join(sections[:i + 1])!r} in {key!r}; sections "
+                                    "are pix2pix, crgan, usefulness, usefulness.segmenter and usefulness.forecaster")
+                node[head] = dict(node[head])
+                node = node[head]
+            node[name] = value
         return parse_config(data)
 
 
@@ -110,8 +111,9 @@ def preset(name: str) -> PipelineConfig:
                               context_dim=16, hidden_dim=16, epochs=1, batch_size=4),
             samples_per_missing=2,
             segmenter_steps=10,
-            usefulness_steps=5,
-            usefulness_seeds=1,
+            usefulness=UsefulnessConfig(seeds=1, arms=("real_only", "real_plus_synthetic"), low_data_fractions=(),
+                                        segmenter=SegmenterRecipe(steps=5, validations=1),
+                                        forecaster=ForecastRecipe(width=4, steps=5)),
         )
     if name == "demo":
         return PipelineConfig(
@@ -135,6 +137,10 @@ def preset(name: str) -> PipelineConfig:
                               batch_size=8, lr_g=1e-3, lr_d=4e-4, lambda_adv=0.2, context_subset_prob=0.25,
                               schedule="adaptive", epochs=100, min_steps=500, max_steps=2000, val_every=10,
                               patience=10),
+            # The usefulness step inside the demo's 10-minute budget: the product's comparison (real + synthetic
+            # vs real alone), both tasks, 3 seeds. synthetic_only and the low-data arms (each trains its own
+            # Pix2Pix and CRGAN on a patient subset) run in benchmarks/usefulness_study.py; the report says so.
+            usefulness=UsefulnessConfig(arms=("real_only", "real_plus_synthetic"), low_data_fractions=()),
         )
     if name == "full":
         return PipelineConfig(

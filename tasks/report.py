@@ -10,6 +10,7 @@ from typing import Any, Sequence
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
 from tasks.steps import PlanRun, Step
+from tasks.usefulness import render_markdown, rows_help, usage_advice
 
 PAPER_CONTEXT = ("The SOUL paper's segmenters (pre-trained on ROSE-1) reach Dice 0.72 (U-Net) to 0.77 (OCTA-Net) "
                  "on real SOUL labels. That is a different dataset from this run's input when it is the phantom.")
@@ -35,6 +36,9 @@ BAR_MEANING = {
     "pix2pix_beats_baselines": "Pix2Pix labels must beat every label baseline in Dice and clDice on test patients",
     "crgan_beats_baselines": "CRGAN images must beat nearest-stage copy and neighbour mean in SSIM and PSNR",
     "crgan_patient_specific": "a CRGAN sample must be closer to its own patient than to the others",
+    "synthetic_rows_help": "a model trained on real + synthetic rows must beat the same real rows alone on real "
+                           "test patients by the usefulness protocol's declared rule (a gain in at least one "
+                           "mix and task, a loss in none)",
 }
 
 
@@ -44,7 +48,9 @@ def bar_checks(report: dict[str, Any]) -> dict[str, bool]:
     pix2pix_beats_baselines: higher Dice and clDice than every label baseline of the run (Otsu, Frangi and
     the supervised segmenter) on the test patients;
     crgan_beats_baselines: higher mean SSIM and PSNR than nearest-stage copy and neighbour mean;
-    crgan_patient_specific: a sample is more similar to its own patient than to the others.
+    crgan_patient_specific: a sample is more similar to its own patient than to the others;
+    synthetic_rows_help: the usefulness protocol's real + synthetic mixes show a gain by its rule in at least
+    one mix and task and a loss in none (tasks.usefulness.rows_help).
     """
     bars: dict[str, bool] = {}
     p2p = report.get("pix2pix") or {}
@@ -58,6 +64,9 @@ def bar_checks(report: dict[str, Any]) -> dict[str, bool]:
     own = ((report.get("crgan") or {}).get("sample_quality") or {}).get("own_vs_other_ssim") or {}
     if "own" in own and "other" in own:
         bars["crgan_patient_specific"] = bool(own["own"] > own["other"])
+    helps = rows_help(report.get("usefulness") or {})
+    if helps is not None:
+        bars["synthetic_rows_help"] = helps
     return bars
 
 
@@ -220,11 +229,9 @@ def render_report(report: dict[str, Any], data_source: str) -> str:
                 _table(scores, ["mean", "p10", "p90", "accepted when", "rejected by it"]), ""]
     out += _image_quality_lines(report.get("image_quality"))
     use = report.get("usefulness")
-    if use:
-        rows = {k: v for k, v in use.items() if isinstance(v, dict) and "dice" in v}
-        out += ["## Usefulness: segmenter trained on real vs real + accepted synthetic", "",
-                _table(rows, ["dice", "cldice", "dice_std", "cldice_std", "n_train"]), "",
-                use.get("verdict", ""), ""]
+    if use and use.get("arms"):
+        out += ["## Usefulness: do the synthetic rows help a model on real test patients?", "",
+                render_markdown(use), "", f"**How to use the rows:** {usage_advice(use)}", ""]
     if report.get("timings_s"):
         cached = report["timings_s"].get("cached") or []
         rows = {k: {"seconds": v, "this run": _how_step_ran(report, k, cached)}
@@ -326,8 +333,9 @@ def _card_evidence(report: dict[str, Any]) -> list[str]:
                      f"{_fmt(quality['kid_mean'])} (real images of other patients: {_fmt(quality['baseline']['kid_mean'])}; "
                      f"lower is better), precision {_fmt(quality['precision'])}, recall {_fmt(quality['recall'])}.")
     use = report.get("usefulness") or {}
-    if use.get("verdict"):
-        lines.append(f"- Usefulness for a segmenter: {use['verdict']}.")
+    if use.get("arms"):
+        lines += ["", "### Do the synthetic rows help? (usefulness protocol)", "", render_markdown(use), "",
+                  f"**How to use the rows:** {usage_advice(use)}", ""]
     bars = bar_checks(report)  # derived from the numbers every time, like report.md; never a stale copy
     if bars:
         missed = [name for name, ok in bars.items() if not ok]

@@ -20,8 +20,8 @@ from storage.run_dir import RunPaths, read_report
 pytestmark = [pytest.mark.slow, pytest.mark.gpu]
 
 #: One epoch each, one sample per hole, two usefulness steps: only the schedule and the counts shrink.
-SHORT = {"pix2pix": {"epochs": 1}, "crgan": {"epochs": 1}, "samples_per_missing": 1, "usefulness_steps": 2,
-         "usefulness_seeds": 1}
+SHORT = {"pix2pix": {"epochs": 1}, "crgan": {"epochs": 1}, "samples_per_missing": 1, "segmenter_steps": 5,
+         "usefulness": {"seeds": 1, "segmenter": {"steps": 2, "validations": 1}, "forecaster": {"steps": 2}}}
 
 
 @pytest.fixture(scope="module")

@@ -46,10 +46,9 @@ def test_rendered_report_shows_the_verdicts_and_the_per_stage_table():
 
 
 def test_dataset_card_carries_the_measured_quality_and_missed_bars():
-    report = {**_report(p2p_dice=0.5), "usefulness": {"verdict": "adding accepted synthetic rows lowered mean test Dice"}}
+    report = _report(p2p_dice=0.5)
     card = render_card(report, {}, "phantom")
     assert "Pix2Pix labels on held-out real test patients: Dice 0.500" in card
-    assert "lowered mean test Dice" in card
     assert "2 of 3 quality bars met; not met: pix2pix_beats_baselines" in card
     assert card.startswith("# Dataset card") and "> **WARNING** quality bar not met: pix2pix_beats_baselines" in card
 
