@@ -138,9 +138,8 @@ def time_blocks(step: Callable[[], Any], device: torch.device, window_s: float, 
             "spread": (max(per_step) - min(per_step)) / statistics.median(per_step)}
 
 
-def matmul_peak(device: torch.device, n: int, reps: int) -> dict[str, float]:
-    """bf16 TFLOP/s of an n x n @ n x n matmul, best of three blocks of ``reps``."""
-    dtype = torch.bfloat16
+def matmul_peak(device: torch.device, n: int, reps: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+    """TFLOP/s of an n x n @ n x n matmul in ``dtype`` (bf16: the peak), best of three blocks of ``reps``."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):

@@ -33,18 +33,10 @@ from tasks.config import preset  # noqa: E402
 
 
 def matmul_gflops(n: int = 1024, reps: int = 20, device: str = "cpu", dtype=torch.float32) -> float:
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 * reps / best / 1e9
+    """GFLOP/s of an n x n matmul on this machine: the reference the step figures are read against."""
+    from gpu_bench import matmul_peak  # benchmarks/ is on sys.path when a benchmark runs as a script
+
+    return matmul_peak(torch.device(device), n, reps, dtype)["tflops"] * 1e3
 
 
 def _sync(device) -> None:
