@@ -99,7 +99,7 @@ def test_pix2pix_evaluation_agrees(run, batched_calls):
     reference = evaluate_pix2pix(run_dir, CONFIG, log=_quiet, score_on=None)
     assert batched_calls == []
     batched = evaluate_pix2pix(run_dir, CONFIG, log=_quiet, score_on="cpu")
-    assert batched_calls.count("mask_image_scores") == 3  # model, Otsu, Frangi
+    assert batched_calls.count("mask_image_scores") == 4  # model, Otsu, Frangi, the supervised segmenter
     assert _agree(reference, batched) > 20
     assert reference["test"]["n"] == batched["test"]["n"] > 0
 
