@@ -353,6 +353,19 @@ def _pids(run_dir: Path) -> set[int]:
     return {int((run_dir / f"{n}.started").read_text()) for n in ("left", "right")}
 
 
+def _fork_on(runner, tmp_path: Path, name: str):
+    """FORK once sequentially, then on ``runner`` in ``tmp_path/name``: (that run dir, the runner's PlanRun),
+    after checking both give the same results and step records."""
+    sequential = _run(tmp_path / "sequential", plan=FORK)
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    (run_dir / "expect_partner").write_text("")
+    concurrent = _fork_flow(str(run_dir), runner)()
+    assert {k: v.result for k, v in concurrent.outcomes.items()} == {k: v.result for k, v in sequential.outcomes.items()}
+    _same_records(tmp_path / "sequential", run_dir, ["first", "left", "right", "join"])
+    return run_dir, concurrent
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_prefect_submits_independent_steps_to_the_flows_process_pool(tmp_path):
@@ -361,15 +374,9 @@ def test_prefect_submits_independent_steps_to_the_flows_process_pool(tmp_path):
 
     from tasks.concurrency import step_task_runner
 
-    sequential = _run(tmp_path / "sequential", plan=FORK)
-    run_dir = tmp_path / "pool"
-    run_dir.mkdir()
-    (run_dir / "expect_partner").write_text("")
-    concurrent = _fork_flow(str(run_dir), step_task_runner())()
+    run_dir, _ = _fork_on(step_task_runner(), tmp_path, "pool")
     pids = _pids(run_dir)
     assert len(pids) == 2 and os.getpid() not in pids  # two worker processes, at the same time
-    assert {k: v.result for k, v in concurrent.outcomes.items()} == {k: v.result for k, v in sequential.outcomes.items()}
-    _same_records(tmp_path / "sequential", run_dir, ["first", "left", "right", "join"])
     again = _fork_flow(str(run_dir), step_task_runner())()
     assert again.cached == ["first", "left", "right", "join"]  # served here, without starting processes
 
@@ -380,16 +387,10 @@ def test_a_dask_cluster_of_two_local_workers_runs_them_too(tmp_path):
     """For users who outgrow one machine: the same flow on prefect-dask's DaskTaskRunner."""
     from prefect_dask import DaskTaskRunner
 
-    sequential = _run(tmp_path / "sequential", plan=FORK)
-    run_dir = tmp_path / "dask"
-    run_dir.mkdir()
-    (run_dir / "expect_partner").write_text("")
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True,
                                             "dashboard_address": None})
-    concurrent = _fork_flow(str(run_dir), runner)()
+    run_dir, _ = _fork_on(runner, tmp_path, "dask")
     assert len(_pids(run_dir)) == 2
-    assert {k: v.result for k, v in concurrent.outcomes.items()} == {k: v.result for k, v in sequential.outcomes.items()}
-    _same_records(tmp_path / "sequential", run_dir, ["first", "left", "right", "join"])
 
 
 @pytest.mark.usefixtures("prefect_harness")
