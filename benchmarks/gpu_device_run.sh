@@ -22,12 +22,18 @@
 # Copied to $OUT: every log, gpu_bench*.json, and the run's report.json, report.md, run.json, DATASET_CARD.md,
 # .steps/*.json and the top-level figures (not the per-patient timelines). Exit status: 0 when every section passed, else 1 (see summary.txt).
 #
+# SECTIONS (default "bench full_run pytest_gpu bench_eval") picks the optional sections, e.g. a rerun of
+# SECTIONS="full_run pytest_gpu" after a fix. A device machine returns only a few files, so everything is also
+# packed into $OUT/results.tgz (unpack with tar xzf).
+#
 # SMOKE=1 checks the script itself on a CPU in a few minutes: an 8-patient phantom, the tiny preset with one
 # epoch each, the bench's --tiny sizes at batch 1 (pytest -m gpu then skips: no CUDA).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
+SECTIONS=" ${SECTIONS:-bench full_run pytest_gpu bench_eval} "
+wanted() { [[ "$SECTIONS" == *" $1 "* ]]; }
 WORK=${WORK:-/tmp/brvo_gpu_work}
 TOTAL_S=${TOTAL_S:-530}
 PY=${PYTHON:-python3}
@@ -89,22 +95,22 @@ from tasks.phantom import generate_phantom
 print(generate_phantom(Path('$SOUL'), n_patients=$PATIENTS, workers=min(16, os.cpu_count() or 1)))"
 
 # ---------------------------------------------------------------- 3. training-step benchmark
-section bench 120 $PY benchmarks/gpu_bench.py --sections peak,pix2pix,crgan,graphs --window 1.0 \
+wanted bench && section bench 120 $PY benchmarks/gpu_bench.py --sections peak,pix2pix,crgan,graphs --window 1.0 \
     --section-timeout 60 --json "$OUT/gpu_bench.json" $BENCH_SIZE
 
 # ---------------------------------------------------------------- 4. the full preset, schedules cut
 # Pix2Pix: 3 epochs at batch 1 (594 train images, ~12-15 s an epoch on an H200 per issue 12); CRGAN: 25 epochs
 # (3 steps each; ~2.4 s an epoch); usefulness cut to one seed, segmenter 200 steps. Everything else is the full preset (256 px, widths).
 RUN=$WORK/run
-cat > "$WORK/short.json" <<'EOF'
+cat > "$WORK/short.json" <<EOF
 {"pix2pix": {"epochs": 3}, "crgan": {"epochs": 25}, "samples_per_missing": 2,
- "usefulness": {"seeds": 1, "segmenter": {"steps": 200}}, "workers": 8}
+ "usefulness": {"seeds": 1, "segmenter": {"steps": 200}${USEFULNESS_EXTRA:-}}, "workers": 8}
 EOF
 [ "${SMOKE:-0}" = 1 ] && echo '{"pix2pix": {"epochs": 1}, "crgan": {"epochs": 1}, "usefulness": {"segmenter": {"steps": 5}}}' > "$WORK/short.json"
 cp "$WORK/short.json" "$OUT/full_run_config.json"
-section full_run 240 $PY -m flows.cli run "$SOUL" "$RUN" --preset $PRESET --config "$WORK/short.json"
-[ -f "$RUN/augmented.h5" ] && section inspect 40 $PY -m flows.cli inspect "$RUN/augmented.h5" --deep
-section flow_timings 30 $PY benchmarks/gpu_bench.py $BENCH_SIZE --sections flow --full-run "$RUN" \
+wanted full_run && section full_run ${FULL_RUN_S:-240} $PY -m flows.cli run "$SOUL" "$RUN" --preset $PRESET --config "$WORK/short.json"
+wanted full_run && [ -f "$RUN/augmented.h5" ] && section inspect 40 $PY -m flows.cli inspect "$RUN/augmented.h5" --deep
+wanted full_run && section flow_timings 30 $PY benchmarks/gpu_bench.py $BENCH_SIZE --sections flow --full-run "$RUN" \
     --json "$OUT/gpu_bench_flow.json"
 mkdir -p "$OUT/run"
 for f in report.json report.md run.json DATASET_CARD.md; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/run/"; done
@@ -112,14 +118,15 @@ for f in report.json report.md run.json DATASET_CARD.md; do [ -f "$RUN/$f" ] && 
 [ -d "$RUN/figures" ] && mkdir -p "$OUT/run/figures" && cp "$RUN"/figures/*.png "$OUT/run/figures/" 2>/dev/null
 
 # ---------------------------------------------------------------- 5. the CUDA integration test
-if $PY -c "import pytest" 2>/dev/null; then
+if ! wanted pytest_gpu; then :
+elif $PY -c "import pytest" 2>/dev/null; then
     section pytest_gpu 130 $PY -m pytest -m gpu -x -p no:cacheprovider --durations=10 tests/test_gpu.py
 else
     echo "SKIP pytest_gpu (pytest not installed: add its wheels to .whl/, see the header)" | tee -a "$SUMMARY"
 fi
 
 # ---------------------------------------------------------------- 6. evaluation seconds per model
-[ -f "$RUN/checkpoints/crgan/best.pt" ] && section bench_eval 90 $PY benchmarks/gpu_bench.py $BENCH_SIZE --sections eval \
+wanted bench_eval && [ -f "$RUN/checkpoints/crgan/best.pt" ] && section bench_eval 90 $PY benchmarks/gpu_bench.py $BENCH_SIZE --sections eval \
     --full-run "$RUN" --section-timeout 85 --json "$OUT/gpu_bench_eval.json"
 
 echo "=== [$(elapsed)s] done"
@@ -143,4 +150,5 @@ for name in ("gpu_bench.json", "gpu_bench_flow.json", "gpu_bench_eval.json"):
         if d.get("eval"):
             print("eval", d["eval"])
 EOF
+tar czf /tmp/results.tgz -C "$OUT" . && mv /tmp/results.tgz "$OUT/results.tgz"
 grep -q FAIL "$SUMMARY" && exit 1 || exit 0

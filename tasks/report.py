@@ -85,6 +85,8 @@ def warnings_of(report: dict[str, Any]) -> list[str]:
     if syn.get("n") and not syn.get("accepted"):
         out.append(f"none of the {syn['n']} synthetic samples was accepted: every one failed a score threshold "
                    "(see the score table and figures/score_histograms.png)")
+    for name, reason in ((report.get("usefulness") or {}).get("skipped_arms") or {}).items():
+        out.append(f"usefulness: the {name} arms were not run: {reason}")
     degenerate = syn.get("degenerate_labels") or 0
     if degenerate:
         out.append(f"{degenerate} of {syn.get('n')} synthetic labels are degenerate (no vessel pixel, or vessels over "

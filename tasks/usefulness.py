@@ -339,8 +339,21 @@ class _Arm:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def low_data_infeasible(train_patients: Iterable[str], selection_patients: Iterable[str]) -> str | None:
+    """Why a low-data arm cannot run on this split, or None. Its sub-run trains Pix2Pix and CRGAN on the subset
+    and needs two validation patients (one selects checkpoints, one is the training preflight's test), and a
+    subset smaller than the train patients (else it is the full-data arm again)."""
+    n_train, n_select = len(set(train_patients)), len(set(selection_patients))
+    if n_select < 2:
+        return (f"only {n_select} validation patient(s); a low-data sub-run needs 2 (one selects its checkpoints, "
+                "one is its preflight's test patient)")
+    if n_train <= 2:
+        return f"only {n_train} train patient(s); a low-data subset keeps at least 2, so it would not be smaller"
+    return None
+
+
 def _arms(data: StudyData, config: UsefulnessConfig, maker: SyntheticMaker | None, work_dir: Path,
-          maker_seconds: dict[str, dict[str, float]], device: str) -> list[_Arm]:
+          maker_seconds: dict[str, dict[str, float]], device: str, skipped: dict[str, str]) -> list[_Arm]:
     real_train, val = data.real["train"], data.real["val"]
 
     def labelled(rows: Rows, real: Rows, seed: int) -> Rows:  # the mix's synthetic labels (config.synthetic_labels)
@@ -387,6 +400,10 @@ def _arms(data: StudyData, config: UsefulnessConfig, maker: SyntheticMaker | Non
 
     for f in config.low_data_fractions:
         tag = f"low_data_{int(round(f * 100))}"
+        reason = low_data_infeasible(train_ids, select_ids)
+        if reason:
+            skipped[tag] = reason
+            continue
         real_sub = lambda s, f=f: real_train.of_patients(subset_patients(train_ids, f, subset_seed(s)))
         arms.append(_Arm(f"{tag}_real", real_sub, None, {"fraction": f}))
         arms.append(_Arm(f"{tag}_real_plus_synthetic", lambda s, f=f, r=real_sub: Rows.concat(r(s), synthetic_for(f, s)),
@@ -401,7 +418,10 @@ def run_protocol(data: StudyData, config: UsefulnessConfig, *, maker: SyntheticM
     evaluate = data.real[config.eval_split]
     val = data.real["val"]
     maker_seconds: dict[str, dict[str, float]] = {}
-    arms = _arms(data, config, maker, Path(work_dir), maker_seconds, device)
+    skipped: dict[str, str] = {}
+    arms = _arms(data, config, maker, Path(work_dir), maker_seconds, device, skipped)
+    for name, reason in skipped.items():
+        log(f"usefulness: {name} arms skipped: {reason}")
     seeds = list(range(config.seeds))
     values: dict[str, dict[str, dict[str, list[float]]]] = {a.name: {t: {} for t in config.tasks} for a in arms}
     sizes: dict[str, dict[str, list[int]]] = {a.name: {"rows": [], "synthetic_rows": [], "patients": []} for a in arms}
@@ -445,6 +465,7 @@ def run_protocol(data: StudyData, config: UsefulnessConfig, *, maker: SyntheticM
         "patients": {s: len(r.patients) for s, r in data.real.items()},
         "arms": result_arms,
         "comparisons": comparisons,
+        "skipped_arms": skipped,  # arm prefix -> why it could not run on this split
         "references": references,
         "synthetic_maker_seconds": maker_seconds,  # per low-data subset: its generator + labeller (0 when cached)
         "seconds": round(time.perf_counter() - t0, 1),
@@ -497,6 +518,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     left_out = [a for a in ("real_plus_synthetic", "synthetic_only") if cfg and a not in cfg.get("arms", ())]
     if cfg and not cfg.get("low_data_fractions"):
         left_out.append("low-data arms")
+    for name, reason in (result.get("skipped_arms") or {}).items():
+        notes.append(f"**Skipped:** the {name} arms: {reason}.")
     if left_out:
         notes.append(f"Not run here (budget): {', '.join(left_out)}; benchmarks/usefulness_study.py runs the full "
                      "study.")

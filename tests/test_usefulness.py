@@ -224,6 +224,33 @@ def test_low_data_generator_and_labeller_see_only_the_subset(blob_study, tmp_pat
     assert result["arms"]["low_data_50_real"]["n_patients"] == [len(train_ids) // 2] * 2
 
 
+def test_a_split_too_small_for_a_low_data_subrun_skips_those_arms_with_a_warning(blob_study, tmp_path):
+    """Five patients split 3/1/1 (the full preset's GPU test): a low-data sub-run needs two validation patients.
+    The protocol must run the other arms and say why the low-data ones did not run, not fail the flow."""
+    from tasks.report import render_report, warnings_of
+    from tasks.usefulness import low_data_infeasible, render_markdown
+
+    real = blob_study.real
+    one_val = {"train": real["train"], "val": real["val"].of_patients(real["val"].patients[:1]), "test": real["test"]}
+    called = []
+    config = UsefulnessConfig(seeds=1, arms=("real_only",), low_data_fractions=(0.25, 0.5), tasks=("segmentation",),
+                              **FAST)
+    lines = []
+    result = run_protocol(StudyData(real=one_val, synthetic_train=real["train"].where(np.zeros(len(real["train"]), bool)),
+                                    soul_h5=Path("unused.h5")),
+                          config, maker=lambda request: called.append(request), work_dir=tmp_path, log=lines.append)
+    assert called == [] and list(result["arms"]) == ["real_only"]
+    assert set(result["skipped_arms"]) == {"low_data_25", "low_data_50"}
+    assert "only 1 validation patient(s)" in result["skipped_arms"]["low_data_25"]
+    assert any("low_data_25 arms skipped" in line for line in lines)
+    assert "**Skipped:** the low_data_50 arms: only 1 validation patient(s)" in render_markdown(result)
+    warnings = warnings_of({"usefulness": result})
+    assert any(w.startswith("usefulness: the low_data_25 arms were not run") for w in warnings)
+    assert "the low_data_25 arms were not run" in render_report({"usefulness": result}, "phantom")
+    assert low_data_infeasible(["a", "b"], ["v1", "v2"]).startswith("only 2 train patient(s)")
+    assert low_data_infeasible(["a", "b", "c"], ["v1", "v2"]) is None
+
+
 def test_a_maker_that_returns_outside_patients_is_refused(blob_study, tmp_path):
     def leaky(request: SubsetRequest) -> Rows:  # "synthetic" rows of every train patient
         r = blob_study.real["train"]
