@@ -174,6 +174,7 @@ def train_crgan(
         on_validation=on_validation,
         log=log,
         max_validations_this_call=max_validations_this_call,
+        checkpoint_every_s=c.checkpoint_every_s,
     )
     best = fitted.best_metrics
     return CRGANResult(

@@ -181,6 +181,7 @@ def train_pix2pix(
         on_validation=on_validation,
         log=log,
         max_validations_this_call=max_validations_this_call,
+        checkpoint_every_s=p.checkpoint_every_s,
     )
     best = fitted.best_metrics
     return Pix2PixResult(

@@ -396,3 +396,15 @@ def test_cuda_graphs_are_not_part_of_the_checkpoint_identity():
     b = CheckpointIdentity("pix2pix", Pix2PixConfig(cuda_graphs=True), 64, 0)
     assert a.config_hash == b.config_hash  # a run may resume with the flag changed
     assert a.config_hash != CheckpointIdentity("pix2pix", Pix2PixConfig(ngf=32), 64, 0).config_hash
+
+
+def test_the_checkpoint_cadence_is_not_part_of_either_models_checkpoint_identity():
+    """A run killed under one checkpoint_every_s may resume under another: it changes when weights are written,
+    not what is trained."""
+    from brvo_models.configs import CRGANConfig
+    from brvo_models.identity import CheckpointIdentity
+
+    for name, cls in (("pix2pix", Pix2PixConfig), ("crgan", CRGANConfig)):
+        a = CheckpointIdentity(name, cls(), 64, 0)
+        assert a.config_hash == CheckpointIdentity(name, cls(checkpoint_every_s=60), 64, 0).config_hash
+        assert a.config_hash != CheckpointIdentity(name, cls(epochs=3), 64, 0).config_hash

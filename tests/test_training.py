@@ -184,6 +184,73 @@ def test_resume_after_a_kill_mid_schedule_gives_the_weights_of_an_uninterrupted_
     assert resumed.best_step == full.best_step
 
 
+class FakeClock:
+    """Seconds that advance by ``per_call`` each time they are read (one read per validation, one per write)."""
+
+    def __init__(self, per_call: float) -> None:
+        self.now, self.per_call = 0.0, per_call
+
+    def __call__(self) -> float:
+        self.now += self.per_call
+        return self.now
+
+
+def _weights(path):
+    return {k: v for k, v in load_checkpoint(path)["modules"]["net"].items()}
+
+
+def test_a_checkpoint_cadence_writes_less_and_ends_with_the_same_checkpoints(tmp_path, monkeypatch):
+    """checkpoint_every_s (the full preset's 60 s): fewer writes of the 0.5-0.7 GB checkpoints, and the run
+    ends with the best.pt and last.pt that writing at every validation gives."""
+    import brvo_models.training as training
+
+    config = _adaptive(min_steps=40, max_steps=40, val_every=4)  # 10 validations
+    every = _fit(FakeModel(), config, 7, tmp_path / "every")
+    writes = []
+    real_save = training.save_checkpoint
+    monkeypatch.setattr(training, "save_checkpoint", lambda path, payload: writes.append(path.name) or
+                        real_save(path, payload))
+    sparse = _fit(FakeModel(), config, 7, tmp_path / "sparse", checkpoint_every_s=10.0, clock=FakeClock(1.0))
+    assert writes.count(LAST) < 10 and writes[-1] == LAST  # not every validation; always at the end
+    assert load_checkpoint(tmp_path / "sparse" / LAST)["meta"]["step"] == 40
+    assert sparse.best_step == every.best_step
+    for name in (BEST, LAST):
+        a, b = _weights(tmp_path / "every" / name), _weights(tmp_path / "sparse" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_checkpoint(tmp_path / "sparse" / LAST)["progress"]["best_sha256"] == sparse.best_sha256
+
+
+def test_a_kill_between_checkpoint_writes_resumes_from_the_older_one_and_ends_the_same(tmp_path):
+    """A crash after validations that wrote nothing: the resume starts at the last written step, replays the
+    lost steps and ends with the weights and best step of an uninterrupted run."""
+    config = _adaptive(min_steps=40, max_steps=40, val_every=4, patience=0)
+    straight = FakeModel()
+    full = _fit(straight, config, 7, tmp_path / "straight")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_28(row):
+        if row["step"] == 28:
+            raise Killed
+
+    with pytest.raises(Killed):  # the clock is read once per validation: writes after 3 more seconds pass
+        _fit(FakeModel(), config, 7, tmp_path / "killed", checkpoint_every_s=3.0, clock=FakeClock(1.0),
+             on_validation=kill_at_step_28)
+    written_at = load_checkpoint(tmp_path / "killed" / LAST)["meta"]["step"]
+    assert 0 < written_at < 28
+    torch.manual_seed(12345)
+    resumed_model = FakeModel()
+    resumed = fit(resumed_model, batches_of(7), schedule=Schedule.from_config(config, 7),
+                  checkpoint_dir=tmp_path / "killed", identity=CheckpointIdentity("fake", config, 32, 0),
+                  log=lambda _m: None, checkpoint_every_s=3.0, clock=FakeClock(1.0))
+    assert resumed.resumed_from_step == written_at and resumed.steps == full.steps
+    assert torch.equal(straight.net.weight, resumed_model.net.weight)
+    assert resumed.best_step == full.best_step
+    a, b = _weights(tmp_path / "killed" / BEST), _weights(tmp_path / "straight" / BEST)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_resume_on_another_schedule_is_refused_untouched(tmp_path):
     config = _adaptive(min_steps=30, max_steps=30, val_every=4)
     _fit(FakeModel(), config, 7, tmp_path, max_validations_this_call=1)
