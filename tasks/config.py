@@ -124,6 +124,8 @@ def preset(name: str) -> PipelineConfig:
             # lambda_dice: not in the reference pix2pix. At 64 px its L1 objective alone ties Otsu and stays
             # below Frangi (docs/pix2pix-64px.md); a soft-Dice term of the L1's weight, chosen on val
             # patients from 0/10/30/50/100, lifts test Dice 0.566 -> 0.598 (3 seeds). `full` keeps the reference.
+            # Checkpoints at most once a minute (and at the end): measured, a demo Pix2Pix checkpoint is 96 MB and
+            # takes 0.4-0.6 s to write; CRGAN validates 50 times. The weights trained do not change.
             # Schedules: adaptive, so a dataset smaller than the phantom still gets min_steps optimiser steps
             # and a larger one proportionally more (up to max_steps). On the 53-patient phantom the budget is
             # today's compute: Pix2Pix 16 epochs x 75 steps = 1,200, CRGAN 100 epochs x 5 steps = 500.
@@ -132,11 +134,11 @@ def preset(name: str) -> PipelineConfig:
             # (docs/robustness-grid.md): mean val Dice 0.854 vs the earlier 100 / 2e-4's 0.832, higher on all four.
             pix2pix=Pix2PixConfig(ngf=32, ndf=32, norm="instance", batch_size=8, lambda_dice=1000.0, lr=2e-3,
                                   schedule="adaptive", epochs=16, min_steps=1200, max_steps=4800, val_every=100,
-                                  patience=5),
+                                  patience=5, checkpoint_every_s=60),
             crgan=CRGANConfig(ngf=8, ndf=32, n_layers_d=2, z_dim=32, context_dim=128, hidden_dim=128,
                               batch_size=8, lr_g=1e-3, lr_d=4e-4, lambda_adv=0.2, context_subset_prob=0.25,
                               schedule="adaptive", epochs=100, min_steps=500, max_steps=2000, val_every=10,
-                              patience=10),
+                              patience=10, checkpoint_every_s=60),
             # The usefulness step inside the demo's 10-minute budget: the product's comparison (real + synthetic
             # vs real alone), both tasks, 3 seeds. synthetic_only and the low-data arms (each trains its own
             # Pix2Pix and CRGAN on a patient subset) run in benchmarks/usefulness_study.py; the report says so.
