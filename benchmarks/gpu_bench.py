@@ -17,6 +17,8 @@ Everything is measured in one process, so the figures share one GPU, clock and d
   a step generates (its batch is of patients); the host-side batch building and the upload (``stage``), which
   fit runs in a prefetch thread, are timed apart.
 * ``graphs``: Pix2Pix at batch 1 (bf16) with ``cuda_graphs`` on vs off; compile time reported apart.
+* ``checkpoint``: each model's checkpoint (weights + optimiser state) at the config's size, in MB, and the
+  seconds to write it: the cost ``checkpoint_every_s`` bounds (fit writes one after a validation).
 * ``eval`` (with ``--full-run``): seconds of the product's ``evaluate_pix2pix`` and ``evaluate_crgan`` on that
   run's checkpoints and soul.h5, with the run's own config.
 * ``flow`` (with ``--full-run``): the run's wall time per flow step (report.json ``timings_s`` and the step
@@ -55,7 +57,7 @@ from brvo_models.crgan_data import N_STAGES, PatientSequence, make_train_batches
 from brvo_models.pix2pix import Pix2Pix
 from tasks.config import preset
 
-SECTIONS = ("peak", "pix2pix", "crgan", "graphs", "eval", "flow")
+SECTIONS = ("peak", "pix2pix", "crgan", "graphs", "checkpoint", "eval", "flow")
 
 
 def log(msg: str) -> None:
@@ -279,6 +281,43 @@ def bench_crgan(args, device, peak, results: list) -> None:
             log(format_row(row))
 
 
+def bench_checkpoint(args, device, out: dict, repeats: int = 3) -> None:
+    """Seconds to write each model's checkpoint (weights + optimiser state, as fit writes after a validation)
+    at the config's size, beside the size in MB: the cost that ``checkpoint_every_s`` bounds."""
+    import tempfile
+
+    from storage.checkpoints import save_checkpoint
+
+    config = args.config
+    seqs = synthetic_sequences(37, config.image_size)
+    makers = {
+        "pix2pix": lambda: Pix2Pix(config.pix2pix.model_copy(update={"batch_size": 1, "cuda_graphs": False}),
+                                   config.image_size, device),
+        "crgan": lambda: CRGAN(config.crgan, config.image_size, [s.patient_id for s in seqs], device),
+    }
+    with tempfile.TemporaryDirectory(prefix="ckpt_bench_") as tmp:
+        for name, make in makers.items():
+            model = make()
+            for opt in model.optimizers().values():  # Adam's moments exist after a step: fill them as one would
+                for group in opt.param_groups:
+                    for param in group["params"]:
+                        param.grad = torch.zeros_like(param)
+                opt.step()
+            payload = {"modules": {k: m.state_dict() for k, m in model.modules().items()},
+                       "optimizers": {k: o.state_dict() for k, o in model.optimizers().items()}}
+            path = Path(tmp) / f"{name}.pt"
+            seconds = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                save_checkpoint(path, payload)
+                seconds.append(time.perf_counter() - t)
+            out[name] = {"mb": path.stat().st_size / 1e6, "write_s_min": min(seconds), "write_s_max": max(seconds),
+                         "params_m": sum(p.numel() for m in model.modules().values() for p in m.parameters()) / 1e6}
+            log(f"checkpoint {name}: {out[name]['params_m']:.1f} M params, {out[name]['mb']:.0f} MB, "
+                f"write {min(seconds):.2f}-{max(seconds):.2f} s")
+            model = payload = None
+
+
 def bench_eval(run_dir: Path, out: dict) -> None:
     """The product's evaluate functions on a finished run, with its recorded config."""
     from tasks.run_record import recorded_config
@@ -363,6 +402,8 @@ def print_table(results: dict) -> None:
     for key in ("pix2pix", "crgan", "graphs"):
         for row in results.get(key) or []:
             log(format_row(row))
+    for name, ck in (results.get("checkpoint") or {}).items():
+        log(f"checkpoint {name}: {ck['mb']:.0f} MB, write {ck['write_s_min']:.2f}-{ck['write_s_max']:.2f} s")
     for name, ev in (results.get("eval") or {}).items():
         log(f"eval {name}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items()))
     flow = results.get("flow") or {}
@@ -453,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
         bench_pix2pix(args, device, peak_tflops(), results["graphs"], cuda_graphs_variants=(False, True),
                       precisions=[args.precisions[0]], batches=[1])
 
+    def run_checkpoint():
+        results["checkpoint"] = {}
+        bench_checkpoint(args, device, results["checkpoint"])
+
     def run_eval():
         if args.full_run is None:
             raise RuntimeError("needs --full-run RUN_DIR")
@@ -465,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         results["flow"] = flow_timings(args.full_run)
 
     runners = {"peak": run_peak, "pix2pix": run_pix2pix, "crgan": run_crgan, "graphs": run_graphs,
-               "eval": run_eval, "flow": run_flow}
+               "checkpoint": run_checkpoint, "eval": run_eval, "flow": run_flow}
     for name in sections:
         log(f"--- section {name}")
         t = time.perf_counter()

@@ -11,7 +11,7 @@
 #      pytest iniconfig)
 #   2. the demo's 53-patient phantom (tasks.phantom, no Prefect server needed)
 #   3. benchmarks/gpu_bench.py: matmul peak, Pix2Pix and CRGAN train_step img/s at batch 1/8/32 (bf16, fp32),
-#      Pix2Pix batch 1 cuda_graphs on/off
+#      Pix2Pix batch 1 cuda_graphs on/off, checkpoint write seconds per model
 #   4. `python3 -m flows.cli run SOUL RUN --preset full --config short.json`: the whole flow at 256 px with
 #      schedules cut to fit (SHORT_CONFIG below), then `flows.cli inspect --deep` of its augmented.h5 and
 #      the flow's per-step timings (gpu_bench.py --sections flow)
@@ -95,7 +95,7 @@ from tasks.phantom import generate_phantom
 print(generate_phantom(Path('$SOUL'), n_patients=$PATIENTS, workers=min(16, os.cpu_count() or 1)))"
 
 # ---------------------------------------------------------------- 3. training-step benchmark
-wanted bench && section bench 120 $PY benchmarks/gpu_bench.py --sections peak,pix2pix,crgan,graphs --window 1.0 \
+wanted bench && section bench 120 $PY benchmarks/gpu_bench.py --sections peak,pix2pix,crgan,graphs,checkpoint --window 1.0 \
     --section-timeout 60 --json "$OUT/gpu_bench.json" $BENCH_SIZE
 
 # ---------------------------------------------------------------- 4. the full preset, schedules cut

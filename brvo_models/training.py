@@ -198,7 +198,7 @@ def fit(
     ``checkpoint_every_s``: 0 writes last.pt (and best.pt when the score improved) at every validation.
     A positive value writes them only once that many seconds (``clock``) have passed since the last
     write, and always when training ends: at 256 px a checkpoint with its optimiser state is 0.5-0.7 GB
-    and takes 1.6-3.4 s to write, longer than CRGAN's three training steps between validations. In
+    and takes 1.0-3.4 s to write, longer than CRGAN's three training steps between validations. In
     between, the newest best state waits in host memory. A kill loses at most that much training,
     and the resume from the older last.pt replays it exactly (same weights, same best step).
     """

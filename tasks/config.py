@@ -150,7 +150,7 @@ def preset(name: str) -> PipelineConfig:
             image_size=256,
             # the reference schedule: 200 epochs, 100 at constant lr then 100 of linear decay, no early stop
             # checkpoints at most once a minute: measured, a 256 px checkpoint with its optimiser state (Pix2Pix
-            # 686 MB, CRGAN 520 MB) takes 1.6-3.4 s to write, and CRGAN validates every epoch of 3 steps (~0.5 s)
+            # 686 MB, CRGAN 520 MB) takes 1.0-3.4 s to write, and CRGAN validates every epoch of 3 steps (~0.5 s)
             pix2pix=Pix2PixConfig(schedule="fixed", epochs=200, decay_fraction=0.5, batch_size=1,
                                   checkpoint_every_s=60),
             crgan=CRGANConfig(schedule="fixed", epochs=400, batch_size=16, checkpoint_every_s=60),

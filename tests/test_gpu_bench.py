@@ -27,11 +27,14 @@ def test_tiny_bench_times_both_training_steps_and_keeps_going_after_a_failed_sec
     out = tmp_path / "bench.json"
     # 'eval' without --full-run fails; the sections after it must still run and the JSON must say why
     rc = gpu_bench.main(["--tiny", "--device", "cpu", "--batches", "1", "--window", "0.05",
-                         "--sections", "peak,eval,pix2pix,crgan", "--json", str(out)])
+                         "--sections", "peak,eval,pix2pix,crgan,checkpoint", "--json", str(out)])
     assert rc == 1
     results = json.loads(out.read_text())
     assert "--full-run" in results["errors"]["eval"] and set(results["errors"]) == {"eval"}
     assert results["peak"]["tflops"] > 0
+    for model in ("pix2pix", "crgan"):  # what a checkpoint write costs (the cost checkpoint_every_s bounds)
+        ck = results["checkpoint"][model]
+        assert ck["mb"] > 0 and 0 < ck["write_s_min"] <= ck["write_s_max"] and ck["params_m"] > 0
     rows = results["pix2pix"] + results["crgan"]
     assert [(r["model"], r["batch"], r["precision"]) for r in rows] == [("pix2pix", 1, "fp32"), ("crgan", 1, "fp32")]
     for row in rows:
