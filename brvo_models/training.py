@@ -418,7 +418,6 @@ class _CheckpointWriter:
         self.last_path, self.best_path, self.every_s, self.clock = last_path, best_path, float(every_s), clock
         self.last_write = clock()
         self.pending_best: dict[str, Any] | None = None
-        self.writes = 0
 
     def after_validation(self, payload: dict[str, Any], progress: _Progress, improved: bool, force: bool) -> None:
         """``force``: fit returns after this validation (the schedule ended, stopped early, or
@@ -431,10 +430,8 @@ class _CheckpointWriter:
         if self.pending_best is not None:
             progress.best_sha256 = save_checkpoint(self.best_path, self.pending_best)
             self.pending_best = None
-            self.writes += 1
         payload["progress"]["best_sha256"] = progress.best_sha256
         save_checkpoint(self.last_path, payload)
-        self.writes += 1
         self.last_write = self.clock()
 
 

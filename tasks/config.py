@@ -156,7 +156,8 @@ def preset(name: str) -> PipelineConfig:
             crgan=CRGANConfig(schedule="fixed", epochs=400, batch_size=16, checkpoint_every_s=60),
             # The usefulness step runs the full-data arms only: each low-data arm trains its own Pix2Pix and CRGAN
             # on the reference schedule (about 10 minutes of one H200 per subset, an hour for the default study's 6
-            # subsets, projected from docs/gpu.md), far outside the run's budget. benchmarks/usefulness_study.py runs them; the report names what was left out.
+            # subsets, projected from docs/gpu.md), far outside the run's budget. benchmarks/usefulness_study.py
+            # runs them; the report names what was left out.
             usefulness=UsefulnessConfig(low_data_fractions=()),
         )
     raise BrvoError(f"unknown preset {name!r}; choose tiny, demo or full")

@@ -398,11 +398,11 @@ def _arms(data: StudyData, config: UsefulnessConfig, maker: SyntheticMaker | Non
                                  subset_real, key[1])
         return made[key]
 
+    infeasible = low_data_infeasible(train_ids, select_ids) if config.low_data_fractions else None
     for f in config.low_data_fractions:
         tag = f"low_data_{int(round(f * 100))}"
-        reason = low_data_infeasible(train_ids, select_ids)
-        if reason:
-            skipped[tag] = reason
+        if infeasible:
+            skipped[tag] = infeasible
             continue
         real_sub = lambda s, f=f: real_train.of_patients(subset_patients(train_ids, f, subset_seed(s)))
         arms.append(_Arm(f"{tag}_real", real_sub, None, {"fraction": f}))
