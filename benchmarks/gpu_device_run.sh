@@ -15,6 +15,9 @@
 #   4. `python3 -m flows.cli run SOUL RUN --preset full --config short.json`: the whole flow at 256 px with
 #      schedules cut to fit (SHORT_CONFIG below), then `flows.cli inspect --deep` of its augmented.h5 and
 #      the flow's per-step timings (gpu_bench.py --sections flow)
+#   4b. benchmarks/batch_size_check.py on step 4's soul.h5: Pix2Pix (full preset) at batch 1 vs batch 8 (same lr,
+#      and lr x sqrt 8) for BATCH_CHECK_EPOCHS (default 5) epochs each, seeds 0 and 1: held-out test Dice at equal
+#      epochs, paired by seed (issue 12: a larger batch must not lower it)
 #   5. pytest -m gpu (tests/test_gpu.py: the full preset end to end on CUDA, small phantom)
 #   6. if time is left: gpu_bench.py --sections eval on the run of step 4, evaluate_pix2pix / evaluate_crgan
 #      timed alone (the flow's own evaluation seconds, overlapping the other model's training, are already in
@@ -22,7 +25,7 @@
 # Copied to $OUT: every log, gpu_bench*.json, and the run's report.json, report.md, run.json, DATASET_CARD.md,
 # .steps/*.json and the top-level figures (not the per-patient timelines). Exit status: 0 when every section passed, else 1 (see summary.txt).
 #
-# SECTIONS (default "bench full_run pytest_gpu bench_eval") picks the optional sections, e.g. a rerun of
+# SECTIONS (default "bench full_run batch_check pytest_gpu bench_eval") picks the optional sections, e.g. a rerun of
 # SECTIONS="full_run pytest_gpu" after a fix. A device machine returns only a few files, so everything is also
 # packed into $OUT/results.tgz (unpack with tar xzf).
 #
@@ -32,7 +35,9 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
-SECTIONS=" ${SECTIONS:-bench full_run pytest_gpu bench_eval} "
+SECTIONS=" ${SECTIONS:-bench full_run batch_check pytest_gpu bench_eval} "
+# BENCH_SECTIONS: gpu_bench.py's sections for step 3 (e.g. "checkpoint" alone when the rest is already measured)
+BENCH_SECTIONS=${BENCH_SECTIONS:-peak,pix2pix,crgan,graphs,checkpoint}
 wanted() { [[ "$SECTIONS" == *" $1 "* ]]; }
 WORK=${WORK:-/tmp/brvo_gpu_work}
 TOTAL_S=${TOTAL_S:-530}
@@ -95,20 +100,20 @@ from tasks.phantom import generate_phantom
 print(generate_phantom(Path('$SOUL'), n_patients=$PATIENTS, workers=min(16, os.cpu_count() or 1)))"
 
 # ---------------------------------------------------------------- 3. training-step benchmark
-wanted bench && section bench 120 $PY benchmarks/gpu_bench.py --sections peak,pix2pix,crgan,graphs,checkpoint --window 1.0 \
+wanted bench && section bench 120 $PY benchmarks/gpu_bench.py --sections "$BENCH_SECTIONS" --window 1.0 \
     --section-timeout 60 --json "$OUT/gpu_bench.json" $BENCH_SIZE
 
 # ---------------------------------------------------------------- 4. the full preset, schedules cut
-# Pix2Pix: 3 epochs at batch 1 (594 train images, ~12-15 s an epoch on an H200 per issue 12); CRGAN: 25 epochs
+# Pix2Pix: 2 epochs at batch 1 (594 train images, ~12-15 s an epoch on an H200 per issue 12); CRGAN: 25 epochs
 # (3 steps each; ~2.4 s an epoch); usefulness cut to one seed, segmenter 200 steps. Everything else is the full preset (256 px, widths).
 RUN=$WORK/run
 cat > "$WORK/short.json" <<EOF
-{"pix2pix": {"epochs": 3}, "crgan": {"epochs": 25}, "samples_per_missing": 2,
+{"pix2pix": {"epochs": 2}, "crgan": {"epochs": 25}, "samples_per_missing": 2,
  "usefulness": {"seeds": 1, "segmenter": {"steps": 200}${USEFULNESS_EXTRA:-}}, "workers": 8}
 EOF
 [ "${SMOKE:-0}" = 1 ] && echo '{"pix2pix": {"epochs": 1}, "crgan": {"epochs": 1}, "usefulness": {"segmenter": {"steps": 5}}}' > "$WORK/short.json"
 cp "$WORK/short.json" "$OUT/full_run_config.json"
-wanted full_run && section full_run ${FULL_RUN_S:-240} $PY -m flows.cli run "$SOUL" "$RUN" --preset $PRESET --config "$WORK/short.json"
+wanted full_run && section full_run ${FULL_RUN_S:-320} $PY -m flows.cli run "$SOUL" "$RUN" --preset $PRESET --config "$WORK/short.json"
 wanted full_run && [ -f "$RUN/augmented.h5" ] && section inspect 40 $PY -m flows.cli inspect "$RUN/augmented.h5" --deep
 wanted full_run && section flow_timings 30 $PY benchmarks/gpu_bench.py $BENCH_SIZE --sections flow --full-run "$RUN" \
     --json "$OUT/gpu_bench_flow.json"
@@ -116,6 +121,15 @@ mkdir -p "$OUT/run"
 for f in report.json report.md run.json DATASET_CARD.md; do [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/run/"; done
 [ -d "$RUN/.steps" ] && cp -r "$RUN/.steps" "$OUT/run/steps"
 [ -d "$RUN/figures" ] && mkdir -p "$OUT/run/figures" && cp "$RUN"/figures/*.png "$OUT/run/figures/" 2>/dev/null
+
+# ---------------------------------------------------------------- 4b. batch 1 vs batch 8 at equal epochs
+if wanted batch_check && [ -f "$RUN/soul.h5" ]; then
+    BC_LIMIT=$(allow "${BATCH_CHECK_S:-170}")
+    BC_EPOCHS=${BATCH_CHECK_EPOCHS:-5}; [ "${SMOKE:-0}" = 1 ] && BC_EPOCHS=1
+    # the script starts no run its last duration says would overrun: leave it 20 s to print and write
+    section batch_check "$BC_LIMIT" $PY benchmarks/batch_size_check.py "$RUN" --preset $PRESET --epochs "$BC_EPOCHS" \
+        --seeds 0 1 --variants b1 b8 b8_sqrt_lr --deadline-s $(( BC_LIMIT - 20 )) --json "$OUT/batch_size_check.json"
+fi
 
 # ---------------------------------------------------------------- 5. the CUDA integration test
 if ! wanted pytest_gpu; then :
