@@ -6,12 +6,12 @@
 
 RUN_DIR holds a preprocessed soul.h5 (any run of the flow at the preset's size; it is only read). For
 every seed and variant, Pix2Pix trains with the product's own ``train_pix2pix`` on the train split, for the
-same number of epochs on the preset's schedule shape (fixed: constant lr, then linear decay over the last
-``decay_fraction``), keeping the weights the validation patients choose, in a scratch run directory
-beside nothing else; then its best.pt labels the test patients' real rows and is scored as the report
-scores it (Dice, clDice). Variants:
+same number of epochs on a fixed schedule (constant lr, then linear decay over the last ``decay_fraction``;
+the preset's other Pix2Pix fields, such as widths and norm, kept), keeping the weights the validation
+patients choose, in a scratch run directory; then its best.pt labels the test patients' real rows and
+is scored as the report scores it (Dice, clDice). Variants:
 
-* ``b1``: the preset's batch and lr (the reference: batch 1, lr 2e-4; eager);
+* ``b1``: the reference pix2pix's batch 1 and lr 2e-4 (eager);
 * ``b8``: batch 8, the same lr;
 * ``b8_sqrt_lr``: batch 8, lr x sqrt(8) (the square-root scaling rule for Adam);
 * ``b8_linear_lr``: batch 8, lr x 8 (the linear scaling rule).
@@ -39,13 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tasks.train_pix2pix as train_module  # noqa: E402
 from brvo_models import batched_metrics  # noqa: E402
+from brvo_models.configs import Pix2PixConfig  # noqa: E402
 from brvo_models.pix2pix import label_images, load_labeller  # noqa: E402
 from brvo_models.training import BEST  # noqa: E402
 from storage.run_dir import RunPaths  # noqa: E402
 from tasks.config import preset  # noqa: E402
 
-VARIANTS: dict[str, tuple[int | None, float]] = {  # name -> (batch size or None = the preset's, lr factor)
-    "b1": (None, 1.0),
+VARIANTS: dict[str, tuple[int, float]] = {  # name -> (batch size, lr as a multiple of the reference's 2e-4)
+    "b1": (1, 1.0),
     "b8": (8, 1.0),
     "b8_sqrt_lr": (8, math.sqrt(8.0)),
     "b8_linear_lr": (8, 8.0),
@@ -59,11 +60,9 @@ def log(msg: str) -> None:
 
 def variant_config(preset_name: str, variant: str, epochs: int, seed: int):
     batch, lr_factor = VARIANTS[variant]
-    base = preset(preset_name)
-    p = base.pix2pix
-    return base.with_overrides(**{
+    return preset(preset_name).with_overrides(**{
         "seed": seed, "pix2pix.schedule": "fixed", "pix2pix.epochs": epochs,
-        "pix2pix.batch_size": p.batch_size if batch is None else batch, "pix2pix.lr": p.lr * lr_factor,
+        "pix2pix.batch_size": batch, "pix2pix.lr": Pix2PixConfig().lr * lr_factor,
         "pix2pix.cuda_graphs": False, "pix2pix.checkpoint_every_s": 0.0})
 
 

@@ -65,3 +65,26 @@ def test_flow_timings_come_from_the_runs_report_and_step_records(gpu_bench, tmp_
                                       "frangi_seconds": 3.0}
     with pytest.raises(RuntimeError, match="neither report.json"):
         gpu_bench.flow_timings(tmp_path / "missing")
+
+
+def test_batch_size_check_applies_its_declared_rule_to_seed_pairs():
+    spec = importlib.util.spec_from_file_location("batch_size_check", BENCH.parent / "batch_size_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+
+    def run(variant, seed, dice, seconds=10.0):
+        return {"variant": variant, "seed": seed, "test_dice": dice, "train_s": seconds}
+
+    runs = [run("b1", 0, 0.80), run("b1", 1, 0.78), run("b8", 0, 0.79, 3.0), run("b8", 1, 0.77, 3.0),
+            run("b8_sqrt_lr", 0, 0.70), run("b8_sqrt_lr", 1, 0.90), run("b8_linear_lr", 0, 0.796)]
+    verdicts = check.verdicts(runs)
+    # a steady loss of 0.01 on both seeds is far beyond 2 SE of a near-zero spread: batch 8 loses
+    assert verdicts["b8"]["paired_dice_diff_mean"] == pytest.approx(-0.01)
+    assert not verdicts["b8"]["keeps_batch1_quality"] and verdicts["b8"]["train_s_ratio_to_b1"] == 0.3
+    # -0.1 and +0.12: a noisy difference whose mean is within 2 SE of zero does not count as a loss
+    assert verdicts["b8_sqrt_lr"]["keeps_batch1_quality"]
+    # one seed: the fixed 0.005 tolerance
+    assert verdicts["b8_linear_lr"]["seeds"] == [0] and verdicts["b8_linear_lr"]["keeps_batch1_quality"]
+    assert not check.verdicts([run("b1", 0, 0.80), run("b8", 0, 0.79)])["b8"]["keeps_batch1_quality"]
+    # a variant without its b1 partner on any seed gives no verdict
+    assert check.verdicts([run("b1", 0, 0.8), run("b8", 1, 0.9)]) == {}
