@@ -96,7 +96,7 @@ def montages_markdown(run_dir: Path, report: dict[str, Any]) -> str:
 def score_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The scores table: per score its summary, the acceptance rule and how many samples it rejected."""
     syn = report.get("synthetic") or {}
-    rules = acceptance_thresholds(report.get("config") or {})
+    rules = acceptance_thresholds(report)
     return [{"score": name, **{k: round(float(v), 4) for k, v in vals.items()},
              "accepted when": rules.get(name, ""), "rejected by it": (syn.get("rejected_by") or {}).get(name, 0)}
             for name, vals in (syn.get("scores") or {}).items()]

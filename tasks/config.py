@@ -42,10 +42,18 @@ class PipelineConfig(BaseModel):
     pix2pix: Pix2PixConfig = Pix2PixConfig()
     crgan: CRGANConfig = CRGANConfig()
     samples_per_missing: int = Field(4, ge=1, le=256, description="K synthetic images per missing (patient, stage)")
-    min_consistency_ssim: float = Field(0.2, ge=-1.0, le=1.0)
-    min_realism: float = Field(0.05, ge=0.0, le=1.0)
-    max_abs_density_z: float = Field(3.0, gt=0.0)
-    min_label_confidence: float = Field(0.6, ge=0.5, le=1.0)
+    acceptance: Literal["calibrated", "fixed"] = Field(
+        "calibrated", description="where the acceptance thresholds come from. 'calibrated': consistency_ssim, "
+        "density_z and label_confidence bounds from the same scores of held-out real rows (the validation "
+        "patients' real images), so each bound alone rejects `acceptance_quantile` of them; realism keeps "
+        "min_realism (tasks/score.py says why). 'fixed': the four constants below")
+    acceptance_quantile: float = Field(
+        0.05, gt=0.0, lt=0.5, description="calibrated acceptance: the share of held-out real rows each calibrated "
+        "bound would reject")
+    min_consistency_ssim: float = Field(0.2, ge=-1.0, le=1.0, description="fixed acceptance only")
+    min_realism: float = Field(0.05, ge=0.0, le=1.0, description="both acceptance modes")
+    max_abs_density_z: float = Field(3.0, gt=0.0, description="fixed acceptance only")
+    min_label_confidence: float = Field(0.6, ge=0.5, le=1.0, description="fixed acceptance only")
     segmenter_steps: int = Field(
         2000, ge=1, le=1_000_000, description="optimiser steps of the supervised-segmenter label baseline (a small "
         "dilated CNN, BCE + soft Dice, trained on Pix2Pix's train rows; weights and threshold chosen on validation "

@@ -18,7 +18,7 @@ from storage.work_files import read_work_array, read_work_table
 from tasks.config import PipelineConfig
 from tasks.models import TrainedModel
 from tasks.reporting import run_log
-from tasks.score import SCORE_NAMES, summarise, threshold_passes
+from tasks.score import SCORE_NAMES, AcceptanceThresholds, summarise, threshold_passes
 from tasks.steps import Step, StepContext
 
 if TYPE_CHECKING:
@@ -92,9 +92,10 @@ def write_augmented(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel
 PLAUSIBLE_VESSEL_FRACTION = (1e-9, 0.5)
 
 
-def synthetic_section(meta: pd.DataFrame, config: PipelineConfig, label_density: np.ndarray) -> dict:
-    """The report's 'synthetic' section: counts per stage, score summaries, how many samples each
-    threshold rejected, and how many labels are degenerate (``label_density``: per synthetic row)."""
+def synthetic_section(meta: pd.DataFrame, thresholds: AcceptanceThresholds, label_density: np.ndarray) -> dict:
+    """The report's 'synthetic' section: counts per stage, score summaries, the thresholds (and where they
+    came from), how many samples each threshold rejected, and how many labels are degenerate
+    (``label_density``: per synthetic row)."""
     syn = meta[meta["is_synthetic"]]
     per_stage = {}
     for stage, name in enumerate(STAGE_NAMES):
@@ -106,13 +107,14 @@ def synthetic_section(meta: pd.DataFrame, config: PipelineConfig, label_density:
     label_density = np.asarray(label_density, np.float64)
     return {"n": int(len(syn)), "accepted": int(syn["accepted"].sum()), "per_stage": per_stage,
             "scores": summarise(syn) if len(syn) else {},
-            "rejected_by": {k: int((~v).sum()) for k, v in threshold_passes(syn, config).items()} if len(syn) else {},
+            "thresholds": thresholds.model_dump(),
+            "rejected_by": {k: int((~v).sum()) for k, v in threshold_passes(syn, thresholds).items()} if len(syn) else {},
             "degenerate_labels": int(((label_density < lo) | (label_density > hi)).sum()),
             "mean_label_density": float(label_density.mean()) if label_density.size else float("nan")}
 
 
-def export(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, crgan: TrainedModel, *,
-           log=run_log) -> ExportResult:
+def export(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, crgan: TrainedModel,
+           thresholds: AcceptanceThresholds, *, log=run_log) -> ExportResult:
     """Write RUN_DIR/augmented.h5 and summarise what is in it."""
     t0 = time.perf_counter()
     out = write_augmented(run_dir, config, pix2pix, crgan)
@@ -125,13 +127,13 @@ def export(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, crgan: 
     log(f"export: {out} ({summary.n_real} real + {summary.n_synthetic} synthetic, {n_acc} accepted)")
     return ExportResult(augmented_h5=str(out), n_real=summary.n_real, n_synthetic=summary.n_synthetic,
                         n_accepted=n_acc, size_mb=round(out.stat().st_size / 1e6, 3), sha256=file_sha256(out),
-                        synthetic=synthetic_section(meta, config, density), seconds=round(time.perf_counter() - t0, 3))
+                        synthetic=synthetic_section(meta, thresholds, density), seconds=round(time.perf_counter() - t0, 3))
 
 
 def export_step(ctx: StepContext, preprocess: PreprocessResult, fill: FillResult, label: LabelResult,
                 score: ScoreResult, pix2pix: TrainedModel, crgan: TrainedModel) -> ExportResult:
     """The 'export' step: real rows + scored synthetic rows -> augmented.h5."""
-    return export(ctx.run_dir, ctx.config, pix2pix, crgan, log=ctx.log)
+    return export(ctx.run_dir, ctx.config, pix2pix, crgan, score.thresholds, log=ctx.log)
 
 
 EXPORT = Step(

@@ -16,6 +16,7 @@ from storage.atomic import atomic_path
 from storage.paired_format import STAGE_NAMES, read_meta
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
+from tasks.score import AcceptanceThresholds
 from tasks.steps import Step, StepContext
 
 if TYPE_CHECKING:
@@ -197,15 +198,18 @@ class FiguresResult(BaseModel):
         return self.figures
 
 
-def write_figures(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, crgan: TrainedModel) -> list[Path]:
-    """Score histograms, training curves and one timeline montage per patient, from augmented.h5."""
+def write_figures(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, crgan: TrainedModel,
+                  thresholds: AcceptanceThresholds | None = None) -> list[Path]:
+    """Score histograms (with the run's acceptance thresholds; None: the config's constants), training
+    curves and one timeline montage per patient, from augmented.h5."""
     paths = RunPaths.of(run_dir)
     meta = read_meta(paths.augmented_h5)
+    t = thresholds or AcceptanceThresholds.from_config(config)
     figures = [
         score_histograms(meta[meta["is_synthetic"]], {
-            "consistency_ssim": (config.min_consistency_ssim, None), "realism": (config.min_realism, None),
-            "density_z": (-config.max_abs_density_z, config.max_abs_density_z),
-            "label_confidence": (config.min_label_confidence, None)},
+            "consistency_ssim": (t.min_consistency_ssim, None), "realism": (t.min_realism, None),
+            "density_z": (-t.max_abs_density_z, t.max_abs_density_z),
+            "label_confidence": (t.min_label_confidence, None)},
             paths.figures / "score_histograms.png"),
     ]
     curves = training_curves({m.model: list(m.training.get("history") or []) for m in (pix2pix, crgan)},
@@ -230,7 +234,9 @@ def write_figures(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, 
 def figures_step(ctx: StepContext, export: ExportResult, pix2pix: TrainedModel, crgan: TrainedModel) -> FiguresResult:
     """The 'figures' step: the report's pictures."""
     t0 = time.perf_counter()
-    files = write_figures(ctx.run_dir, ctx.config, pix2pix, crgan)
+    thresholds = export.synthetic.get("thresholds")
+    files = write_figures(ctx.run_dir, ctx.config, pix2pix, crgan,
+                          AcceptanceThresholds.model_validate(thresholds) if thresholds else None)
     ctx.log(f"figures: {len(files)} written to {ctx.paths.figures}")
     return FiguresResult(figures=[str(p) for p in files], seconds=round(time.perf_counter() - t0, 3))
 

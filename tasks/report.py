@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
+from tasks.score import AcceptanceThresholds
 from tasks.steps import PlanRun, Step
 from tasks.usefulness import render_markdown, rows_help, usage_advice
 
@@ -85,6 +86,9 @@ def warnings_of(report: dict[str, Any]) -> list[str]:
     if syn.get("n") and not syn.get("accepted"):
         out.append(f"none of the {syn['n']} synthetic samples was accepted: every one failed a score threshold "
                    "(see the score table and figures/score_histograms.png)")
+    fallback = ((syn.get("thresholds") or {}).get("calibration") or {}).get("fallback_reason")
+    if fallback:
+        out.append(f"acceptance thresholds not calibrated on real rows: {fallback}")
     for name, reason in ((report.get("usefulness") or {}).get("skipped_arms") or {}).items():
         out.append(f"usefulness: the {name} arms were not run: {reason}")
     degenerate = syn.get("degenerate_labels") or 0
@@ -105,14 +109,34 @@ def _models_line(report: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def acceptance_thresholds(config: dict[str, Any]) -> dict[str, str]:
-    """The acceptance rule of this run, score by score (what `accepted` means)."""
+def acceptance_thresholds(report: dict[str, Any]) -> dict[str, str]:
+    """The acceptance rule of this run, score by score (what `accepted` means): the thresholds the score
+    step used (report.json synthetic.thresholds), else, for a report written before they were recorded,
+    the config's constants."""
+    recorded = (report.get("synthetic") or {}).get("thresholds")
+    if recorded:
+        return AcceptanceThresholds.model_validate(recorded).rules()
+    config = report.get("config") or {}
     if not config:
         return {}
     return {"consistency_ssim": f">= {config.get('min_consistency_ssim')}",
             "realism": f">= {config.get('min_realism')}",
             "density_z": f"|z| <= {config.get('max_abs_density_z')}",
             "label_confidence": f">= {config.get('min_label_confidence')}"}
+
+
+def acceptance_source(report: dict[str, Any]) -> str:
+    """One sentence: where this run's acceptance thresholds came from (empty when not recorded)."""
+    t = (report.get("synthetic") or {}).get("thresholds") or {}
+    cal = t.get("calibration") or {}
+    if t.get("source") == "calibrated":
+        return (f"Thresholds calibrated on {cal.get('rows')} held-out real rows ({cal.get('patients')} patients of the "
+                f"{cal.get('split')} split), scored as the synthetic samples are: consistency_ssim, density_z and "
+                f"label_confidence each reject {cal.get('quantile', 0):.0%} of those real rows; together with "
+                f"realism's fixed bound they accept {cal.get('real_pass_rate', float('nan')):.0%} of them.")
+    if cal.get("fallback_reason"):
+        return f"Fixed thresholds (calibration fell back: {cal['fallback_reason']})."
+    return "Fixed thresholds (config acceptance = 'fixed')." if t else ""
 
 
 #: The figures report.md shows inline (paths relative to the run directory), and how many montages.
@@ -220,13 +244,13 @@ def render_report(report: dict[str, Any], data_source: str) -> str:
                     f"{_fmt(sq.get('own_vs_other_ssim', {}).get('other'))}.", ""]
     syn = report.get("synthetic")
     if syn:
-        rules = acceptance_thresholds(report.get("config") or {})
+        rules = acceptance_thresholds(report)
         scores = {name: {**vals, "accepted when": rules.get(name, ""),
                          "rejected by it": (syn.get("rejected_by") or {}).get(name, "")}
                   for name, vals in (syn.get("scores") or {}).items()}
         out += ["## Synthetic samples", "",
                 f"{syn['n']} samples, {syn['accepted']} accepted (a sample is accepted when every score is inside "
-                f"its threshold); {syn.get('degenerate_labels', 0)} degenerate labels.", "",
+                f"its threshold); {syn.get('degenerate_labels', 0)} degenerate labels. {acceptance_source(report)}", "",
                 _table(syn["per_stage"], ["real", "synthetic", "accepted"]), "",
                 _table(scores, ["mean", "p10", "p90", "accepted when", "rejected by it"]), ""]
     out += _image_quality_lines(report.get("image_quality"))
@@ -258,7 +282,7 @@ def render_report(report: dict[str, Any], data_source: str) -> str:
 def render_card(report: dict[str, Any], attrs: dict[str, Any], data_source: str) -> str:
     syn = report.get("synthetic", {})
     per_stage = syn.get("per_stage", {})
-    rules = acceptance_thresholds(report.get("config") or {})
+    rules = acceptance_thresholds(report)
     warnings = [f"> **WARNING** {w}" for w in warnings_of(report)]
     return "\n".join([
         "# Dataset card: brvo-augment augmented OCTA dataset",
@@ -289,7 +313,7 @@ def render_card(report: dict[str, Any], attrs: dict[str, Any], data_source: str)
         "samples are kept so you can choose your own.",
         "",
         ("Acceptance thresholds of this run (a sample is accepted when all hold): "
-         + "; ".join(f"{k} {v}" for k, v in rules.items()) + ".") if rules else "",
+         + "; ".join(f"{k} {v}" for k, v in rules.items()) + ". " + acceptance_source(report)) if rules else "",
         "",
         _table(syn.get("scores", {}), ["mean", "p10", "p90"]) if syn.get("scores") else "",
         "",

@@ -1,4 +1,4 @@
-"""Score every synthetic sample, and accept or reject it by configurable thresholds.
+"""Score every synthetic sample, and accept or reject it by thresholds calibrated on real rows (or fixed).
 
 Per sample (the metrics of docs/design.md, section 7):
 - consistency_ssim: SSIM to the mean image of the patient's nearest real stage
@@ -8,13 +8,31 @@ Per sample (the metrics of docs/design.md, section 7):
   density, in units of the population's spread of real densities: plausible anatomy?
 - label_confidence: mean per-pixel confidence of the Pix2Pix label (from the label step).
 
+Where the thresholds come from (config ``acceptance``):
+- 'calibrated' (default): the same scores are computed for held-out real rows, the validation
+  patients' real images, each against the patient's nearest *other* real stage (as a synthetic image
+  of a missing stage is scored against the nearest observed one) and labelled by the same Pix2Pix.
+  Each calibrated bound is that real distribution's ``acceptance_quantile`` (consistency and label
+  confidence: lower bounds; |density_z|: upper bound at 1 - quantile), so a sample is accepted when it
+  is as consistent, as plausibly dense and as confidently labelled as nearly all real images are.
+  Realism keeps its configured bound: the CRGAN discriminator was trained to tell exactly these
+  synthetic images from these real ones, so its two score distributions differ by construction (on
+  the demo phantom, 97 % of synthetic samples fall below the real rows' 5th percentile) and a bound
+  taken from the real rows would reject the set for what the discriminator learned, not for what a
+  segmenter would see.
+- 'fixed': the configured ``min_*`` / ``max_*`` constants for all four.
+Too few real calibration rows (under MIN_CALIBRATION_ROWS, even with the train patients added) falls
+back to the constants with a WARNING.
+
 Rejected samples stay in the output with accepted = False, so users choose.
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -38,6 +56,35 @@ if TYPE_CHECKING:
     from tasks.preprocess import PreprocessResult
 
 SCORE_NAMES = ("consistency_ssim", "realism", "density_z", "label_confidence")
+#: the scores whose bounds 'calibrated' acceptance takes from held-out real rows (realism: see the module doc)
+CALIBRATED_SCORES = ("consistency_ssim", "density_z", "label_confidence")
+#: fewer real rows than this cannot place a 5 % quantile: the thresholds fall back to the config's
+MIN_CALIBRATION_ROWS = 20
+
+
+class AcceptanceThresholds(BaseModel):
+    """Where each score must lie for a synthetic sample to be accepted, and where the bounds came from."""
+
+    min_consistency_ssim: float
+    min_realism: float
+    max_abs_density_z: float
+    min_label_confidence: float
+    source: Literal["config", "calibrated"]
+    #: calibrated: the real rows used (split, rows, patients), the quantile, the share of those real rows
+    #: that all four bounds accept, their score summaries; a fallback: why
+    calibration: dict[str, Any] = {}
+
+    @classmethod
+    def from_config(cls, config: PipelineConfig, **calibration: Any) -> "AcceptanceThresholds":
+        return cls(min_consistency_ssim=config.min_consistency_ssim, min_realism=config.min_realism,
+                   max_abs_density_z=config.max_abs_density_z, min_label_confidence=config.min_label_confidence,
+                   source="config", calibration=calibration)
+
+    def rules(self) -> dict[str, str]:
+        """Score -> the condition a sample must meet (what `accepted` means), as report.md prints it."""
+        return {"consistency_ssim": f">= {self.min_consistency_ssim:.4g}", "realism": f">= {self.min_realism:.4g}",
+                "density_z": f"|z| <= {self.max_abs_density_z:.4g}",
+                "label_confidence": f">= {self.min_label_confidence:.4g}"}
 
 
 class ScoreResult(BaseModel):
@@ -46,6 +93,7 @@ class ScoreResult(BaseModel):
     n_accepted: int
     per_stage_accepted: dict[int, int]
     summary: dict[str, dict[str, float]]
+    thresholds: AcceptanceThresholds
     seconds: float
 
 
@@ -61,19 +109,37 @@ def density_z_scores(densities: np.ndarray, patient_means: np.ndarray, populatio
     return (np.asarray(densities, np.float64) - np.asarray(patient_means, np.float64)) / max(population_std, 1e-6)
 
 
-def threshold_passes(scores: pd.DataFrame, config: PipelineConfig) -> dict[str, np.ndarray]:
-    """Per score, True where the sample is inside that score's configured threshold."""
+def threshold_passes(scores: pd.DataFrame, thresholds: AcceptanceThresholds) -> dict[str, np.ndarray]:
+    """Per score, True where the sample is inside that score's threshold."""
     return {
-        "consistency_ssim": scores["consistency_ssim"].to_numpy() >= config.min_consistency_ssim,
-        "realism": scores["realism"].to_numpy() >= config.min_realism,
-        "density_z": np.abs(scores["density_z"].to_numpy()) <= config.max_abs_density_z,
-        "label_confidence": scores["label_confidence"].to_numpy() >= config.min_label_confidence,
+        "consistency_ssim": scores["consistency_ssim"].to_numpy() >= thresholds.min_consistency_ssim,
+        "realism": scores["realism"].to_numpy() >= thresholds.min_realism,
+        "density_z": np.abs(scores["density_z"].to_numpy()) <= thresholds.max_abs_density_z,
+        "label_confidence": scores["label_confidence"].to_numpy() >= thresholds.min_label_confidence,
     }
 
 
-def accept_mask(scores: pd.DataFrame, config: PipelineConfig) -> np.ndarray:
-    """True where every score is inside its configured threshold."""
-    return np.logical_and.reduce(list(threshold_passes(scores, config).values()))
+def accept_mask(scores: pd.DataFrame, thresholds: AcceptanceThresholds) -> np.ndarray:
+    """True where every score is inside its threshold."""
+    return np.logical_and.reduce(list(threshold_passes(scores, thresholds).values()))
+
+
+def calibrate_thresholds(real_scores: pd.DataFrame, config: PipelineConfig, **provenance: Any) -> AcceptanceThresholds:
+    """Bounds from the four scores of held-out real rows: each calibrated score's bound is the real rows'
+    ``config.acceptance_quantile`` (consistency, label confidence) or ``1 - quantile`` of |density_z|;
+    realism keeps ``config.min_realism`` (see the module docstring). ``provenance`` (which rows) is kept."""
+    q = float(config.acceptance_quantile)
+    thresholds = AcceptanceThresholds(
+        min_consistency_ssim=float(np.quantile(real_scores["consistency_ssim"], q)),
+        min_realism=config.min_realism,
+        max_abs_density_z=float(np.quantile(np.abs(real_scores["density_z"]), 1.0 - q)),
+        min_label_confidence=float(np.quantile(real_scores["label_confidence"], q)),
+        source="calibrated", calibration={})
+    thresholds.calibration = {
+        **provenance, "rows": int(len(real_scores)), "quantile": q, "calibrated_scores": list(CALIBRATED_SCORES),
+        "real_pass_rate": round(float(accept_mask(real_scores, thresholds).mean()), 4),
+        "real_scores": summarise(real_scores)}
+    return thresholds
 
 
 def summarise(scores: pd.DataFrame) -> dict[str, dict[str, float]]:
@@ -86,8 +152,8 @@ def summarise(scores: pd.DataFrame) -> dict[str, dict[str, float]]:
     return out
 
 
-def score_samples(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path, *, log=run_log,
-                  score_on="auto") -> ScoreResult:
+def score_samples(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path, pix2pix_checkpoint: Path, *,
+                  log=run_log, score_on="auto") -> ScoreResult:
     """``score_on``: where consistency SSIMs are computed (brvo_models.batched_metrics.metrics_device:
     "auto" = the GPU when the run's device is CUDA, else numpy)."""
     t0 = time.perf_counter()
@@ -111,54 +177,107 @@ def score_samples(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path,
     refs = [(pid, nearest_observed_stage(observed[pid], int(stage))) for pid, stage in zip(table["patient_id"],
                                                                                            table["stage"])]
     scores_device = metrics_device(select_device(config.device), score_on)
-    if scores_device is None:
-        consistency = np.empty(len(table), np.float32)
-        for i, ref in enumerate(refs):
-            consistency[i] = ssim(images[i].astype(np.float32) / 255.0, stage_means[ref])
-    else:
-        keys = sorted(set(refs))
-        pool = np.stack([stage_means[k] for k in keys]) if keys else np.zeros((0,) + images.shape[1:], np.float32)
-        slot = {k: i for i, k in enumerate(keys)}
-        consistency = paired_scores(images, pool, np.arange(len(refs)), [slot[r] for r in refs], ("ssim",),
-                                    device=scores_device)["ssim"].astype(np.float32)
 
     from brvo_models.crgan import load_discriminator
     from brvo_models.crgan_sampling import realism
 
     discriminator, patient_index, device = load_discriminator(crgan_checkpoint, config.device, config.image_size)
-    realism_p = realism(discriminator, images, table["stage"].to_numpy(dtype=np.int64),
-                        [patient_index.get(pid) for pid in table["patient_id"]], device=device)
 
-    densities = labels.reshape(len(labels), -1).mean(axis=1)
-    scores = pd.DataFrame({
-        "patient_id": table["patient_id"].to_numpy(),
-        "stage": table["stage"].to_numpy(),
-        "sample_index": table["sample_index"].to_numpy(),
-        "consistency_ssim": consistency,
-        "realism": np.asarray(realism_p, np.float32),
-        "density_z": density_z_scores(densities, patient_density.loc[table["patient_id"]].to_numpy(),
-                                      population_std).astype(np.float32),
-        "label_confidence": np.asarray(confidence, np.float32),
-    })
-    scores["accepted"] = accept_mask(scores, config)
+    def four_scores(imgs: np.ndarray, pids: np.ndarray, stages: np.ndarray, refs: list[tuple[str, int]],
+                    densities: np.ndarray, confidence: np.ndarray) -> pd.DataFrame:
+        """The four scores of these images (synthetic or real, scored alike)."""
+        return pd.DataFrame({
+            "patient_id": pids, "stage": stages,
+            "consistency_ssim": consistency_ssims(imgs, refs, stage_means, scores_device),
+            "realism": np.asarray(realism(discriminator, imgs, np.asarray(stages, np.int64),
+                                          [patient_index.get(pid) for pid in pids], device=device), np.float32),
+            "density_z": density_z_scores(densities, patient_density.loc[pids].to_numpy(),
+                                          population_std).astype(np.float32),
+            "label_confidence": np.asarray(confidence, np.float32)})
+
+    scores = four_scores(images, table["patient_id"].to_numpy(), table["stage"].to_numpy(), refs,
+                         labels.reshape(len(labels), -1).mean(axis=1), confidence)
+    scores.insert(2, "sample_index", table["sample_index"].to_numpy())
+    if config.acceptance == "fixed":
+        thresholds = AcceptanceThresholds.from_config(config)
+    else:
+        thresholds = calibrated_on_real_rows(real_meta, real_images, observed, config, pix2pix_checkpoint,
+                                             four_scores, log=log)
+    scores["accepted"] = accept_mask(scores, thresholds)
     out = paths.scores_csv
     with atomic_path(out) as tmp:
         scores.to_csv(tmp, index=False)
     n_acc = int(scores["accepted"].sum())
     per_stage = {int(s): int(v) for s, v in scores.groupby("stage")["accepted"].sum().items()}
-    log(f"score: {n_acc}/{len(scores)} synthetic samples accepted")
+    log(f"score: {n_acc}/{len(scores)} synthetic samples accepted ({thresholds.source} thresholds: "
+        + "; ".join(f"{k} {v}" for k, v in thresholds.rules().items())
+        + (f"; {thresholds.calibration['real_pass_rate']:.0%} of {thresholds.calibration['rows']} held-out real rows "
+           "pass them" if thresholds.source == "calibrated" else "") + ")")
     return ScoreResult(scores_csv=str(out), n=len(scores), n_accepted=n_acc, per_stage_accepted=per_stage,
-                       summary=summarise(scores), seconds=time.perf_counter() - t0)
+                       summary=summarise(scores), thresholds=thresholds, seconds=time.perf_counter() - t0)
+
+
+def consistency_ssims(images: np.ndarray, refs: list[tuple[str, int]], stage_means: dict[tuple[str, int], np.ndarray],
+                      scores_device) -> np.ndarray:
+    """SSIM of each image to the mean image of its reference (patient, stage): numpy, or batched on a device."""
+    if scores_device is None:
+        out = np.empty(len(refs), np.float32)
+        for i, ref in enumerate(refs):
+            out[i] = ssim(images[i].astype(np.float32) / 255.0, stage_means[ref])
+        return out
+    keys = sorted(set(refs))
+    pool = np.stack([stage_means[k] for k in keys]) if keys else np.zeros((0,) + images.shape[1:], np.float32)
+    slot = {k: i for i, k in enumerate(keys)}
+    return paired_scores(images, pool, np.arange(len(refs)), [slot[r] for r in refs], ("ssim",),
+                         device=scores_device)["ssim"].astype(np.float32)
+
+
+def calibration_rows(real_meta: pd.DataFrame, observed: dict[str, list[int]]) -> tuple[np.ndarray, str]:
+    """Real rows to calibrate on, and which: the validation patients' rows of patients seen at two or more
+    stages (a row needs another real stage to be compared with); the train patients' added when that gives
+    fewer than MIN_CALIBRATION_ROWS (their realism is then optimistic: the discriminator trained on them)."""
+    several = real_meta["patient_id"].map(lambda pid: len(observed[pid]) > 1).to_numpy()
+    for splits in (("val",), ("val", "train")):
+        rows = np.flatnonzero(real_meta["split"].isin(splits).to_numpy() & several)
+        if len(rows) >= MIN_CALIBRATION_ROWS:
+            return rows, "+".join(splits)
+    return rows, "+".join(splits)
+
+
+def calibrated_on_real_rows(real_meta: pd.DataFrame, real_images: np.ndarray, observed: dict[str, list[int]],
+                            config: PipelineConfig, pix2pix_checkpoint: Path,
+                            four_scores: Callable[..., pd.DataFrame], *, log=run_log) -> AcceptanceThresholds:
+    """Score held-out real rows as synthetic ones are scored (``four_scores``), and take the bounds from them."""
+    from brvo_models.pix2pix import label_images, load_labeller
+    from tasks.label import label_confidence
+
+    rows, splits = calibration_rows(real_meta, observed)
+    if len(rows) < MIN_CALIBRATION_ROWS:
+        reason = (f"only {len(rows)} real rows of patients seen at two or more stages in the val and train splits "
+                  f"(calibration needs {MIN_CALIBRATION_ROWS}); the configured constants were used")
+        log(f"score: acceptance thresholds not calibrated: {reason}", logging.WARNING)
+        return AcceptanceThresholds.from_config(config, fallback_reason=reason)
+    meta = real_meta.iloc[rows]
+    pids, stages = meta["patient_id"].to_numpy(), meta["stage"].to_numpy()
+    refs = [(pid, nearest_observed_stage([s for s in observed[pid] if s != int(stage)], int(stage)))
+            for pid, stage in zip(pids, stages)]
+    generator, device = load_labeller(pix2pix_checkpoint, config.device, config.image_size)
+    probabilities, masks = label_images(generator, real_images[rows], threshold=config.pix2pix.threshold,
+                                        device=device)
+    real_scores = four_scores(real_images[rows], pids, stages, refs, masks.reshape(len(masks), -1).mean(axis=1),
+                              label_confidence(probabilities))
+    return calibrate_thresholds(real_scores, config, split=splits, patients=int(meta["patient_id"].nunique()))
 
 
 def score_step(ctx: StepContext, preprocess: PreprocessResult, fill: FillResult, label: LabelResult,
-               crgan: TrainedModel) -> ScoreResult:
-    """The 'score' step: four scores per synthetic sample and the accepted flag."""
-    return score_samples(ctx.run_dir, ctx.config, crgan.checkpoint_path, log=ctx.log)
+               crgan: TrainedModel, pix2pix: TrainedModel) -> ScoreResult:
+    """The 'score' step: four scores per synthetic sample, the thresholds, and the accepted flag."""
+    return score_samples(ctx.run_dir, ctx.config, crgan.checkpoint_path, pix2pix.checkpoint_path, log=ctx.log)
 
 
 SCORE = Step(
-    name="score", run=score_step, result_type=ScoreResult, needs=("preprocess", "fill", "label", "crgan"),
-    writes=("scores_csv",), config_fields=("min_consistency_ssim", "min_realism", "max_abs_density_z",
-                                           "min_label_confidence", "image_size", "device"),
-    description="score every synthetic sample; accept or reject it by the configured thresholds")
+    name="score", run=score_step, result_type=ScoreResult, needs=("preprocess", "fill", "label", "crgan", "pix2pix"),
+    writes=("scores_csv",), config_fields=("acceptance", "acceptance_quantile", "min_consistency_ssim", "min_realism",
+                                           "max_abs_density_z", "min_label_confidence", "pix2pix.threshold",
+                                           "image_size", "device"),
+    description="score every synthetic sample; accept or reject it by thresholds calibrated on held-out real rows")

@@ -619,7 +619,8 @@ def usefulness_step(ctx: StepContext, export: ExportResult) -> UsefulnessResult:
 USEFULNESS = Step(
     name="usefulness", run=usefulness_step, result_type=UsefulnessResult, needs=("export",),
     config_fields=("seed", "image_size", "usefulness", "pix2pix", "crgan", "samples_per_missing",
-                   "min_consistency_ssim", "min_realism", "max_abs_density_z", "min_label_confidence"),
+                   "acceptance", "acceptance_quantile", "min_consistency_ssim", "min_realism", "max_abs_density_z",
+                   "min_label_confidence"),
     report="usefulness",
     description="the usefulness protocol: models trained on real / real + synthetic / synthetic / low-data mixes, "
                 "scored on real test patients, paired by seed")

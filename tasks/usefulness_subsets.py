@@ -35,6 +35,7 @@ from tasks.usefulness import Rows, SubsetRequest
 
 StepFn = Callable[[Path, PipelineConfig], Path]
 WorkFn = Callable[[Path, PipelineConfig, Path], object]
+ScoreFn = Callable[[Path, PipelineConfig, Path, Path], object]
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class PipelineSteps:
     train_generator: StepFn  # -> the CRGAN checkpoint to fill and score with
     fill: WorkFn             # (run_dir, config, crgan checkpoint): RUN/work/synthetic.h5
     label: WorkFn            # (run_dir, config, pix2pix checkpoint): RUN/work/labels.h5
-    score: WorkFn            # (run_dir, config, crgan checkpoint): RUN/work/scores.csv
+    score: ScoreFn           # (run_dir, config, crgan checkpoint, pix2pix checkpoint): RUN/work/scores.csv
 
 
 def _quiet(_: str) -> None:
@@ -65,7 +66,7 @@ def pipeline_steps() -> PipelineSteps:
         train_generator=lambda run, cfg: Path(train_crgan(run, cfg, log=_quiet).best_path),
         fill=lambda run, cfg, ckpt: fill_missing(run, cfg, ckpt, log=_quiet),
         label=lambda run, cfg, ckpt: label_synthetic(run, cfg, ckpt, log=_quiet),
-        score=lambda run, cfg, ckpt: score_samples(run, cfg, ckpt, log=_quiet),
+        score=lambda run, cfg, crgan, pix2pix: score_samples(run, cfg, crgan, pix2pix, log=_quiet),
     )
 
 
@@ -119,10 +120,13 @@ CACHE_NAME = "synthetic_rows.npz"
 
 
 def subset_cache_key(request: SubsetRequest, config: PipelineConfig) -> str:
-    """What a subset's synthetic rows depend on: the request and every config field but the usefulness
-    protocol's own (a new mix weight or filter reuses the subset's models)."""
+    """What a subset's synthetic rows depend on: the request, every config field but the usefulness
+    protocol's own (a new mix weight or filter reuses the subset's models), and the code of the steps
+    that make them (tasks.steps.code_fingerprint: an edited scoring rule does not serve old rows)."""
+    from tasks.steps import code_fingerprint
+
     fields = {k: v for k, v in json.loads(config.to_json()).items() if k != "usefulness"}
-    return json_sha256({"request": request.key(), "config": fields})
+    return json_sha256({"request": request.key(), "config": fields, "code": code_fingerprint(pipeline_steps)})
 
 
 class PipelineSubsetMaker:
@@ -154,7 +158,7 @@ class PipelineSubsetMaker:
         generator = steps.train_generator(run, cfg)
         steps.fill(run, cfg, generator)
         steps.label(run, cfg, labeller)
-        steps.score(run, cfg, generator)
+        steps.score(run, cfg, generator, labeller)
         rows = read_subset_synthetic(run, request.train_patients)
         with atomic_path(cache) as tmp:
             with open(tmp, "wb") as fh:

@@ -117,17 +117,21 @@ def test_crgan_evaluation_agrees(run, batched_calls):
 def test_scoring_consistency_agrees(run, batched_calls):
     import pandas as pd
 
-    run_dir, _, crgan = run
-    reference = score_samples(run_dir, CONFIG, crgan.best_path, log=_quiet, score_on=None)
+    run_dir, p2p, crgan = run
+    reference = score_samples(run_dir, CONFIG, crgan.best_path, p2p.best_path, log=_quiet, score_on=None)
     want = pd.read_csv(reference.scores_csv)
     assert batched_calls == []
-    batched = score_samples(run_dir, CONFIG, crgan.best_path, log=_quiet, score_on="cpu")
-    assert batched_calls == ["paired_scores"]
+    batched = score_samples(run_dir, CONFIG, crgan.best_path, p2p.best_path, log=_quiet, score_on="cpu")
+    # the synthetic samples, and the held-out real rows the thresholds are calibrated on when there are enough
+    assert set(batched_calls) == {"paired_scores"} and len(batched_calls) >= 1
     got = pd.read_csv(batched.scores_csv)
     assert len(got) == len(want) == reference.n > 0
     np.testing.assert_allclose(got["consistency_ssim"], want["consistency_ssim"], atol=1e-4)
     assert not np.array_equal(got["consistency_ssim"], np.zeros(len(got)))
     _agree(reference.summary, batched.summary)
+    assert batched.thresholds.source == reference.thresholds.source
+    assert batched.thresholds.min_consistency_ssim == pytest.approx(reference.thresholds.min_consistency_ssim,
+                                                                    abs=1e-4)
 
 
 def test_validation_scores_agree(run, batched_calls):

@@ -46,7 +46,7 @@ def check_full_run(run_dir, report: dict) -> None:
     """What a finished full-preset run holds: 256 px reference-width models and every output."""
     paths = RunPaths.of(run_dir)
     assert report["config"]["preset"] == "full" and report["config"]["image_size"] == 256
-    for model, widths in (("pix2pix", {"ngf": 64, "ndf": 64, "batch_size": 1}), ("crgan", {"ngf": 64, "ndf": 64,
+    for model, widths in (("pix2pix", {"ngf": 64, "ndf": 64, "batch_size": 8}), ("crgan", {"ngf": 64, "ndf": 64,
                                                                                             "batch_size": 16})):
         meta = load_checkpoint(paths.checkpoints(model) / "best.pt")
         described = json.loads(meta["config_json"])

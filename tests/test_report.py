@@ -1,4 +1,7 @@
 """The report's quality-bar verdicts and tables are computed from report.json, never typed in."""
+import numpy as np
+import pandas as pd
+
 from tasks.report import bar_checks, render_card, render_report
 
 
@@ -85,6 +88,32 @@ def test_report_names_the_models_origin_and_the_acceptance_rule():
     text = render_report(report, "phantom")
     assert "| pix2pix | 0.4000 | loaded registry version v0003-20261201T030012Z |" in text
     assert "| crgan | 61.0000 | ran |" in text and "| score | 2.0000 | served from cache |" in text
+
+
+def test_report_and_card_show_the_calibrated_thresholds_and_warn_when_calibration_fell_back():
+    from tasks.config import preset
+    from tasks.report import warnings_of
+    from tasks.score import AcceptanceThresholds, calibrate_thresholds
+
+    real = pd.DataFrame({"consistency_ssim": np.linspace(0.4, 0.9, 100), "realism": 0.55,
+                         "density_z": np.linspace(-1, 1, 100), "label_confidence": np.linspace(0.97, 0.99, 100)})
+    calibrated = calibrate_thresholds(real, preset("demo"), split="val", patients=8)
+    report = _report()
+    report["config"] = {"min_consistency_ssim": 0.2, "min_realism": 0.05, "max_abs_density_z": 3.0,
+                        "min_label_confidence": 0.6}
+    report["synthetic"] = {"n": 4, "accepted": 3, "per_stage": {}, "rejected_by": {"label_confidence": 1},
+                           "scores": {"label_confidence": {"mean": 0.98, "p10": 0.97, "p90": 0.99}},
+                           "thresholds": calibrated.model_dump()}
+    text, card = render_report(report, "phantom"), render_card(report, {}, "phantom")
+    bound = f"{calibrated.min_label_confidence:.4g}"
+    assert f"| >= {bound} | 1 |" in text and f"label_confidence >= {bound}" in card  # the run's, not the config's
+    for doc in (text, card):
+        assert "calibrated on 100 held-out real rows (8 patients of the val split)" in doc
+    assert warnings_of(report) == []
+    fallback = AcceptanceThresholds.from_config(preset("demo"), fallback_reason="only 3 real rows")
+    report["synthetic"]["thresholds"] = fallback.model_dump()
+    assert warnings_of(report) == ["acceptance thresholds not calibrated on real rows: only 3 real rows"]
+    assert "> **WARNING** acceptance thresholds not calibrated" in render_card(report, {}, "phantom")
 
 
 def test_report_and_card_say_which_generator_objective_made_the_labels():

@@ -6,7 +6,8 @@ import pytest
 from tasks.config import preset
 from tasks.fill_stages import missing_stages, sample_seed
 from tasks.label import label_confidence
-from tasks.score import accept_mask, density_z_scores, nearest_observed_stage, summarise
+from tasks.score import (MIN_CALIBRATION_ROWS, AcceptanceThresholds, accept_mask, calibrate_thresholds,
+                         calibration_rows, density_z_scores, nearest_observed_stage, summarise)
 
 
 def test_nearest_observed_stage_prefers_closest_then_earlier():
@@ -30,7 +31,60 @@ def test_accept_mask_applies_every_threshold():
             {**good, "realism": cfg.min_realism - 0.01},
             {**good, "density_z": -(cfg.max_abs_density_z + 0.1)},
             {**good, "label_confidence": cfg.min_label_confidence - 0.01}]
-    assert accept_mask(pd.DataFrame(rows), cfg).tolist() == [True, False, False, False, False]
+    thresholds = AcceptanceThresholds.from_config(cfg.with_overrides(acceptance="fixed"))
+    assert accept_mask(pd.DataFrame(rows), thresholds).tolist() == [True, False, False, False, False]
+
+
+def _real_scores(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"consistency_ssim": rng.uniform(0.4, 0.9, n), "realism": rng.uniform(0.5, 0.6, n),
+                         "density_z": rng.normal(0.0, 0.5, n), "label_confidence": rng.uniform(0.97, 0.99, n)})
+
+
+def test_calibrated_thresholds_are_quantiles_of_held_out_real_rows_and_realism_stays_fixed():
+    cfg = preset("demo").with_overrides(acceptance_quantile=0.1)
+    real = _real_scores(400)
+    t = calibrate_thresholds(real, cfg, split="val", patients=8)
+    assert t.source == "calibrated"
+    assert t.min_consistency_ssim == pytest.approx(np.quantile(real["consistency_ssim"], 0.1))
+    assert t.max_abs_density_z == pytest.approx(np.quantile(real["density_z"].abs(), 0.9))
+    assert t.min_label_confidence == pytest.approx(np.quantile(real["label_confidence"], 0.1))
+    assert t.min_realism == cfg.min_realism  # the discriminator's own score is not calibrated
+    # three bounds, each rejecting a tenth of the real rows: between 70 % and 90 % of them pass all
+    assert 0.7 <= t.calibration["real_pass_rate"] <= 0.9
+    assert t.calibration["rows"] == 400 and t.calibration["split"] == "val" and t.calibration["quantile"] == 0.1
+    assert t.rules()["density_z"] == f"|z| <= {t.max_abs_density_z:.4g}"
+
+
+def test_calibrated_thresholds_reject_samples_unlike_real_rows_that_the_constants_accept():
+    cfg = preset("demo")
+    real = _real_scores(200, seed=1)
+    like_real = _real_scores(100, seed=2)
+    unsure_labels = like_real.assign(label_confidence=0.9)    # labels far less confident than any real row's
+    too_dense = like_real.assign(density_z=2.5)               # inside the constant |z| <= 3, far outside real rows
+    fixed = AcceptanceThresholds.from_config(cfg.with_overrides(acceptance="fixed"))
+    calibrated = calibrate_thresholds(real, cfg)
+    for odd in (unsure_labels, too_dense):
+        assert accept_mask(odd, fixed).all()
+        assert not accept_mask(odd, calibrated).any()
+    assert accept_mask(like_real, calibrated).mean() > 0.75  # samples that look like real rows mostly pass
+
+
+def test_calibration_uses_val_patients_seen_twice_and_adds_train_rows_only_when_too_few():
+    def meta(n_val_rows: int) -> tuple[pd.DataFrame, dict]:
+        rows = [("v1", s % 2, "val") for s in range(n_val_rows)]       # v1: two stages
+        rows += [("v2", 0, "val")] * 30                                 # v2: one stage, nothing to compare with
+        rows += [("t1", s % 3, "train") for s in range(30)]
+        df = pd.DataFrame(rows, columns=["patient_id", "stage", "split"])
+        observed = df.groupby("patient_id")["stage"].apply(lambda s: sorted(set(s))).to_dict()
+        return df, observed
+
+    df, observed = meta(MIN_CALIBRATION_ROWS)
+    rows, splits = calibration_rows(df, observed)
+    assert splits == "val" and set(df.iloc[rows]["patient_id"]) == {"v1"}
+    df, observed = meta(MIN_CALIBRATION_ROWS - 1)
+    rows, splits = calibration_rows(df, observed)
+    assert splits == "val+train" and set(df.iloc[rows]["patient_id"]) == {"v1", "t1"}
 
 
 def test_label_confidence_range():
@@ -55,3 +109,23 @@ def test_summarise_ignores_nan():
     df = pd.DataFrame({k: [np.nan, 1.0, 3.0] for k in ("consistency_ssim", "realism", "density_z",
                                                        "label_confidence")})
     assert summarise(df)["realism"]["mean"] == pytest.approx(2.0)
+
+
+def test_too_few_real_rows_fall_back_to_the_constants_with_a_warning():
+    import logging
+
+    from tasks.score import calibrated_on_real_rows
+
+    cfg = preset("demo")
+    meta = pd.DataFrame({"patient_id": ["a", "a", "b"], "stage": [0, 1, 0], "split": ["val", "val", "train"]})
+    observed = {"a": [0, 1], "b": [0]}
+    logged = []
+
+    def never(*_):
+        raise AssertionError("nothing to score: the fallback needs no model")
+
+    t = calibrated_on_real_rows(meta, None, observed, cfg, "no-checkpoint.pt", never,
+                                log=lambda msg, level=logging.INFO: logged.append((level, msg)))
+    assert t.source == "config" and t.min_label_confidence == cfg.min_label_confidence
+    assert "2 real rows" in t.calibration["fallback_reason"]
+    assert [level for level, _ in logged] == [logging.WARNING] and "not calibrated" in logged[0][1]

@@ -192,7 +192,7 @@ class _RecordingSteps:
         write_work_file(RunPaths.of(run).synthetic_labels_h5,
                         {"labels": (images > 200).astype(np.uint8), "label_confidence": np.ones(len(images))})
 
-    def _score(self, run, cfg, ckpt):
+    def _score(self, run, cfg, crgan_ckpt, pix2pix_ckpt):
         from storage.work_files import read_work_table
         table = read_work_table(RunPaths.of(run).synthetic_h5)
         pd.DataFrame({"patient_id": table["patient_id"], "accepted": True}).to_csv(
