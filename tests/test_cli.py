@@ -152,6 +152,8 @@ def test_phantom_command_writes_the_configured_dataset(tmp_path, capsys):
     ({"val_fraction": 0.6, "test_fraction": 0.5}, "test_fraction"),
     ({"workers": 0}, "workers"),
     ({"min_label_confidence": 2}, "min_label_confidence"),
+    ({"acceptance": "sometimes"}, "acceptance"),
+    ({"acceptance_quantile": 0.5}, "acceptance_quantile"),
     ({"crgan": {"batch_size": -3}}, "crgan.batch_size"),
     ({"pix2pix": {"epochs": -1}}, "pix2pix.epochs"),
     ({"max_file_mb": 0}, "max_file_mb"),
