@@ -68,13 +68,19 @@ def resolve_registry(registry_dir: str | Path | None, model_version: str | None,
 
 
 def check_registry_fits(models: RegisteredModels, config: PipelineConfig) -> None:
-    """Refuse, before any work, a registry version trained at another image size than the run's."""
+    """Refuse, before any work, a registry version trained at another image size or label rule than the run's."""
     size = models.config.get("image_size")
     if size is not None and int(size) != config.image_size:
         raise BrvoError(
             f"registry version {models.version} was trained at {size} px but this run asks for "
             f"{config.image_size} px; pass image_size={size}, pin another version (model_version=...) "
             f"or set force_retrain to train new models")
+    rule = models.config.get("label_resize", "nearest")  # versions published before the option: nearest
+    if rule != config.label_resize:
+        raise BrvoError(
+            f"registry version {models.version} was trained on labels resized by {rule!r} but this run resizes "
+            f"them by {config.label_resize!r}; its Pix2Pix would label synthetic rows unlike the real ones. Pass "
+            f"label_resize={rule!r}, pin another version (model_version=...) or set force_retrain")
 
 
 def registry_step(model: ModelName, models: RegisteredModels) -> Step:

@@ -15,6 +15,7 @@ from brvo_models.configs import CRGANConfig, ForecastRecipe, Pix2PixConfig, Segm
 from storage.errors import BrvoError
 
 PresetName = Literal["tiny", "demo", "full"]
+LabelResize = Literal["nearest", "max", "area"]
 
 
 class PipelineConfig(BaseModel):
@@ -26,6 +27,11 @@ class PipelineConfig(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     image_size: int = Field(64, ge=32, le=1024,
                             description="side of the square images in soul.h5: a power of two, 32 to 1024")
+    label_resize: LabelResize = Field(
+        "nearest", description="how preprocess resizes the annotation to image_size: 'nearest' (one annotated pixel "
+        "per output pixel: vessel density unbiased, thin vessels become broken dots), 'max' (vessel where any "
+        "annotated vessel pixel falls in the output pixel: thin vessels stay connected, density grows), 'area' "
+        "(vessel where vessels cover at least half of it: thin vessels vanish)")
     compression: Literal["gzip-1", "gzip-4", "lzf"] = Field(
         "gzip-1", description="HDF5 compression: gzip-1 (default, portable), gzip-4, lzf")
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="share of patients held out for validation")

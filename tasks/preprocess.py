@@ -17,7 +17,13 @@ Why it is shaped like this:
   scale first (DCT-domain averaging), which halves the cost at 64 px with no loss
   measured against a full decode (benchmarks/preprocess_bench.py).
 * **Labels**: binarised at 127 at full resolution first (SOUL labels are lossy JPEGs),
-  then resized with nearest neighbour, so values stay exactly 0/1.
+  then resized by ``config.label_resize``, so values stay exactly 0/1: ``nearest`` (default)
+  samples one annotated pixel per output pixel (unbiased vessel density, but a vessel
+  thinner than the scale factor becomes a broken line of dots while the antialiased image
+  shows it as a faint continuous one); ``max`` marks an output pixel vessel when any
+  annotated vessel pixel falls in its footprint (thin vessels stay connected, widths and
+  density grow); ``area`` when vessels cover at least half of it (thin vessels vanish).
+  Both the coverage rules use PIL's exact box filter on the 0/1 mask.
 * **Rows without a label** (a manifest-CSV source may lack them) are skipped and counted:
   the format pairs every image with a label. Pix2Pix can label them later.
 * **Split by patient**, seeded, see :func:`split_patients`.
@@ -48,7 +54,7 @@ from storage.paired_format import (
     validate,
 )
 from storage.run_dir import RunPaths
-from tasks.config import PipelineConfig
+from tasks.config import LabelResize, PipelineConfig
 from tasks.reporting import LogFn, ProgressArtifact, run_log
 from tasks.steps import Step, StepContext
 from tasks.workers import reset_signals, worker_context
@@ -158,13 +164,28 @@ def _natural_key(pid: str) -> tuple[int, int, str]:
 # ---------------------------------------------------------------------------------- decoding
 
 
-def load_pair(image_path: str, label_path: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def load_pair(image_path: str, label_path: str, image_size: int,
+              label_resize: LabelResize = "nearest") -> tuple[np.ndarray, np.ndarray]:
     """One (image, label) pair as uint8 (S, S) arrays: antialiased grayscale image, 0/1 label."""
-    image, label, _, _ = _load_pair_timed(image_path, label_path, image_size)
+    image, label, _, _ = _load_pair_timed(image_path, label_path, image_size, label_resize)
     return image, label
 
 
-def _load_pair_timed(image_path: str, label_path: str, size: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+def resize_label(mask: np.ndarray, size: int, rule: LabelResize = "nearest") -> np.ndarray:
+    """A boolean (H, W) vessel mask -> uint8 0/1 (size, size) by ``rule`` (module docstring)."""
+    if rule == "nearest":
+        return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((size, size), Image.Resampling.NEAREST),
+                          dtype=np.uint8)
+    coverage = np.asarray(Image.fromarray(mask.astype(np.float32), mode="F").resize((size, size), Image.Resampling.BOX))
+    if rule == "max":
+        return (coverage > 1e-6).astype(np.uint8)
+    if rule == "area":
+        return (coverage >= 0.5 - 1e-6).astype(np.uint8)
+    raise ValueError(f"label_resize must be nearest, max or area, got {rule!r}")
+
+
+def _load_pair_timed(image_path: str, label_path: str, size: int,
+                     label_resize: LabelResize = "nearest") -> tuple[np.ndarray, np.ndarray, float, float]:
     t0 = time.perf_counter()
     try:
         img = _open(image_path)
@@ -180,9 +201,7 @@ def _load_pair_timed(image_path: str, label_path: str, size: int) -> tuple[np.nd
         ) from None
     t1 = time.perf_counter()
     image = np.asarray(img.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
-    label = np.asarray(
-        Image.fromarray(lab_full.astype(np.uint8)).resize((size, size), Image.Resampling.NEAREST), dtype=np.uint8
-    )
+    label = resize_label(lab_full, size, label_resize)
     t2 = time.perf_counter()
     return image, label, t1 - t0, t2 - t1
 
@@ -212,14 +231,14 @@ class DecodedChunk:
     compress_s: float = 0.0
 
 
-def _decode_chunk(args: tuple[Sequence[tuple[str, str]], int, str | None]) -> DecodedChunk:
+def _decode_chunk(args: tuple[Sequence[tuple[str, str]], int, str | None, LabelResize]) -> DecodedChunk:
     """Worker: decode, resize and (if possible) compress a chunk of pairs."""
-    pairs, size, compression = args
+    pairs, size, compression, label_resize = args
     images = np.empty((len(pairs), size, size), np.uint8)
     labels = np.empty((len(pairs), size, size), np.uint8)
     out = DecodedChunk(n=len(pairs))
     for i, (ip, lp) in enumerate(pairs):
-        images[i], labels[i], d, r = _load_pair_timed(ip, lp, size)
+        images[i], labels[i], d, r = _load_pair_timed(ip, lp, size, label_resize)
         out.decode_s += d
         out.resize_s += r
     if compression in ENCODABLE:
@@ -234,7 +253,8 @@ def _decode_chunk(args: tuple[Sequence[tuple[str, str]], int, str | None]) -> De
 
 
 def iter_decoded(
-    chunks: Iterable[Sequence[tuple[str, str]]], image_size: int, workers: int, compression: str | None = None
+    chunks: Iterable[Sequence[tuple[str, str]]], image_size: int, workers: int, compression: str | None = None,
+    label_resize: LabelResize = "nearest",
 ) -> Iterator[DecodedChunk]:
     """Decoded chunks in input order; with ``workers > 1`` a bounded pipeline over a process pool.
 
@@ -246,7 +266,7 @@ def iter_decoded(
     """
     if workers <= 1:
         for chunk in chunks:
-            yield _decode_chunk((chunk, image_size, compression))
+            yield _decode_chunk((chunk, image_size, compression, label_resize))
         return
     # fork: workers need no re-import (tasks.preprocess imports Prefect, ~1.3 s per spawn) and
     # only run PIL/numpy/zlib, which hold no locks of the parent's threads.
@@ -254,14 +274,14 @@ def iter_decoded(
     with worker_context().Pool(workers, initializer=reset_signals) as pool:
         pending: deque = deque()
         for chunk in it:
-            pending.append(pool.apply_async(_decode_chunk, ((chunk, image_size, compression),)))
+            pending.append(pool.apply_async(_decode_chunk, ((chunk, image_size, compression, label_resize),)))
             if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
                 break
         while pending:
             result = pending.popleft().get()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(pool.apply_async(_decode_chunk, ((nxt, image_size, compression),)))
+                pending.append(pool.apply_async(_decode_chunk, ((nxt, image_size, compression, label_resize),)))
             yield result
 
 
@@ -339,7 +359,8 @@ def preprocess(
     n_workers = max(1, min(int(config.workers if workers is None else workers), n))
     chunks = _even_chunks(pairs, int(chunk_size), n_workers)
     log(f"preprocess: {n} pairs of {len(assignment)} patients -> {paths.soul_h5} at {size} px, "
-        f"{n_workers} decoding process(es), compression {config.compression}")
+        f"{n_workers} decoding process(es), compression {config.compression}, labels resized by "
+        f"{config.label_resize}")
 
     attrs = {
         "description": (
@@ -354,7 +375,7 @@ def preprocess(
     timings = {"decode_s": 0.0, "resize_s": 0.0, "compress_s": 0.0, "write_s": 0.0}
     done = 0
     with PairedDatasetWriter(paths.soul_h5, size, compression=config.compression, attrs=attrs) as writer:
-        for chunk in iter_decoded(chunks, size, n_workers, config.compression):
+        for chunk in iter_decoded(chunks, size, n_workers, config.compression, config.label_resize):
             rows = df.iloc[done : done + chunk.n]
             meta = {
                 "patient_id": rows["patient_id"].tolist(),
@@ -474,5 +495,5 @@ def preprocess_step(ctx: StepContext, ingest: IngestResult) -> PreprocessResult:
 
 PREPROCESS = Step(
     name="preprocess", run=preprocess_step, result_type=PreprocessResult, needs=("ingest",), retries=1,
-    writes=("soul_h5",), config_fields=("image_size", "compression", "val_fraction", "test_fraction", "seed"),
+    writes=("soul_h5",), config_fields=("image_size", "label_resize", "compression", "val_fraction", "test_fraction", "seed"),
     description="manifest.csv -> soul.h5: resized pairs, split by patient")

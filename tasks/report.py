@@ -4,6 +4,8 @@ report.json is the single source of the numbers; report.md and the card render i
 """
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -279,6 +281,17 @@ def render_report(report: dict[str, Any], data_source: str) -> str:
     return "\n".join(out)
 
 
+def _label_rule(attrs: dict[str, Any]) -> str:
+    """The preprocess label rule of the file's config ('nearest' for files made before the option). Dice and
+    vessel density depend on it, so a consumer comparing with other data needs it."""
+    try:
+        rule = json.loads(attrs.get("config_json") or "{}").get("label_resize", "nearest")
+    except (TypeError, ValueError):
+        return "an unrecorded rule"
+    return {"nearest": "nearest neighbour", "max": "max (any vessel pixel in the footprint)",
+            "area": "area (vessels cover at least half the footprint)"}.get(rule, str(rule))
+
+
 def render_card(report: dict[str, Any], attrs: dict[str, Any], data_source: str) -> str:
     syn = report.get("synthetic", {})
     per_stage = syn.get("per_stage", {})
@@ -294,7 +307,8 @@ def render_card(report: dict[str, Any], attrs: dict[str, Any], data_source: str)
         "synthetic rows fill each patient's missing stages.",
         "",
         "## How it was made",
-        f"Input: {data_source}. Pipeline: ingest -> preprocess ({attrs.get('image_size')} px) -> Pix2Pix "
+        f"Input: {data_source}. Pipeline: ingest -> preprocess ({attrs.get('image_size')} px, annotations resized by "
+        f"{_label_rule(attrs)}) -> Pix2Pix "
         "(image -> vessel label) -> CRGAN (patient + stage + noise, LSTM over stages) -> fill every missing "
         f"(patient, stage) with {attrs.get('samples_per_missing')} samples -> label with Pix2Pix -> score -> export.",
         f"Models: {_models_line(report) or 'not recorded'}.",

@@ -24,6 +24,7 @@ from tasks.preprocess import (
     preprocess,
     PREPROCESS,
     preprocess_step,
+    resize_label,
     split_patients,
 )
 
@@ -278,6 +279,41 @@ def test_labels_are_binarised_at_127_before_nearest_resize(tmp_path):
     _, out = load_pair(str(tmp_path / "image.png"), str(tmp_path / "thin.png"), 32)
     assert out.dtype == np.uint8
     assert (out[:, ::2] == 1).all() and (out[:, 1::2] == 0).all()
+
+
+def test_label_resize_rules_keep_or_drop_thin_vessels_as_documented():
+    # 64 -> 16 px (4x): a 1-px vessel in column 5 and a 3-px one in columns 40-42 (both inside one output column)
+    mask = np.zeros((64, 64), bool)
+    mask[:, 5] = True
+    mask[:, 40:43] = True
+    nearest = resize_label(mask, 16, "nearest")
+    most = resize_label(mask, 16, "max")
+    area = resize_label(mask, 16, "area")
+    for out in (nearest, most, area):
+        assert out.dtype == np.uint8 and set(np.unique(out)) <= {0, 1}
+    # max: both vessels stay, each a connected 1-px line, nothing else is marked
+    np.testing.assert_array_equal(np.flatnonzero(most.any(0)), [1, 10])
+    assert most[:, [1, 10]].all()
+    # area: the 1-px vessel covers a quarter of its column and vanishes, the 3-px one (3/4) stays
+    np.testing.assert_array_equal(np.flatnonzero(area.any(0)), [10])
+    assert area[:, 10].all()
+    # nearest samples one pixel per output pixel: it can miss the thin vessel entirely
+    assert nearest.sum() <= most.sum()
+    with pytest.raises(ValueError, match="label_resize"):
+        resize_label(mask, 16, "bicubic")
+
+
+def test_label_resize_reaches_soul_h5_and_keys_the_step(run_dir, soul, tmp_path):
+    (tmp_path / "manifest.csv").write_bytes((run_dir / "manifest.csv").read_bytes())
+    preprocess(tmp_path, CONFIG.with_overrides(label_resize="max"), log=_quiet, workers=1)
+    _, images, labels = _file_meta_and_arrays(tmp_path / "soul.h5")
+    _, ref_images, ref_labels = _file_meta_and_arrays(Path(soul.path))
+    np.testing.assert_array_equal(images, ref_images)  # images are resized the same way
+    assert labels.sum() > ref_labels.sum()  # every annotated vessel pixel marks its output pixel
+    assert not (ref_labels & ~labels).any()  # max marks at least what nearest's sampled pixel marks
+    assert "label_resize" in PREPROCESS.config_fields  # a cached soul.h5 of another rule is never served
+    with pytest.raises(BrvoError, match="label_resize"):
+        CONFIG.with_overrides(label_resize="bilinear")
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])  # .jpg takes the draft (DCT-downscale) path

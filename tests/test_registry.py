@@ -120,6 +120,19 @@ def test_augment_refuses_a_registry_version_of_another_image_size_before_any_wor
     assert not (tmp_path / "run").exists()
 
 
+def test_augment_refuses_a_registry_version_of_another_label_rule_before_any_work(tmp_path):
+    """Models trained on 'nearest' labels would label a 'max' run's synthetic rows unlike its real ones."""
+    from flows.augment import augment_chain
+
+    reg = ModelRegistry(tmp_path / "reg")
+    version = _publish(reg, _fake_run(tmp_path / "run1"), preset("tiny"), "abc")
+    (tmp_path / "soul").mkdir()
+    with pytest.raises(BrvoError, match=f"registry version {version} was trained on labels resized by 'nearest'"):
+        augment_chain(tmp_path / "soul", tmp_path / "run", preset("tiny").with_overrides(label_resize="max"),
+                      registry_dir=tmp_path / "reg")
+    assert not (tmp_path / "run").exists()
+
+
 def test_augment_reads_the_registry_from_the_environment_like_retrain(tmp_path, monkeypatch):
     """Issue 14: a work-pool worker started with BRVO_REGISTRY_DIR gives augment its registry, as serve does."""
     from flows.augment import resolve_registry

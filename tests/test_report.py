@@ -56,6 +56,15 @@ def test_dataset_card_carries_the_measured_quality_and_missed_bars():
     assert card.startswith("# Dataset card") and "> **WARNING** quality bar not met: pix2pix_beats_baselines" in card
 
 
+def test_dataset_card_names_the_label_resize_rule_dice_depends_on():
+    from tasks.config import preset
+
+    config = preset("tiny").with_overrides(label_resize="max")
+    card = render_card(_report(), {"config_json": config.to_json(), "image_size": 32}, "phantom")
+    assert "preprocess (32 px, annotations resized by max (any vessel pixel in the footprint))" in card
+    assert "annotations resized by nearest neighbour" in render_card(_report(), {}, "phantom")  # older files
+
+
 def test_warnings_name_missed_bars_zero_accepted_and_degenerate_labels():
     from tasks.report import bars_summary, warnings_of
 
