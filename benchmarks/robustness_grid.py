@@ -63,20 +63,22 @@ def quiet(_message: str) -> None:
     """Per-validation log lines would drown the table; the rows carry what matters."""
 
 
-def dataset_name(patients: int, visits: str, seed: int, size: int) -> str:
-    return f"ph{patients}_v{visits}_s{seed}_{size}px"
+def dataset_name(patients: int, visits: str, seed: int, size: int, label_resize: str = "nearest") -> str:
+    rule = "" if label_resize == "nearest" else f"_labels-{label_resize}"  # names of the nearest-rule datasets kept
+    return f"ph{patients}_v{visits}_s{seed}_{size}px{rule}"
 
 
-def prepare_dataset(data_dir: Path, patients: int, visits: str, seed: int, size: int) -> Path:
-    """DATA_DIR/<name>/soul.h5 for this configuration and seed, made with the product's phantom, ingest and
-    preprocess on first use; returns the run directory."""
+def prepare_dataset(data_dir: Path, patients: int, visits: str, seed: int, size: int,
+                    label_resize: str = "nearest") -> Path:
+    """DATA_DIR/<name>/soul.h5 for this configuration, seed and label rule (a variant's ``label_resize``), made
+    with the product's phantom, ingest and preprocess on first use; returns the run directory."""
     from tasks.config import load_config
     from tasks.ingest import ingest
     from tasks.phantom import generate_phantom
     from tasks.preprocess import preprocess
     from brvo_models.phantom.config import phantom_config
 
-    run = data_dir / dataset_name(patients, visits, seed, size)
+    run = data_dir / dataset_name(patients, visits, seed, size, label_resize)
     if (run / "soul.h5").exists():
         return run
     lo, hi = (int(v) for v in visits.split("-"))
@@ -96,7 +98,8 @@ def prepare_dataset(data_dir: Path, patients: int, visits: str, seed: int, size:
     try:
         staging = tmp / "run"
         ingest(source, staging, log=quiet, workers=1)
-        preprocess(staging, load_config("demo", image_size=size, seed=seed), log=quiet, workers=1)
+        preprocess(staging, load_config("demo", image_size=size, seed=seed, label_resize=label_resize), log=quiet,
+                   workers=1)
         if run.exists():
             shutil.rmtree(run)
         staging.rename(run)
@@ -115,7 +118,7 @@ def run_row(data_dir: Path, patients: int, visits: str, seed: int, size: int, *,
     from tasks.train_pix2pix import evaluate_pix2pix, train_pix2pix
 
     t0 = time.perf_counter()
-    dataset = prepare_dataset(data_dir, patients, visits, seed, size)
+    dataset = prepare_dataset(data_dir, patients, visits, seed, size, variant.get("label_resize", "nearest"))
     row: dict = {"patients": patients, "visits": visits, "seed": seed, "size": size, "variant": variant,
                  "device": device, "val_only": val_only, "prepare_s": round(time.perf_counter() - t0, 1)}
     config = load_config("demo", image_size=size, seed=seed, device=device, **flatten_fields(variant))

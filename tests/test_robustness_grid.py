@@ -70,6 +70,14 @@ def test_one_row_runs_the_product_and_the_table_shows_what_was_not_run(grid, tmp
     assert row["pix2pix_fit"]["steps"] == 3 and row["crgan_fit"]["steps"] == 3
     assert row["segmenter_params"]["steps"] == 3 and row["labels"]["pix2pix"]["n"] > 0
     assert (tmp_path / "data" / "ph12_v1-2_s0_64px" / "soul.h5").exists()
+    # a variant with another label rule gets its own dataset (same phantom), never the cached nearest-rule one
+    assert grid.main(["one", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "max.jsonl"), "--device", "cpu",
+                      "--threads", "1", "--variant", json.dumps({**tiny, "label_resize": "max"}), "--models", "pix2pix",
+                      "--val-only", "--cell", "12", "1-2", "0", "64"]) == 0
+    from storage.paired_format import read_arrays
+    nearest = read_arrays(tmp_path / "data" / "ph12_v1-2_s0_64px" / "soul.h5")[1]
+    most = read_arrays(tmp_path / "data" / "ph12_v1-2_s0_64px_labels-max" / "soul.h5")[1]
+    assert most.shape == nearest.shape and most.sum() > nearest.sum()
     capsys.readouterr()
     assert grid.main(["table", str(out), "--patients", "12", "24", "--visits", "1-2", "--sizes", "64"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 12") or line.startswith("| 24")]
