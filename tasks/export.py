@@ -19,6 +19,7 @@ from tasks.config import PipelineConfig
 from tasks.models import TrainedModel
 from tasks.reporting import run_log
 from tasks.score import SCORE_NAMES, AcceptanceThresholds, summarise, threshold_passes
+from tasks.stage_trend import stage_trend
 from tasks.steps import Step, StepContext
 
 if TYPE_CHECKING:
@@ -113,6 +114,14 @@ def synthetic_section(meta: pd.DataFrame, thresholds: AcceptanceThresholds, labe
             "mean_label_density": float(label_density.mean()) if label_density.size else float("nan")}
 
 
+def label_densities(path: Path, chunk: int = REAL_CHUNK) -> np.ndarray:
+    """Each row's label vessel fraction, read in chunks (a 256 px file need not fit in memory at once)."""
+    with h5py.File(path, "r") as f:
+        labels = f["labels"]
+        return np.concatenate([labels[i:i + chunk].reshape(min(chunk, len(labels) - i), -1).mean(axis=1)
+                               for i in range(0, len(labels), chunk)] or [np.zeros(0)])
+
+
 def export(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, crgan: TrainedModel,
            thresholds: AcceptanceThresholds, *, log=run_log) -> ExportResult:
     """Write RUN_DIR/augmented.h5 and summarise what is in it."""
@@ -123,11 +132,16 @@ def export(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, crgan: 
         meta = meta_frame(f)
     labels = read_work_array(RunPaths.of(run_dir).synthetic_labels_h5, "labels")  # the synthetic rows, in order
     density = labels.reshape(len(labels), -1).mean(axis=1) if len(labels) else np.zeros(0)
+    trend = stage_trend(meta, label_densities(out))  # its warnings reach the log with the report's (tasks/report.py)
+    log("export: treatment effect in label density per stage: " + ", ".join(
+        f"{name} {'n/a' if trend[key] is None else format(trend[key], '+.4f')}" for name, key in (
+            ("real", "real_slope_per_stage"), ("synthetic", "synthetic_slope_per_stage"), ("offset", "synthetic_bias"))))
     n_acc = int(meta.loc[meta["is_synthetic"], "accepted"].sum())
     log(f"export: {out} ({summary.n_real} real + {summary.n_synthetic} synthetic, {n_acc} accepted)")
     return ExportResult(augmented_h5=str(out), n_real=summary.n_real, n_synthetic=summary.n_synthetic,
                         n_accepted=n_acc, size_mb=round(out.stat().st_size / 1e6, 3), sha256=file_sha256(out),
-                        synthetic=synthetic_section(meta, thresholds, density), seconds=round(time.perf_counter() - t0, 3))
+                        synthetic={**synthetic_section(meta, thresholds, density), "stage_trend": trend},
+                        seconds=round(time.perf_counter() - t0, 3))
 
 
 def export_step(ctx: StepContext, preprocess: PreprocessResult, fill: FillResult, label: LabelResult,

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
 from tasks.score import AcceptanceThresholds
+from tasks.stage_trend import render_trend, trend_warnings
 from tasks.steps import PlanRun, Step
 from tasks.usefulness import render_markdown, rows_help, usage_advice
 
@@ -81,7 +82,8 @@ def bars_summary(report: dict[str, Any]) -> str:
 
 def warnings_of(report: dict[str, Any]) -> list[str]:
     """Every result a user must not miss: each missed quality bar, no accepted synthetic sample,
-    degenerate synthetic labels. Logged as WARNING lines and printed at the top of report.md and the card."""
+    synthetic rows that lose the treatment effect (tasks/stage_trend.py), degenerate synthetic labels.
+    Logged as WARNING lines and printed at the top of report.md and the card."""
     out = [f"quality bar not met: {bar} ({BAR_MEANING.get(bar, bar)})"
            for bar, met in bar_checks(report).items() if not met]
     syn = report.get("synthetic") or {}
@@ -93,6 +95,7 @@ def warnings_of(report: dict[str, Any]) -> list[str]:
         out.append(f"acceptance thresholds not calibrated on real rows: {fallback}")
     for name, reason in ((report.get("usefulness") or {}).get("skipped_arms") or {}).items():
         out.append(f"usefulness: the {name} arms were not run: {reason}")
+    out += trend_warnings(syn.get("stage_trend"))
     degenerate = syn.get("degenerate_labels") or 0
     if degenerate:
         out.append(f"{degenerate} of {syn.get('n')} synthetic labels are degenerate (no vessel pixel, or vessels over "
@@ -255,6 +258,7 @@ def render_report(report: dict[str, Any], data_source: str) -> str:
                 f"its threshold); {syn.get('degenerate_labels', 0)} degenerate labels. {acceptance_source(report)}", "",
                 _table(syn["per_stage"], ["real", "synthetic", "accepted"]), "",
                 _table(scores, ["mean", "p10", "p90", "accepted when", "rejected by it"]), ""]
+    out += render_trend((syn or {}).get("stage_trend"))
     out += _image_quality_lines(report.get("image_quality"))
     use = report.get("usefulness")
     if use and use.get("arms"):

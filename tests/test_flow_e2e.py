@@ -61,6 +61,9 @@ def test_documents_report_and_figures_written(tiny_augment_run):
     assert "CC BY 4.0" in card and "not for diagnosis" in card
     assert "## Pix2Pix" in paths.report_md.read_text()
     assert "## Image quality: synthetic vs held-out real images" in paths.report_md.read_text()
+    trend = report["synthetic"]["stage_trend"]  # the treatment-effect check, measured on this run's own rows
+    assert trend["n_synthetic_stages"] > 0 and trend["n_real_pairs"] > 0
+    assert "## Treatment effect in the synthetic rows" in paths.report_md.read_text()
     montages = list((paths.figures / "timelines").glob("patient_*.png"))
     assert len(montages) == read_meta(paths.augmented_h5)["patient_id"].nunique()
     assert (paths.figures / "score_histograms.png").stat().st_size > 0
