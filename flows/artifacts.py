@@ -66,6 +66,11 @@ def result_markdown(run_dir: Path, report: dict[str, Any], summary: dict[str, An
         lines.append(f"| {bar} | {'met' if met else '**NOT MET**'} |")
     if syn.get("degenerate_labels") is not None:
         lines.append(f"| degenerate synthetic labels | {syn['degenerate_labels']} |")
+    trend = syn.get("stage_trend")
+    if trend and trend.get("real_slope_per_stage") is not None and trend.get("synthetic_slope_per_stage") is not None:
+        verdict = ", ".join(w.upper() for w in ("flat", "offset") if trend.get(w)) or "kept"
+        lines.append(f"| treatment effect (label density per stage) | real {trend['real_slope_per_stage']:+.4f}, "
+                     f"synthetic {trend['synthetic_slope_per_stage']:+.4f}: {verdict} |")
     return "\n".join(lines) + "\n"
 
 

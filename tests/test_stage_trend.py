@@ -98,3 +98,14 @@ def test_the_warning_reaches_the_report_and_its_warnings():
     assert any("miss the treatment effect" in w for w in warnings_of(report))
     text = render_report(report, "phantom")
     assert "## Treatment effect in the synthetic rows" in text and "Verdict: flat." in text
+
+
+def test_the_ui_summary_shows_the_effect_and_its_warning(tmp_path):
+    from flows.artifacts import result_markdown
+
+    meta, dens = _cohort(lambda base, _stage, nearest: base + SLOPE * nearest)
+    report = {"synthetic": {"n": 72, "accepted": 72, "stage_trend": stage_trend(meta, dens)}}
+    summary = {"augmented_h5": "a.h5", "n_real": 1, "n_synthetic": 72, "n_accepted": 72}
+    text = result_markdown(tmp_path, report, summary)
+    assert "**WARNING** the synthetic rows miss the treatment effect" in text
+    assert "| treatment effect (label density per stage) | real +0.0100, synthetic" in text and ": FLAT |" in text
