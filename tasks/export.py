@@ -118,8 +118,8 @@ def label_densities(path: Path, chunk: int = REAL_CHUNK) -> np.ndarray:
     """Each row's label vessel fraction, read in chunks (a 256 px file need not fit in memory at once)."""
     with h5py.File(path, "r") as f:
         labels = f["labels"]
-        return np.concatenate([labels[i:i + chunk].reshape(min(chunk, len(labels) - i), -1).mean(axis=1)
-                               for i in range(0, len(labels), chunk)] or [np.zeros(0)])
+        blocks = (labels[i:i + chunk] for i in range(0, len(labels), chunk))
+        return np.concatenate([b.reshape(len(b), -1).mean(axis=1) for b in blocks] or [np.zeros(0)])
 
 
 def export(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, crgan: TrainedModel,
@@ -130,9 +130,9 @@ def export(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, crgan: 
     summary = validate(out)
     with h5py.File(out, "r") as f:
         meta = meta_frame(f)
-    labels = read_work_array(RunPaths.of(run_dir).synthetic_labels_h5, "labels")  # the synthetic rows, in order
-    density = labels.reshape(len(labels), -1).mean(axis=1) if len(labels) else np.zeros(0)
-    trend = stage_trend(meta, label_densities(out))  # its warnings reach the log with the report's (tasks/report.py)
+    densities = label_densities(out)  # every row's, read once: the synthetic rows' for the section, all for the trend
+    density = densities[meta["is_synthetic"].to_numpy(bool)]
+    trend = stage_trend(meta, densities)  # its warnings reach the log with the report's (tasks/report.py)
     log("export: treatment effect in label density per stage: " + ", ".join(
         f"{name} {'n/a' if trend[key] is None else format(trend[key], '+.4f')}" for name, key in (
             ("real", "real_slope_per_stage"), ("synthetic", "synthetic_slope_per_stage"), ("offset", "synthetic_bias"))))

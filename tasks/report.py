@@ -5,7 +5,6 @@ report.json is the single source of the numbers; report.md and the card render i
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 from typing import Any, Sequence
 
