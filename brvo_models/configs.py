@@ -133,6 +133,12 @@ class CRGANConfig(TrainingSchedule):
     adv_into_estimate: bool = Field(
         False, description="let the adversarial gradient reach the generator's estimate too, not only its texture head")
     lr_texture: float = Field(1e-2, gt=0.0, description="learning rate of the two texture amplitudes (log scale)")
+    lambda_density: float = Field(
+        0.0, ge=0.0, description="weight of the treatment-effect term: L1 between the soft vessel density of the "
+        "estimate and of the stage's mean real image (brvo_models.losses.soft_density at the batch targets' Otsu "
+        "threshold), weighted over hidden and visible stages as the L1 term. 0 (default) leaves it out")
+    density_softness: float = Field(0.05, gt=0.0, le=1.0,
+                                    description="width of the density term's sigmoid, on the [0, 1] intensity scale")
     context_subset_prob: float = Field(
         0.25, ge=0.0, le=1.0, description="chance a visible stage enters the training context as the mean of a random "
                                          "subset of its images (else all of them, as at generation time)")

@@ -39,7 +39,10 @@ embedding + noise, transposed-conv decoder, discriminator conditioned on
   target is the stage mean because repeat scans carry independent noise. By default
   the adversarial gradient trains the texture, not the estimate (adv_into_estimate:
   measured, it cost 0.7 dB held-out PSNR for +0.006 SSIM). An SSIM loss term was
-  measured too and gained nothing, so it is not here.
+  measured too and gained nothing, so it is not here. Optional (lambda_density, off by
+  default): L1 between the soft vessel density of the estimate and of the stage mean
+  (:func:`brvo_models.losses.soft_density`), the treatment effect as a target of its own;
+  docs/usefulness.md has what it measured.
 
 This module holds the networks, the Trainable and the loaders that rebuild the networks from
 a checkpoint. The data (sequences, training batches, held-out cases, noise) lives in
@@ -62,6 +65,7 @@ from brvo_models.crgan_data import N_STAGES, PatientSequence, heldout_cases, pix
 from brvo_models import batched_metrics
 from brvo_models.crgan_sampling import predict_heldout, score_cases
 from brvo_models.identity import load_described
+from brvo_models.losses import otsu_threshold, soft_density
 from brvo_models.metrics import mean_scores
 from brvo_models.runtime import autocast, resolve_device
 from storage.checkpoints import state_must_fit
@@ -401,7 +405,21 @@ class CRGAN:
         adv = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits)) if logits is not None \
             else torch.zeros((), device=fake.device)
         total = c.lambda_l1 * (l1_hidden + c.visible_l1_weight * l1_visible) + c.lambda_adv * adv
-        return {"loss_g": total, "l1_hidden": l1_hidden, "l1_visible": l1_visible, "adv_g": adv}
+        out = {"l1_hidden": l1_hidden, "l1_visible": l1_visible, "adv_g": adv}
+        if c.lambda_density > 0:
+            # The treatment effect as a target of its own: reperfusion changes a stage's vessel density by
+            # 1-2 % of its level, a small part of the pixel L1, whose per-pixel optimum leaves out vessels
+            # that are less likely than not. This term compares one number per image (the share of pixels
+            # above the targets' Otsu threshold, soft) with the stage mean's.
+            estimate, target = (mean + 1) / 2, (t["targets"] + 1) / 2
+            threshold = otsu_threshold(target)
+            d_err = (soft_density(estimate, threshold, c.density_softness)
+                     - soft_density(target, threshold, c.density_softness)).abs()
+            density_hidden = (d_err * hid).sum() / hid.sum().clamp_min(1.0)
+            density_visible = (d_err * (1 - hid)).sum() / (1 - hid).sum().clamp_min(1.0)
+            total = total + c.lambda_density * (density_hidden + c.visible_l1_weight * density_visible)
+            out.update(density_hidden=density_hidden, density_visible=density_visible)
+        return {"loss_g": total, **out}
 
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """One D step then one G step; the losses come back as detached tensors on the model's

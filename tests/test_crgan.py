@@ -277,3 +277,36 @@ def test_batches_made_ahead_in_a_thread_train_the_same_weights(tmp_path, monkeyp
         for k, v in a["modules"][module].items():
             assert torch.equal(v, b["modules"][module][k]), f"{module}.{k}"
     assert [r["loss_g"] for r in plain.history] == [r["loss_g"] for r in ahead.history]
+
+
+def test_the_density_term_is_off_by_default_and_when_on_trains_the_estimates_density(blob_h5):
+    """lambda_density: 0 leaves the generator loss as it was; on, it adds lambda x (hidden + w x visible)
+    density error, and steps on it alone bring the estimate's vessel density to the stage mean's."""
+    seqs = load_sequences(blob_h5)
+    train = [s for s in seqs if s.split == "train"]
+    off = TINY.crgan.model_copy(update={"lambda_adv": 0.0})  # the spectral norm's power step changes D per call
+    on = off.model_copy(update={"lambda_density": 100.0})
+    batch = make_train_batches(train, off, seed=0, epoch=0)[0]
+    torch.manual_seed(0)
+    model = CRGAN(on, SIZE, [s.patient_id for s in train])
+    with torch.no_grad():
+        with_term = model.losses(batch)
+        model.config = off
+        without = model.losses(batch)
+        model.config = on
+    assert "density_hidden" not in without
+    expected = 100.0 * (with_term["density_hidden"] + off.visible_l1_weight * with_term["density_visible"])
+    assert float(with_term["loss_g"] - without["loss_g"]) == pytest.approx(float(expected), rel=1e-4)
+
+    only_density = off.model_copy(update={"lambda_density": 100.0, "lambda_l1": 0.0, "lambda_adv": 0.0,
+                                          "lr_g": 1e-3})
+    torch.manual_seed(0)
+    model = CRGAN(only_density, SIZE, [s.patient_id for s in train])
+    error = lambda d: float(d["density_hidden"] + d["density_visible"])  # noqa: E731
+    with torch.no_grad():
+        first = error(model.losses(batch))
+    for _ in range(40):
+        model.train_step(batch)
+    with torch.no_grad():
+        last = error(model.losses(batch))
+    assert first > 0.01 and last < 0.5 * first

@@ -24,3 +24,30 @@ def test_soft_dice_loss_on_hand_computed_cases():
     p = torch.full((1, 1, 4, 4), 0.5, requires_grad=True)
     soft_dice_loss(p, label[:1]).backward()
     assert p.grad[0, 0, 0, 0] < 0 < p.grad[0, 0, 3, 3]
+
+
+def test_otsu_threshold_matches_skimage_within_a_bin():
+    np = pytest.importorskip("numpy")
+    from skimage.filters import threshold_otsu
+
+    from brvo_models.losses import otsu_threshold
+
+    rng = np.random.default_rng(0)
+    for dark, bright, share in ((0.2, 0.7, 0.2), (0.35, 0.55, 0.5), (0.1, 0.9, 0.05)):
+        n = 20_000
+        x = np.where(rng.random(n) < share, rng.normal(bright, 0.05, n), rng.normal(dark, 0.05, n))
+        x = x.clip(0, 1).astype(np.float32)
+        assert float(otsu_threshold(torch.from_numpy(x))) == pytest.approx(threshold_otsu(x, nbins=256), abs=1 / 256)
+
+
+def test_soft_density_is_the_share_above_the_threshold_and_its_gradient_raises_a_missing_density():
+    from brvo_models.losses import soft_density
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 1, 16, 16, generator=g)
+    hard = (images > 0.4).float().mean((1, 2, 3))
+    assert torch.allclose(soft_density(images, 0.4, 1e-4), hard, atol=1 / 256)
+    # an estimate darker than its target: the density term's gradient brightens it (pushes pixels up)
+    estimate = (images * 0.5).requires_grad_(True)
+    (soft_density(estimate, 0.4, 0.05) - soft_density(images, 0.4, 0.05)).abs().sum().backward()
+    assert (estimate.grad <= 0).all() and (estimate.grad < 0).any()
