@@ -137,6 +137,10 @@ class CRGANConfig(TrainingSchedule):
         0.0, ge=0.0, description="weight of the treatment-effect term: L1 between the soft vessel density of the "
         "estimate and of the stage's mean real image (brvo_models.losses.soft_density at the batch targets' Otsu "
         "threshold), weighted over hidden and visible stages as the L1 term. 0 (default) leaves it out")
+    density_target: Literal["level", "change"] = Field(
+        "level", description="what the density term compares: 'level', each estimate's density with its stage "
+        "mean's; 'change', the density difference between two hidden stages of one sequence with the stage means' "
+        "(a bias that every estimate shares, such as blur, cancels)")
     density_softness: float = Field(0.05, gt=0.0, le=1.0,
                                     description="width of the density term's sigmoid, on the [0, 1] intensity scale")
     context_subset_prob: float = Field(

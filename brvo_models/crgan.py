@@ -413,12 +413,23 @@ class CRGAN:
             # above the targets' Otsu threshold, soft) with the stage mean's.
             estimate, target = (mean + 1) / 2, (t["targets"] + 1) / 2
             threshold = otsu_threshold(target)
-            d_err = (soft_density(estimate, threshold, c.density_softness)
-                     - soft_density(target, threshold, c.density_softness)).abs()
-            density_hidden = (d_err * hid).sum() / hid.sum().clamp_min(1.0)
-            density_visible = (d_err * (1 - hid)).sum() / (1 - hid).sum().clamp_min(1.0)
-            total = total + c.lambda_density * (density_hidden + c.visible_l1_weight * density_visible)
-            out.update(density_hidden=density_hidden, density_visible=density_visible)
+            d_est = soft_density(estimate, threshold, c.density_softness)
+            d_tgt = soft_density(target, threshold, c.density_softness)
+            if c.density_target == "level":
+                d_err = (d_est - d_tgt).abs()
+                density_hidden = (d_err * hid).sum() / hid.sum().clamp_min(1.0)
+                density_visible = (d_err * (1 - hid)).sum() / (1 - hid).sum().clamp_min(1.0)
+                total = total + c.lambda_density * (density_hidden + c.visible_l1_weight * density_visible)
+                out.update(density_hidden=density_hidden, density_visible=density_visible)
+            else:
+                # every pair of hidden stages of one sequence, later minus earlier
+                sel_b, sel_t, h = t["sel_b"], t["sel_t"], t["hidden"].bool()
+                pairs = ((sel_b[:, None] == sel_b[None, :]) & h[:, None] & h[None, :]
+                         & (sel_t[:, None] > sel_t[None, :])).float()
+                change_err = ((d_est[:, None] - d_est[None, :]) - (d_tgt[:, None] - d_tgt[None, :])).abs()
+                density_change = (change_err * pairs).sum() / pairs.sum().clamp_min(1.0)
+                total = total + c.lambda_density * density_change
+                out.update(density_change=density_change)
         return {"loss_g": total, **out}
 
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -310,3 +310,32 @@ def test_the_density_term_is_off_by_default_and_when_on_trains_the_estimates_den
     with torch.no_grad():
         last = error(model.losses(batch))
     assert first > 0.01 and last < 0.5 * first
+
+
+def test_the_change_density_term_compares_hidden_stage_pairs_and_ignores_a_shared_bias(blob_h5):
+    """density_target 'change': the loss adds lambda x density_change, the mean over pairs of hidden stages
+    of one sequence; estimates that equal their targets up to one brightness offset shared by all of them
+    score lower on it than on the level term (the shared part cancels)."""
+    seqs = load_sequences(blob_h5)
+    train = [s for s in seqs if s.split == "train"]
+    base = TINY.crgan.model_copy(update={"lambda_adv": 0.0})
+    change = base.model_copy(update={"lambda_density": 100.0, "density_target": "change"})
+    batch = make_train_batches(train, base, seed=0, epoch=0)[0]
+    torch.manual_seed(0)
+    model = CRGAN(change, SIZE, [s.patient_id for s in train])
+    with torch.no_grad():
+        with_term = model.losses(batch)
+        model.config = base
+        without = model.losses(batch)
+    assert float(with_term["loss_g"] - without["loss_g"]) == pytest.approx(
+        100.0 * float(with_term["density_change"]), rel=1e-4)
+
+    t = model.stage(batch)
+    shifted = (t["targets"] + 0.2).clamp(-1, 1)  # every estimate 0.1 brighter (on [0, 1]) than its target
+    assert bool(t["hidden"].any())
+    with torch.no_grad():
+        model.config = change
+        change_err = float(model._g_losses(t, shifted, shifted)["density_change"])
+        model.config = change.model_copy(update={"density_target": "level"})
+        level_err = float(model._g_losses(t, shifted, shifted)["density_hidden"])
+    assert level_err > 0.05 and change_err < 0.5 * level_err
