@@ -279,13 +279,12 @@ def test_batches_made_ahead_in_a_thread_train_the_same_weights(tmp_path, monkeyp
     assert [r["loss_g"] for r in plain.history] == [r["loss_g"] for r in ahead.history]
 
 
-def test_the_density_term_is_off_by_default_and_when_on_trains_the_estimates_density(blob_h5):
-    """lambda_density: 0 leaves the generator loss as it was; on, it adds lambda x (hidden + w x visible)
-    density error, and steps on it alone bring the estimate's vessel density to the stage mean's."""
+def _density_losses(blob_h5, **density):
+    """(model with the density term on, a batch, its losses with the term, without it, the config without)."""
     seqs = load_sequences(blob_h5)
     train = [s for s in seqs if s.split == "train"]
     off = TINY.crgan.model_copy(update={"lambda_adv": 0.0})  # the spectral norm's power step changes D per call
-    on = off.model_copy(update={"lambda_density": 100.0})
+    on = off.model_copy(update={"lambda_density": 100.0, **density})
     batch = make_train_batches(train, off, seed=0, epoch=0)[0]
     torch.manual_seed(0)
     model = CRGAN(on, SIZE, [s.patient_id for s in train])
@@ -294,14 +293,20 @@ def test_the_density_term_is_off_by_default_and_when_on_trains_the_estimates_den
         model.config = off
         without = model.losses(batch)
         model.config = on
+    return model, batch, with_term, without, off
+
+
+def test_the_density_term_is_off_by_default_and_when_on_trains_the_estimates_density(blob_h5):
+    """lambda_density: 0 leaves the generator loss as it was; on, it adds lambda x (hidden + w x visible)
+    density error, and steps on it alone bring the estimate's vessel density to the stage mean's."""
+    model, batch, with_term, without, off = _density_losses(blob_h5)
     assert "density_hidden" not in without
     expected = 100.0 * (with_term["density_hidden"] + off.visible_l1_weight * with_term["density_visible"])
     assert float(with_term["loss_g"] - without["loss_g"]) == pytest.approx(float(expected), rel=1e-4)
 
-    only_density = off.model_copy(update={"lambda_density": 100.0, "lambda_l1": 0.0, "lambda_adv": 0.0,
-                                          "lr_g": 1e-3})
+    only_density = off.model_copy(update={"lambda_density": 100.0, "lambda_l1": 0.0, "lr_g": 1e-3})
     torch.manual_seed(0)
-    model = CRGAN(only_density, SIZE, [s.patient_id for s in train])
+    model = CRGAN(only_density, SIZE, model.patient_ids)
     error = lambda d: float(d["density_hidden"] + d["density_visible"])  # noqa: E731
     with torch.no_grad():
         first = error(model.losses(batch))
@@ -316,17 +321,7 @@ def test_the_change_density_term_compares_hidden_stage_pairs_and_ignores_a_share
     """density_target 'change': the loss adds lambda x density_change, the mean over pairs of hidden stages
     of one sequence; estimates that equal their targets up to one brightness offset shared by all of them
     score lower on it than on the level term (the shared part cancels)."""
-    seqs = load_sequences(blob_h5)
-    train = [s for s in seqs if s.split == "train"]
-    base = TINY.crgan.model_copy(update={"lambda_adv": 0.0})
-    change = base.model_copy(update={"lambda_density": 100.0, "density_target": "change"})
-    batch = make_train_batches(train, base, seed=0, epoch=0)[0]
-    torch.manual_seed(0)
-    model = CRGAN(change, SIZE, [s.patient_id for s in train])
-    with torch.no_grad():
-        with_term = model.losses(batch)
-        model.config = base
-        without = model.losses(batch)
+    model, batch, with_term, without, _ = _density_losses(blob_h5, density_target="change")
     assert float(with_term["loss_g"] - without["loss_g"]) == pytest.approx(
         100.0 * float(with_term["density_change"]), rel=1e-4)
 
@@ -334,8 +329,7 @@ def test_the_change_density_term_compares_hidden_stage_pairs_and_ignores_a_share
     shifted = (t["targets"] + 0.2).clamp(-1, 1)  # every estimate 0.1 brighter (on [0, 1]) than its target
     assert bool(t["hidden"].any())
     with torch.no_grad():
-        model.config = change
         change_err = float(model._g_losses(t, shifted, shifted)["density_change"])
-        model.config = change.model_copy(update={"density_target": "level"})
+        model.config = model.config.model_copy(update={"density_target": "level"})
         level_err = float(model._g_losses(t, shifted, shifted)["density_hidden"])
     assert level_err > 0.05 and change_err < 0.5 * level_err
