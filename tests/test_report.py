@@ -195,3 +195,19 @@ def test_live_training_table_marks_the_best_validation_and_fits_the_page():
     assert header == "| step | G_L1 | val_score | val_dice | seconds |"
     best_rows = [line for line in text.splitlines() if "**best**" in line]
     assert len(best_rows) == 1 and best_rows[0].startswith("| 200 |")
+
+
+def test_a_run_with_few_test_patients_warns_that_its_verdicts_do_not_generalise():
+    from tasks.report import MIN_TEST_PATIENTS, bars_summary, warnings_of
+
+    report = _report()
+    report["pix2pix"]["n_test_patients"] = MIN_TEST_PATIENTS
+    assert warnings_of(report) == []
+    report["pix2pix"]["n_test_patients"] = 2
+    (warning,) = warnings_of(report)
+    assert warning.startswith("only 2 held-out test patient(s)")
+    assert bars_summary(report) == "3 of 3 quality bars met"  # a caveat on the bars, not a missed bar
+    text, card = render_report(report, "phantom"), render_card(report, {}, "phantom")
+    assert f"> **WARNING** {warning}" in text and warning in card
+    # a report without a Pix2Pix section (a usefulness-only study) takes the count from the usefulness split
+    assert warnings_of({"usefulness": {"patients": {"train": 6, "val": 2, "test": 3}}})[0].startswith("only 3")
