@@ -81,13 +81,13 @@ def bars_summary(report: dict[str, Any]) -> str:
 
 #: Fewer held-out test patients than this and the report warns that its verdicts describe those patients only.
 #: The bars and the usefulness rule compare methods on the same test images, and the usefulness SE counts
-#: training seeds, not patients: with 4 or fewer patients one patient is a quarter of the evidence, and on the
-#: robustness grid the Dice of one method moved by 0.01-0.03 between two draws of 4-8 test patients, more than
-#: the margins the bars decide on. Fixed before it was applied to any run (2026-11-26).
+#: training seeds, not patients: with 4 or fewer patients one patient is a quarter of the evidence or more, and
+#: on the robustness grid one method's test Dice moved by 0.01-0.04 between its two seeds (each its own draw of
+#: 2-8 test patients), more than the margins the bars decide on.
 MIN_TEST_PATIENTS = 5
 
 
-def test_patients_of(report: dict[str, Any]) -> int | None:
+def n_test_patients(report: dict[str, Any]) -> int | None:
     """How many held-out test patients the run's comparisons rest on (None when the report does not say)."""
     n = (report.get("pix2pix") or {}).get("n_test_patients")
     if n is None:
@@ -102,7 +102,7 @@ def warnings_of(report: dict[str, Any]) -> list[str]:
     Logged as WARNING lines and printed at the top of report.md and the card."""
     out = [f"quality bar not met: {bar} ({BAR_MEANING.get(bar, bar)})"
            for bar, met in bar_checks(report).items() if not met]
-    n_test = test_patients_of(report)
+    n_test = n_test_patients(report)
     if n_test is not None and n_test < MIN_TEST_PATIENTS:
         out.append(f"only {n_test} held-out test patient(s): the quality bars and the usefulness verdicts describe "
                    f"these patients, not your population (fewer than {MIN_TEST_PATIENTS}; the usefulness SE counts "
