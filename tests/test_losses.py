@@ -1,10 +1,12 @@
 """Shared loss terms on hand-computed cases."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from skimage.filters import threshold_otsu
 
-from brvo_models.losses import soft_dice_loss
+from brvo_models.losses import otsu_threshold, soft_density, soft_dice_loss
 
 
 def test_soft_dice_loss_on_hand_computed_cases():
@@ -27,11 +29,6 @@ def test_soft_dice_loss_on_hand_computed_cases():
 
 
 def test_otsu_threshold_matches_skimage_within_a_bin():
-    np = pytest.importorskip("numpy")
-    from skimage.filters import threshold_otsu
-
-    from brvo_models.losses import otsu_threshold
-
     rng = np.random.default_rng(0)
     for dark, bright, share in ((0.2, 0.7, 0.2), (0.35, 0.55, 0.5), (0.1, 0.9, 0.05)):
         n = 20_000
@@ -41,8 +38,6 @@ def test_otsu_threshold_matches_skimage_within_a_bin():
 
 
 def test_soft_density_is_the_share_above_the_threshold_and_its_gradient_raises_a_missing_density():
-    from brvo_models.losses import soft_density
-
     g = torch.Generator().manual_seed(0)
     images = torch.rand(3, 1, 16, 16, generator=g)
     hard = (images > 0.4).float().mean((1, 2, 3))
