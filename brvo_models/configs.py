@@ -90,6 +90,11 @@ class Pix2PixConfig(TrainingSchedule):
         "weights")
     augment: bool = Field(True, description="aligned flips and small rotations of (image, label)")
     max_rotation_deg: float = Field(10.0, ge=0.0, le=180.0)
+    flip_average: bool = Field(
+        False, description="not in the reference: label each image as the mean of the generator's probabilities "
+        "over its four flips (brvo_models.flips), at every validation (so best.pt and the threshold are chosen "
+        "on averaged labels) and when labelling. Off by default (the reference, and `full`: unmeasured at "
+        "256 px); the demo preset turns it on")
     cuda_graphs: bool = Field(
         False, description="CUDA only: compile G and D for training with torch.compile(mode='reduce-overhead') "
         "(CUDA graphs: one launch per graph instead of one per kernel, for batch 1). Off by default: its speed "

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from brvo_models.configs import Pix2PixConfig
+from brvo_models.flips import flip_averaged
 from brvo_models.identity import load_described
 from brvo_models.losses import soft_dice_loss
 from brvo_models import batched_metrics
@@ -146,7 +147,10 @@ def num_downs_for(image_size: int) -> int:
 
 
 def build_generator(config: Pix2PixConfig, image_size: int) -> UnetGenerator:
-    return init_weights(UnetGenerator(1, 1, num_downs_for(image_size), config.ngf, config.norm, config.dropout))
+    generator = init_weights(UnetGenerator(1, 1, num_downs_for(image_size), config.ngf, config.norm, config.dropout))
+    # how it labels travels with it, as its threshold does: the threshold was chosen on labels made this way
+    generator.flip_average = bool(config.flip_average)
+    return generator
 
 
 def build_discriminator(config: Pix2PixConfig) -> PatchDiscriminator:
@@ -342,15 +346,20 @@ THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
 
 
 def label_images(generator: nn.Module, images: np.ndarray, threshold: float | None = None, batch_size: int = 32,
-                 device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 device: torch.device | str | None = None,
+                 flip_average: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Label uint8 images (N, H, W): returns (probabilities float32 in [0, 1], masks uint8 0/1).
 
     Batched, no-grad, generator in eval mode (BatchNorm running stats, no dropout; its previous
     mode is restored). Probability = (tanh output + 1) / 2; mask = probability > threshold, where
     ``threshold=None`` uses the one stored with the generator (chosen on validation patients).
+    ``flip_average=None`` follows the generator's ``flip_average`` (its config's): the probability
+    is then the mean over the image's four flips (:func:`brvo_models.flips.flip_averaged`).
     """
     if threshold is None:
         threshold = float(getattr(generator, "label_threshold", torch.tensor(0.5)))
+    if flip_average is None:
+        flip_average = bool(getattr(generator, "flip_average", False))
     images = np.asarray(images)
     if images.ndim != 3:
         raise ValueError(f"images must be (N, H, W), got shape {images.shape}")
@@ -366,7 +375,7 @@ def label_images(generator: nn.Module, images: np.ndarray, threshold: float | No
             for start in range(0, n, batch_size):
                 x = _prep(images[start:start + batch_size], device)
                 with autocast(device):
-                    y = generator(x)
+                    y = flip_averaged(generator, x) if flip_average else generator(x)
                 probs[start:start + batch_size] = ((y.float().clamp(-1, 1) + 1.0) * 0.5)[:, 0].cpu().numpy()
     finally:
         generator.train(was_training)

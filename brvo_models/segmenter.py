@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from brvo_models.flips import flip_averaged
 from brvo_models.metrics import batch_dice, label_scores, mean_scores
 from brvo_models.losses import soft_dice_loss
 from brvo_models.pix2pix import THRESHOLD_GRID, UnetGenerator, aligned_augment, init_weights, num_downs_for
@@ -147,8 +148,12 @@ def _as_input(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
 
 
-def predict_probabilities(net: VesselSegmenter, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Vessel probabilities float32 (N, H, W) of uint8 images (N, H, W); eval mode, no grad."""
+def predict_probabilities(net: VesselSegmenter, images: np.ndarray, batch_size: int = 64,
+                          flip_average: bool = False) -> np.ndarray:
+    """Vessel probabilities float32 (N, H, W) of uint8 images (N, H, W); eval mode, no grad.
+
+    ``flip_average``: the mean over the four flips of each image (:func:`brvo_models.flips.flip_averaged`),
+    as Pix2Pix labels with ``flip_average`` on; off for the plain baseline."""
     x_all = _as_input(images)
     dev = next(net.parameters()).device
     was_training = net.training
@@ -159,7 +164,7 @@ def predict_probabilities(net: VesselSegmenter, images: np.ndarray, batch_size: 
             for start in range(0, len(x_all), batch_size):
                 x = x_all[start:start + batch_size].to(dev) * 2 - 1
                 with autocast(dev):
-                    p = net.probabilities(x)
+                    p = flip_averaged(net.probabilities, x) if flip_average else net.probabilities(x)
                 out[start:start + batch_size] = p.float()[:, 0].cpu().numpy()
     finally:
         net.train(was_training)

@@ -174,9 +174,22 @@ def _segmenter_text(params: dict[str, Any] | None) -> str:
     """How the supervised-segmenter baseline was made, in one sentence (empty when the run has none)."""
     if not params:
         return ""
-    return (f" The segmenter baseline ({params.get('arch', 'supervised CNN')}) trained {params.get('steps')} steps on "
+    text = (f" The segmenter baseline ({params.get('arch', 'supervised CNN')}) trained {params.get('steps')} steps on "
             f"the same train rows; its weights (step {params.get('best_step')}) and threshold "
             f"{_fmt(params.get('threshold'))} were chosen on validation patients.")
+    flipped = params.get("flip_averaged_test")
+    if flipped:
+        text += (f" For comparison, not a bar: the same segmenter averaged over each image's four flips, as Pix2Pix "
+                 f"labels, scores Dice {_fmt(flipped.get('dice'))}, clDice {_fmt(flipped.get('cldice'))}.")
+    return text
+
+
+def _labelling_text(p2p: dict[str, Any]) -> str:
+    """How Pix2Pix turns an image into a label, in one sentence (empty for runs that did not record it)."""
+    if "flip_average" not in p2p:
+        return ""
+    return (" Labels are the mean of the generator's probabilities over each image's four flips."
+            if p2p["flip_average"] else " Labels are one pass of the generator per image.")
 
 
 def _image_quality_lines(section: dict[str, Any] | None) -> list[str]:
@@ -239,7 +252,7 @@ def render_report(report: dict[str, Any], data_source: str) -> str:
                 f"{p2p.get('n_test_patients', '?')} test patients at {p2p.get('image_size', '?')} px; Pix2Pix "
                 f"threshold {_fmt(p2p.get('threshold'))} ({p2p.get('threshold_source', '?')}); Frangi's scales and "
                 "threshold tuned on train/val patients." + _segmenter_text(p2p.get("segmenter_params"))
-                + f" Generator objective: {p2p.get('objective', 'not recorded')}.", "",
+                + f" Generator objective: {p2p.get('objective', 'not recorded')}." + _labelling_text(p2p), "",
                 _table(rows, ["dice", "iou", "cldice", "n"]), "", PAPER_CONTEXT, ""]
     crg = report.get("crgan", {}).get("heldout")
     if crg:
@@ -385,6 +398,7 @@ def _card_evidence(report: dict[str, Any]) -> list[str]:
     if p2p.get("test"):
         base = "; ".join(f"{k} {v['dice']:.3f}" for k, v in (p2p.get("baselines") or {}).items())
         objective = f" Generator objective: {p2p['objective']}." if p2p.get("objective") else ""
+        objective += _labelling_text(p2p)
         lines.append(f"- Pix2Pix labels on held-out real test patients: Dice {p2p['test']['dice']:.3f} "
                      f"(baselines: {base}).{objective}")
     crg = (report.get("crgan") or {}).get("heldout") or {}

@@ -44,6 +44,10 @@ def _ckpt(run: Path, name: str = "last.pt") -> Path:
 # ------------------------------------------------------------------------------ architecture
 
 
+def report_flag(model) -> bool:
+    return model.report_section()["flip_average"] is True
+
+
 def _innermost_conv(gen: UnetGenerator) -> nn.Conv2d:
     block = gen.model
     while True:
@@ -179,6 +183,24 @@ def test_label_images_probabilities_masks_and_eval_mode():
     assert empty_p.shape == (0, 32, 32) and empty_m.dtype == np.uint8
 
 
+def test_flip_averaged_labels_are_the_mean_of_the_four_flipped_passes():
+    torch.manual_seed(0)
+    gen = build_generator(Pix2PixConfig(ngf=4, flip_average=True), 32)
+    assert gen.flip_average
+    images = np.random.default_rng(1).integers(0, 256, (5, 32, 32), dtype=np.uint8)
+    single, _ = label_images(gen, images, threshold=0.5, flip_average=False)
+    passes = [np.flip(label_images(gen, np.ascontiguousarray(np.flip(images, axes)), 0.5, flip_average=False)[0],
+                      axes) for axes in ((1,), (2,), (1, 2))]
+    expected = (single + sum(passes)) / 4
+    averaged, masks = label_images(gen, images, threshold=0.5)  # None: follows the generator's own setting
+    np.testing.assert_allclose(averaged, expected, atol=1e-6)
+    assert np.abs(averaged - single).max() > 1e-3  # an untrained generator is not flip-equivariant
+    assert np.array_equal(masks, (averaged > 0.5).astype(np.uint8))
+    # the average of a flipped image is the flipped average: the label does not depend on orientation
+    flipped, _ = label_images(gen, np.ascontiguousarray(images[:, :, ::-1]), threshold=0.5)
+    np.testing.assert_allclose(flipped[:, :, ::-1], averaged, atol=1e-5)
+
+
 def test_aligned_augmentation_moves_image_and_label_together():
     rng = np.random.default_rng(0)
     label = torch.from_numpy((rng.random((16, 1, 32, 32)) < 0.2).astype(np.float32))
@@ -212,7 +234,9 @@ def test_step_trains_checkpoints_and_evaluates_held_out(tmp_path):
     # round trip: the labeller loads exactly the stored generator weights
     gen, device = load_labeller(best, "cpu", 32)
     stored = load_checkpoint(best)["modules"]["G"]
-    # the threshold chosen on validation patients at the best validation travels with the weights
+    # the threshold chosen on validation patients at the best validation travels with the weights, and so does
+    # how the labels it was chosen on were made (the tiny preset, as the demo, averages over flips)
+    assert TINY.pix2pix.flip_average and gen.flip_average and report_flag(model)
     best_row = next(r for r in result.history if r["step"] == result.best_step)
     assert float(gen.label_threshold) == pytest.approx(best_row["val_threshold"])
     assert device.type == "cpu" and not gen.training
@@ -225,6 +249,7 @@ def test_step_trains_checkpoints_and_evaluates_held_out(tmp_path):
     # the supervised-segmenter baseline: the config's fixed budget, weights and threshold chosen on val
     seg = report["segmenter_params"]
     assert seg["steps"] == TINY.segmenter_steps and 1 <= seg["best_step"] <= seg["steps"]
+    assert set(seg["flip_averaged_test"]) == keys and 0.0 < seg["flip_averaged_threshold"] < 1.0
     assert 0.0 < seg["threshold"] < 1.0 and 0.0 <= seg["best_val_dice"] <= 1.0
     assert all(set(v) == keys for v in report["baselines"].values())
     assert report["test"]["n"] == report["baselines"]["otsu"]["n"] == report["baselines"]["segmenter"]["n"] > 0

@@ -137,6 +137,22 @@ def test_report_and_card_say_which_generator_objective_made_the_labels():
     assert objective_text(Pix2PixConfig()) == "BCE PatchGAN + 100 x L1 (the reference pix2pix objective)"
 
 
+def test_report_and_card_say_how_labels_are_made_and_what_flips_give_the_segmenter():
+    report = _report()
+    averaged = " Labels are the mean of the generator's probabilities over each image's four flips."
+    assert averaged not in render_report(report, "phantom")  # a run that did not record it: nothing claimed
+    report["pix2pix"]["flip_average"] = True
+    report["pix2pix"]["segmenter_params"]["flip_averaged_test"] = {"dice": 0.671, "cldice": 0.69, "n": 10}
+    text = render_report(report, "phantom")
+    assert averaged in text and averaged in render_card(report, {}, "phantom")
+    assert "the same segmenter averaged over each image's four flips, as Pix2Pix labels, scores Dice 0.6710" in text
+    # flip-averaged segmenter scores are shown, never judged: the bar compares with the plain segmenter only
+    report["pix2pix"]["segmenter_params"]["flip_averaged_test"]["dice"] = 0.99
+    assert bar_checks(report)["pix2pix_beats_baselines"] is True
+    report["pix2pix"]["flip_average"] = False
+    assert "Labels are one pass of the generator per image." in render_report(report, "phantom")
+
+
 def test_a_supervised_segmenter_that_labels_better_fails_the_bar_with_a_warning():
     """The third label baseline counts like Otsu and Frangi: Pix2Pix below it on either metric misses the bar."""
     from tasks.report import warnings_of

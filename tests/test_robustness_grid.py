@@ -65,7 +65,7 @@ def test_one_row_runs_the_product_and_the_table_shows_what_was_not_run(grid, tmp
     assert grid.main(["one", "--data", str(tmp_path / "data"), "--out", str(out), "--device", "cpu",
                       "--threads", "1", "--variant", json.dumps(tiny), "--cell", "12", "1-2", "0", "64"]) == 0
     (row,) = grid.read_rows(out)
-    assert set(row["labels"]) == {"pix2pix", "otsu", "frangi", "segmenter"}
+    assert set(row["labels"]) == {"pix2pix", "otsu", "frangi", "segmenter", grid.SEGMENTER_FLIPPED}
     assert set(row["images"]) == {"crgan", "nearest", "neighbour_mean"}
     assert row["pix2pix_fit"]["steps"] == 3 and row["crgan_fit"]["steps"] == 3
     assert row["segmenter_params"]["steps"] == 3 and row["labels"]["pix2pix"]["n"] > 0
