@@ -99,7 +99,10 @@ def test_pix2pix_evaluation_agrees(run, batched_calls):
     reference = evaluate_pix2pix(run_dir, CONFIG, log=_quiet, score_on=None)
     assert batched_calls == []
     batched = evaluate_pix2pix(run_dir, CONFIG, log=_quiet, score_on="cpu")
-    assert batched_calls.count("mask_image_scores") == 4  # model, Otsu, Frangi, the supervised segmenter
+    # model, Otsu, Frangi, the supervised segmenter, and that segmenter flip-averaged (shown, not a bar)
+    assert batched_calls.count("mask_image_scores") == 5
+    assert (reference["segmenter_params"]["flip_averaged_test"]
+            == pytest.approx(batched["segmenter_params"]["flip_averaged_test"]))
     assert _agree(reference, batched) > 20
     assert reference["test"]["n"] == batched["test"]["n"] > 0
 
