@@ -16,20 +16,11 @@ import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from brvo_models.metrics import batch_dice  # noqa: E402
-from brvo_models.pix2pix import THRESHOLD_GRID, label_images, load_labeller  # noqa: E402
+from brvo_models.pix2pix import label_images, load_labeller  # noqa: E402
+from brvo_models.segmenter import choose_threshold  # noqa: E402
 from tasks.train_pix2pix import load_split  # noqa: E402
-
-
-def best_threshold_dice(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(mean val Dice, threshold) at the threshold of THRESHOLD_GRID that maximises it."""
-    scores = [float(np.mean(batch_dice(probabilities > t, labels))) for t in THRESHOLD_GRID]
-    i = int(np.argmax(scores))
-    return scores[i], float(THRESHOLD_GRID[i])
 
 
 def generators_of(run_dir: Path) -> list[Path]:
@@ -56,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             generator, device = load_labeller(checkpoint, args.device)
             single, _ = label_images(generator, val_x, 0.5, device=device, flip_average=False)
             averaged, _ = label_images(generator, val_x, 0.5, device=device, flip_average=True)
-            (d1, t1), (d4, t4) = best_threshold_dice(single, val_y), best_threshold_dice(averaged, val_y)
+            (t1, d1), (t4, d4) = choose_threshold(single, val_y), choose_threshold(averaged, val_y)
             gains.append(d4 - d1)
             name = "run" if checkpoint.parts[-4] == run_dir.name else checkpoint.parts[-4]
             print(f"| {run_dir.name} | {name} | {d1:.4f} ({t1:.2f}) | {d4:.4f} ({t4:.2f}) | {d4 - d1:+.4f} |",
