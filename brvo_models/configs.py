@@ -221,8 +221,11 @@ class UsefulnessConfig(_Frozen):
                                 "and labeller on it; shared: seed 0's subset and models serve every seed (cheaper; "
                                 "the seeds then vary the downstream training only)")
     tasks: tuple[Literal["segmentation", "response"], ...] = ("segmentation", "response")
-    synthetic_filter: Literal["accepted", "all"] = Field(
-        "accepted", description="which synthetic rows enter a mix: the pipeline's accepted ones, or all")
+    synthetic_filter: Literal["accepted", "all", "agreement"] = Field(
+        "accepted", description="which synthetic rows enter a mix: the pipeline's accepted ones, all, or the accepted "
+                                "ones whose label agrees with the supervised segmenter's (trained on the arm's real "
+                                "rows) at least as well as that segmenter agrees with the annotations on the 10th "
+                                "percentile of the real validation rows (tasks.usefulness.select_by_agreement)")
     synthetic_labels: Literal["pipeline", "segmenter"] = Field(
         "pipeline", description="labels of the synthetic rows in a mix: the pipeline's (Pix2Pix), or the supervised "
                                 "segmenter's trained on the same real rows as the arm (the subset's in a low-data "

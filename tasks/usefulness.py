@@ -22,7 +22,8 @@ choosing settings; the test patients are then left untouched). The pipeline runs
 'usefulness' step (:data:`USEFULNESS`); benchmarks/usefulness_study.py runs the full study.
 
 **The mix** (``synthetic_filter``, ``synthetic_labels``, ``synthetic_weight``): which synthetic rows
-enter (accepted or all), whose labels they carry (the pipeline's Pix2Pix labels, or those of the
+enter (accepted, all, or the accepted ones whose label agrees with an independent segmenter's,
+:func:`select_by_agreement`), whose labels they carry (the pipeline's Pix2Pix labels, or those of the
 supervised segmenter trained on the same real rows as the arm, so the relabeller sees no patient the
 arm's own labeller did not), and their loss weight. The report states them beside the verdicts: they
 are what a consumer must copy to get the measured effect.
@@ -144,7 +145,59 @@ def load_study_data(augmented_h5: str | Path, soul_h5: str | Path | None = None)
 
 
 def filter_synthetic(rows: Rows, how: str) -> Rows:
-    return rows.where(rows.accepted) if how == "accepted" else rows
+    """The synthetic rows a mix starts from: the accepted ones (``accepted``, and ``agreement`` before its
+    own selection, :func:`select_by_agreement`) or all of them."""
+    return rows if how == "all" else rows.where(rows.accepted)
+
+
+#: ``synthetic_filter="agreement"`` keeps a synthetic row when its two labels agree at least as well as the
+#: independent segmenter agrees with the annotations on this fraction of the real validation rows' worst end
+AGREEMENT_QUANTILE = 0.10
+
+
+@dataclass(frozen=True)
+class Relabeller:
+    """The supervised segmenter trained on an arm's real rows (weights and threshold chosen on the validation
+    patients): it relabels synthetic rows (``synthetic_labels="segmenter"``) and judges their labels
+    (``synthetic_filter="agreement"``). It saw exactly the patients the arm's own labeller saw."""
+
+    net: Any
+    threshold: float
+
+    def labels(self, images: np.ndarray) -> np.ndarray:
+        from brvo_models.segmenter import predict_probabilities
+
+        if len(images) == 0:
+            return np.zeros(np.shape(images), np.uint8)
+        return (predict_probabilities(self.net, images) > self.threshold).astype(np.uint8)
+
+
+def fit_relabeller(real: Rows, val: Rows, config: UsefulnessConfig, seed: int, device: str = "auto") -> Relabeller:
+    fitted = fit_recipe(real.where(~real.is_synthetic), val, config, seed, device)
+    return Relabeller(fitted.net, float(fitted.threshold))
+
+
+def select_by_agreement(rows: Rows, relabeller: Relabeller, val: Rows,
+                        quantile: float = AGREEMENT_QUANTILE) -> tuple[Rows, dict[str, float]]:
+    """Keep the synthetic rows whose label agrees with an independent labeller's as well as labellers agree
+    on real images.
+
+    Why: a synthetic row can be wrong in its image (off the real distribution) or in its label; both show as
+    disagreement between two labellers trained apart. The bar comes from the data, not a constant: tau = the
+    ``quantile`` of the per-row Dice between the relabeller's labels and the annotations on the real validation
+    rows. A row is kept when Dice(its label, the relabeller's label) >= tau; it keeps its own label.
+    Returns (kept rows, {tau, kept, of}).
+    """
+    from brvo_models.metrics import batch_dice
+
+    if len(val) == 0:
+        raise ValueError("synthetic_filter='agreement' needs real validation rows to set its bar")
+    tau = float(np.quantile(batch_dice(relabeller.labels(val.images), val.labels), quantile))
+    if len(rows) == 0:
+        return rows, {"tau": tau, "kept": 0, "of": 0}
+    agreement = batch_dice(rows.labels, relabeller.labels(rows.images))
+    keep = agreement >= tau
+    return rows.where(keep), {"tau": round(tau, 4), "kept": int(keep.sum()), "of": len(rows)}
 
 
 def with_labels(rows: Rows, labels: np.ndarray) -> Rows:
@@ -253,13 +306,9 @@ def segmenter_labels(train: Rows, val: Rows, images: np.ndarray, config: Usefuln
                      device: str = "auto") -> np.ndarray:
     """0/1 labels of ``images`` by the supervised segmenter trained on ``train``'s real rows (a relabeller
     that sees exactly the patients the arm's own labeller saw; val patients choose weights and threshold)."""
-    from brvo_models.segmenter import predict_probabilities
-
-    real = train.where(~train.is_synthetic)
     if len(images) == 0:
         return np.zeros(np.shape(images), np.uint8)
-    fitted = fit_recipe(real, val, config, seed, device)
-    return (predict_probabilities(fitted.net, images) > fitted.threshold).astype(np.uint8)
+    return fit_relabeller(train, val, config, seed, device).labels(images)
 
 
 def run_response(train: Rows, evaluate: Rows, config: UsefulnessConfig, seed: int) -> dict[str, float]:
@@ -353,17 +402,25 @@ def low_data_infeasible(train_patients: Iterable[str], selection_patients: Itera
 
 
 def _arms(data: StudyData, config: UsefulnessConfig, maker: SyntheticMaker | None, work_dir: Path,
-          maker_seconds: dict[str, dict[str, float]], device: str, skipped: dict[str, str]) -> list[_Arm]:
+          maker_seconds: dict[str, dict[str, float]], device: str, skipped: dict[str, str],
+          selection: dict[str, dict[str, float]]) -> list[_Arm]:
     real_train, val = data.real["train"], data.real["val"]
 
-    def labelled(rows: Rows, real: Rows, seed: int) -> Rows:  # the mix's synthetic labels (config.synthetic_labels)
-        if config.synthetic_labels == "pipeline" or len(rows) == 0:
+    def mixed(rows: Rows, real: Rows, seed: int, tag: str) -> Rows:
+        """The mix's synthetic rows: filtered (config.synthetic_filter), then labelled (config.synthetic_labels)."""
+        rows = filter_synthetic(rows, config.synthetic_filter)
+        needs_relabeller = len(rows) and (config.synthetic_filter == "agreement" or config.synthetic_labels == "segmenter")
+        if not needs_relabeller:
             return rows
-        return with_labels(rows, segmenter_labels(real, val, rows.images, config, seed, device))
+        relabeller = fit_relabeller(real, val, config, seed, device)
+        if config.synthetic_filter == "agreement":
+            rows, selection[tag] = select_by_agreement(rows, relabeller, val)
+        if config.synthetic_labels == "segmenter" and len(rows):
+            rows = with_labels(rows, relabeller.labels(rows.images))
+        return rows
 
     full_data = [a for a in config.arms if a != "real_only"]
-    syn = filter_synthetic(data.synthetic_train, config.synthetic_filter)
-    syn = labelled(syn, real_train, 0) if full_data else syn
+    syn = mixed(data.synthetic_train, real_train, 0, "full_data") if full_data else data.synthetic_train
     arms: list[_Arm] = []
     if config.arms:  # the full-data arms are compared with real_only, so it runs whenever any of them does
         arms.append(_Arm("real_only", lambda s: real_train))
@@ -394,8 +451,7 @@ def _arms(data: StudyData, config: UsefulnessConfig, maker: SyntheticMaker | Non
             if outside:
                 raise ValueError(f"synthetic-row maker returned rows of patients outside the subset: {outside[:5]}")
             subset_real = real_train.of_patients(ids)
-            made[key] = labelled(filter_synthetic(rows.where(rows.is_synthetic), config.synthetic_filter),
-                                 subset_real, key[1])
+            made[key] = mixed(rows.where(rows.is_synthetic), subset_real, key[1], request.work_dir.name)
         return made[key]
 
     infeasible = low_data_infeasible(train_ids, select_ids) if config.low_data_fractions else None
@@ -419,7 +475,8 @@ def run_protocol(data: StudyData, config: UsefulnessConfig, *, maker: SyntheticM
     val = data.real["val"]
     maker_seconds: dict[str, dict[str, float]] = {}
     skipped: dict[str, str] = {}
-    arms = _arms(data, config, maker, Path(work_dir), maker_seconds, device, skipped)
+    selection: dict[str, dict[str, float]] = {}
+    arms = _arms(data, config, maker, Path(work_dir), maker_seconds, device, skipped, selection)
     for name, reason in skipped.items():
         log(f"usefulness: {name} arms skipped: {reason}")
     seeds = list(range(config.seeds))
@@ -466,6 +523,7 @@ def run_protocol(data: StudyData, config: UsefulnessConfig, *, maker: SyntheticM
         "arms": result_arms,
         "comparisons": comparisons,
         "skipped_arms": skipped,  # arm prefix -> why it could not run on this split
+        "agreement_selection": selection,  # synthetic_filter='agreement': per row source, its bar and rows kept
         "references": references,
         "synthetic_maker_seconds": maker_seconds,  # per low-data subset: its generator + labeller (0 when cached)
         "seconds": round(time.perf_counter() - t0, 1),
@@ -554,7 +612,10 @@ def mix_settings(result: dict[str, Any]) -> str:
     cfg = result.get("config") or {}
     labels = {"pipeline": "their Pix2Pix labels", "segmenter": "relabelled by a supervised segmenter trained on "
               "the same real rows"}.get(cfg.get("synthetic_labels", "pipeline"), cfg.get("synthetic_labels"))
-    rows = "accepted synthetic rows" if cfg.get("synthetic_filter", "accepted") == "accepted" else "all synthetic rows"
+    rows = {"accepted": "accepted synthetic rows", "all": "all synthetic rows",
+            "agreement": "accepted synthetic rows whose label agrees with a supervised segmenter's trained on the same "
+                         "real rows (at least its 10th-percentile Dice with the annotations on validation rows)"
+            }.get(cfg.get("synthetic_filter", "accepted"), cfg.get("synthetic_filter"))
     return f"{rows}, {labels}, loss weight {cfg.get('synthetic_weight', 1.0):g} per synthetic row"
 
 

@@ -16,6 +16,7 @@ from tasks.usefulness import (
     StudyData,
     SubsetRequest,
     load_study_data,
+    mix_settings,
     paired_verdict,
     response_pairs,
     rows_help,
@@ -386,11 +387,15 @@ def test_the_relabeller_of_a_low_data_arm_sees_only_the_subset(blob_study, tmp_p
 
     seen = []
 
-    def recording_labels(train, val, images, config, seed, device="auto"):
-        seen.append((set(train.patients), set(val.patients), bool(train.is_synthetic.any())))
-        return np.zeros(np.shape(images), np.uint8)
+    class ZeroLabels:
+        def labels(self, images):
+            return np.zeros(np.shape(images), np.uint8)
 
-    monkeypatch.setattr(usefulness, "segmenter_labels", recording_labels)
+    def recording_relabeller(real, val, config, seed, device="auto"):
+        seen.append((set(real.patients), set(val.patients), bool(real.is_synthetic.any())))
+        return ZeroLabels()
+
+    monkeypatch.setattr(usefulness, "fit_relabeller", recording_relabeller)
     maker = PipelineSubsetMaker(preset("tiny"), steps=_RecordingSteps().steps())
     config = UsefulnessConfig(seeds=1, arms=(), low_data_fractions=(0.5,), tasks=("segmentation",),
                               synthetic_labels="segmenter", **FAST)
@@ -399,6 +404,49 @@ def test_the_relabeller_of_a_low_data_arm_sees_only_the_subset(blob_study, tmp_p
     assert seen == [(subset, set(blob_study.real["val"].patients), False)]
     arm = result["arms"]["low_data_50_real_plus_synthetic"]
     assert arm["n_synthetic_rows"][0] > 0 and result["config"]["synthetic_labels"] == "segmenter"
+
+
+class _TruthLookup:
+    """A relabeller that knows the true label of each image (by its bytes): isolates the selection rule."""
+
+    def __init__(self, rows: Rows):
+        self.truth = {img.tobytes(): lab for img, lab in zip(rows.images, rows.labels)}
+
+    def labels(self, images):
+        return np.stack([self.truth[img.tobytes()] for img in images]).astype(np.uint8)
+
+
+def test_agreement_keeps_rows_whose_label_agrees_and_drops_wrong_labels(blob_study):
+    from tasks.usefulness import select_by_agreement
+
+    real = Rows.concat(blob_study.real["train"], blob_study.real["val"])
+    right = blob_study.real["train"]
+    right = Rows(right.images, right.labels, right.patient_id, right.stage, np.ones(len(right), bool),
+                 np.ones(len(right), bool))
+    wrong = _wrongly_labelled_copies(blob_study.real["train"])
+    kept, info = select_by_agreement(Rows.concat(right, wrong), _TruthLookup(real), blob_study.real["val"])
+    # the relabeller matches the annotations exactly on val, so the bar is Dice 1: only right labels pass
+    assert info == {"tau": 1.0, "kept": len(right), "of": len(right) + len(wrong)}
+    np.testing.assert_array_equal(kept.labels, right.labels)
+    empty, info = select_by_agreement(wrong.where(np.zeros(len(wrong), bool)), _TruthLookup(real),
+                                      blob_study.real["val"])
+    assert len(empty) == 0 and info["kept"] == 0
+    with pytest.raises(ValueError, match="validation rows"):
+        select_by_agreement(right, _TruthLookup(real), blob_study.real["val"].where(np.zeros(len(blob_study.real["val"]), bool)))
+
+
+def test_agreement_filter_in_a_mix_removes_the_harm_of_wrong_labels(blob_study):
+    """The mix with wrong labels that measures a loss (above) measures none once rows are selected by agreement:
+    a trained relabeller disagrees with the wrong labels, and its bar comes from the validation rows."""
+    data = StudyData(real=blob_study.real, synthetic_train=_wrongly_labelled_copies(blob_study.real["train"]))
+    config = UsefulnessConfig(seeds=3, arms=("real_plus_synthetic",), low_data_fractions=(),
+                              tasks=("segmentation",), synthetic_filter="agreement", **FAST)
+    result = run_protocol(data, config, log=lambda _: None)
+    selection = result["agreement_selection"]["full_data"]
+    assert selection["of"] == len(data.synthetic_train) and selection["kept"] < 0.2 * selection["of"], selection
+    (cmp,) = result["comparisons"]
+    assert cmp["verdict"] != "loss", cmp
+    assert "agrees with a supervised segmenter" in mix_settings(result)
 
 
 def test_row_weights_keep_down_weighted_wrong_labels_from_hurting(blob_study):
