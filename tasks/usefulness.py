@@ -173,6 +173,7 @@ class Relabeller:
 
 
 def fit_relabeller(real: Rows, val: Rows, config: UsefulnessConfig, seed: int, device: str = "auto") -> Relabeller:
+    """The frozen segmenter recipe trained on ``real``'s real rows (synthetic ones are dropped)."""
     fitted = fit_recipe(real.where(~real.is_synthetic), val, config, seed, device)
     return Relabeller(fitted.net, float(fitted.threshold))
 
@@ -194,7 +195,7 @@ def select_by_agreement(rows: Rows, relabeller: Relabeller, val: Rows,
         raise ValueError("synthetic_filter='agreement' needs real validation rows to set its bar")
     tau = float(np.quantile(batch_dice(relabeller.labels(val.images), val.labels), quantile))
     if len(rows) == 0:
-        return rows, {"tau": tau, "kept": 0, "of": 0}
+        return rows, {"tau": round(tau, 4), "kept": 0, "of": 0}
     agreement = batch_dice(rows.labels, relabeller.labels(rows.images))
     keep = agreement >= tau
     return rows.where(keep), {"tau": round(tau, 4), "kept": int(keep.sum()), "of": len(rows)}
@@ -302,15 +303,6 @@ def run_segmentation(train: Rows, val: Rows, evaluate: Rows, config: UsefulnessC
             "best_step": float(fitted.best_step)}
 
 
-def segmenter_labels(train: Rows, val: Rows, images: np.ndarray, config: UsefulnessConfig, seed: int,
-                     device: str = "auto") -> np.ndarray:
-    """0/1 labels of ``images`` by the supervised segmenter trained on ``train``'s real rows (a relabeller
-    that sees exactly the patients the arm's own labeller saw; val patients choose weights and threshold)."""
-    if len(images) == 0:
-        return np.zeros(np.shape(images), np.uint8)
-    return fit_relabeller(train, val, config, seed, device).labels(images)
-
-
 def run_response(train: Rows, evaluate: Rows, config: UsefulnessConfig, seed: int) -> dict[str, float]:
     """Train the frozen forecaster on ``train``'s pairs; mean absolute error of the later-stage
     density on ``evaluate``'s real pairs (and the correlation of predicted with true change)."""
@@ -409,7 +401,8 @@ def _arms(data: StudyData, config: UsefulnessConfig, maker: SyntheticMaker | Non
     def mixed(rows: Rows, real: Rows, seed: int, tag: str) -> Rows:
         """The mix's synthetic rows: filtered (config.synthetic_filter), then labelled (config.synthetic_labels)."""
         rows = filter_synthetic(rows, config.synthetic_filter)
-        needs_relabeller = len(rows) and (config.synthetic_filter == "agreement" or config.synthetic_labels == "segmenter")
+        needs_relabeller = len(rows) > 0 and (config.synthetic_filter == "agreement"
+                                              or config.synthetic_labels == "segmenter")
         if not needs_relabeller:
             return rows
         relabeller = fit_relabeller(real, val, config, seed, device)
