@@ -125,9 +125,6 @@ def main(argv: list[str] | None = None) -> None:
         result = study(args.run_dir, config, args.device)
         print(render_markdown(result))
         print(f"\nMix: {mix_settings(result)}. Bar 'synthetic rows help': {result['rows_help']}. {result['advice']}")
-        for source, kept in result["agreement_selection"].items():
-            print(f"agreement selection, {source}: kept {kept['kept']} of {kept['of']} synthetic rows (bar: Dice >= "
-                  f"{kept['tau']:.3f})")
     result["wall_s"], result["cpu_s"] = round(time.perf_counter() - t0, 1), round(time.process_time() - c0, 1)
     print(f"wall {result['wall_s']} s, cpu {result['cpu_s']} s")
     if args.out:

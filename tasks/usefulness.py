@@ -408,7 +408,7 @@ def _arms(data: StudyData, config: UsefulnessConfig, maker: SyntheticMaker | Non
         relabeller = fit_relabeller(real, val, config, seed, device)
         if config.synthetic_filter == "agreement":
             rows, selection[tag] = select_by_agreement(rows, relabeller, val)
-        if config.synthetic_labels == "segmenter" and len(rows):
+        if config.synthetic_labels == "segmenter":
             rows = with_labels(rows, relabeller.labels(rows.images))
         return rows
 
@@ -571,6 +571,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         left_out.append("low-data arms")
     for name, reason in (result.get("skipped_arms") or {}).items():
         notes.append(f"**Skipped:** the {name} arms: {reason}.")
+    for source, kept in (result.get("agreement_selection") or {}).items():
+        notes.append(f"Agreement selection ({source}): kept {kept['kept']} of {kept['of']} synthetic rows "
+                     f"(bar: Dice >= {kept['tau']:.3f}).")
     if left_out:
         notes.append(f"Not run here (budget): {', '.join(left_out)}; benchmarks/usefulness_study.py runs the full "
                      "study.")
@@ -607,8 +610,8 @@ def mix_settings(result: dict[str, Any]) -> str:
               "the same real rows"}.get(cfg.get("synthetic_labels", "pipeline"), cfg.get("synthetic_labels"))
     rows = {"accepted": "accepted synthetic rows", "all": "all synthetic rows",
             "agreement": "accepted synthetic rows whose label agrees with a supervised segmenter's trained on the same "
-                         "real rows (at least its 10th-percentile Dice with the annotations on validation rows)"
-            }.get(cfg.get("synthetic_filter", "accepted"), cfg.get("synthetic_filter"))
+                         f"real rows (at least its {AGREEMENT_QUANTILE:.0%}-quantile Dice with the annotations on "
+                         "validation rows)"}.get(cfg.get("synthetic_filter", "accepted"), cfg.get("synthetic_filter"))
     return f"{rows}, {labels}, loss weight {cfg.get('synthetic_weight', 1.0):g} per synthetic row"
 
 

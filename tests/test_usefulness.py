@@ -18,6 +18,7 @@ from tasks.usefulness import (
     load_study_data,
     mix_settings,
     paired_verdict,
+    render_markdown,
     response_pairs,
     rows_help,
     run_protocol,
@@ -431,8 +432,9 @@ def test_agreement_keeps_rows_whose_label_agrees_and_drops_wrong_labels(blob_stu
     empty, info = select_by_agreement(wrong.where(np.zeros(len(wrong), bool)), _TruthLookup(real),
                                       blob_study.real["val"])
     assert len(empty) == 0 and info["kept"] == 0
+    no_val = blob_study.real["val"].where(np.zeros(len(blob_study.real["val"]), bool))
     with pytest.raises(ValueError, match="validation rows"):
-        select_by_agreement(right, _TruthLookup(real), blob_study.real["val"].where(np.zeros(len(blob_study.real["val"]), bool)))
+        select_by_agreement(right, _TruthLookup(real), no_val)
 
 
 def test_agreement_filter_in_a_mix_removes_the_harm_of_wrong_labels(blob_study):
@@ -447,6 +449,8 @@ def test_agreement_filter_in_a_mix_removes_the_harm_of_wrong_labels(blob_study):
     (cmp,) = result["comparisons"]
     assert cmp["verdict"] != "loss", cmp
     assert "agrees with a supervised segmenter" in mix_settings(result)
+    assert (f"Agreement selection (full_data): kept {selection['kept']} of {selection['of']} synthetic rows"
+            in render_markdown(result))
 
 
 def test_row_weights_keep_down_weighted_wrong_labels_from_hurting(blob_study):
