@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from brvo_models.pix2pix import label_images, load_labeller  # noqa: E402
-from brvo_models.segmenter import choose_threshold  # noqa: E402
+from brvo_models.metrics import choose_threshold  # noqa: E402
 from tasks.train_pix2pix import load_split  # noqa: E402
 
 

@@ -66,6 +66,23 @@ def batch_dice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
 
 
+#: Label thresholds searched on validation patients (Pix2Pix, the supervised segmenter, their flip averages).
+THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
+
+
+def choose_threshold(probs, labels, per_image_dice=batch_dice) -> tuple[float, float]:
+    """(threshold, mean Dice): the :data:`THRESHOLD_GRID` value maximising mean per-image Dice of ``probs > t``.
+
+    One rule for every labeller, so that a threshold chosen for Pix2Pix and one chosen for a baseline
+    are chosen alike. ``probs`` may be a numpy array (with :func:`batch_dice`) or a tensor (with a
+    ``per_image_dice`` that returns a host array, as :mod:`brvo_models.batched_metrics` does on a device);
+    each grid value is compared as the float64 it is, so float32 probabilities compare as numpy compares them.
+    """
+    scores = [float(np.mean(per_image_dice(probs > t, labels))) for t in THRESHOLD_GRID]
+    best = int(np.argmax(scores))
+    return float(THRESHOLD_GRID[best]), scores[best]
+
+
 def iou(pred: np.ndarray, truth: np.ndarray) -> float:
     p, t = np.asarray(pred, bool), np.asarray(truth, bool)
     union = np.logical_or(p, t).sum()

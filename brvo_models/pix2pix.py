@@ -29,7 +29,7 @@ from brvo_models.flips import flip_averaged
 from brvo_models.identity import load_described
 from brvo_models.losses import soft_dice_loss
 from brvo_models import batched_metrics
-from brvo_models.metrics import batch_dice, cldice
+from brvo_models.metrics import batch_dice, choose_threshold, cldice
 from brvo_models.runtime import autocast, resolve_device
 from storage.checkpoints import state_must_fit
 
@@ -294,7 +294,7 @@ class Pix2Pix:
     def validate(self) -> dict[str, float]:
         """Mean val Dice (the score) and clDice; with ``threshold=None`` also picks the threshold.
 
-        The threshold maximising mean val Dice over THRESHOLD_GRID is stored in the generator's
+        The threshold maximising mean val Dice over :data:`brvo_models.metrics.THRESHOLD_GRID` is stored in the generator's
         ``label_threshold`` buffer (so it is saved with, and loaded from, each checkpoint).
         """
         if self.val_images is None or len(self.val_images) == 0:
@@ -305,8 +305,7 @@ class Pix2Pix:
         if self.metrics_device is not None:
             return self._validate_batched(probs, labels)
         if self.config.threshold is None:
-            scores = [float(np.mean(batch_dice(probs > t, labels))) for t in THRESHOLD_GRID]
-            threshold = float(THRESHOLD_GRID[int(np.argmax(scores))])
+            threshold, _ = choose_threshold(probs, labels)
         else:
             threshold = float(self.config.threshold)
         self.G.label_threshold.fill_(threshold)
@@ -324,9 +323,7 @@ class Pix2Pix:
         p = torch.from_numpy(probs).to(dev).double()
         t = torch.from_numpy(labels).to(dev)
         if self.config.threshold is None:
-            per_image = torch.stack([batched_metrics.dice(p > float(th), t) for th in THRESHOLD_GRID]).cpu().numpy()
-            scores = [float(np.mean(row)) for row in per_image]
-            threshold = float(THRESHOLD_GRID[int(np.argmax(scores))])
+            threshold, _ = choose_threshold(p, t, lambda masks, truth: batched_metrics.dice(masks, truth).cpu().numpy())
         else:
             threshold = float(self.config.threshold)
         self.G.label_threshold.fill_(threshold)
@@ -335,10 +332,6 @@ class Pix2Pix:
         c = batched_metrics.cldice(masks, t, skeleton_backend="torch").cpu().numpy()  # the port, as on CUDA
         return {"score": float(np.mean(d)), "dice": float(np.mean(d)), "cldice": float(np.mean(c)),
                 "threshold": threshold}
-
-
-#: Thresholds searched on validation patients when the config leaves ``threshold`` to be chosen.
-THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
 
 
 

@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from brvo_models.flips import flip_averaged
-from brvo_models.metrics import batch_dice, label_scores, mean_scores
+from brvo_models.metrics import choose_threshold, label_scores, mean_scores
 from brvo_models.losses import soft_dice_loss
-from brvo_models.pix2pix import THRESHOLD_GRID, UnetGenerator, aligned_augment, init_weights, num_downs_for
+from brvo_models.pix2pix import UnetGenerator, aligned_augment, init_weights, num_downs_for
 from brvo_models.runtime import autocast, select_device
 
 Arch = Literal["dilated", "dilated_bn", "unet"]
@@ -169,14 +169,6 @@ def predict_probabilities(net: VesselSegmenter, images: np.ndarray, batch_size: 
     finally:
         net.train(was_training)
     return out
-
-
-def choose_threshold(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(threshold, mean Dice) maximising mean Dice over :data:`THRESHOLD_GRID` (Pix2Pix's grid)."""
-    labels = np.asarray(labels).astype(bool)
-    scores = [float(np.mean(batch_dice(probs > t, labels))) for t in THRESHOLD_GRID]
-    best = int(np.argmax(scores))
-    return float(THRESHOLD_GRID[best]), scores[best]
 
 
 def random_windows(x: torch.Tensor, y: torch.Tensor, size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

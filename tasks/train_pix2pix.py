@@ -28,13 +28,13 @@ import torch
 from pydantic import BaseModel
 
 from brvo_models import batched_metrics
-from brvo_models.metrics import cosine, label_scores, mean_scores, mse, ssim
+from brvo_models.metrics import choose_threshold, cosine, label_scores, mean_scores, mse, ssim
 from brvo_models.identity import CheckpointIdentity
 from brvo_models.pix2pix import (Pix2Pix, aligned_augment, label_images, load_labeller, num_downs_for,
                                  objective_text)
 from brvo_models.runtime import seed_everything, select_device, to_model_range
 from brvo_models.segmentation_baselines import FrangiBaseline, otsu_masks
-from brvo_models.segmenter import choose_threshold, fit_segmenter, predict_probabilities
+from brvo_models.segmenter import fit_segmenter, predict_probabilities
 from brvo_models.training import BEST, LAST, Schedule, fit, steps_per_epoch
 from storage.checkpoints import checkpoint_sha256, load_checkpoint
 from storage.errors import BrvoError

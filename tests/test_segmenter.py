@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from brvo_models.metrics import batch_dice
-from brvo_models.segmenter import (VesselSegmenter, choose_threshold, evaluate_segmenter, fit_segmenter,
+from brvo_models.metrics import batch_dice, choose_threshold
+from brvo_models.segmenter import (VesselSegmenter, evaluate_segmenter, fit_segmenter,
                                    predict_probabilities, train_segmenter)
 
 SIZE = 32
