@@ -202,6 +202,11 @@ class ForecastRecipe(_Frozen):
     tta: bool = Field(True, description="average the forecast over the 8 flips/rotations it was trained on")
 
 
+#: ``synthetic_filter="agreement"`` keeps a synthetic row when its two labels agree at least as well as the
+#: independent segmenter agrees with the annotations on this fraction of the real validation rows' worst end
+AGREEMENT_QUANTILE = 0.10
+
+
 class UsefulnessConfig(_Frozen):
     """What the usefulness protocol runs (tasks/usefulness.py): its arms, tasks, seeds, mix and recipes.
 
@@ -224,8 +229,9 @@ class UsefulnessConfig(_Frozen):
     synthetic_filter: Literal["accepted", "all", "agreement"] = Field(
         "accepted", description="which synthetic rows enter a mix: the pipeline's accepted ones, all, or the accepted "
                                 "ones whose label agrees with the supervised segmenter's (trained on the arm's real "
-                                "rows) at least as well as that segmenter agrees with the annotations on the 10th "
-                                "percentile of the real validation rows (tasks.usefulness.select_by_agreement)")
+                                "rows) at least as well as that segmenter agrees with the annotations on the "
+                                f"{AGREEMENT_QUANTILE:.0%}-quantile of the real validation rows "
+                                "(tasks.usefulness.select_by_agreement)")
     synthetic_labels: Literal["pipeline", "segmenter"] = Field(
         "pipeline", description="labels of the synthetic rows in a mix: the pipeline's (Pix2Pix), or the supervised "
                                 "segmenter's trained on the same real rows as the arm (the subset's in a low-data "

@@ -65,7 +65,7 @@ import pandas as pd
 from pydantic import BaseModel
 from scipy import stats
 
-from brvo_models.configs import UsefulnessConfig
+from brvo_models.configs import AGREEMENT_QUANTILE, UsefulnessConfig
 from storage.paired_format import STAGE_NAMES, read_arrays, read_meta
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
@@ -148,11 +148,6 @@ def filter_synthetic(rows: Rows, how: str) -> Rows:
     """The synthetic rows a mix starts from: the accepted ones (``accepted``, and ``agreement`` before its
     own selection, :func:`select_by_agreement`) or all of them."""
     return rows if how == "all" else rows.where(rows.accepted)
-
-
-#: ``synthetic_filter="agreement"`` keeps a synthetic row when its two labels agree at least as well as the
-#: independent segmenter agrees with the annotations on this fraction of the real validation rows' worst end
-AGREEMENT_QUANTILE = 0.10
 
 
 @dataclass(frozen=True)
