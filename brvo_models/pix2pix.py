@@ -294,8 +294,8 @@ class Pix2Pix:
     def validate(self) -> dict[str, float]:
         """Mean val Dice (the score) and clDice; with ``threshold=None`` also picks the threshold.
 
-        The threshold maximising mean val Dice over :data:`brvo_models.metrics.THRESHOLD_GRID` is stored in the generator's
-        ``label_threshold`` buffer (so it is saved with, and loaded from, each checkpoint).
+        The threshold maximising mean val Dice over :data:`brvo_models.metrics.THRESHOLD_GRID` is stored in
+        the generator's ``label_threshold`` buffer (so it is saved with, and loaded from, each checkpoint).
         """
         if self.val_images is None or len(self.val_images) == 0:
             return {"score": 0.0}
@@ -332,7 +332,6 @@ class Pix2Pix:
         c = batched_metrics.cldice(masks, t, skeleton_backend="torch").cpu().numpy()  # the port, as on CUDA
         return {"score": float(np.mean(d)), "dice": float(np.mean(d)), "cldice": float(np.mean(c)),
                 "threshold": threshold}
-
 
 
 # ----------------------------------------------------------------------------------- inference
