@@ -18,6 +18,34 @@ PresetName = Literal["tiny", "demo", "full"]
 LabelResize = Literal["nearest", "max", "area"]
 
 
+class InputSanityConfig(BaseModel):
+    """Ingest's bounds on a usable pair; a pair outside them goes to quarantine.csv with the bound it broke.
+
+    Each bound sits far outside what real data does, so it only catches inputs that would silently
+    train on nothing or on distortion. SOUL: 304x304 px, square, grey levels spanning 200+, label
+    vessel density about 0.05-0.4; the built-in phantom, at any of its settings: 32-2048 px, square,
+    density 0.02-0.46.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_image_side: int = Field(
+        16, ge=1, le=4096, description="shortest side in px: a smaller image holds no vessel structure to learn and "
+        "is upscaled to image_size (at least 32) from a handful of pixels")
+    max_aspect_ratio: float = Field(
+        2.0, ge=1.0, allow_inf_nan=False, description="longer side / shorter side: preprocess resizes every "
+        "image to a square, so a 10000x10 scan would be squashed into stripes; 2 still admits 4:3 and 3:2 frames")
+    min_grey_range: int = Field(
+        8, ge=0, le=255, description="max - min grey level (8-bit scale): below it the image is constant (a blank "
+        "frame, a failed export); JPEG noise on a flat frame moves a few levels, a real scan spans hundreds")
+    min_label_density: float = Field(
+        0.001, ge=0.0, lt=0.5, allow_inf_nan=False, description="share of label pixels above 127 (vessel): "
+        "below 0.1 % the annotation is empty or a few stray dots (SOUL's sparsest is about 5 %, the phantom's 2 %)")
+    max_label_density: float = Field(
+        0.7, gt=0.5, le=1.0, allow_inf_nan=False, description="share of label pixels above 127: above 70 % the "
+        "mask is all-vessel or inverted (vessels black); SOUL's densest is about 40 %, the phantom's 46 %")
+
+
 class PipelineConfig(BaseModel):
     """Every setting of a run. Ranges are checked when the config is made, before any work starts."""
 
@@ -40,6 +68,8 @@ class PipelineConfig(BaseModel):
     max_file_mb: float = Field(64.0, gt=0, description="ingest quarantines a file larger than this (MB) unread")
     max_megapixels: float = Field(64.0, gt=0, description="ingest quarantines an image whose header declares more "
                                                           "pixels than this (millions), before decoding it")
+    input_sanity: InputSanityConfig = Field(InputSanityConfig(), description="ingest's bounds on image size, "
+                                            "aspect ratio, grey range and label density (quarantined outside them)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
                         description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
     concurrent_steps: Literal["auto", "on", "off"] = Field(
