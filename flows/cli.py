@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="non-perfused area multiplier, 0..3 (default 1; 0 = no occluded sector)")
     p.add_argument("--workers", type=int, default=2, help="rendering processes (the bytes do not depend on it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing phantom in OUT_DIR")
+    p.add_argument("--truth-dir", type=Path, default=None, metavar="DIR",
+                   help="also write the truth of the visits the patients missed (repeat scans and each stage's "
+                        "true non-perfused area) into DIR, outside OUT_DIR, for evaluation only: OUT_DIR's bytes "
+                        "do not change and no pipeline step reads DIR (docs/phantom.md)")
 
     p = sub.add_parser("ingest", help="read a SOUL directory or manifest CSV: manifest.csv, quarantine.csv, stage table")
     p.add_argument("soul_dir", type=Path)
@@ -171,8 +175,9 @@ def _run(args: argparse.Namespace) -> int:
             non_perfusion_size=args.non_perfusion_size)
         from tasks.phantom import phantom_task, preflight_phantom
 
-        preflight_phantom(args.out_dir, args.workers, args.overwrite)
-        summary = phantom_task(args.out_dir, config, workers=args.workers, overwrite=args.overwrite)
+        preflight_phantom(args.out_dir, args.workers, args.overwrite, args.truth_dir)
+        summary = phantom_task(args.out_dir, config, workers=args.workers, overwrite=args.overwrite,
+                               truth_dir=args.truth_dir)
         print(summary)
     elif cmd == "ingest":
         from tasks.ingest import check_source
