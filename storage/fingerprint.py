@@ -6,11 +6,14 @@ hash, so a renamed, added, removed or edited image changes it while touching a
 file's mtime does not. Content hashes are cached by (path, size, mtime_ns) in a
 JSON file, so an unchanged directory is re-fingerprinted from ``stat`` calls
 alone. Hidden and OS clutter files (``.DS_Store``, ``Thumbs.db``, ...) and
-symlinks that point outside the root are left out, as ingest leaves them out.
+symlinks that point outside the root, nowhere or into a loop are left out, as
+ingest leaves them out; symlinked folders are not walked (their targets inside
+the root are walked where they are), so a link loop cannot make the walk endless.
+A manifest is read by ingest's own reader (:mod:`storage.manifest`), so the
+fingerprint covers exactly the files ingest reads.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -21,6 +24,7 @@ from typing import Any
 from storage.atomic import write_json_atomic
 from storage.errors import InputDataError
 from storage.hashing import file_sha256
+from storage.manifest import listed_files
 
 IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini", "ehthumbs.db"})
 CACHE_VERSION = 1
@@ -43,7 +47,7 @@ def source_files(source: str | os.PathLike) -> list[tuple[str, Path | None]]:
 
     A directory: every regular file below it (relative names). A manifest CSV: the CSV
     itself plus each ``image_path``/``label_path`` it lists (relative ones resolved
-    against the CSV's folder).
+    against the CSV's folder), whatever its separator or header case.
     """
     source = Path(source)
     if source.is_dir():
@@ -94,8 +98,8 @@ def _dir_files(root: Path) -> list[tuple[str, Path | None]]:
             if _ignored(fname):
                 continue
             path = Path(dirpath) / fname
-            if path.is_symlink():
-                target = path.resolve()
+            if path.is_symlink():  # realpath, unlike Path.resolve, returns (not raises) on a symlink loop
+                target = Path(os.path.realpath(path))
                 if not target.is_relative_to(real_root) or not target.is_file():
                     continue
             elif not path.is_file():
@@ -105,21 +109,10 @@ def _dir_files(root: Path) -> list[tuple[str, Path | None]]:
 
 
 def _manifest_files(manifest: Path) -> list[tuple[str, Path | None]]:
+    """The CSV and every file it lists, read by ingest's own reader (storage.manifest)."""
     out: list[tuple[str, Path | None]] = [(manifest.name, manifest)]
-    try:
-        with open(manifest, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputDataError(f"{manifest}: cannot read manifest CSV ({exc}); pass a SOUL directory or a CSV") from None
-    seen = set()
-    for row in rows:
-        for col in ("image_path", "label_path"):
-            value = (row.get(col) or "").strip()
-            if not value or value in seen:
-                continue
-            seen.add(value)
-            p = manifest.parent / Path(value).expanduser()  # as ingest resolves them
-            out.append((value, p if p.is_file() else None))
+    for value, path in listed_files(manifest):
+        out.append((value, path if path.is_file() else None))
     return sorted(out, key=lambda t: t[0])
 
 

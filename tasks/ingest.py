@@ -18,7 +18,8 @@ under ``label/``, through ``S3/s3t2``, plus ``Infomation.xlsx`` (sic) or
 ``Information.xlsx``), or the folder that holds one such tree; or a manifest
 CSV (patient_id, stage as 0..5 or a name like s1t1, image_path, optional
 label_path and exam_id; relative paths resolve against the CSV's folder;
-comma, semicolon or tab separated, UTF-8 with or without BOM).
+comma, semicolon or tab separated, UTF-8 with or without BOM), read by
+storage.manifest, the one reader the source fingerprint shares.
 
 Decisions (what users can rely on):
 
@@ -60,7 +61,6 @@ Decisions (what users can rely on):
 """
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import io
@@ -79,6 +79,7 @@ from pydantic import BaseModel
 
 from storage.atomic import atomic_path, write_json_atomic, write_text_atomic
 from storage.errors import InputDataError
+from storage.manifest import read_manifest_table, resolve_listed_path
 from storage.paired_format import STAGE_NAMES
 from storage.run_dir import RunPaths, ensure_inside, safe_component
 from tasks.reporting import run_log
@@ -87,7 +88,6 @@ from tasks.steps import Step, StepContext
 MANIFEST_COLUMNS = ("patient_id", "stage", "stage_name", "exam_id", "subset",
                     "image_path", "label_path", "width", "height")
 QUARANTINE_COLUMNS = ("path", "reason")
-MANIFEST_REQUIRED = ("patient_id", "stage", "image_path")
 CLINICAL_FILES = ("infomation.xlsx", "information.xlsx")  # 'Infomation' (sic) is SOUL's spelling
 CLINICAL_SHEETS = ("basic_info", "image_info")
 SYSTEM_NAMES = {"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", "__macosx",
@@ -244,39 +244,11 @@ def _soul_root(source: Path) -> Path:
                          "point at the folder holding S1, S2, S3, or give a manifest CSV")
 
 
-def _printable(text: str, limit: int = 120) -> str:
-    return re.sub(r"[^\x20-\x7e]", "?", text)[:limit]
-
-
-def _read_manifest_table(path: Path) -> pd.DataFrame:
-    """The manifest as strings; comma, semicolon or tab separated, with or without a UTF-8 BOM (Excel)."""
-    if path.suffix.lower() in {".xlsx", ".xls", ".xlsm"}:
-        raise InputDataError(f"{path} is a spreadsheet, not a manifest CSV; give the SOUL folder (holding "
-                             "S1, S2, S3) or a CSV with columns patient_id, stage, image_path[, label_path]")
-    if path.stat().st_size == 0:
-        raise InputDataError(f"manifest {path} is empty; it needs a header (patient_id, stage, image_path) and rows")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, sep=None,
-                            engine="python", encoding="utf-8-sig")
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError, csv.Error) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputDataError(f"cannot read manifest {path} as CSV ({_printable(first)})") from None
-    table.columns = [str(c).strip().lower() for c in table.columns]
-    missing = [c for c in MANIFEST_REQUIRED if c not in table.columns]
-    if missing:
-        has = _printable(", ".join(table.columns[:10]), 80)
-        raise InputDataError(f"manifest {path} lacks column(s) {', '.join(missing)} (has: {has}); "
-                             "required: patient_id, stage, image_path")
-    if table.empty:
-        raise InputDataError(f"manifest {path} has a header but no rows")
-    return table
-
-
 def check_source(source: Path) -> None:
     """Cheap preflight for the CLI: raise InputDataError unless ``source`` is a SOUL root or a readable manifest."""
     source = Path(source).expanduser().absolute()
     if source.is_file():
-        _read_manifest_table(source)
+        read_manifest_table(source)
     else:
         _soul_root(source)
 
@@ -354,16 +326,14 @@ def _parse_stage(value: str) -> int | None:
 
 
 def _scan_manifest(csv_path: Path, acc: _Acc) -> list[_Pair]:
-    table = _read_manifest_table(csv_path)
-    base = csv_path.parent
+    table = read_manifest_table(csv_path)
     has_label, has_exam = "label_path" in table.columns, "exam_id" in table.columns
     pairs: list[_Pair] = []
     for i, row in enumerate(table.to_dict("records")):
         where = f"manifest line {i + 2}"
         raw_image = row["image_path"].strip()
         raw_label = row.get("label_path", "").strip() if has_label else ""
-        image = (base / Path(raw_image).expanduser()).absolute() if raw_image else None
-        label = (base / Path(raw_label).expanduser()).absolute() if raw_label else None
+        image, label = resolve_listed_path(csv_path, raw_image), resolve_listed_path(csv_path, raw_label)
         culprits = [p for p in (image, label) if p is not None] or [f"{csv_path}:{i + 2}"]
         pid, stage = row["patient_id"].strip(), _parse_stage(row["stage"])
         problem = None
