@@ -3,7 +3,9 @@ small 64 px model on a laptop CPU (preset 'demo') and a paper-size one on a GPU 
 
 Every field carries its range, so a bad value (a zero batch, a negative learning rate, a
 probability above 1) is refused when the config is validated, with the field's name, not
-deep inside training.
+deep inside training. Infinity and NaN are refused everywhere (``allow_inf_nan=False``):
+Python's json reads them, no range check catches an infinite learning rate, and JSON would
+write them back as null.
 """
 from __future__ import annotations
 
@@ -12,8 +14,15 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+#: The widest first conv layer a GAN may have: 4x the reference's 64. A U-Net's parameters grow with its
+#: square (Pix2Pix at 256 is about 0.9 G parameters, 14 GB with Adam's state); wider is a typo, not a model.
+MAX_WIDTH = 256
+#: The longest latent, embedding or recurrent vector of the CRGAN (16x the default hidden_dim).
+MAX_VECTOR = 4096
+
+
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TrainingSchedule(_Frozen):
@@ -64,8 +73,8 @@ class Pix2PixConfig(TrainingSchedule):
     #: resume with them changed (they stay in the step key: on a GPU they change the rounding)
     execution_only: ClassVar[tuple[str, ...]] = ("cuda_graphs", "checkpoint_every_s")
 
-    ngf: int = Field(64, ge=1, description="generator width of the first layer")
-    ndf: int = Field(64, ge=1, description="discriminator width of the first layer")
+    ngf: int = Field(64, ge=1, le=MAX_WIDTH, description="generator width of the first layer")
+    ndf: int = Field(64, ge=1, le=MAX_WIDTH, description="discriminator width of the first layer")
     n_layers_d: int = Field(3, ge=1, le=8, description="PatchGAN depth; 3 gives the 70x70 receptive field")
     norm: Literal["batch", "instance"] = "batch"
     dropout: bool = True
@@ -109,13 +118,13 @@ class CRGANConfig(TrainingSchedule):
     #: fields that change how training runs, not what it trains (left out of that hash too)
     execution_only: ClassVar[tuple[str, ...]] = ("checkpoint_every_s",)
 
-    ngf: int = Field(64, ge=1, description="decoder/encoder base width")
-    ndf: int = Field(64, ge=1, description="discriminator base width")
-    z_dim: int = Field(64, ge=1)
-    patient_emb_dim: int = Field(32, ge=1)
-    stage_emb_dim: int = Field(16, ge=1)
-    context_dim: int = Field(128, ge=1)
-    hidden_dim: int = Field(256, ge=1)
+    ngf: int = Field(64, ge=1, le=MAX_WIDTH, description="decoder/encoder base width")
+    ndf: int = Field(64, ge=1, le=MAX_WIDTH, description="discriminator base width")
+    z_dim: int = Field(64, ge=1, le=MAX_VECTOR)
+    patient_emb_dim: int = Field(32, ge=1, le=MAX_VECTOR)
+    stage_emb_dim: int = Field(16, ge=1, le=MAX_VECTOR)
+    context_dim: int = Field(128, ge=1, le=MAX_VECTOR)
+    hidden_dim: int = Field(256, ge=1, le=MAX_VECTOR)
     lambda_l1: float = Field(50.0, ge=0.0)
     lambda_adv: float = Field(1.0, ge=0.0)
     lr_g: float = Field(2e-4, gt=0.0)

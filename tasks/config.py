@@ -47,9 +47,10 @@ class InputSanityConfig(BaseModel):
 
 
 class PipelineConfig(BaseModel):
-    """Every setting of a run. Ranges are checked when the config is made, before any work starts."""
+    """Every setting of a run. Ranges are checked when the config is made, before any work starts; Infinity
+    and NaN are refused in every number (a range check lets an infinite bound through)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     preset: PresetName = "demo"
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -139,8 +140,15 @@ def parse_config(data: dict | str) -> PipelineConfig:
             return PipelineConfig.model_validate_json(data)
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
-        raise BrvoError(f"config: {problems}") from None
+        raise BrvoError(f"config: {'; '.join(_problem(e) for e in exc.errors())}") from None
+
+
+def _problem(error: dict) -> str:
+    """One validation error as 'field: what is wrong'; a non-finite number also says which value it got."""
+    field = ".".join(str(x) for x in error["loc"]) or "config"
+    if error["type"] == "finite_number":
+        return f"{field} must be a finite number, got {error['input']}"
+    return f"{field}: {error['msg']}"
 
 
 def preset(name: str) -> PipelineConfig:
