@@ -23,6 +23,11 @@ metrics with a ``score`` (higher is better). :func:`fit` owns everything around 
   per validation (:class:`LossSums`). On CUDA a step then never waits for the GPU, so the
   host queues the next step's kernels while the GPU runs this one. (Python floats are accepted
   too.) The float64 sums equal, bit for bit, the Python float sums fit kept before.
+* **A diverged run stops in one line.** A NaN or infinite loss (a learning rate far too high)
+  would otherwise train on to the end and leave a checkpoint of garbage that validates as
+  "best". LossSums also remembers, on the device, the first step whose loss was not finite;
+  the validation that brings the sums to the host raises :class:`TrainingDivergedError`
+  naming that step, before anything of it is written. So does a non-finite validation score.
 * **Batches made ahead of the GPU** (``prefetch``, on by default on CUDA only): a background
   thread calls ``batches(epoch)`` and the model's optional ``stage(batch)`` (the batch as
   tensors on the device: pinned copies, noise drawn there) a few batches ahead, across epoch
@@ -49,10 +54,14 @@ import torch
 
 from brvo_models.identity import CheckpointIdentity
 from storage.checkpoints import load_checkpoint, save_checkpoint, state_must_fit
-from storage.errors import CheckpointError
+from storage.errors import BrvoError, CheckpointError
 
 LAST = "last.pt"
 BEST = "best.pt"
+
+
+class TrainingDivergedError(BrvoError):
+    """A loss or validation score became NaN or infinite: the weights are garbage from that step on."""
 
 
 class Trainable(Protocol):
@@ -262,12 +271,12 @@ def _train(model: Trainable, batches: Callable[[int], Iterable[Any]], schedule: 
                 continue
             factor = schedule.lr_factor(progress.step)
             _set_lr(model, base_lrs, factor)
-            sums.add(model.train_step(batch))
+            sums.add(model.train_step(batch), step=progress.step + 1)
             n_since += 1
             progress.step += 1
             if not schedule.validates_after(progress.step):
                 continue
-            row, improved = _validate(model, schedule, progress, sums, n_since, factor, t_since)
+            row, improved = _validate(model, schedule, progress, sums, n_since, factor, t_since, base_lrs)
             validations += 1
             returning = progress.finished or (max_validations_this_call is not None
                                               and validations >= max_validations_this_call)
@@ -356,17 +365,37 @@ class LossSums:
 
     A tensor loss is added as float64 where it lives (no ``.item()``, so no wait for the GPU);
     a float is added as a Python float. Either way the sum is the float64 sum of the values in
-    step order, the same bits a loop of ``total + float(loss)`` gives.
+    step order, the same bits a loop of ``total + float(loss)`` gives. Given the ``step``, it also
+    keeps the first step whose losses were not all finite (on the device as well).
     """
 
     def __init__(self) -> None:
         self.totals: dict[str, torch.Tensor | float] = {}
+        self._first_bad: torch.Tensor | None = None  # first non-finite step of tensor losses, -1: none yet
+        self._first_bad_float: int | None = None  # the same for float losses
 
-    def add(self, losses: dict[str, torch.Tensor | float]) -> None:
+    def add(self, losses: dict[str, torch.Tensor | float], step: int | None = None) -> None:
+        bad: torch.Tensor | None = None
         for k, v in losses.items():
             value = v.detach().to(torch.float64) if isinstance(v, torch.Tensor) else float(v)
             total = self.totals.get(k)
             self.totals[k] = value if total is None else total + value
+            if step is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                not_finite = ~torch.isfinite(value).all()
+                bad = not_finite if bad is None else bad | not_finite.to(bad.device)
+            elif not math.isfinite(value) and self._first_bad_float is None:
+                self._first_bad_float = int(step)
+        if bad is not None:
+            first = self._first_bad if self._first_bad is not None else torch.full((), -1, device=bad.device)
+            self._first_bad = first.masked_fill(bad & (first < 0), int(step))
+
+    def first_non_finite_step(self) -> int | None:
+        """The first step given to :meth:`add` with a NaN or infinite loss (None: none); reads the device."""
+        steps = [s for s in (self._first_bad_float,
+                             None if self._first_bad is None else int(self._first_bad)) if s is not None and s >= 0]
+        return min(steps) if steps else None
 
     def to_host(self) -> dict[str, float]:
         """The sums as Python floats: one device-to-host copy for all tensor sums on a device."""
@@ -379,9 +408,17 @@ class LossSums:
 
 
 def _validate(model, schedule: Schedule, progress: _Progress, sums: LossSums, n_since, factor,
-              t_since: float) -> tuple[dict[str, float], bool]:
-    """Validate, update the best score and the early-stopping state; return (history row, new best?)."""
+              t_since: float, base_lrs: dict[str, list[float]]) -> tuple[dict[str, float], bool]:
+    """Validate, update the best score and the early-stopping state; return (history row, new best?).
+
+    A non-finite loss since the last validation, or a non-finite score, raises TrainingDivergedError."""
     losses = sums.to_host()  # the one host synchronisation for the steps since the last row
+    bad = [k for k, v in losses.items() if not math.isfinite(v)]
+    if bad:
+        step = sums.first_non_finite_step()
+        where = f"at step {step}" if step is not None else f"by step {progress.step} (the sum overflowed)"
+        raise TrainingDivergedError(f"{model.name}: loss became {_non_finite(losses[bad[0]])} {where} "
+                                    f"({', '.join(bad)}){_diverged_advice(base_lrs, progress)}")
     t_val = time.perf_counter()
     _set_mode(model, train=False)
     with torch.no_grad():
@@ -389,6 +426,9 @@ def _validate(model, schedule: Schedule, progress: _Progress, sums: LossSums, n_
     _set_mode(model, train=True)
     t_end = time.perf_counter()
     score = float(val["score"])
+    if not math.isfinite(score):
+        raise TrainingDivergedError(f"{model.name}: validation score became {_non_finite(score)} at step "
+                                    f"{progress.step}{_diverged_advice(base_lrs, progress)}")
     row = {"step": progress.step, "total_steps": schedule.total_steps,
            "epoch": round(progress.step / schedule.steps_per_epoch, 4),
            **{k: v / max(n_since, 1) for k, v in losses.items()},
@@ -497,6 +537,19 @@ def _set_lr(model: Trainable, base_lrs: dict[str, list[float]], factor: float) -
 def _set_mode(model: Trainable, train: bool) -> None:
     for module in model.modules().values():
         module.train(train)
+
+
+def _non_finite(value: float) -> str:
+    return "NaN" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def _diverged_advice(base_lrs: dict[str, list[float]], progress: _Progress) -> str:
+    """The rest of a TrainingDivergedError's line: the learning rates, what to do, what was kept."""
+    lrs = ", ".join(f"{name} {group[0]:.3g}" for name, group in base_lrs.items() if group)
+    kept = (f"; nothing after step {progress.history[-1]['step']:.0f} was saved" if progress.history
+            else "; no checkpoint was saved")
+    return (f"; training diverged at learning rate {lrs}: lower the learning rate (or the loss weights) "
+            f"and train again{kept}")
 
 
 def _schedule_text(s: dict[str, Any] | None) -> str:
