@@ -6,11 +6,15 @@ evaluation travel with it (flows/augment.py decides where the models come from).
 """
 from __future__ import annotations
 
+import contextlib
+import re
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel
 
+from storage.errors import BrvoError
+from tasks.config import PipelineConfig
 from tasks.reporting import training_progress
 from tasks.steps import StepContext, claim_partial_work
 
@@ -53,7 +57,29 @@ def train_and_evaluate(ctx: StepContext, model: ModelName, train: Callable[..., 
     """What both training steps do: claim the checkpoints for this step's key (a resume never continues
     work made for other inputs, config or code), train with live progress in the UI, evaluate held out."""
     claim_partial_work(ctx.paths.checkpoints(model), ctx)
-    result = train(ctx.run_dir, ctx.config, log=ctx.log, on_validation=training_progress(model))
-    evaluation = evaluate(ctx.run_dir, ctx.config, log=ctx.log)
+    with allocation_failures_as_one_line(model, ctx.config):
+        result = train(ctx.run_dir, ctx.config, log=ctx.log, on_validation=training_progress(model))
+        evaluation = evaluate(ctx.run_dir, ctx.config, log=ctx.log)
     return TrainedModel(model=model, checkpoint=result.best_path, sha256=result.best_sha256,
                         image_size=ctx.config.image_size, training=result.model_dump(), evaluation=evaluation)
+
+
+#: How torch's CPU and CUDA allocators word a failed allocation (torch.OutOfMemoryError is a RuntimeError).
+_ALLOCATION_FAILURE = re.compile(r"can't allocate memory|not enough memory|out of memory|failed to allocate",
+                                 re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def allocation_failures_as_one_line(model: ModelName, config: PipelineConfig) -> Iterator[None]:
+    """A model too big for the machine (widths and batch within their config ranges) is a one-line
+    BrvoError naming the knobs that size it, not the allocator's traceback; other errors pass."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as exc:
+        if not isinstance(exc, MemoryError) and not _ALLOCATION_FAILURE.search(str(exc)):
+            raise
+        section = getattr(config, model)
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise BrvoError(f"{model}: out of memory ({detail}); lower {model}.ngf / {model}.ndf (now {section.ngf} / "
+                        f"{section.ndf}), {model}.batch_size (now {section.batch_size}) or image_size (now "
+                        f"{config.image_size}), or run on a machine with more memory") from None
