@@ -99,6 +99,9 @@ def serve_deployments(cron: str | None = None, soul_dir: str | None = None, regi
     if not soul_dir_setting(soul_dir) or not registry_dir_setting(registry_dir):
         print(f"warning: scheduled retrain runs need {ENV_SOUL_DIR} and {ENV_REGISTRY_DIR} (or --soul-dir and "
               f"--registry-dir); without them they fail until set", file=sys.stderr)
+    from flows.temporary_server import temporary_server_dies_with_this_process
+
+    temporary_server_dies_with_this_process()  # a temporary server must not outlive a killed serve command
     serve(*deployments, pause_on_shutdown=False, limit=limit)
 
 

@@ -143,6 +143,14 @@ def check_prefect_api(timeout_s: float = 5.0) -> None:
                         f"unset PREFECT_API_URL (prefect config unset PREFECT_API_URL) to run without a server") from None
 
 
+def _temporary_server_dies_with_cli() -> None:
+    """Called after a command's cheap input checks, just before its first Prefect call: the temporary
+    server Prefect starts when no PREFECT_API_URL is set must not outlive a killed CLI."""
+    from flows.temporary_server import temporary_server_dies_with_this_process
+
+    temporary_server_dies_with_this_process()
+
+
 def _single_step(args: argparse.Namespace, target: str, config, source: Path | None = None) -> int:
     """Run one step of the augment plan on RUN_DIR (its upstream steps must have run), under the
     run-directory lock like every command that writes there; print its result."""
@@ -150,6 +158,7 @@ def _single_step(args: argparse.Namespace, target: str, config, source: Path | N
     from flows.prepare import run_steps
     from storage.run_dir import RunPaths
 
+    _temporary_server_dies_with_cli()
     names = [step.name for step in AUGMENT]
     plan = AUGMENT[: names.index(target) + 1]
     run = run_steps(plan, args.run_dir, config, source=source, only={target})
@@ -176,6 +185,7 @@ def _run(args: argparse.Namespace) -> int:
         from tasks.phantom import phantom_task, preflight_phantom
 
         preflight_phantom(args.out_dir, args.workers, args.overwrite, args.truth_dir)
+        _temporary_server_dies_with_cli()
         summary = phantom_task(args.out_dir, config, workers=args.workers, overwrite=args.overwrite,
                                truth_dir=args.truth_dir)
         print(summary)
@@ -197,6 +207,7 @@ def _run(args: argparse.Namespace) -> int:
 
         config = resolve_config(args, args.run_dir)
         check_source(args.soul_dir)
+        _temporary_server_dies_with_cli()
         print(prepare(str(args.soul_dir), str(args.run_dir), config_json=config.to_json()))
     elif cmd == "train-pix2pix":
         from tasks.train_pix2pix import preflight_train_pix2pix
@@ -216,10 +227,12 @@ def _run(args: argparse.Namespace) -> int:
 
         config = resolve_config(args, args.run_dir)
         check_source(args.soul_dir)
+        _temporary_server_dies_with_cli()
         print(run_augment(args.soul_dir, args.run_dir, config))
     elif cmd == "demo":
         from flows.augment import run_demo
 
+        _temporary_server_dies_with_cli()
         print(run_demo(args.run_dir, preset_name=args.preset, n_patients=args.patients))
     elif cmd == "inspect":
         from tasks.preprocess import inspect_dataset
