@@ -46,14 +46,26 @@ Decisions (what users can rely on):
 * **Hidden and system files** (``.DS_Store``, ``._foo``, ``Thumbs.db``,
   ``desktop.ini``, ``__MACOSX/``, ``~$`` lock files, any dot-name) are skipped
   and counted, not quarantined.
-* **Symlinks** are followed only when they resolve inside the root; others are
-  reported in quarantine.csv and not followed.
+* **Symlinks** are followed only when they resolve inside the root and not to a
+  folder that holds them; others (outside, broken, loops such as ``S1/self -> .``)
+  are reported in quarantine.csv and not followed, so no tree makes the walk endless.
+* **Folders ingest does not read** never swallow a pair silently: every file under
+  an unknown stage folder (``S1/s1t3``), a misplaced one (``S1/s2t1``), a stray
+  folder beside image/ and label/, or a top-level ``S4``/``s1t3`` gets a quarantine
+  row naming the folder; so does a loose file under S1..S3 or a stage folder.
 * **Pairs.** An image and its label pair by patient folder and file stem (the
   extension may differ). When one of them is rejected, its twin goes to
   quarantine too (reason ``its image/label was rejected (...)``); nothing
   else near it is affected.
 * **Labels with no pixel above 127** are quarantined with their image: they
   would be empty after preprocess binarises at 127 (e.g. 0/1 masks).
+* **Degenerate pairs** are quarantined with the bound they break (the config's
+  ``input_sanity``, which says why each default is safe for SOUL and the phantom):
+  an image under ``min_image_side`` px on a side, one whose long side exceeds
+  ``max_aspect_ratio`` times its short side (preprocess would squash it into a
+  square), a constant one (grey levels spanning under ``min_grey_range``), or a
+  label whose vessel share lies outside ``min_label_density``..``max_label_density``
+  (empty, all-vessel or inverted).
 * **Fatal input** (missing, empty or non-SOUL root; unreadable manifest or one
   without its required columns; nothing usable left) raises
   :class:`~storage.errors.InputDataError` with a one-line message. A missing
@@ -61,6 +73,7 @@ Decisions (what users can rely on):
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import io
@@ -82,6 +95,7 @@ from storage.errors import InputDataError
 from storage.manifest import read_manifest_table, resolve_listed_path
 from storage.paired_format import STAGE_NAMES
 from storage.run_dir import RunPaths, ensure_inside, safe_component
+from tasks.config import InputSanityConfig
 from tasks.reporting import run_log
 from tasks.steps import Step, StepContext
 
@@ -101,6 +115,7 @@ DEFAULT_MAX_FILE_MB = 64.0
 DEFAULT_MAX_MEGAPIXELS = 64.0
 _IMAGE_DIRS = ("image", "images", "img")
 _LABEL_DIRS = ("label", "labels", "mask", "masks")
+_STAGE_LIKE = re.compile(r"^s\d+(t\d+)?$", re.IGNORECASE)  # S4, s1t3: meant as SOUL's, so never ignored silently
 
 
 class IngestResult(BaseModel):
@@ -148,6 +163,8 @@ class _Probe:
     height: int = 0
     sha1: str = ""
     label_max: int = 255
+    grey_range: int = 0  # max - min grey level on the 8-bit scale preprocess sees
+    density: float = 0.0  # share of pixels a label would mark as vessel (above 127; nonzero for 16-bit)
 
 
 @dataclass
@@ -173,6 +190,28 @@ def _inside(target: str, real_root: str) -> bool:
     return target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
+def _symlink_problem(link: str, directory: Path, real_root: str) -> str:
+    """Why the symlink ``link`` (an entry of ``directory``) is not followed, or '' when it may be.
+
+    A link to the folder that holds it, or to any folder above it, would make every walk of
+    the tree endless (``ln -s . S1/self``); a link that resolves to itself (``ln -s self
+    S1/self``) has no target at all. Both are loops: reported, never followed.
+    """
+    shown = os.readlink(link)
+    try:
+        os.stat(link)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"symlink loop (-> {shown}): it resolves to itself, not followed"
+        return f"broken symlink (-> {shown})"
+    target = os.path.realpath(link)
+    if not _inside(target, real_root):
+        return f"symlink pointing outside the root, not followed (-> {target})"
+    if os.path.isdir(target) and _inside(os.path.realpath(directory), target):
+        return f"symlink loop (-> {shown}): points at a folder that holds it, not followed"
+    return ""
+
+
 def _list(directory: Path, acc: _Acc | None, real_root: str) -> list[tuple[str, Path, bool]]:
     """Visible entries of ``directory`` as (name, path, is_dir); records hidden/symlink cases in ``acc``."""
     out = []
@@ -188,14 +227,10 @@ def _list(directory: Path, acc: _Acc | None, real_root: str) -> list[tuple[str, 
                 acc.hidden += 1
             continue
         if entry.is_symlink():
-            target = os.path.realpath(entry.path)
-            if not os.path.exists(target):
+            problem = _symlink_problem(entry.path, directory, real_root)
+            if problem:
                 if acc is not None:
-                    acc.reject(entry.path, f"broken symlink (-> {os.readlink(entry.path)})")
-                continue
-            if not _inside(target, real_root):
-                if acc is not None:
-                    acc.reject(entry.path, f"symlink pointing outside the root, not followed (-> {target})")
+                    acc.reject(entry.path, problem)
                 continue
         try:
             is_dir = entry.is_dir()
@@ -207,11 +242,17 @@ def _list(directory: Path, acc: _Acc | None, real_root: str) -> list[tuple[str, 
 
 # ---------------------------------------------------------------------------- locating the input
 
-def _subset_dirs(root: Path, real_root: str, acc: _Acc | None = None) -> dict[int, Path]:
-    """stage -> subset folder: <root>/S<k>/s<k>t<j> (SOUL), or <root>/s<k>t<j> directly; names case-blind."""
+def _layout(root: Path, real_root: str, acc: _Acc | None = None) -> tuple[dict[str, Path], dict[str, dict[str, Path]]]:
+    """(top-level folders, S1..S3's folders), each by lower-case name."""
     top = {n.lower(): p for n, p, d in _list(root, acc, real_root) if d}
     groups = {g: {n.lower(): p for n, p, d in _list(top[g], acc, real_root) if d}
               for g in ("s1", "s2", "s3") if g in top}
+    return top, groups
+
+
+def _subset_dirs(root: Path, real_root: str, acc: _Acc | None = None) -> dict[int, Path]:
+    """stage -> subset folder: <root>/S<k>/s<k>t<j> (SOUL), or <root>/s<k>t<j> directly; names case-blind."""
+    top, groups = _layout(root, real_root, acc)
     found: dict[int, Path] = {}
     for stage, name in enumerate(STAGE_NAMES):
         sub = groups.get(name[:2], {}).get(name) or top.get(name)
@@ -288,18 +329,83 @@ def _scan_kind(kind_dir: Path | None, kind: str, acc: _Acc) -> dict[tuple[str, s
     return found
 
 
+def _files_below(folder: Path, acc: _Acc) -> list[Path]:
+    """Every visible file under ``folder``; each real folder is listed once, so linked folders cannot loop."""
+    files: list[Path] = []
+    seen: set[str] = set()
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        real = os.path.realpath(current)
+        if real in seen:
+            continue
+        seen.add(real)
+        for _, path, is_dir in _list(current, acc, acc.real_root):
+            (stack if is_dir else files).append(path)
+    return sorted(files)
+
+
+def _set_aside(folder: Path, acc: _Acc, reason: str) -> None:
+    """Quarantine every file under a folder ingest does not read (the folder itself when it holds none)."""
+    for path in _files_below(folder, acc) or [folder]:
+        acc.reject(path, reason)
+
+
+def _unread_stage_reason(name: str, parent: str, read: dict[str, Path]) -> str:
+    low = name.lower()
+    if low in read:
+        return f"a second {low} folder ({name}); {read[low]} is the one read"
+    if low in STAGE_NAMES:
+        return f"stage folder {name} under {parent}; it belongs under {low[:2].upper()}/"
+    return f"unknown stage folder {name}; expected s1t1..s3t2"
+
+
+def _report_unread_folders(root: Path, subsets: dict[int, Path], acc: _Acc) -> None:
+    """Quarantine what sits where ingest does not look, so no pair vanishes without a row saying why.
+
+    Under S1..S3 that is every folder other than its stage folders (``S1/s1t3``, a misplaced
+    ``S1/s2t1``) and every loose file; at the top, folders named like a stage group or stage
+    (``S4``, ``s1t3``) that were not read. Other top-level folders are not SOUL's, and left alone.
+    Symlink problems were reported when the stage folders were found.
+    """
+    read = {STAGE_NAMES[stage]: path for stage, path in subsets.items()}
+    used = set(read.values())
+    top, groups = _layout(root, acc.real_root)
+    group_dirs = {top[g] for g in groups}
+    for name, path, is_dir in _list(root, None, acc.real_root):
+        if is_dir and path not in used and path not in group_dirs and _STAGE_LIKE.match(name):
+            _set_aside(path, acc, _unread_stage_reason(name, root.name, read))
+    for group_dir in sorted(group_dirs):
+        for name, path, is_dir in _list(group_dir, None, acc.real_root):
+            if path in used:
+                continue
+            if is_dir:
+                _set_aside(path, acc, _unread_stage_reason(name, group_dir.name, read))
+            else:
+                acc.reject(path, f"file outside a stage folder (expected {group_dir.name}/<stage>/image/<pid>/...)")
+
+
 def _scan_soul(root: Path, acc: _Acc) -> list[_Pair]:
     pairs: list[_Pair] = []
     subsets = _subset_dirs(root, acc.real_root, acc)
+    _report_unread_folders(root, subsets, acc)
     for stage, name in enumerate(STAGE_NAMES):
         if stage not in subsets:
             acc.warnings.append(f"subset {name} not found under {root}")
             continue
-        kinds = {n.lower(): p for n, p, d in _list(subsets[stage], acc, acc.real_root) if d}
+        entries = _list(subsets[stage], acc, acc.real_root)
+        kinds = {n.lower(): p for n, p, d in entries if d}
         image_dir = next((kinds[k] for k in _IMAGE_DIRS if k in kinds), None)
         label_dir = next((kinds[k] for k in _LABEL_DIRS if k in kinds), None)
         if image_dir is None:
             acc.warnings.append(f"subset {name} has no image/ folder")
+        for entry_name, path, is_dir in entries:
+            if path in (image_dir, label_dir):
+                continue
+            if is_dir:
+                _set_aside(path, acc, f"unknown folder {entry_name} in {name}; expected one image/ and one label/")
+            else:
+                acc.reject(path, f"file outside image/ and label/ (expected {name}/image/<pid>/<pid>_<examid>.jpg)")
         images = _scan_kind(image_dir, "image", acc)
         labels = _scan_kind(label_dir, "label", acc)
         for key in sorted(images.keys() | labels.keys()):
@@ -402,19 +508,21 @@ def _probe(path: Path, max_file_mb: float = DEFAULT_MAX_FILE_MB,
             im.load()
             mode, (width, height) = im.mode, im.size
             if mode in INT_MODES:
-                top = int(np.asarray(im).max())
-            elif mode == "L":
-                top = int(im.getextrema()[1])
+                pixels = np.asarray(im)
+                vessel = pixels > 0  # as _to_8bit converts a 16-bit label
             elif mode in LUMA_MODES:
-                top = int(im.convert("L").getextrema()[1])
+                pixels = np.asarray(im if mode == "L" else im.convert("L"))
+                vessel = pixels > 127  # as preprocess binarises a label
             else:
                 return _Probe(False, f"unsupported pixel mode {mode} (save as 8-bit grayscale)")
+            top, low = int(pixels.max()), int(pixels.min())
     except Exception as exc:  # any decoder failure means the file is unusable; the reason goes to quarantine
         return _Probe(False, f"cannot decode image: {_short(exc)}")
     if mode in INT_MODES and top > 65535:
         return _Probe(False, f"pixel values up to {top} do not fit 16 bits")
-    return _Probe(True, mode=mode, width=width, height=height,
-                  sha1=hashlib.sha1(data).hexdigest(), label_max=top)
+    scale = 255.0 / 65535.0 if mode in INT_MODES and top > 255 else 1.0  # as _to_8bit scales a 16-bit image
+    return _Probe(True, mode=mode, width=width, height=height, sha1=hashlib.sha1(data).hexdigest(), label_max=top,
+                  grey_range=round((top - low) * scale), density=float(vessel.mean()))
 
 
 def _probe_all(paths: list[Path], workers: int, max_file_mb: float = DEFAULT_MAX_FILE_MB,
@@ -441,8 +549,32 @@ def _to_8bit(src: Path, dst: Path, is_label: bool) -> None:
 _Checked = tuple[_Pair, _Probe, "_Probe | None"]
 
 
-def _check_pairs(pairs: list[_Pair], probes: dict[Path, _Probe], acc: _Acc) -> list[_Checked]:
-    """Pairs whose files decode, agree in size and have a non-empty label; the rest go to quarantine."""
+def _sanity_problems(image: _Probe, label: _Probe | None, bounds: InputSanityConfig) -> list[str]:
+    """Why a decodable pair is still unusable (tasks.config.InputSanityConfig says why each bound is safe)."""
+    problems = []
+    width, height = image.width, image.height
+    if min(width, height) < bounds.min_image_side:
+        problems.append(f"image is {width}x{height} px, smaller than {bounds.min_image_side} px on a side "
+                        "(input_sanity.min_image_side)")
+    ratio = max(width, height) / max(1, min(width, height))
+    if ratio > bounds.max_aspect_ratio:
+        problems.append(f"image is {width}x{height} px, aspect ratio {ratio:.1f} over {bounds.max_aspect_ratio:g}: "
+                        "preprocess would squash it into a square (input_sanity.max_aspect_ratio)")
+    if image.grey_range < bounds.min_grey_range:
+        problems.append(f"image is constant: its grey levels span {image.grey_range}, under "
+                        f"{bounds.min_grey_range} (input_sanity.min_grey_range)")
+    if label is not None and not bounds.min_label_density <= label.density <= bounds.max_label_density:
+        what = ("empty or a few stray dots" if label.density < bounds.min_label_density
+                else "all vessel, or inverted (vessels black)")
+        problems.append(f"label vessel density {label.density:.3f} outside {bounds.min_label_density:g}.."
+                        f"{bounds.max_label_density:g}: {what} (input_sanity.min/max_label_density)")
+    return problems
+
+
+def _check_pairs(pairs: list[_Pair], probes: dict[Path, _Probe], acc: _Acc,
+                 bounds: InputSanityConfig = InputSanityConfig()) -> list[_Checked]:
+    """Pairs whose files decode, agree in size, have a non-empty label and lie within ``bounds``;
+    the rest go to quarantine with the reason."""
     good: list[_Checked] = []
     for pair in pairs:
         img_p = probes[pair.image]
@@ -461,6 +593,10 @@ def _check_pairs(pairs: list[_Pair], probes: dict[Path, _Probe], acc: _Acc) -> l
                 empty = (f"label has no pixel above 127 (max {lab_p.label_max}): empty after binarising; "
                          "save vessels as 255")
                 reasons = {pair.image: empty, pair.label: empty}
+        if not reasons:
+            problems = "; ".join(_sanity_problems(img_p, lab_p, bounds))
+            if problems:
+                reasons = {pair.image: problems, **({pair.label: problems} if pair.label is not None else {})}
         if reasons:
             for path in (pair.image, pair.label):
                 if path is None:
@@ -605,11 +741,13 @@ def _pretty(table: pd.DataFrame) -> str:
 
 def ingest(source: Path, run_dir: Path, *, log: Callable[[str], None] = run_log,
            workers: int | None = None, max_file_mb: float = DEFAULT_MAX_FILE_MB,
-           max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> IngestResult:
+           max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+           sanity: InputSanityConfig = InputSanityConfig()) -> IngestResult:
     """Read SOUL or a manifest CSV at ``source``; write manifest/quarantine/stage table/ingest.json in ``run_dir``.
 
     Files over ``max_file_mb`` or whose header declares more than ``max_megapixels`` are
-    quarantined with the reason before they are read or decoded.
+    quarantined with the reason before they are read or decoded; pairs outside ``sanity``'s
+    bounds (size, aspect ratio, grey range, label density) after decoding.
     """
     started = time.perf_counter()
     source = Path(source).expanduser().absolute()
@@ -631,7 +769,7 @@ def ingest(source: Path, run_dir: Path, *, log: Callable[[str], None] = run_log,
 
     files = sorted({p for pair in pairs for p in (pair.image, pair.label) if p is not None})
     probes = _probe_all(files, workers, max_file_mb, max_megapixels)
-    kept, duplicates = _drop_duplicates(_check_pairs(pairs, probes, acc), acc)
+    kept, duplicates = _drop_duplicates(_check_pairs(pairs, probes, acc, sanity), acc)
     conversions = _convert(kept, paths.root / "converted", root)
 
     rows = [{"patient_id": p.patient_id, "stage": p.stage, "stage_name": STAGE_NAMES[p.stage],
@@ -688,11 +826,11 @@ def ingest(source: Path, run_dir: Path, *, log: Callable[[str], None] = run_log,
 def ingest_step(ctx: StepContext) -> IngestResult:
     """The 'ingest' step: the run's input source -> manifest, quarantine, stage table, ingest.json."""
     return ingest(ctx.source, ctx.run_dir, log=ctx.log, max_file_mb=ctx.config.max_file_mb,
-                  max_megapixels=ctx.config.max_megapixels)
+                  max_megapixels=ctx.config.max_megapixels, sanity=ctx.config.input_sanity)
 
 
 INGEST = Step(
     name="ingest", run=ingest_step, result_type=IngestResult, reads_source=True, retries=1,
-    config_fields=("max_file_mb", "max_megapixels"),
+    config_fields=("max_file_mb", "max_megapixels", "input_sanity"),
     writes=("manifest", "quarantine", "stage_table", "ingest_json"),
     description="read a SOUL directory or manifest CSV: manifest.csv, quarantine.csv, stage table")

@@ -288,7 +288,9 @@ def test_16bit_images_get_8bit_copies(tmp_path):
     Image.fromarray(mask).save(lab.with_suffix(".png"))
     small_img, small_lab = write_pair(root, "s1t1", "1", "901")
     small_img.unlink()
-    Image.fromarray(np.full((32, 32), 200, np.uint16)).save(small_img.with_suffix(".png"))  # 8-bit data in 16 bits
+    small = np.full((32, 32), 200, np.uint16)  # 8-bit data in 16 bits
+    small[:, :16] = 100  # not constant: a constant image is quarantined
+    Image.fromarray(small).save(small_img.with_suffix(".png"))
     expected |= {("1", "s1t1", "900"), ("1", "s1t1", "901")}
     result, manifest, _, _ = run(root, tmp_path / "run")
 
