@@ -172,3 +172,34 @@ def test_cli_writes_the_truth_beside_the_tree(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     truth = read_truth(tmp_path / "truth")
     assert truth.config.n_patients == 3 and truth.config.image_size == 32 and truth.missing_pairs()
+
+
+# ------------------------------------------------------------------------------------ 1-px tolerant label metrics
+
+def _line(shape=(32, 32), row=10, width=1) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    mask[row:row + width, 4:28] = True
+    mask[4:28, 20] = True
+    return mask
+
+
+def test_tolerant_dice_forgives_a_one_pixel_shift_and_nothing_more():
+    from brvo_models.metrics import cldice, dice, tolerant_cldice, tolerant_dice
+
+    a = _line()
+    shifted = np.roll(a, 1, axis=0)
+    assert dice(a, shifted) < 0.6  # a thin vessel moved by one pixel barely overlaps
+    assert tolerant_dice(a, shifted) == pytest.approx(1.0)
+    assert tolerant_cldice(a, shifted) == pytest.approx(1.0)
+    horizontal = np.zeros((32, 32), bool)
+    horizontal[10, 4:28] = True
+    assert tolerant_dice(horizontal, np.roll(horizontal, 2, axis=0)) == 0.0  # two pixels away is a miss
+    # tolerance 0 is the exact metric
+    rng = np.random.default_rng(0)
+    p, t = rng.random((32, 32)) < 0.2, rng.random((32, 32)) < 0.2
+    assert tolerant_dice(p, t, tolerance=0) == pytest.approx(dice(p, t))
+    assert tolerant_cldice(p, t, tolerance=0) == pytest.approx(cldice(p, t))
+    # conventions of the exact metrics: empty/empty agree, one empty side scores 0
+    empty = np.zeros((32, 32), bool)
+    assert tolerant_dice(empty, empty) == 1.0 and tolerant_dice(a, empty) == 0.0
+    assert tolerant_cldice(empty, empty) == 1.0 and tolerant_cldice(empty, a) == 0.0
