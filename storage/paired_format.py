@@ -2,11 +2,12 @@
 
 Layout::
 
-    /images          uint8 (N, H, W), chunks (1, H, W), compressed
-    /labels          uint8 (N, H, W), 0/1 (vessel = 1), same chunks/compression
-    /meta/<column>   1-D, length N, one dataset per column
+    /images          uint8 (N, H, W), chunks (1, H, W), compressed, Fletcher32
+    /labels          uint8 (N, H, W), 0/1 (vessel = 1), same chunks/filters
+    /meta/<column>   1-D, length N, one dataset per column, chunked, Fletcher32
     root attrs       format, format_version, created_utc, image_size, n_real,
-                     n_synthetic, config_json, code_version, source_sha256, ...
+                     n_synthetic, config_json, code_version, source_sha256,
+                     file_id (new for every write), ...
 
 The preprocessed file (soul.h5) and the augmented file (augmented.h5) share it.
 
@@ -17,21 +18,28 @@ reads variable-length strings as kind ``'O'`` and the README's snippet
 (``.asstr()`` where ``dtype.kind == "S"``) would then hand users bytes; fixed-length
 UTF-8 keeps kind ``'S'`` and ``.asstr()`` decodes it as UTF-8 by itself.
 
-**Versions.** This is still ``format_version`` 1: the change from version 1 as first
-written is the character-set flag of the text columns (ASCII -> UTF-8), and a
-reader of the first version 1 (``.asstr()``, :func:`read_meta`) reads the new files
-correctly (measured: main's validate and read_meta on a file of this writer with
-non-ASCII ids give the ids back), so nothing would be misread and the format's rule
-for a bump does not apply. Files of the first writer hold UTF-8 bytes under the
-ASCII flag; this reader decodes every text column as UTF-8 (ASCII is a subset),
-so those stay readable too (with h5py alone, ``.asstr(encoding="utf-8")``).
-Any other version, ``1.7`` included, is refused with a one-line
-:class:`DatasetFormatError`.
+**Checksums.** Every dataset carries HDF5's Fletcher32 filter, so h5py itself raises
+on a chunk whose bytes changed after it was written (a flipped bit in an image or in
+the ``accepted`` column), instead of handing back wrong values. The meta columns are
+chunked for that (the filter needs chunks). Chunks encoded outside HDF5
+(:func:`encode_pair`) carry the same checksum (:func:`storage.hashing.hdf5_fletcher32`).
+
+**Versions.** ``format_version`` 2 is version 1 plus the checksums (and ``file_id``);
+the design contract allows 2 for exactly this. Plain h5py reads both the same way.
+This code reads version 1 files (no checksums, contiguous meta) as before, and
+reports a version 2 file with a dataset lacking the filter as damaged: something
+rewrote it. Within version 1, text columns moved from the ASCII to the UTF-8 flag
+without a bump (old readers read the new files correctly); files of the first writer
+hold UTF-8 bytes under the ASCII flag, and this reader decodes every text column as
+UTF-8 (ASCII is a subset), so those stay readable (with h5py alone,
+``.asstr(encoding="utf-8")``). Any other version, ``1.7`` included, is refused with
+a one-line :class:`DatasetFormatError`.
 
 :func:`validate` checks values as well as shapes (labels 0/1, stage 0..5, split and
 label_source names, column dtypes, attribute types, no subgroups in /meta, text
-that decodes) and, with ``deep=True``, reads every image chunk so damaged bytes are
-found before training trips on them. It raises nothing but DatasetFormatError.
+that decodes), reads every meta column and label chunk (their checksums with them)
+and, with ``deep=True``, every image chunk, so damaged bytes are found before training
+trips on them. It raises nothing but DatasetFormatError.
 """
 from __future__ import annotations
 
@@ -39,6 +47,7 @@ import datetime as _dt
 import json
 import os
 import sys
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +59,16 @@ import pandas as pd
 
 from storage.atomic import RecordingFile, atomic_path
 from storage.errors import DatasetFormatError
+from storage.hashing import hdf5_fletcher32
 
 FORMAT_NAME = "brvo-paired"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: versions this code reads (see the module docstring)
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (1, 2)
+#: first version whose every dataset carries the Fletcher32 checksum
+CHECKSUMMED_SINCE = 2
+#: what to do about a damaged file: true, since a rerun checks its outputs' bytes (tasks.steps)
+REPAIR_ADVICE = "re-run the step or flow that wrote it (a rerun rewrites an output whose bytes changed)"
 #: encoding of text columns (fixed-length strings, HDF5 character set UTF-8)
 TEXT_ENCODING = "utf-8"
 STAGE_NAMES = ("s1t1", "s1t2", "s2t1", "s2t2", "s3t1", "s3t2")
@@ -160,7 +174,8 @@ class PairedDatasetWriter:
         shape = (0, self.image_size, self.image_size)
         maxshape = (None, self.image_size, self.image_size)
         chunks = (1, self.image_size, self.image_size)
-        kw = dict(dtype=np.uint8, chunks=chunks, maxshape=maxshape, compression=comp, compression_opts=opts)
+        kw = dict(dtype=np.uint8, chunks=chunks, maxshape=maxshape, compression=comp, compression_opts=opts,
+                  fletcher32=True)
         if comp is not None:
             kw["shuffle"] = False
         self._images = self._file.create_dataset("images", shape=shape, **kw)
@@ -261,7 +276,7 @@ class PairedDatasetWriter:
     def _finish(self) -> Path:
         meta = self._file.create_group("meta")
         for name, values in self._columns.items():
-            meta.create_dataset(name, data=_column_array(name, values))
+            meta.create_dataset(name, data=_column_array(name, values), chunks=True, fletcher32=True)
         syn = np.asarray(self._columns["is_synthetic"], dtype=bool)
         attrs = {
             "format": FORMAT_NAME,
@@ -273,6 +288,7 @@ class PairedDatasetWriter:
             "compression": self.compression,
             "code_version": code_version(),
             "stage_names": json.dumps(STAGE_NAMES),
+            "file_id": uuid.uuid4().hex,  # tells two writes of one path apart (storage.torch_dataset pins it)
         }
         for k, v in self.attrs.items():
             attrs[k] = v if isinstance(v, (str, int, float, np.integer, np.floating)) else json.dumps(v)
@@ -324,7 +340,8 @@ ENCODABLE = ("gzip-1", "gzip-4", "none")
 
 def encode_pair(image: np.ndarray, label: np.ndarray, compression: str) -> tuple[bytes, bytes]:
     """One row's image and label as the chunk bytes a writer with ``compression`` stores
-    (gzip-N: a zlib stream at level N, which is HDF5's deflate filter; none: raw bytes).
+    (gzip-N: a zlib stream at level N, which is HDF5's deflate filter; none: raw bytes),
+    each followed by its Fletcher32 checksum as HDF5's filter appends it.
     Checks what :meth:`PairedDatasetWriter.append` checks: 2-D, square, uint8, label 0/1."""
     if compression not in ENCODABLE:
         raise ValueError(f"compression {compression!r} cannot be encoded outside HDF5; choose one of {ENCODABLE}")
@@ -337,8 +354,12 @@ def encode_pair(image: np.ndarray, label: np.ndarray, compression: str) -> tuple
         raise ValueError("labels must be 0/1 (binarise before writing)")
     _, level = COMPRESSIONS[compression]
     if level is None:
-        return image.tobytes(), label.tobytes()
-    return zlib.compress(image.tobytes(), level), zlib.compress(label.tobytes(), level)
+        return _with_checksum(image.tobytes()), _with_checksum(label.tobytes())
+    return _with_checksum(zlib.compress(image.tobytes(), level)), _with_checksum(zlib.compress(label.tobytes(), level))
+
+
+def _with_checksum(chunk: bytes) -> bytes:
+    return chunk + hdf5_fletcher32(chunk).to_bytes(4, "little")
 
 
 def _column_array(name: str, values: list) -> np.ndarray:
@@ -352,6 +373,8 @@ def _column_array(name: str, values: list) -> np.ndarray:
     if kind == "b" or name == "accepted":
         return np.asarray(values, dtype=bool)
     arr = np.asarray(values)
+    if not values and name in OPTIONAL_META_DEFAULTS:  # an empty file: the type of the column's default
+        arr = arr.astype(np.asarray(OPTIONAL_META_DEFAULTS[name]).dtype)
     if arr.dtype.kind == "f":
         return arr.astype(np.float32)
     if arr.dtype.kind in "iu":
@@ -399,8 +422,10 @@ def validate(path: str | os.PathLike, *, deep: bool = False) -> DatasetSummary:
     Checks attributes (types and values), shapes, dtypes, every meta column's kind and
     values (stage 0..5, split, label_source, text that decodes as UTF-8) and every label
     (0/1 only; labels are read in full: measured 0.01 s -> 0.5 s for 1000 rows at 256 px
-    on 2 busy cores, 59 MB file; a consumer that trips on a 255 costs far more).
-    ``deep=True`` also reads every image chunk, so damaged compressed bytes are found here
+    on 2 busy cores, 59 MB file; a consumer that trips on a 255 costs far more). Every
+    meta column is read in full too (N values each), so a damaged one fails its checksum
+    here; a version 2 file must carry the checksum on every dataset.
+    ``deep=True`` also reads every image chunk, so damaged image bytes are found here
     and not in the middle of training. Nothing but DatasetFormatError leaves this function:
     whatever h5py, numpy or the decoder raise on a damaged file is reported as one line.
     """
@@ -410,7 +435,7 @@ def validate(path: str | os.PathLike, *, deep: bool = False) -> DatasetSummary:
     try:
         f = h5py.File(path, "r")
     except Exception as exc:  # noqa: BLE001 - any failure to open means "not a readable HDF5 file"
-        raise DatasetFormatError(f"{path}: not a readable HDF5 file ({_first_line(exc)}); re-run the step that writes it") from None
+        raise DatasetFormatError(f"{path}: not a readable HDF5 file ({_first_line(exc)}); {REPAIR_ADVICE}") from None
     try:
         with f:
             return _validate_open(path, f, deep)
@@ -418,7 +443,7 @@ def validate(path: str | os.PathLike, *, deep: bool = False) -> DatasetSummary:
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged file may fail anywhere in h5py/numpy; one line, no traceback
         raise DatasetFormatError(f"{path}: cannot be read as a {FORMAT_NAME} dataset ({_first_line(exc)[:160]}); "
-                                 f"re-run the step that writes it") from None
+                                 f"{REPAIR_ADVICE}") from None
 
 
 def _validate_open(path: Path, f: h5py.File, deep: bool) -> DatasetSummary:
@@ -465,27 +490,36 @@ def _validate_open(path: Path, f: h5py.File, deep: bool) -> DatasetSummary:
         if col not in meta:
             raise bad(f"missing meta column {col!r}")
     kinds = {**REQUIRED_META, **OPTIONAL_KINDS}
+    columns: dict[str, np.ndarray] = {}
     for col in meta:
         ds = meta[col]
         kind = kinds.get(col)
         if kind is not None and not _kind_ok(ds.dtype, kind):
             want = {"S": "text", "i": "integer", "b": "bool", "f": "float"}[kind]
             raise bad(f"meta column {col!r} has dtype {ds.dtype}, expected {want}")
+        columns[col] = _read_column(bad, col, ds)
         if h5py.check_string_dtype(ds.dtype) is not None:
-            _check_text(bad, col, ds)
-    stage = meta["stage"][:]
+            _check_text(bad, col, columns[col])
+    stage = columns["stage"]
     out = np.flatnonzero((stage < 0) | (stage >= len(STAGE_NAMES)))
     if out.size:
         raise bad(f"meta column 'stage' holds {int(stage[out[0]])} at row {int(out[0])}; stages are 0..5")
     for col, allowed in (("split", SPLITS), ("label_source", LABEL_SOURCES)):
-        values = decode_text(meta[col])
+        values = np.asarray([v.decode(TEXT_ENCODING) if isinstance(v, bytes) else str(v) for v in columns[col]],
+                            dtype=object)
         wrong = np.flatnonzero(~np.isin(values, allowed))
         if wrong.size:
             raise bad(f"meta column {col!r} holds {values[wrong[0]]!r} at row {int(wrong[0])}; "
                       f"allowed: {', '.join(allowed)}")
-    n_syn = int(meta["is_synthetic"][:].sum())
+    n_syn = int(columns["is_synthetic"].sum())
     if int(f.attrs["n_synthetic"]) != n_syn or int(f.attrs["n_real"]) != n - n_syn:
         raise bad("attributes n_real/n_synthetic disagree with meta/is_synthetic")
+    if version >= CHECKSUMMED_SINCE:
+        datasets = {"images": images, "labels": labels, **{f"meta/{c}": meta[c] for c in meta}}
+        unguarded = [name for name, ds in datasets.items() if not ds.fletcher32]
+        if unguarded:
+            raise bad(f"/{unguarded[0]} has no Fletcher32 checksum, which format_version {version} puts on every "
+                      f"dataset: the file was changed after it was written; {REPAIR_ADVICE}")
     _check_pixels(bad, "labels", labels, max_value=1)
     if deep:
         _check_pixels(bad, "images", images, max_value=None)
@@ -493,15 +527,23 @@ def _validate_open(path: Path, f: h5py.File, deep: bool) -> DatasetSummary:
     return DatasetSummary(path=path, n=n, n_real=n - n_syn, n_synthetic=n_syn, image_size=size, attrs=attrs)
 
 
-def _check_text(bad, col: str, ds: h5py.Dataset) -> None:
-    raw = ds[:]
+def _read_column(bad, col: str, ds: h5py.Dataset) -> np.ndarray:
+    """A meta column's stored values; a chunk that fails its checksum (or cannot be read) is named."""
+    try:
+        return ds[:]
+    except Exception as exc:  # noqa: BLE001 - h5py raises OSError on a failed checksum; others mean damage too
+        raise bad(f"/meta/{col} cannot be read ({_first_line(exc)[:100]}): the file is damaged; "
+                  f"{REPAIR_ADVICE}") from None
+
+
+def _check_text(bad, col: str, raw: np.ndarray) -> None:
     for i, value in enumerate(raw):
         if isinstance(value, bytes):
             try:
                 value.decode(TEXT_ENCODING)
             except UnicodeDecodeError:
                 raise bad(f"meta column {col!r} row {i} is not UTF-8 text ({value[:20]!r}); "
-                          f"re-run the step that wrote it") from None
+                          f"{REPAIR_ADVICE}") from None
 
 
 def _check_pixels(bad, key: str, ds: h5py.Dataset, max_value: int | None) -> None:
@@ -520,7 +562,7 @@ def _check_pixels(bad, key: str, ds: h5py.Dataset, max_value: int | None) -> Non
                     ds[row]
                 except Exception as exc:  # noqa: BLE001
                     raise bad(f"/{key} row {row} cannot be read ({_first_line(exc)[:100]}): the file is damaged; "
-                              f"re-run the step that writes it") from None
+                              f"{REPAIR_ADVICE}") from None
             raise
         if max_value is not None and values.size and int(values.max()) > max_value:
             row = start + int(np.flatnonzero(values.reshape(len(values), -1).max(axis=1) > max_value)[0])

@@ -179,6 +179,7 @@ def test_02_files_of_the_old_writer_with_utf8_bytes_stay_readable(tmp_path):
         values = [v.encode() for v in f["meta/patient_id"].asstr(encoding="utf-8")[:]]
         del f["meta/patient_id"]
         f["meta"].create_dataset("patient_id", data=np.asarray(values, dtype="S"))  # ASCII-labelled, as before
+        f.attrs["format_version"] = 1  # that writer's version (no checksums)
         assert h5py.check_string_dtype(f["meta/patient_id"].dtype).encoding == "ascii"
     validate(path)
     assert read_meta(path)["patient_id"].tolist()[0] == NON_ASCII

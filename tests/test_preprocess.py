@@ -244,7 +244,7 @@ def test_chunking_and_workers_do_not_change_the_output(run_dir, soul, tmp_path):
 
 def test_inspect_summarises_splits_and_stages(soul):
     text = inspect_dataset(soul.path)
-    assert "brvo-paired v1" in text and "32x32 px" in text and "gzip-1" in text
+    assert "brvo-paired v2" in text and "32x32 px" in text and "gzip-1" in text
     for word in ("train", "val", "test", "s1t1", "s3t2", "code_version"):
         assert word in text
     n_stage0 = sum(s.get(0, 0) for s in PLAN.values())

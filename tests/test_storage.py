@@ -125,7 +125,7 @@ def _replace(f: h5py.File, name: str, data: np.ndarray) -> None:
 
 @pytest.mark.parametrize("mutation, message", [
     (lambda f: f.attrs.__setitem__("format", "something-else"), "format is 'something-else'"),
-    (lambda f: f.attrs.__setitem__("format_version", 2), "format_version 2"),
+    (lambda f: f.attrs.__setitem__("format_version", 3), "format_version 3"),
     (lambda f: _replace(f, "images", np.zeros((18, SIZE, SIZE // 2), np.uint8)), "/images has shape"),
     (lambda f: _replace(f, "labels", np.zeros((17, SIZE, SIZE), np.uint8)), "/labels shape"),
     (lambda f: _replace(f, "images", np.zeros((18, SIZE, SIZE), np.float32)), "/images dtype is float32"),
