@@ -18,7 +18,8 @@ from storage.work_files import read_work_array, read_work_table
 from tasks.config import PipelineConfig
 from tasks.models import TrainedModel
 from tasks.reporting import run_log
-from tasks.score import SCORE_NAMES, AcceptanceThresholds, summarise, threshold_passes
+from tasks.score import (LABEL_DENSITY, SCORE_NAMES, AcceptanceThresholds, label_density_failures, summarise,
+                         threshold_passes)
 from tasks.stage_trend import stage_trend
 from tasks.steps import Step, StepContext
 
@@ -88,29 +89,25 @@ def write_augmented(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel
     return paths.augmented_h5
 
 
-#: A synthetic label with a vessel fraction outside this range is degenerate: no vessel at all, or more
-#: vessel than background (no en-face OCTA vessel map is that dense).
-PLAUSIBLE_VESSEL_FRACTION = (1e-9, 0.5)
-
-
 def synthetic_section(meta: pd.DataFrame, thresholds: AcceptanceThresholds, label_density: np.ndarray) -> dict:
     """The report's 'synthetic' section: counts per stage, score summaries, the thresholds (and where they
-    came from), how many samples each threshold rejected, and how many labels are degenerate
-    (``label_density``: per synthetic row)."""
-    syn = meta[meta["is_synthetic"]]
+    came from), how many samples each threshold rejected, and how many labels are degenerate and why
+    (tasks.score.label_density_failures; ``label_density``: per synthetic row, in file order)."""
+    label_density = np.asarray(label_density, np.float64)
+    syn = meta[meta["is_synthetic"]].assign(**{LABEL_DENSITY: label_density})
+    why = pd.Series(label_density_failures(label_density, thresholds))
     per_stage = {}
     for stage, name in enumerate(STAGE_NAMES):
         at = meta[meta["stage"] == stage]
         s = at[at["is_synthetic"]]
         per_stage[name] = {"real": int((~at["is_synthetic"]).sum()), "synthetic": int(len(s)),
                            "accepted": int(s["accepted"].sum())}
-    lo, hi = PLAUSIBLE_VESSEL_FRACTION
-    label_density = np.asarray(label_density, np.float64)
     return {"n": int(len(syn)), "accepted": int(syn["accepted"].sum()), "per_stage": per_stage,
             "scores": summarise(syn) if len(syn) else {},
             "thresholds": thresholds.model_dump(),
             "rejected_by": {k: int((~v).sum()) for k, v in threshold_passes(syn, thresholds).items()} if len(syn) else {},
-            "degenerate_labels": int(((label_density < lo) | (label_density > hi)).sum()),
+            "degenerate_labels": int((why != "").sum()),
+            "degenerate_by": {str(k): int(v) for k, v in why[why != ""].value_counts().items()},
             "mean_label_density": float(label_density.mean()) if label_density.size else float("nan")}
 
 

@@ -117,11 +117,29 @@ def warnings_of(report: dict[str, Any]) -> list[str]:
     for name, reason in ((report.get("usefulness") or {}).get("skipped_arms") or {}).items():
         out.append(f"usefulness: the {name} arms were not run: {reason}")
     out += trend_warnings(syn.get("stage_trend"))
-    degenerate = syn.get("degenerate_labels") or 0
-    if degenerate:
-        out.append(f"{degenerate} of {syn.get('n')} synthetic labels are degenerate (no vessel pixel, or vessels over "
-                   "half the image): the labeller failed on them")
+    out += _degenerate_warnings(syn)
     return out
+
+
+#: At least this share of degenerate synthetic labels and the WARNING says the labeller failed: Pix2Pix labels
+#: images of the same patients' missing stages, so a working labeller's labels fall inside the training
+#: annotations' range nearly always; when most do not, the labels as a whole are broken, not a few samples.
+LABELLER_FAILED_SHARE = 0.5
+
+
+def _degenerate_warnings(syn: dict[str, Any]) -> list[str]:
+    """Degenerate synthetic labels (empty, all vessel, or outside the training annotations' density range):
+    always rejected by the score step; counted here by reason, and named a labeller failure when most are."""
+    degenerate, n = syn.get("degenerate_labels") or 0, syn.get("n") or 0
+    if not degenerate:
+        return []
+    reasons = ", ".join(f"{count} {why}" for why, count in (syn.get("degenerate_by") or {}).items())
+    reasons = reasons or "empty, all vessel, or outside the training annotations' range"
+    text = f"{degenerate} of {n} synthetic labels are degenerate ({reasons}) and none of them is accepted"
+    if n and degenerate / n >= LABELLER_FAILED_SHARE:
+        text += (f": the labeller failed ({degenerate / n:.0%} of its labels); the synthetic rows' labels of this "
+                 "run are not usable, retrain Pix2Pix (see its test Dice against the baselines)")
+    return [text]
 
 
 def _models_line(report: dict[str, Any]) -> str:
@@ -152,14 +170,22 @@ def acceptance_thresholds(report: dict[str, Any]) -> dict[str, str]:
 
 
 def acceptance_source(report: dict[str, Any]) -> str:
-    """One sentence: where this run's acceptance thresholds came from (empty when not recorded)."""
+    """Where this run's acceptance thresholds came from, and the label-density floor (empty when not recorded)."""
     t = (report.get("synthetic") or {}).get("thresholds") or {}
+    floor = (f" Whatever the thresholds, label_density must lie in the range of the training annotations "
+             f"({t['label_density_source']}): an empty, all-vessel or otherwise degenerate label is never accepted."
+             if t.get("label_density_source") else "")
+    return _threshold_source(t) + floor
+
+
+def _threshold_source(t: dict[str, Any]) -> str:
     cal = t.get("calibration") or {}
     if t.get("source") == "calibrated":
         return (f"Thresholds calibrated on {cal.get('rows')} held-out real rows ({cal.get('patients')} patients of the "
                 f"{cal.get('split')} split), scored as the synthetic samples are: consistency_ssim, density_z and "
                 f"label_confidence each reject {cal.get('quantile', 0):.0%} of those real rows; together with "
-                f"realism's fixed bound they accept {cal.get('real_pass_rate', float('nan')):.0%} of them.")
+                f"realism's fixed bound and the label-density floor they accept "
+                f"{cal.get('real_pass_rate', float('nan')):.0%} of them.")
     if cal.get("fallback_reason"):
         return f"Fixed thresholds (calibration fell back: {cal['fallback_reason']})."
     return "Fixed thresholds (config acceptance = 'fixed')." if t else ""

@@ -24,6 +24,11 @@ Where the thresholds come from (config ``acceptance``):
 Too few real calibration rows (under MIN_CALIBRATION_ROWS, even with the train patients added) falls
 back to the constants with a WARNING.
 
+Whatever the thresholds, a degenerate label is never accepted (:func:`label_density_failures`): an
+empty label, an all-vessel label, or one whose vessel density lies outside the range of the training
+annotations. The calibrated bounds are only as good as the Pix2Pix that labelled the real rows; this
+floor does not depend on that model.
+
 Rejected samples stay in the output with accepted = False, so users choose.
 """
 from __future__ import annotations
@@ -56,6 +61,13 @@ if TYPE_CHECKING:
     from tasks.preprocess import PreprocessResult
 
 SCORE_NAMES = ("consistency_ssim", "realism", "density_z", "label_confidence")
+#: a synthetic label's vessel fraction: not a score of augmented.h5's meta, but scores.csv and the report carry it
+LABEL_DENSITY = "label_density"
+#: why a label is degenerate (scores.csv's `rejection` column and report.json's `degenerate_by` use these words)
+EMPTY_LABEL = "empty label"
+ALL_VESSEL_LABEL = "all-vessel label"
+BELOW_ANNOTATIONS = "density below the training annotations' range"
+ABOVE_ANNOTATIONS = "density above the training annotations' range"
 #: the scores whose bounds 'calibrated' acceptance takes from held-out real rows (realism: see the module doc)
 CALIBRATED_SCORES = ("consistency_ssim", "density_z", "label_confidence")
 #: fewer real rows than this cannot place a 5 % quantile: the thresholds fall back to the config's
@@ -73,6 +85,11 @@ class AcceptanceThresholds(BaseModel):
     #: calibrated: the real rows used (split, rows, patients), the quantile, the share of those real rows
     #: that all four bounds accept, their score summaries; a fallback: why
     calibration: dict[str, Any] = {}
+    #: the training annotations' vessel-density range (:func:`annotation_density_range`); None in reports
+    #: written before it existed. Empty and all-vessel labels are rejected with or without it.
+    min_label_density: float | None = None
+    max_label_density: float | None = None
+    label_density_source: str = ""
 
     @classmethod
     def from_config(cls, config: PipelineConfig, **calibration: Any) -> "AcceptanceThresholds":
@@ -84,7 +101,14 @@ class AcceptanceThresholds(BaseModel):
         """Score -> the condition a sample must meet (what `accepted` means), as report.md prints it."""
         return {"consistency_ssim": f">= {self.min_consistency_ssim:.4g}", "realism": f">= {self.min_realism:.4g}",
                 "density_z": f"|z| <= {self.max_abs_density_z:.4g}",
-                "label_confidence": f">= {self.min_label_confidence:.4g}"}
+                "label_confidence": f">= {self.min_label_confidence:.4g}",
+                LABEL_DENSITY: self.label_density_rule()}
+
+    def label_density_rule(self) -> str:
+        """Short, for a table cell: the range excludes 0 and 1 (empty and all-vessel labels) by construction."""
+        if self.min_label_density is None or self.max_label_density is None:
+            return "in (0, 1)"
+        return f"in [{self.min_label_density:.4g}, {self.max_label_density:.4g}]"
 
 
 class ScoreResult(BaseModel):
@@ -109,14 +133,54 @@ def density_z_scores(densities: np.ndarray, patient_means: np.ndarray, populatio
     return (np.asarray(densities, np.float64) - np.asarray(patient_means, np.float64)) / max(population_std, 1e-6)
 
 
+def annotation_density_range(meta: pd.DataFrame, densities: np.ndarray) -> tuple[float, float, str]:
+    """(min, max, where from) of the vessel densities of the train patients' annotations in soul.h5.
+
+    Why these: they are the only labels in the run that no model under test made and that no
+    evaluation holds out. The calibrated bounds come from Pix2Pix's own labels of real rows, so a
+    Pix2Pix that labels everything vessel calibrates a density_z bound wide enough for its own labels.
+    Why min..max rather than a quantile band: every one of these annotations is a plausible label by
+    definition, and on a small run the extreme quantiles are the extremes anyway; this floor exists to
+    stop failures, the calibrated bounds do the fine selection. Annotations that are themselves empty or
+    all vessel are left out (they are degenerate, not a range to copy). Without train rows, all real rows.
+    """
+    densities = np.asarray(densities, np.float64)
+    train = meta["split"].to_numpy() == "train"
+    rows, which = (train, "train") if train.any() else (np.ones(len(meta), bool), "real (no train split)")
+    rows = rows & (densities > 0.0) & (densities < 1.0)
+    if not rows.any():
+        return 0.0, 1.0, f"no usable {which} annotation: only empty and all-vessel labels are rejected"
+    patients = meta.loc[rows, "patient_id"].nunique()
+    return (float(densities[rows].min()), float(densities[rows].max()),
+            f"{int(rows.sum())} {which} annotations of {patients} patients (min..max)")
+
+
+def label_density_failures(densities: np.ndarray, thresholds: AcceptanceThresholds) -> np.ndarray:
+    """Per label, why it is degenerate ('' when it is not): empty, all vessel, or outside the training
+    annotations' density range (when ``thresholds`` carries one)."""
+    d = np.asarray(densities, np.float64)
+    out = np.full(d.shape, "", dtype=object)
+    if thresholds.min_label_density is not None:
+        out[d < thresholds.min_label_density] = BELOW_ANNOTATIONS
+    if thresholds.max_label_density is not None:
+        out[d > thresholds.max_label_density] = ABOVE_ANNOTATIONS
+    out[d <= 0.0] = EMPTY_LABEL
+    out[d >= 1.0] = ALL_VESSEL_LABEL
+    return out
+
+
 def threshold_passes(scores: pd.DataFrame, thresholds: AcceptanceThresholds) -> dict[str, np.ndarray]:
-    """Per score, True where the sample is inside that score's threshold."""
-    return {
+    """Per score, True where the sample is inside that score's threshold; ``label_density`` (every scores.csv
+    has it) must not be degenerate (:func:`label_density_failures`)."""
+    passes = {
         "consistency_ssim": scores["consistency_ssim"].to_numpy() >= thresholds.min_consistency_ssim,
         "realism": scores["realism"].to_numpy() >= thresholds.min_realism,
         "density_z": np.abs(scores["density_z"].to_numpy()) <= thresholds.max_abs_density_z,
         "label_confidence": scores["label_confidence"].to_numpy() >= thresholds.min_label_confidence,
     }
+    if LABEL_DENSITY in scores:
+        passes[LABEL_DENSITY] = label_density_failures(scores[LABEL_DENSITY].to_numpy(), thresholds) == ""
+    return passes
 
 
 def accept_mask(scores: pd.DataFrame, thresholds: AcceptanceThresholds) -> np.ndarray:
@@ -124,17 +188,28 @@ def accept_mask(scores: pd.DataFrame, thresholds: AcceptanceThresholds) -> np.nd
     return np.logical_and.reduce(list(threshold_passes(scores, thresholds).values()))
 
 
-def calibrate_thresholds(real_scores: pd.DataFrame, config: PipelineConfig, **provenance: Any) -> AcceptanceThresholds:
+def rejection_reasons(scores: pd.DataFrame, thresholds: AcceptanceThresholds) -> list[str]:
+    """Per sample, the rules it fails ('' when accepted), e.g. 'label_density (all-vessel label); density_z'."""
+    failed = {name: ~ok for name, ok in threshold_passes(scores, thresholds).items()}
+    why = (label_density_failures(scores[LABEL_DENSITY].to_numpy(), thresholds) if LABEL_DENSITY in scores
+           else np.full(len(scores), "", dtype=object))
+    return ["; ".join(f"{name} ({why[i]})" if name == LABEL_DENSITY else name
+                      for name, mask in failed.items() if mask[i]) for i in range(len(scores))]
+
+
+def calibrate_thresholds(real_scores: pd.DataFrame, config: PipelineConfig, *,
+                         label_floor: dict[str, Any] | None = None, **provenance: Any) -> AcceptanceThresholds:
     """Bounds from the four scores of held-out real rows: each calibrated score's bound is the real rows'
     ``config.acceptance_quantile`` (consistency, label confidence) or ``1 - quantile`` of |density_z|;
-    realism keeps ``config.min_realism`` (see the module docstring). ``provenance`` (which rows) is kept."""
+    realism keeps ``config.min_realism`` (see the module docstring). ``label_floor``: the training annotations'
+    density range (:func:`label_floor_fields`). ``provenance`` (which rows) is kept."""
     q = float(config.acceptance_quantile)
     thresholds = AcceptanceThresholds(
         min_consistency_ssim=float(np.quantile(real_scores["consistency_ssim"], q)),
         min_realism=config.min_realism,
         max_abs_density_z=float(np.quantile(np.abs(real_scores["density_z"]), 1.0 - q)),
         min_label_confidence=float(np.quantile(real_scores["label_confidence"], q)),
-        source="calibrated", calibration={})
+        source="calibrated", calibration={}, **(label_floor or {}))
     thresholds.calibration = {
         **provenance, "rows": int(len(real_scores)), "quantile": q, "calibrated_scores": list(CALIBRATED_SCORES),
         "real_pass_rate": round(float(accept_mask(real_scores, thresholds).mean()), 4),
@@ -142,9 +217,16 @@ def calibrate_thresholds(real_scores: pd.DataFrame, config: PipelineConfig, **pr
     return thresholds
 
 
+def label_floor_fields(meta: pd.DataFrame, densities: np.ndarray) -> dict[str, Any]:
+    """The :class:`AcceptanceThresholds` fields of the training annotations' density range."""
+    low, high, source = annotation_density_range(meta, densities)
+    return {"min_label_density": low, "max_label_density": high, "label_density_source": source}
+
+
 def summarise(scores: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """mean, p10 and p90 of every score (and of label_density where the frame has it), NaN left out."""
     out = {}
-    for name in SCORE_NAMES:
+    for name in SCORE_NAMES + ((LABEL_DENSITY,) if LABEL_DENSITY in scores else ()):
         v = scores[name].to_numpy(dtype=np.float64)
         v = v[np.isfinite(v)]
         out[name] = ({"mean": float(v.mean()), "p10": float(np.percentile(v, 10)), "p90": float(np.percentile(v, 90))}
@@ -167,6 +249,7 @@ def score_samples(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path,
     real_images, real_labels = read_arrays(paths.soul_h5)
     real_density = real_labels.reshape(len(real_labels), -1).mean(axis=1)
     population_std = float(real_density.std())
+    label_floor = label_floor_fields(real_meta, real_density)
     patient_density = pd.Series(real_density).groupby(real_meta["patient_id"].to_numpy()).mean()
 
     stage_means: dict[tuple[str, int], np.ndarray] = {}
@@ -193,17 +276,21 @@ def score_samples(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path,
                                           [patient_index.get(pid) for pid in pids], device=device), np.float32),
             "density_z": density_z_scores(densities, patient_density.loc[pids].to_numpy(),
                                           population_std).astype(np.float32),
-            "label_confidence": np.asarray(confidence, np.float32)})
+            "label_confidence": np.asarray(confidence, np.float32),
+            LABEL_DENSITY: np.asarray(densities, np.float32)})
 
     scores = four_scores(images, table["patient_id"].to_numpy(), table["stage"].to_numpy(), refs,
                          labels.reshape(len(labels), -1).mean(axis=1), confidence)
     scores.insert(2, "sample_index", table["sample_index"].to_numpy())
     if config.acceptance == "fixed":
-        thresholds = AcceptanceThresholds.from_config(config)
+        thresholds = AcceptanceThresholds.from_config(config).model_copy(update=label_floor)
     else:
         thresholds = calibrated_on_real_rows(real_meta, real_images, observed, config, pix2pix_checkpoint,
-                                             four_scores, log=log)
+                                             four_scores, log=log, label_floor=label_floor)
     scores["accepted"] = accept_mask(scores, thresholds)
+    scores["rejection"] = rejection_reasons(scores, thresholds)
+    degenerate = pd.Series(label_density_failures(scores[LABEL_DENSITY].to_numpy(), thresholds))
+    degenerate = degenerate[degenerate != ""].value_counts()
     out = paths.scores_csv
     with atomic_path(out) as tmp:
         scores.to_csv(tmp, index=False)
@@ -212,7 +299,9 @@ def score_samples(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path,
     log(f"score: {n_acc}/{len(scores)} synthetic samples accepted ({thresholds.source} thresholds: "
         + "; ".join(f"{k} {v}" for k, v in thresholds.rules().items())
         + (f"; {thresholds.calibration['real_pass_rate']:.0%} of {thresholds.calibration['rows']} held-out real rows "
-           "pass them" if thresholds.source == "calibrated" else "") + ")")
+           "pass them" if thresholds.source == "calibrated" else "") + ")"
+        + (f"; {int(degenerate.sum())} degenerate labels rejected ("
+           + ", ".join(f"{n} {why}" for why, n in degenerate.items()) + ")" if len(degenerate) else ""))
     return ScoreResult(scores_csv=str(out), n=len(scores), n_accepted=n_acc, per_stage_accepted=per_stage,
                        summary=summarise(scores), thresholds=thresholds, seconds=time.perf_counter() - t0)
 
@@ -246,8 +335,10 @@ def calibration_rows(real_meta: pd.DataFrame, observed: dict[str, list[int]]) ->
 
 def calibrated_on_real_rows(real_meta: pd.DataFrame, real_images: np.ndarray, observed: dict[str, list[int]],
                             config: PipelineConfig, pix2pix_checkpoint: Path,
-                            four_scores: Callable[..., pd.DataFrame], *, log=run_log) -> AcceptanceThresholds:
-    """Score held-out real rows as synthetic ones are scored (``four_scores``), and take the bounds from them."""
+                            four_scores: Callable[..., pd.DataFrame], *, log=run_log,
+                            label_floor: dict[str, Any] | None = None) -> AcceptanceThresholds:
+    """Score held-out real rows as synthetic ones are scored (``four_scores``), and take the bounds from them.
+    ``label_floor`` (the training annotations' density range) is kept whichever way the bounds are set."""
     from brvo_models.pix2pix import label_images, load_labeller
     from tasks.label import label_confidence
 
@@ -256,7 +347,7 @@ def calibrated_on_real_rows(real_meta: pd.DataFrame, real_images: np.ndarray, ob
         reason = (f"only {len(rows)} real rows of patients seen at two or more stages in the val and train splits "
                   f"(calibration needs {MIN_CALIBRATION_ROWS}); the configured constants were used")
         log(f"score: acceptance thresholds not calibrated: {reason}", logging.WARNING)
-        return AcceptanceThresholds.from_config(config, fallback_reason=reason)
+        return AcceptanceThresholds.from_config(config, fallback_reason=reason).model_copy(update=label_floor or {})
     meta = real_meta.iloc[rows]
     pids, stages = meta["patient_id"].to_numpy(), meta["stage"].to_numpy()
     refs = [(pid, nearest_observed_stage([s for s in observed[pid] if s != int(stage)], int(stage)))
@@ -266,7 +357,8 @@ def calibrated_on_real_rows(real_meta: pd.DataFrame, real_images: np.ndarray, ob
                                         device=device)
     real_scores = four_scores(real_images[rows], pids, stages, refs, masks.reshape(len(masks), -1).mean(axis=1),
                               label_confidence(probabilities))
-    return calibrate_thresholds(real_scores, config, split=splits, patients=int(meta["patient_id"].nunique()))
+    return calibrate_thresholds(real_scores, config, label_floor=label_floor, split=splits,
+                                patients=int(meta["patient_id"].nunique()))
 
 
 def score_step(ctx: StepContext, preprocess: PreprocessResult, fill: FillResult, label: LabelResult,
