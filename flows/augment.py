@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.states import Completed
 
 from flows.prepare import run_steps
 from tasks.concurrency import step_task_runner
 from flows.artifacts import publish_augment_artifacts
+from flows.final_state import final_state, outcome_state, summary_line
 from flows.settings import registry_dir_setting
 from storage.errors import BrvoError
 from storage.registry import ModelRegistry, RegisteredModels
@@ -35,7 +35,7 @@ from tasks.label import LABEL
 from tasks.models import ModelName, TrainedModel
 from tasks.preprocess import PREPROCESS
 from tasks.report import bars_summary, warnings_of
-from tasks.reporting import in_prefect_run
+from tasks.reporting import in_prefect_run, run_warning
 from tasks.score import SCORE
 from tasks.steps import Executor, PlanRun, Step, StepContext, execute_with_prefect
 from tasks.train_crgan import TRAIN_CRGAN
@@ -57,12 +57,16 @@ def resolve_registry(registry_dir: str | Path | None, model_version: str | None,
     """The registry version a run should use, or None when it trains its own models.
 
     None when there is no registry, when ``force_retrain``, or when the registry has no
-    published version yet and none was pinned (a pinned version that does not exist is an error).
+    promoted version yet and none was pinned (a WARNING says so when versions exist but none was
+    promoted; a pinned version that does not exist, or a broken 'latest' pointer, is an error).
     """
     if not registry_dir or force_retrain:
         return None
     registry = ModelRegistry(registry_dir)
     if model_version is None and registry.latest_version() is None:
+        note = registry.unpromoted_note()
+        if note:
+            run_warning(note)
         return None
     return registry.resolve(model_version)
 
@@ -120,6 +124,7 @@ def augment_chain(soul_dir: str | Path, run_dir: str | Path, config: PipelineCon
     run = run_steps(augment_plan(models), run_dir, config, source=soul_dir, execute=execute,
                     lock_wait_s=lock_wait_s)
     summary = _summary(run_dir, run, run.report)
+    summary["outcome"] = summary_line(outcome_state(summary["bars"], summary["warnings"]), summary["report"])
     if in_prefect_run():
         publish_augment_artifacts(run_dir, run.report, summary)
     return summary
@@ -162,8 +167,7 @@ def augment(
     summary = augment_chain(soul_dir, run_dir, config, registry_dir=registry_dir_setting(registry_dir),
                             model_version=model_version, force_retrain=force_retrain)
     # the run's final state says how it went: green 'Completed' alone must not hide a missed bar
-    return Completed(message=summary["bars_summary"] + (f"; {len(summary['warnings'])} warning(s)"
-                                                        if summary["warnings"] else ""), data=summary)
+    return final_state(summary["bars"], summary["warnings"], where=summary["report"], data=summary)
 
 
 def run_augment(soul_dir: Path, run_dir: Path, config: PipelineConfig, **kwargs) -> dict:

@@ -19,9 +19,17 @@ A checkpoint whose digest is on neither line was cut short or altered; a checkpo
 without a sidecar cannot be verified. Both are refused with a one-line
 :class:`~storage.errors.CheckpointError`, never trusted. One-line sidecars (older
 runs, the registry's copies) read the same way. No torch here: the registry uses it.
+
+A sidecar travels with its checkpoint, so it cannot tell one good checkpoint from another:
+a registry version's ``pix2pix.pt`` replaced by another version's, sidecar and all, would
+verify. A checkpoint in a registry version directory is therefore also checked against
+that version's own manifest (``sha256s.json``, written once when the version was
+published), on every load: the digest a run records for a registry model is then the
+digest of the bytes it used.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -32,6 +40,8 @@ from storage.hashing import file_sha256
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 PREVIOUS = "previous"
+#: A registry version's manifest: {"pix2pix.pt": sha256, "crgan.pt": sha256}, beside the checkpoints.
+MANIFEST = "sha256s.json"
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -102,4 +112,27 @@ def verified_sha256(path: str | os.PathLike) -> str:
     if actual not in digests:
         raise CheckpointError(f"{path}: sha256 mismatch (interrupted or altered checkpoint); "
                               f"delete it to retrain from the previous one")
+    published = manifest_digest(path)
+    if published is not None and actual != published:
+        raise CheckpointError(f"{path}: not the bytes registry version {path.parent.name} published (sha256 "
+                              f"{actual[:12]}, its {MANIFEST} records {published[:12]}); the file was replaced or "
+                              f"copied in from elsewhere: restore it or pin another version")
     return actual
+
+
+def manifest_digest(path: str | os.PathLike) -> str | None:
+    """The sha256 the registry version holding checkpoint ``path`` published for it (None outside a version)."""
+    path = Path(path)
+    manifest = path.parent / MANIFEST
+    try:
+        recorded = json.loads(manifest.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{manifest}: cannot read the version's manifest ({exc}); "
+                              f"pin another version or run retrain again") from None
+    digest = recorded.get(path.name) if isinstance(recorded, dict) else None
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise CheckpointError(f"{manifest}: records no sha256 for {path.name}, so it cannot be verified; "
+                              f"pin another version or run retrain again")
+    return digest
