@@ -2,10 +2,15 @@
 
 h5py handles must not cross a fork, so the file is opened on first access inside
 each DataLoader worker process (and re-opened if the process id changes).
+
+The Dataset keeps the index and meta of the file it read at construction, so it pins
+that file (:class:`FilePin`) and checks every later open against it: a worker that
+opened a rerun's rewrite of the same path would pair new images with old meta.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +20,29 @@ import torch
 from torch.utils.data import Dataset
 
 from storage.errors import DatasetFormatError
-from storage.paired_format import meta_frame, validate
+from storage.paired_format import REPAIR_ADVICE, meta_frame, validate
+
+
+@dataclass(frozen=True)
+class FilePin:
+    """What tells one write of a path from another, cheaply (no hash of the whole file): the
+    writer's random ``file_id`` and ``created_utc`` (version 1 files have no id), plus the file's
+    size and mtime, which an in-place edit changes."""
+
+    file_id: str
+    created_utc: str
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path, f: h5py.File) -> "FilePin":
+        st = os.stat(path)
+        return cls(file_id=_text(f.attrs.get("file_id", "")), created_utc=_text(f.attrs.get("created_utc", "")),
+                   size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class PairedImageDataset(Dataset):
@@ -38,9 +65,14 @@ class PairedImageDataset(Dataset):
         transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         self.path = Path(path)
-        validate(self.path)
+        validated = validate(self.path)
         with h5py.File(self.path, "r") as f:
+            self.pin = FilePin.of(self.path, f)
             meta = meta_frame(f)
+        if (self.pin.file_id, self.pin.created_utc) != (_text(validated.attrs.get("file_id", "")),
+                                                        _text(validated.attrs.get("created_utc", ""))):
+            raise DatasetFormatError(f"{self.path} was rewritten while this Dataset was indexing it; "
+                                     f"create the Dataset again")
         meta["row"] = np.arange(len(meta))
         keep = np.ones(len(meta), dtype=bool)
         if split is not None:
@@ -68,17 +100,35 @@ class PairedImageDataset(Dataset):
 
     def _handle(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
+            handle = h5py.File(self.path, "r")
+            try:
+                if FilePin.of(self.path, handle) != self.pin:
+                    raise self._rewritten()
+            except BaseException:
+                handle.close()
+                raise
+            self._file = handle
             # keep the dataset handles: looking /images up by name costs ~0.3 ms per access
             self._images, self._labels = self._file["images"], self._file["labels"]
             self._pid = os.getpid()
         return self._file
 
+    def _rewritten(self) -> DatasetFormatError:
+        return DatasetFormatError(f"{self.path} was rewritten since this Dataset indexed it; create a new Dataset")
+
+    def _read(self, key: str, dataset: h5py.Dataset, row: int) -> np.ndarray:
+        try:
+            return dataset[row]
+        except OSError as exc:  # a chunk that fails its checksum or its decompression
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DatasetFormatError(f"{self.path}: /{key} row {row} cannot be read ({first[:100]}): the file is "
+                                     f"damaged; {REPAIR_ADVICE}") from None
+
     def __getitem__(self, i: int):
         self._handle()
         row = int(self.rows[i])
-        image = torch.from_numpy(self._images[row].astype(np.float32) / 255.0)[None]
-        label_u8 = self._labels[row]
+        image = torch.from_numpy(self._read("images", self._images, row).astype(np.float32) / 255.0)[None]
+        label_u8 = self._read("labels", self._labels, row)
         if label_u8.max(initial=0) > 1:  # validate() checked every label; this guards a file changed since
             raise DatasetFormatError(f"{self.path}: /labels row {row} holds value {int(label_u8.max())}; "
                                      f"labels must be 0/1 (vessel = 1)")
