@@ -16,6 +16,7 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from storage.run_dir import RunPaths
+from tasks.markdown_tables import markdown_table, ui_table_rows
 from tasks.report import acceptance_thresholds, bars_summary, warnings_of
 
 THUMBNAIL_WIDTH = 900
@@ -51,26 +52,24 @@ def result_markdown(run_dir: Path, report: dict[str, Any], summary: dict[str, An
     lines = [f"# brvo-augment: {bars_summary(report)}", ""]
     lines += [f"**WARNING** {w}" + "  " for w in warnings_of(report)]
     syn = report.get("synthetic") or {}
-    lines += ["", "| | |", "|---|---|",
-              f"| augmented.h5 | `{summary['augmented_h5']}` |",
-              f"| rows | {summary['n_real']} real + {summary['n_synthetic']} synthetic, "
-              f"{summary['n_accepted']} accepted |",
-              f"| dataset card | `{paths.dataset_card}` |",
-              f"| report | `{paths.report_md}` (and report.json) |",
-              f"| figures | `{paths.figures}` |"]
+    rows = [["augmented.h5", f"`{summary['augmented_h5']}`"],
+            ["rows", f"{summary['n_real']} real + {summary['n_synthetic']} synthetic, {summary['n_accepted']} accepted"],
+            ["dataset card", f"`{paths.dataset_card}`"],
+            ["report", f"`{paths.report_md}` (and report.json)"],
+            ["figures", f"`{paths.figures}`"]]
     for model in ("pix2pix", "crgan"):
         section = report.get(model) or {}
         origin = f"registry {section['registry_version']}" if section.get("registry_version") else "trained in this run"
-        lines.append(f"| {model} | {origin}{_headline(model, section)} |")
-    for bar, met in (report.get("bars") or {}).items():
-        lines.append(f"| {bar} | {'met' if met else '**NOT MET**'} |")
+        rows.append([model, f"{origin}{_headline(model, section)}"])
+    rows += [[bar, "met" if met else "**NOT MET**"] for bar, met in (report.get("bars") or {}).items()]
     if syn.get("degenerate_labels") is not None:
-        lines.append(f"| degenerate synthetic labels | {syn['degenerate_labels']} |")
+        rows.append(["degenerate synthetic labels", syn["degenerate_labels"]])
     trend = syn.get("stage_trend")
     if trend and trend.get("real_slope_per_stage") is not None and trend.get("synthetic_slope_per_stage") is not None:
         verdict = ", ".join(w.upper() for w in ("flat", "offset") if trend.get(w)) or "kept"
-        lines.append(f"| treatment effect (label density per stage) | real {trend['real_slope_per_stage']:+.4f}, "
-                     f"synthetic {trend['synthetic_slope_per_stage']:+.4f}: {verdict} |")
+        rows.append(["treatment effect (label density per stage)", f"real {trend['real_slope_per_stage']:+.4f}, "
+                     f"synthetic {trend['synthetic_slope_per_stage']:+.4f}: {verdict}"])
+    lines += ["", markdown_table(["", ""], rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -99,12 +98,14 @@ def montages_markdown(run_dir: Path, report: dict[str, Any]) -> str:
 
 
 def score_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The scores table: per score its summary, the acceptance rule and how many samples it rejected."""
+    """The scores table: per score its summary, the acceptance rule and how many samples it rejected (string
+    cells escaped: the UI renders each as markdown, where '>= 0.2' would be a blockquote)."""
     syn = report.get("synthetic") or {}
     rules = acceptance_thresholds(report)
-    return [{"score": name, **{k: round(float(v), 4) for k, v in vals.items()},
-             "accepted when": rules.get(name, ""), "rejected by it": (syn.get("rejected_by") or {}).get(name, 0)}
-            for name, vals in (syn.get("scores") or {}).items()]
+    return ui_table_rows(
+        {"score": name, **{k: round(float(v), 4) for k, v in vals.items()},
+         "accepted when": rules.get(name, ""), "rejected by it": (syn.get("rejected_by") or {}).get(name, 0)}
+        for name, vals in (syn.get("scores") or {}).items())
 
 
 def publish_augment_artifacts(run_dir: Path, report: dict[str, Any], summary: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
+from tasks.markdown_tables import markdown_table
 from tasks.score import AcceptanceThresholds
 from tasks.stage_trend import render_trend, trend_warnings
 from tasks.steps import PlanRun, Step
@@ -28,10 +29,8 @@ def _fmt(v: Any) -> str:
 
 
 def _table(rows: dict[str, dict[str, Any]], keys: list[str]) -> str:
-    lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for name, vals in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(vals.get(k, "")) for k in keys) + " |")
-    return "\n".join(lines)
+    """One row per name, one column per key (tasks.markdown_tables escapes what the cells say)."""
+    return markdown_table(["", *keys], [[name, *(_fmt(vals.get(k, "")) for k in keys)] for name, vals in rows.items()])
 
 
 #: What each quality bar asks, in the words a WARNING line uses.
@@ -237,13 +236,15 @@ def _image_quality_lines(section: dict[str, Any] | None) -> list[str]:
         if pooled.get("baseline"):
             rows[f"ceiling: real train ({extractor})"] = pooled["baseline"]
     out += [_table(rows, list(SHOWN)), ""]
+    stages = {stage: v for stage, v in (section["extractors"].get("random_cnn") or {}).items() if stage != "all"}
     per_stage = {stage: {"KID synthetic": v.get("kid_mean"), "KID ceiling": (v.get("baseline") or {}).get("kid_mean"),
-                         "n synthetic": v.get("n_synthetic"), "n real": v.get("n_real"),
-                         "why no synthetic KID": v.get("reason") or ""}
-                 for stage, v in (section["extractors"].get("random_cnn") or {}).items() if stage != "all"}
+                         "n synthetic": v.get("n_synthetic"), "n real": v.get("n_real")} for stage, v in stages.items()}
     if per_stage:
+        # the reasons are sentences: beneath the table, which the UI draws on one line per row
+        reasons = [f"- {stage}: {v['reason']}" for stage, v in stages.items() if v.get("reason")]
         out += ["Per stage (random-CNN features):", "",
-                _table(per_stage, ["KID synthetic", "KID ceiling", "n synthetic", "n real", "why no synthetic KID"]), ""]
+                _table(per_stage, ["KID synthetic", "KID ceiling", "n synthetic", "n real"]), ""]
+        out += ["Why a stage has no synthetic KID:", "", *reasons, ""] if reasons else []
     return out
 
 
@@ -268,9 +269,8 @@ def render_report(report: dict[str, Any], data_source: str) -> str:
     if _models_line(report):
         out += [f"Models: {_models_line(report)}.", ""]
     if bars:
-        out += ["## Quality bars", "", "| bar | met |", "|---|---|"]
-        out += [f"| {name} | {'yes' if ok else '**no**'} |" for name, ok in bars.items()]
-        out += [""]
+        out += ["## Quality bars", "",
+                markdown_table(["bar", "met"], [[name, "yes" if ok else "**no**"] for name, ok in bars.items()]), ""]
     p2p = report.get("pix2pix")
     if p2p:
         rows = {"Pix2Pix": p2p["test"], **{f"baseline: {k}": v for k, v in p2p.get("baselines", {}).items()}}
@@ -295,13 +295,11 @@ def render_report(report: dict[str, Any], data_source: str) -> str:
                     _table(rows, ["ssim", "psnr", "mse", "cosine"]), ""]
         per_stage = crg.get("per_stage") or {}
         if per_stage:
+            rows = [[stage, r.get("n", ""), *(f"{_fmt(r[k]['ssim'])} / {r[k]['psnr']:.2f}" if r.get(k) else ""
+                                               for k in ("model", "nearest", "neighbour_mean"))]
+                    for stage, r in per_stage.items()]
             out += ["Per stage (SSIM / PSNR):", "",
-                    "| stage | n | CRGAN | nearest | neighbour_mean |", "|---|---|---|---|---|"]
-            for stage, r in per_stage.items():
-                cells = [f"{_fmt(r[k]['ssim'])} / {r[k]['psnr']:.2f}" if r.get(k) else ""
-                         for k in ("model", "nearest", "neighbour_mean")]
-                out.append(f"| {stage} | {r.get('n', '')} | " + " | ".join(cells) + " |")
-            out += [""]
+                    markdown_table(["stage", "n", "CRGAN", "nearest", "neighbour_mean"], rows), ""]
         sq = report.get("crgan", {}).get("sample_quality")
         if sq:
             out += [f"Sample quality: diversity {_fmt(sq.get('diversity'))}; SSIM to own patient "

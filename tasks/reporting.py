@@ -127,14 +127,16 @@ class TrainingProgress:
         # bookkeeping the header line already says (or nobody follows live) stays out, so the table fits the page
         hidden = (self.clock, self.total_key, "seconds", "epoch", "seconds_validating", "lr_factor")
         columns = [self.clock] + [k for k in self.rows[-1] if k not in hidden] + ["seconds"]
-        lines = [f"# {self.model} training", "",
-                 f"{self.clock} {_num(self.rows[-1].get(self.clock))} of {_num(self.total)}; best {self.score} "
-                 f"{_num(best.get(self.score))} at {self.clock} {_num(best.get(self.clock))} (the checkpoint kept)", "",
-                 "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        for r in self.rows[-self.rows_shown:]:
-            mark = " **best**" if r is best else ""
-            lines.append("| " + " | ".join(_num(r.get(c)) for c in columns) + mark + " |")
-        return "\n".join(lines) + "\n"
+        from tasks.markdown_tables import markdown_table
+
+        rows = [[_num(r.get(c)) for c in columns] for r in self.rows[-self.rows_shown:]]
+        for r, row in zip(self.rows[-self.rows_shown:], rows):
+            if r is best:
+                row[-1] += " **best**"
+        return "\n".join([f"# {self.model} training", "",
+                          f"{self.clock} {_num(self.rows[-1].get(self.clock))} of {_num(self.total)}; best "
+                          f"{self.score} {_num(best.get(self.score))} at {self.clock} {_num(best.get(self.clock))} "
+                          "(the checkpoint kept)", "", markdown_table(columns, rows)]) + "\n"
 
 
 def _num(value: Any) -> str:
