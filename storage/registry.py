@@ -88,8 +88,8 @@ class ModelRegistry:
     def latest_version(self) -> str | None:
         """The version ``latest`` names; None when no version was ever promoted.
 
-        A ``latest`` that is there but empty, or names no published version, while versions exist
-        is a one-line BrvoError, not None: a researcher who set up a registry expects its vetted
+        A ``latest`` that is there but empty, or names no published version, is a one-line
+        BrvoError, not None: a researcher who set up a registry expects its vetted
         models, and neither training new ones nor guessing a version (the newest may be one that
         was not promoted) would tell them their registry is damaged. The message says how to repair it.
         """
@@ -104,13 +104,12 @@ class ModelRegistry:
         if _VERSION_RE.match(name) and (self.models_dir / name).is_dir():
             return name
         versions = self.versions()
-        if not versions:
-            return None  # nothing published that it could have meant
         what = "is empty" if not name else f"names {name[:80]!r}, which is not a published version"
+        there = f"{len(versions)} version(s) are (newest {versions[-1]})" if versions else "no version is"
         raise BrvoError(
-            f"model registry {self.root}: its 'latest' pointer {what}, while {len(versions)} version(s) are "
-            f"(newest {versions[-1]}); augment will not guess which to use: write a version name into {path}, "
-            f"pin one with model_version=..., or delete {path} (augment then trains its own models)")
+            f"model registry {self.root}: its 'latest' pointer {what}, while {there}; augment will not guess "
+            f"which models to use: write a version name into {path}, pin one with model_version=..., or delete "
+            f"{path} (augment then trains its own models)")
 
     def unpromoted_note(self) -> str | None:
         """Why a registry with versions has no ``latest`` and what augment does instead (None when it has one,
