@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 import h5py
 import numpy as np
@@ -31,6 +31,70 @@ if TYPE_CHECKING:
 
 REAL_CHUNK = 256
 
+SOUL_CITATION = ("SOUL (Xue et al., Scientific Data 11:838, 2024, doi:10.1038/s41597-024-03665-7; "
+                 "figshare doi:10.6084/m9.figshare.24893358)")
+
+
+class DataOrigin(BaseModel):
+    """What the run's real rows are, so augmented.h5 and its card say whose data it is derived from."""
+
+    kind: Literal["phantom", "soul", "manifest", "unknown"]
+    source: str = ""
+    #: for the file's `license` attribute
+    license: str
+    #: the card's licence and attribution paragraph
+    attribution: str
+    #: what the real rows are, in a few words (the file's `description`)
+    rows: str
+
+
+#: a run without ingest.json, or a file written before augmented.h5 recorded its origin
+UNKNOWN_ORIGIN = DataOrigin(kind="unknown", license="not recorded", rows="input rows", attribution=(
+    f"What the input was is not recorded. If it is {SOUL_CITATION}, its licence CC BY 4.0 applies and this "
+    "derived dataset inherits it: cite the SOUL paper; if it is the built-in phantom, no dataset licence applies."))
+
+
+def data_origin(run_dir: Path) -> DataOrigin:
+    """From RUN_DIR/ingest.json: a manifest (the user's own data), or a SOUL tree, which is the built-in
+    phantom when its clinical sheet carries the phantom's write stamp
+    (:func:`brvo_models.phantom.clinical_sheet.is_phantom_sheet`), else SOUL. A tree without a readable
+    sheet is taken for SOUL: its attribution is then owed, never dropped by a guess. No ingest.json: unknown.
+    """
+    from brvo_models.phantom.clinical_sheet import is_phantom_sheet
+
+    path = RunPaths.of(run_dir).ingest_json
+    if not path.is_file():
+        return UNKNOWN_ORIGIN
+    ingest = json.loads(path.read_text())
+    source = str(ingest.get("source", ""))
+    if ingest.get("source_kind") == "manifest":
+        return DataOrigin(kind="manifest", source=source, license="that of the input data (set by their owner)",
+                          rows="real rows of the user's data", attribution=(
+            f"Derived from your own data, listed in the manifest {source}: its licence is the one its owner set, "
+            "not brvo-augment's, and this derived dataset inherits it. If the listed images are SOUL's, "
+            f"{SOUL_CITATION} licensed CC BY 4.0 applies: cite the SOUL paper."))
+    sheet = (ingest.get("clinical") or {}).get("path")
+    if sheet and is_phantom_sheet(Path(sheet)):
+        return DataOrigin(kind="phantom", source=source, rows="real rows of the built-in phantom",
+                          license="none inherited: synthetic data of brvo-augment's built-in phantom",
+                          attribution=(
+            f"Derived from the built-in phantom ({source}; brvo_models.phantom), not from SOUL: procedural images "
+            "and vessel labels of invented patients, synthetic through and through, no patient data. It imitates "
+            "SOUL's layout only, so no dataset licence is inherited and no attribution is owed. Recognised by its "
+            "clinical sheet's fixed write stamp; its seed and generator version are not recorded in its files."))
+    return DataOrigin(kind="soul", source=source, license="CC BY 4.0 (inherited from SOUL, Xue et al. 2024)",
+                      rows="real SOUL rows", attribution=(
+        f"Derived from {SOUL_CITATION}, licensed CC BY 4.0; this derived dataset inherits CC BY 4.0. Cite the "
+        "SOUL paper when you use it."))
+
+
+def origin_attrs(run_dir: Path) -> dict[str, Any]:
+    """augmented.h5's attributes that say what its real rows are and whose licence applies."""
+    origin = data_origin(run_dir)
+    return {"description": f"brvo-augment augmented paired OCTA dataset: {origin.rows} + CRGAN-filled missing "
+                           "stages labelled by Pix2Pix",
+            "license": origin.license, "data_origin": origin.model_dump_json()}
+
 
 class ExportResult(BaseModel):
     augmented_h5: str
@@ -54,15 +118,13 @@ def write_augmented(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel
     if len(scores) != len(table) or not (scores["patient_id"].to_numpy() == table["patient_id"].to_numpy()).all():
         raise RuntimeError("scores.csv does not match synthetic.h5 row for row; rerun the score step")
     attrs = {
-        "description": "brvo-augment augmented paired OCTA dataset: real SOUL rows + CRGAN-filled missing stages "
-                       "labelled by Pix2Pix",
+        **origin_attrs(run_dir),
         "config_json": config.to_json(),
         "source_sha256": file_sha256(paths.soul_h5),
         "pix2pix_sha256": pix2pix.sha256,
         "crgan_sha256": crgan.sha256,
         "models_origin": json.dumps({m.model: m.origin for m in (pix2pix, crgan)}),
         "samples_per_missing": config.samples_per_missing,
-        "license": "CC BY 4.0 (inherited from SOUL, Xue et al. 2024)",
     }
     with h5py.File(paths.soul_h5, "r") as src, PairedDatasetWriter(
         paths.augmented_h5, config.image_size, compression=config.compression, attrs=attrs

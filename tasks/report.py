@@ -354,8 +354,17 @@ def _label_rule(attrs: dict[str, Any]) -> str:
             "area": "area (vessels cover at least half the footprint)"}.get(rule, str(rule))
 
 
+def _origin(attrs: dict[str, Any]) -> dict[str, Any]:
+    """What the file's real rows are (tasks.export.data_origin, recorded in its attrs; unknown for older files)."""
+    from tasks.export import UNKNOWN_ORIGIN
+
+    recorded = attrs.get("data_origin")
+    return json.loads(recorded) if recorded else UNKNOWN_ORIGIN.model_dump()
+
+
 def render_card(report: dict[str, Any], attrs: dict[str, Any], data_source: str) -> str:
     syn = report.get("synthetic", {})
+    origin = _origin(attrs)
     per_stage = syn.get("per_stage", {})
     rules = acceptance_thresholds(report)
     warnings = [f"> **WARNING** {w}" for w in warnings_of(report)]
@@ -366,7 +375,9 @@ def render_card(report: dict[str, Any], attrs: dict[str, Any], data_source: str)
         "## What it is",
         "Paired (en-face OCTA image, binary vessel label) samples of Branch Retinal Vein Occlusion patients across six "
         "anti-VEGF treatment stages (s1t1 < s1t2 < s2t1 < s2t2 < s3t1 < s3t2). Real rows come from the input; "
-        "synthetic rows fill each patient's missing stages.",
+        "synthetic rows fill each patient's missing stages."
+        + (" Here the input is the built-in phantom: its patients are procedural, not people."
+           if origin["kind"] == "phantom" else ""),
         "",
         "## How it was made",
         f"Input: {data_source}. Pipeline: ingest -> preprocess ({attrs.get('image_size')} px, annotations resized by "
@@ -404,9 +415,7 @@ def render_card(report: dict[str, Any], attrs: dict[str, Any], data_source: str)
         "```",
         "",
         "## Licence and attribution",
-        "Derived from SOUL (Xue et al., Scientific Data 11:838, 2024, doi:10.1038/s41597-024-03665-7; "
-        "figshare doi:10.6084/m9.figshare.24893358), licensed CC BY 4.0; this derived dataset inherits CC BY 4.0. "
-        "Cite the SOUL paper when you use it. (When the input is the built-in phantom, all images are procedural.)",
+        origin["attribution"],
         "",
         "## Caveat",
         "Synthetic images and their Pix2Pix labels are for research augmentation only, not for diagnosis or any "

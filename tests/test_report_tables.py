@@ -158,3 +158,55 @@ def test_card_counts_table_parses_back():
     report = _full_report()
     report["synthetic"]["per_stage"]["s1|t3"] = {"real": 1, "synthetic": 2, "accepted": 0}
     assert assert_every_row_fits_its_header(render_card(report, {}, "phantom")) >= 2
+
+
+# ----------------------------------------------------------------------------- what the data is (the card)
+
+
+def _ingested(tmp_path, source, name="run"):
+    from tasks.ingest import ingest
+
+    run = tmp_path / name
+    run.mkdir()
+    ingest(source, run, log=lambda *_: None, workers=1)
+    return run
+
+
+def _card_for(run) -> str:
+    """The card's text for a run whose input ingest has read, with the attrs export writes from it."""
+    from tasks.export import origin_attrs
+    from tasks.report import render_card
+
+    return render_card(_report(), origin_attrs(run), str(run))
+
+
+def test_a_phantom_runs_card_says_phantom_not_soul(tmp_path):
+    from tasks.phantom import generate_phantom
+
+    soul = tmp_path / "phantom" / "SOUL"
+    generate_phantom(soul, n_patients=2, seed=0, image_size=32, workers=1)
+    card = _card_for(_ingested(tmp_path, soul))
+    assert "Derived from SOUL" not in card and "CC BY" not in card.split("## Licence")[1].split("##")[0]
+    assert "built-in phantom" in card.split("## Licence")[1]
+
+
+def test_a_soul_tree_keeps_the_soul_licence_and_a_manifest_names_the_users_own(tmp_path):
+    """A tree whose clinical sheet a person saved is taken for SOUL (the attribution is owed); a manifest's data
+    are the user's, whose licence brvo-augment cannot know."""
+    import openpyxl
+
+    from tasks.phantom import generate_phantom
+
+    soul = tmp_path / "copy" / "SOUL"
+    generate_phantom(soul, n_patients=2, seed=0, image_size=32, workers=1)
+    sheet = soul / "Infomation.xlsx"
+    openpyxl.load_workbook(sheet).save(sheet)  # saved again by a person's tool: no phantom stamp
+    licence = _card_for(_ingested(tmp_path, soul, "soul_run")).split("## Licence")[1]
+    assert "Derived from SOUL" in licence and "CC BY 4.0" in licence and "doi:10.1038/s41597-024-03665-7" in licence
+
+    images = sorted((soul / "S1" / "s1t1" / "image").rglob("*.jpg"))
+    rows = [f"{p.parent.name},0,{p},{str(p).replace('/image/', '/label/')}" for p in images]
+    manifest = tmp_path / "mine.csv"
+    manifest.write_text("patient_id,stage,image_path,label_path\n" + "\n".join(rows) + "\n")
+    licence = _card_for(_ingested(tmp_path, manifest, "manifest_run")).split("## Licence")[1]
+    assert "Derived from SOUL" not in licence and "your own data" in licence and str(manifest) in licence

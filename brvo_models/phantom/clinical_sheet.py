@@ -57,18 +57,43 @@ def clinical_sheets(seed: int, exam_ids: Sequence[Sequence[tuple[str, ...]]], in
     return {"basic_info": pd.DataFrame(basic), "image_info": pd.DataFrame(images)}
 
 
+#: The time the phantom writes into its sheet (docProps and every zip entry), so its bytes depend on the data only.
+WRITE_STAMP = "2024-01-01T00:00:00Z"
+_ZIP_TIME = (2024, 1, 1, 0, 0, 0)
+_CORE_TIME = re.compile(rb"<dcterms:(created|modified)[^>]*>([^<]*)<")
+
+
 def write_xlsx_deterministic(sheets: dict[str, pd.DataFrame], path: Path) -> None:
     """Write an xlsx whose bytes depend only on the data (openpyxl stamps 'now' into docProps and the zip)."""
     buf = io.BytesIO()
     with pd.ExcelWriter(buf, engine="openpyxl") as writer:
         for name, df in sheets.items():
             df.to_excel(writer, sheet_name=name, index=False)
-    fixed = b"2024-01-01T00:00:00Z"
+    fixed = WRITE_STAMP.encode()
     with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(path, "w") as dst:
         for item in src.infolist():
             data = src.read(item.filename)
             if item.filename == "docProps/core.xml":
                 data = re.sub(rb"(<dcterms:(?:created|modified)[^>]*>)[^<]*", rb"\g<1>" + fixed, data)
-            info = zipfile.ZipInfo(item.filename, date_time=(2024, 1, 1, 0, 0, 0))
+            info = zipfile.ZipInfo(item.filename, date_time=_ZIP_TIME)
             info.compress_type = zipfile.ZIP_DEFLATED
             dst.writestr(info, data)
+
+
+def is_phantom_sheet(path: Path) -> bool:
+    """True when the workbook at ``path`` was written by :func:`write_xlsx_deterministic`: created and modified
+    at :data:`WRITE_STAMP` and every zip entry dated the same.
+
+    Why the sheet tells: the phantom's tree is SOUL's layout, byte for byte reproducible (its bytes are
+    recorded), so it holds no marker file; its sheet is its one file whose writer stamps a fixed time, where
+    a sheet saved by a person or a clinic's tool carries the time it was saved. Anything unreadable is not
+    the phantom's (False), so a real dataset is never taken for it.
+    """
+    try:
+        with zipfile.ZipFile(path) as workbook:
+            times = dict(_CORE_TIME.findall(workbook.read("docProps/core.xml")))
+            entries_stamped = all(item.date_time == _ZIP_TIME for item in workbook.infolist())
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return False
+    stamp = WRITE_STAMP.encode()
+    return entries_stamped and times.get(b"created") == stamp and times.get(b"modified") == stamp
