@@ -15,8 +15,9 @@ from its record (RUN_DIR/.steps/<name>.json) only when all of this holds:
   input source (for steps that read it) and the recorded digests of every upstream
   step's outputs (so a retrained model, a re-preprocessed soul.h5 or a registry version
   changes every step downstream of it);
-* every file the record lists as an output still exists with the size, mtime and
-  sha256 it had when the step wrote it (a deleted or replaced output recomputes the step).
+* every file the record lists as an output still holds the bytes (sha256) it had when the
+  step wrote it, checked on every cache hit: a deleted, replaced or damaged output
+  recomputes the step, even when its size and mtime are as recorded.
 
 Prefect's cache policies see task parameters, not the files a step reads and writes, and
 keep their records apart from the outputs; here the record sits beside what it
@@ -214,7 +215,8 @@ def _stat(path: Path) -> tuple[int, int]:
 
 @lru_cache(maxsize=4096)
 def _cached_sha(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) for the life of the process."""
+    """sha256 of a source file, remembered per (path, size, mtime) for the life of the process.
+    For code fingerprints only: a step's outputs are hashed afresh (see :func:`unchanged`)."""
     return file_sha256(path)
 
 
@@ -227,7 +229,7 @@ class FileStamp(BaseModel):
 
 
 def stamp(path: Path) -> FileStamp:
-    """Stamp a file by its bytes, a directory by the names, sizes and mtimes of the files below it."""
+    """Stamp a file by its bytes, a directory by the names and bytes of the files below it."""
     if path.is_dir():
         h = hashlib.sha256()
         newest = 0
@@ -237,22 +239,25 @@ def stamp(path: Path) -> FileStamp:
                 size, mtime = _stat(p)
                 total += size
                 newest = max(newest, mtime)
-                h.update(f"{p.relative_to(path)}|{size}|{mtime}\n".encode())
+                h.update(f"{p.relative_to(path)}|{size}|{file_sha256(p)}\n".encode())
         return FileStamp(size=total, mtime_ns=newest, sha256=h.hexdigest())
     size, mtime = _stat(path)
-    return FileStamp(size=size, mtime_ns=mtime, sha256=_cached_sha(str(path), size, mtime))
+    return FileStamp(size=size, mtime_ns=mtime, sha256=file_sha256(path))
 
 
 def unchanged(path: Path, recorded: FileStamp) -> bool:
-    """The file is still what its step wrote: same size and mtime (cheap), else same bytes."""
+    """The output still holds the bytes its step wrote.
+
+    Always by content: a damaged disk block or a copy that keeps the timestamps leaves size and
+    mtime as they were, and serving the step would keep the damage forever. Nothing remembers a
+    digest by stat (an lru_cache keyed on size and mtime would serve the digest of the bytes as
+    first written). A different size needs no hash.
+    """
     if not path.exists():
         return False
-    if path.is_dir():
-        return stamp(path).sha256 == recorded.sha256
-    size, mtime = _stat(path)
-    if (size, mtime) == (recorded.size, recorded.mtime_ns):
-        return True
-    return size == recorded.size and _cached_sha(str(path), size, mtime) == recorded.sha256
+    if not path.is_dir() and path.stat().st_size != recorded.size:
+        return False
+    return stamp(path).sha256 == recorded.sha256
 
 
 # --------------------------------------------------------------------------------- records
