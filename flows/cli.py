@@ -151,6 +151,13 @@ def _temporary_server_dies_with_cli() -> None:
     temporary_server_dies_with_this_process()
 
 
+def _print_result_then_outcome(summary: dict) -> None:
+    """The run's summary, then its one-line outcome last, where a terminal user's eye lands:
+    'Completed: 2 bars missed - 2 of 4 quality bars met (missed: ...); 3 warnings; see .../report.md'."""
+    print({key: value for key, value in summary.items() if key != "outcome"})
+    print(summary["outcome"])
+
+
 def _single_step(args: argparse.Namespace, target: str, config, source: Path | None = None) -> int:
     """Run one step of the augment plan on RUN_DIR (its upstream steps must have run), under the
     run-directory lock like every command that writes there; print its result."""
@@ -228,12 +235,12 @@ def _run(args: argparse.Namespace) -> int:
         config = resolve_config(args, args.run_dir)
         check_source(args.soul_dir)
         _temporary_server_dies_with_cli()
-        print(run_augment(args.soul_dir, args.run_dir, config))
+        _print_result_then_outcome(run_augment(args.soul_dir, args.run_dir, config))
     elif cmd == "demo":
         from flows.augment import run_demo
 
         _temporary_server_dies_with_cli()
-        print(run_demo(args.run_dir, preset_name=args.preset, n_patients=args.patients))
+        _print_result_then_outcome(run_demo(args.run_dir, preset_name=args.preset, n_patients=args.patients))
     elif cmd == "inspect":
         from tasks.preprocess import inspect_dataset
 

@@ -226,6 +226,7 @@ def test_augment_deployment_run_uses_registry_and_produces_valid_dataset(service
     # the deployment's default registry_dir had models: augment used them instead of training
     assert not (run_dir / "checkpoints" / "pix2pix" / "best.pt").exists()
     _assert_what_a_researcher_sees(env, _flow_run_id(out), run_dir)
+    _assert_the_outcome_is_named(env, out, run_dir)
 
 
 def _flow_run_id(watch_output: str) -> str:
@@ -258,6 +259,25 @@ def _assert_what_a_researcher_sees(env: dict[str, str], flow_run_id: str, run_di
         assert ok or any(bar in w for w in warnings), (bar, warnings)
     if report["synthetic"]["accepted"] == 0:
         assert any("none of the" in w for w in warnings), warnings
+
+
+def _assert_the_outcome_is_named(env: dict[str, str], watch_output: str, run_dir: Path) -> None:
+    """The runs list and `--watch` show the state's name: a run that missed bars is named for them, and the
+    flow's last log line is the one-line summary."""
+    from flows.final_state import outcome_name
+    from tasks.report import warnings_of
+
+    report = json.loads((run_dir / "report.json").read_text())
+    assert not all(report["bars"].values()), report["bars"]  # the tiny preset misses bars: the case at hand
+    name = outcome_name(report["bars"], warnings_of(report))
+    flow_run_id = _flow_run_id(watch_output)
+    state = _api(env, f"/flow_runs/{flow_run_id}")["state"]
+    assert state["type"] == "COMPLETED" and state["name"] == name, state
+    assert f"Flow run finished successfully in '{name}'" in watch_output, watch_output[-2000:]
+    logs = _api(env, "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_DESC",
+                                      "limit": 5})
+    last = next(log["message"] for log in logs if not log["message"].startswith("Finished in state"))
+    assert last.startswith(f"{name} - ") and str(run_dir / "report.md") in last, logs
 
 
 def test_retrain_again_without_new_data_is_no_change(service):

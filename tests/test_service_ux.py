@@ -138,3 +138,55 @@ def test_temporary_server_outlives_the_thread_that_started_it(tmp_path):
         for pid in (proc.pid, server_pid):
             if pid is not None and _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------- the run's outcome
+
+
+def test_final_state_name_counts_the_missed_bars():
+    """The runs list shows a state's name, not its message: a missed bar must change the name."""
+    from flows.final_state import outcome_state
+
+    clean = outcome_state({"a": True, "b": True}, [])
+    assert clean.name == "Completed" and clean.is_completed()
+    one = outcome_state({"a": True, "b": False}, ["quality bar not met: b (...)"])
+    assert one.name == "Completed: 1 bar missed" and one.is_completed()
+    three = outcome_state({"a": False, "b": False, "c": True, "d": False}, ["w1", "w2", "w3", "w4"])
+    assert three.name == "Completed: 3 bars missed"
+    assert three.message == "1 of 4 quality bars met (missed: a, b, d); 4 warnings"
+    warned = outcome_state({"a": True}, ["only 3 held-out test patient(s) ..."])
+    assert warned.name == "Completed: 1 warning" and warned.message == "1 of 1 quality bars met; 1 warning"
+    # a flow's own words lead the message (retrain: what it published), the data is the flow's result
+    led = outcome_state({"pix2pix_beats_baselines": False}, ["w"], lead="retrained: v0002", data={"x": 1})
+    assert led.name == "Completed: 1 bar missed" and led.message.startswith("retrained: v0002; 0 of 1 quality bars met")
+    assert led.data == {"x": 1}
+    assert outcome_state({}, []).message == "no quality bar measured"
+
+
+@pytest.mark.slow
+def test_augment_run_ends_named_for_its_missed_bars_and_says_so_last(tiny_augment_run, capsys):
+    """The tiny preset misses bars on purpose. Its run must not finish as the same green 'Completed' as a
+    clean one: the state the server records is named for the missed bars, and the CLI's last line says so."""
+    import json
+
+    from prefect.client.orchestration import get_client
+
+    from flows.augment import augment
+    from flows.cli import main
+
+    soul_dir, run_dir, _ = tiny_augment_run
+    report = json.loads((run_dir / "report.json").read_text())
+    missed = [bar for bar, met in report["bars"].items() if not met]
+    assert missed, report["bars"]  # the case this test is about
+    name = f"Completed: {len(missed)} bar{'s' if len(missed) > 1 else ''} missed"
+
+    state = augment(soul_dir=str(soul_dir), run_dir=str(run_dir), preset="tiny", return_state=True)
+    with get_client(sync_client=True) as client:
+        recorded = client.read_flow_run(state.state_details.flow_run_id).state
+    assert recorded.name == name and recorded.is_completed()
+    assert f"(missed: {', '.join(missed)})" in recorded.message
+
+    capsys.readouterr()
+    assert main(["run", str(soul_dir), str(run_dir)]) == 0  # every step served from its record
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"{name} - ") and str(run_dir / "report.md") in last, last
