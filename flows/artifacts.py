@@ -53,7 +53,8 @@ def result_markdown(run_dir: Path, report: dict[str, Any], summary: dict[str, An
     lines += [f"**WARNING** {w}" + "  " for w in warnings_of(report)]
     syn = report.get("synthetic") or {}
     rows = [["augmented.h5", f"`{summary['augmented_h5']}`"],
-            ["rows", f"{summary['n_real']} real + {summary['n_synthetic']} synthetic, {summary['n_accepted']} accepted"],
+            ["rows", f"{summary['n_real']} real + {summary['n_synthetic']} synthetic, "
+                     f"{summary['n_accepted']} accepted"],
             ["dataset card", f"`{paths.dataset_card}`"],
             ["report", f"`{paths.report_md}` (and report.json)"],
             ["figures", f"`{paths.figures}`"]]
@@ -122,27 +123,86 @@ def publish_augment_artifacts(run_dir: Path, report: dict[str, Any], summary: di
                              description="per-patient timelines: real and synthetic stages with their decisions")
 
 
+#: The scores each retrain table shows, and their format: the ones the quality bars compare.
+_RETRAIN_SCORES = {"pix2pix": (("dice", "Dice", ".3f"), ("cldice", "clDice", ".3f")),
+                   "crgan": (("ssim", "SSIM", ".3f"), ("psnr", "PSNR", ".2f"))}
+
+
 def retrain_markdown(result: dict[str, Any]) -> str:
-    status = result.get("status", "?")
-    lines = [f"# retrain: {status}", ""]
+    """The retrain's result: the promotion decision first, then each model's held-out scores beside its
+    baselines, every quality bar met or NOT MET, the scores compared with ``latest``, and the run's facts."""
+    status, version = result.get("status", "?"), result.get("version")
+    promotion = result.get("promotion") or {}
+    title = {"published": f"published {version}, not promoted", "retrained": f"retrained {version}"}.get(status, status)
+    lines = [f"# retrain: {title}", ""]
     if status == "retrained":
-        lines.append(f"Published **{result.get('version')}** (previous: {result.get('previous_version') or 'none'}); "
-                     "augment runs use it from now on.")
+        lines.append(f"**Promoted**: {promotion.get('summary', '')}. `latest` -> **{version}** (was "
+                     f"{result.get('previous_version') or 'none'}); augment runs use it from now on.")
+    elif status == "published":
+        lines.append(f"**Not promoted**: {promotion.get('summary', '')}. `latest` stays "
+                     f"{result.get('latest') or 'none'} (augment runs keep using it); {version} keeps its scores and "
+                     "this decision (promotion.json, report.md) and can still be pinned with model_version.")
     elif status == "no change":
-        lines.append(f"Neither the data nor the config changed since **{result.get('version')}**: nothing retrained.")
+        lines.append(f"Neither the data nor the config changed since **{version}**: nothing retrained."
+                     + ("" if result.get("promoted", True) else
+                        f" It was not promoted ({promotion.get('summary') or 'no decision recorded'}); `latest` "
+                        f"stays {result.get('latest') or 'none'}."))
     else:
         lines.append(f"**Failed**: {result.get('error', '')}. `latest` stays where it was; rerun to resume from "
                      f"`{result.get('work_dir', '')}`.")
-    lines += ["", "| | |", "|---|---|"]
-    for key in ("soul_dir", "registry_dir", "fingerprint", "n_files", "config_hash", "seconds", "finished_utc"):
-        if key in result:
-            lines.append(f"| {key} | `{result[key]}` |")
-    for key, value in (result.get("metrics") or {}).items():
-        lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
-    for step, secs in (result.get("timings_s") or {}).items():
-        if step != "cached":
-            lines.append(f"| time: {step} | {secs} s |")
+    lines.append("")
+    warnings = [f"**WARNING** {warning}  " for warning in result.get("warnings") or []]
+    lines += warnings + ([""] if warnings else [])
+    lines += _retrain_score_tables(result.get("scores") or {})
+    bars = promotion.get("bars") or {}
+    if bars:
+        lines += ["## Quality bars", "", markdown_table(["bar", ""], [[bar, "met" if met else "**NOT MET**"]
+                                                                       for bar, met in bars.items()]), ""]
+    lines += _champion_table(promotion)
+    facts = [[key, f"`{result[key]}`"] for key in ("soul_dir", "registry_dir", "fingerprint", "n_files",
+                                                   "config_hash", "seconds", "finished_utc") if key in result]
+    facts += [[f"time: {step}", f"{secs} s"] for step, secs in (result.get("timings_s") or {}).items()
+              if step != "cached"]
+    lines += ["## Run", "", markdown_table(["", ""], facts)]
     return "\n".join(lines) + "\n"
+
+
+def _retrain_score_tables(scores: dict[str, Any]) -> list[str]:
+    """Per model: its held-out scores beside its baselines (the numbers the quality bars compare)."""
+    out: list[str] = []
+    for model, label, what in (("pix2pix", "Pix2Pix", "labels"), ("crgan", "CRGAN", "images")):
+        section = scores.get(model) or {}
+        if not section.get("model"):
+            continue
+        metrics = _RETRAIN_SCORES[model]
+        rows = [[f"{label} (this retrain)", *(_number(section["model"].get(key), spec) for key, _, spec in metrics)]]
+        rows += [[f"baseline: {name}", *(_number(values.get(key), spec) for key, _, spec in metrics)]
+                 for name, values in (section.get("baselines") or {}).items()]
+        out += [f"## {label} {what} on {section.get('on', 'held-out data')}: beside the baselines", "",
+                markdown_table(["", *(name for _, name, _ in metrics)], rows), ""]
+    return out
+
+
+def _champion_table(promotion: dict[str, Any]) -> list[str]:
+    """The challenger's scores beside the ``latest`` it was compared with, on this run's held-out data."""
+    champion, comparison = promotion.get("champion"), promotion.get("comparison") or {}
+    notes = [f"- {note}" for note in promotion.get("notes") or []]
+    if not champion or not (comparison or notes):
+        return []
+    rows = [[f"{model} {name}", _number(pair.get("challenger"), ".4f"), _number(pair.get("champion"), ".4f")]
+            for model, metrics in _RETRAIN_SCORES.items() for key, name, _ in metrics
+            for pair in [(comparison.get(model) or {}).get(key)] if pair]
+    on = "; ".join(f"{model}: {where}" for model, where in (promotion.get("compared_on") or {}).items())
+    out = [f"## Compared with latest {champion}", ""]
+    if rows:
+        out += [markdown_table(["score", "this retrain", f"latest {champion} (same data)"], rows), ""]
+        out += [f"Both scored on this run's held-out data{f' ({on})' if on else ''}; a score below latest's keeps "
+                "latest.", ""]
+    return out + (notes + [""] if notes else [])
+
+
+def _number(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "n/a"
 
 
 def publish_retrain_artifact(result: dict[str, Any]) -> None:
