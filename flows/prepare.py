@@ -34,9 +34,10 @@ LOCK_WAIT_S = 5.0
 
 def run_steps(plan: Sequence[Step], run_dir: str | Path, config: PipelineConfig, *, source: str | Path | None = None,
               only: Iterable[str] | None = None, execute: Executor = execute_with_prefect,
-              lock_wait_s: float = LOCK_WAIT_S) -> PlanRun:
+              lock_wait_s: float = LOCK_WAIT_S, log_warnings: bool = True) -> PlanRun:
     """Run ``plan`` (or just the steps in ``only``) in ``run_dir`` under its lock; write the documents
-    (``run.report`` is the report.json written) and record every output's sha256 in run.json.
+    (``run.report`` is the report.json written; ``log_warnings`` False leaves its WARNINGs to the
+    caller) and record every output's sha256 in run.json.
 
     Steps that need nothing from each other run at once where the config says so (on CUDA by
     default: tasks.concurrency), else one after another in plan order."""
@@ -46,7 +47,8 @@ def run_steps(plan: Sequence[Step], run_dir: str | Path, config: PipelineConfig,
         record_run(run_dir, config, **({"soul_dir": str(source)} if source is not None else {}))
         run = run_plan(plan, StepContext(run_dir=run_dir, config=config, source=source), execute=execute, only=only,
                        run_together=group_executor(config, execute))
-        run.report = write_documents(run_dir, plan, run, config, str(source) if source is not None else "")
+        run.report = write_documents(run_dir, plan, run, config, str(source) if source is not None else "",
+                                     log_warnings=log_warnings)
         record_run(run_dir, config, hashes={path: stamp.sha256 for outcome in run.outcomes.values()
                                             for path, stamp in outcome.record.outputs.items()})
     return run

@@ -5,13 +5,23 @@ cached by size and mtime, so an unchanged directory costs only ``stat`` calls) a
 compares it, with the config hash, to what the registry's ``latest`` version was
 trained on: the same means a quick ``no change`` result. Otherwise it runs ingest ->
 preprocess -> train Pix2Pix -> train CRGAN in a work directory and publishes the
-checkpoints as a new registry version; ``latest`` moves only after both models
-trained and validated (storage.registry). The work directory is named after the
-fingerprint and config, so a retrain that crashed resumes training from its last
-checkpoint when the schedule (or a user) runs it again.
+checkpoints as a new registry version. Champion and challenger (tasks/promotion.py):
+every version is published, but ``latest`` moves only when the new models meet their
+quality bars and score no worse than the current ``latest`` on this run's held-out
+data; otherwise the result says "published vNNNN, not promoted: <why>" and the version's
+promotion.json, report.json and report.md keep the scores. The work directory is named
+after the fingerprint and config, so a retrain that crashed resumes training from its
+last checkpoint when the schedule (or a user) runs it again; it is deleted after a
+publish, so every WARNING names the version's files instead.
 
-Every run also writes REGISTRY/last_retrain.json (status, version, fingerprint,
-times) for monitoring without Prefect.
+The registry is checked first (tasks.preflight.preflight_registry: writable, a sane
+``latest``), before the fingerprint, ingest and preprocess, so a registry the retrain
+could not publish to is one line and costs nothing. "No change" compares with the
+newest version, promoted or not: the same data and config would train the same models
+and reach the same decision.
+
+Every run also writes REGISTRY/last_retrain.json (status, version, promotion,
+fingerprint, times) for monitoring without Prefect.
 """
 from __future__ import annotations
 
@@ -36,10 +46,12 @@ from storage.fingerprint import SourceFingerprint, fingerprint_source
 from storage.hashing import json_sha256
 from storage.locking import file_lock
 from storage.registry import ModelRegistry
+from storage.run_dir import RunPaths
 from tasks.concurrency import step_task_runner
 from tasks.config import PipelineConfig, flatten_fields
 from tasks.config import preset as preset_config
-from tasks.reporting import in_prefect_run, run_log
+from tasks.preflight import preflight_registry
+from tasks.reporting import in_prefect_run, run_log, run_warning
 
 if TYPE_CHECKING:
     from tasks.steps import PlanRun
@@ -84,22 +96,39 @@ def source_fingerprint(soul_dir: Path, registry_dir: Path) -> SourceFingerprint:
 
 
 def is_unchanged(registry: ModelRegistry, fingerprint: SourceFingerprint, cfg_hash: str) -> bool:
-    """True when ``latest`` was trained on this exact source content and config."""
-    last = registry.latest_source()
+    """True when the newest version (promoted or not) was trained on this exact source content and config."""
+    last = registry.source_of(registry.newest_version())
     return bool(last) and last.get("digest") == fingerprint.digest and last.get("config_hash") == cfg_hash
 
 
 fingerprint_task = task(name="fingerprint-source", retries=1, retry_delay_seconds=2)(source_fingerprint)
 
 
+@task(name="decide-promotion")
+def promotion_task(run: PlanRun, work: Path, config: PipelineConfig, registry_dir: Path) -> dict[str, Any]:
+    """Champion and challenger: the new models' bars, and the current latest scored on this run's held-out data."""
+    from tasks.promotion import decide_against_latest
+
+    decision = decide_against_latest(work, config, run.report, ModelRegistry(registry_dir))
+    run_log(f"promotion: {'promote' if decision.promote else 'do not promote'}: {decision.summary()}")
+    return decision.record()
+
+
 @task(name="publish-models")
-def publish_task(run: PlanRun, registry_dir: Path, config: PipelineConfig, source: dict[str, Any]) -> str:
-    """Copy the two trained checkpoints and their evaluations into a new registry version."""
+def publish_task(run: PlanRun, work: Path, registry_dir: Path, config: PipelineConfig, source: dict[str, Any],
+                 promotion: dict[str, Any]) -> str:
+    """Copy the two trained checkpoints, their evaluations, the run's report and the promotion decision into a
+    new registry version; latest moves only when the decision holds."""
     models = {name: run.result(name) for name in ("pix2pix", "crgan")}
-    version = ModelRegistry(registry_dir).publish(
+    documents = RunPaths.of(work)
+    registry = ModelRegistry(registry_dir)
+    version = registry.publish(
         {name: m.checkpoint_path for name, m in models.items()}, config, source,
-        metrics={name: m.report_section() for name, m in models.items()})
-    run_log(f"published models {version} to {registry_dir} (latest -> {version})")
+        metrics={name: m.report_section() for name, m in models.items()}, promotion=promotion,
+        documents={"report.json": documents.report_json, "report.md": documents.report_md})
+    promoted = registry.latest_version() == version
+    run_log(f"published models {version} to {registry_dir} "
+            + (f"(latest -> {version})" if promoted else "(not promoted)"))
     return version
 
 
@@ -118,10 +147,11 @@ def retrain(
     soul_dir / registry_dir default to $BRVO_SOUL_DIR / $BRVO_REGISTRY_DIR. ``force`` retrains
     even when nothing changed; ``keep_work`` keeps the work directory (soul.h5, checkpoints,
     report.json) after a successful publish (default: removed, the registry holds what matters).
-    The run's final state message says what happened: 'retrained: v0004-...' or 'no change since ...'.
+    The run's final state message says what happened: 'retrained: latest -> v0004-... (was v0003-...); ...',
+    'published v0004-..., not promoted: 2 bars missed (...)' or 'no change since ...'.
     """
     result = retrain_chain(soul_dir, registry_dir, preset, config_json, work_dir, force, keep_work)
-    return Completed(message=f"{result['status']}: {result.get('version') or ''}".strip(), data=result)
+    return Completed(message=result["message"], data=result)
 
 
 def retrain_chain(soul_dir: str | None, registry_dir: str | None, preset: str, config_json: str | None,
@@ -133,9 +163,9 @@ def retrain_chain(soul_dir: str | None, registry_dir: str | None, preset: str, c
     soul, reg_dir = resolve_dirs(soul_dir, registry_dir)
     check_source(soul)
     config = make_config(preset, config_json)
+    preflight_registry(reg_dir)  # before the fingerprint (cached in the registry), ingest and preprocess
     cfg_hash = config_fingerprint(config)
     registry = ModelRegistry(reg_dir)
-    reg_dir.mkdir(parents=True, exist_ok=True)
 
     fp = fingerprint_task(soul, reg_dir)
     run_log(f"source {soul}: {fp.n_files} files, {fp.total_bytes / 1e6:.1f} MB, fingerprint {fp.digest[:12]} "
@@ -143,16 +173,13 @@ def retrain_chain(soul_dir: str | None, registry_dir: str | None, preset: str, c
     base = {"soul_dir": str(soul), "registry_dir": str(reg_dir), "fingerprint": fp.digest,
             "n_files": fp.n_files, "config_hash": cfg_hash}
     if not force and is_unchanged(registry, fp, cfg_hash):
-        return _finish(registry, t0, {**base, "status": "no change", "version": registry.latest_version()},
-                       f"no change since {registry.latest_version()}: nothing to retrain")
+        return _no_change(registry, t0, base, "")
 
     busy = f"model registry {reg_dir} is being retrained by another run (pid {{pid}}); wait for it to finish"
     with file_lock(reg_dir / ".retrain.lock", LOCK_WAIT_S, busy):
         fp = source_fingerprint(soul, reg_dir)  # the data may have moved on while we waited
         if not force and is_unchanged(registry, fp, cfg_hash):
-            return _finish(registry, t0, {**base, "fingerprint": fp.digest, "status": "no change",
-                                          "version": registry.latest_version()},
-                           f"no change since {registry.latest_version()} (published while waiting)")
+            return _no_change(registry, t0, {**base, "fingerprint": fp.digest}, " (published while waiting)")
         from flows.prepare import (
             run_steps,  # torch: imported only when there is work to do
         )
@@ -162,20 +189,29 @@ def retrain_chain(soul_dir: str | None, registry_dir: str | None, preset: str, c
         from tasks.train_pix2pix import TRAIN_PIX2PIX
 
         work = Path(work_dir) if work_dir else reg_dir / "work" / f"{fp.digest[:12]}-{cfg_hash[:8]}"
-        run_log(f"retraining in {work} (previous version: {registry.latest_version() or 'none'})")
+        run_log(f"retraining in {work} (latest: {registry.latest_version() or 'none'})")
         try:
-            run = run_steps((INGEST, PREPROCESS, TRAIN_PIX2PIX, TRAIN_CRGAN), work, config, source=soul)
+            run = run_steps((INGEST, PREPROCESS, TRAIN_PIX2PIX, TRAIN_CRGAN), work, config, source=soul,
+                            log_warnings=False)  # logged below, naming the version's report: work is deleted
             t = time.perf_counter()
             previous = registry.latest_version()
-            version = publish_task(run, reg_dir, config, {**fp.to_dict(), "config_hash": cfg_hash,
-                                                           "soul_dir": str(soul)})
+            decision = promotion_task(run, work, config, reg_dir)
+            version = publish_task(run, work, reg_dir, config, {**fp.to_dict(), "config_hash": cfg_hash,
+                                                                 "soul_dir": str(soul)}, decision)
             timings = {**run.timings(), "publish": round(time.perf_counter() - t, 2)}
             if not keep_work and not work_dir:
                 shutil.rmtree(work, ignore_errors=True)
-            result = {**base, "fingerprint": fp.digest, "status": "retrained", "version": version,
-                      "previous_version": previous, "metrics": _headline(registry.resolve(version).metrics),
-                      "timings_s": timings}
-            return _finish(registry, t0, result, f"retrained: latest -> {version} (was {previous or 'none'})")
+            published = registry.resolve(version)
+            promotion = published.promotion
+            warnings = _warn(run.report, published.dir, version, promotion, previous)
+            status = "retrained" if promotion["promoted"] else "published"
+            result = {**base, "fingerprint": fp.digest, "status": status, "version": version,
+                      "promoted": bool(promotion["promoted"]), "previous_version": previous,
+                      "latest": registry.latest_version(), "promotion": promotion, "scores": _scores(run.report),
+                      "metrics": _headline(published.metrics), "warnings": warnings, "timings_s": timings}
+            message = (f"retrained: latest -> {version} (was {previous or 'none'}); {promotion['summary']}"
+                       if promotion["promoted"] else f"published {version}, not promoted: {promotion['summary']}")
+            return _finish(registry, t0, result, message)
         except Exception as exc:
             _finish(registry, t0, {**base, "status": "failed", "work_dir": str(work),
                                    "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"},
@@ -183,10 +219,39 @@ def retrain_chain(soul_dir: str | None, registry_dir: str | None, preset: str, c
             raise
 
 
+def _no_change(registry: ModelRegistry, t0: float, base: dict[str, Any], when: str) -> dict[str, Any]:
+    """The quick result: the newest version was trained on this data and config (and was promoted or not)."""
+    newest, latest = registry.newest_version(), registry.latest_version()
+    promotion = registry.promotion_of(newest) if newest != latest else {}
+    result = {**base, "status": "no change", "version": newest, "latest": latest, "promoted": newest == latest}
+    if newest == latest:
+        return _finish(registry, t0, result, f"no change since {newest}{when}: nothing to retrain")
+    why = promotion.get("summary") or "no decision recorded"
+    return _finish(registry, t0, {**result, "promotion": promotion},
+                   f"no change since {newest} (not promoted: {why}; latest stays {latest or 'none'}){when}: "
+                   f"nothing to retrain")
+
+
+def _warn(report: dict[str, Any], version_dir: Path, version: str, promotion: dict[str, Any],
+          previous: str | None) -> list[str]:
+    """Log the run's WARNINGs, naming the published report (the work directory is gone), and a version that
+    was not promoted; return them."""
+    from tasks.report import warnings_of
+
+    lines = [f"{w}; see {version_dir / 'report.md'}" for w in warnings_of(report)]
+    if not promotion.get("promoted"):
+        lines.append(f"published {version}, not promoted: {promotion.get('summary')}; latest stays "
+                     f"{previous or 'none'} (augment runs keep using it); see {version_dir / 'promotion.json'}")
+    for line in lines:
+        run_warning(line)
+    return lines
+
+
 def _finish(registry: ModelRegistry, t0: float, result: dict[str, Any], message: str) -> dict[str, Any]:
     """Record the outcome (REGISTRY/last_retrain.json, the 'retrain-result' artifact, the log) and return it."""
     from flows.artifacts import publish_retrain_artifact
 
+    result["message"] = message
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_json_atomic(registry.root / STATUS_FILE, result)
@@ -207,4 +272,18 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     for key in ("ssim", "psnr"):
         if isinstance(model, dict) and key in model:
             out[f"crgan_{key}"] = model[key]
+    return out
+
+
+def _scores(report: dict[str, Any]) -> dict[str, Any]:
+    """Each model's held-out scores beside its baselines, as the quality bars compare them."""
+    out: dict[str, Any] = {}
+    p2p = report.get("pix2pix") or {}
+    if p2p.get("test"):
+        out["pix2pix"] = {"model": p2p["test"], "baselines": p2p.get("baselines") or {},
+                          "on": f"{p2p.get('n_test_patients', '?')} test patients"}
+    heldout = (report.get("crgan") or {}).get("heldout") or {}
+    if heldout.get("model"):
+        out["crgan"] = {"model": heldout["model"], "baselines": heldout.get("baselines") or {},
+                        "on": f"{heldout.get('n', '?')} held-out cases of val and test patients"}
     return out

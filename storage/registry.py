@@ -120,7 +120,7 @@ class ModelRegistry:
         newest = self.newest_version()
         if newest is None:
             return None
-        decision = _read_json_or_empty(self.models_dir / newest / PROMOTION)
+        decision = self.promotion_of(newest)
         why = decision.get("summary") or "; ".join(decision.get("reasons") or []) or "no promotion recorded"
         return (f"model registry {self.root} holds {len(self.versions())} version(s) but none was promoted to latest "
                 f"(newest {newest}: not promoted: {why}); this run trains its own models; pass "
@@ -164,6 +164,12 @@ class ModelRegistry:
         return RegisteredModels(version=version, dir=vdir, pix2pix_checkpoint=ckpts["pix2pix"],
                                 crgan_checkpoint=ckpts["crgan"], config=config, metrics=metrics,
                                 sha256s=sha256s, source=source, promotion=_read_json_or_empty(vdir / PROMOTION))
+
+    def promotion_of(self, version: str) -> dict[str, Any]:
+        """promotion.json of ``version`` without loading its checkpoints ({} for versions published before it)."""
+        if not _VERSION_RE.match(str(version)):
+            return {}
+        return _read_json_or_empty(self.models_dir / version / PROMOTION)
 
     def source_of(self, version: str | None) -> dict[str, Any] | None:
         """source.json of ``version`` (what it was trained on), or None when there is none or it is unreadable."""

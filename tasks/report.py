@@ -479,8 +479,10 @@ def build_report(plan: Sequence[Step], run: PlanRun, config: PipelineConfig) -> 
 
 
 def write_documents(run_dir: Path, plan: Sequence[Step], run: PlanRun, config: PipelineConfig,
-                    data_source: str) -> dict[str, Any]:
-    """Write report.json, and report.md + DATASET_CARD.md once augmented.h5 exists; return the report."""
+                    data_source: str, log_warnings: bool = True) -> dict[str, Any]:
+    """Write report.json, and report.md + DATASET_CARD.md once augmented.h5 exists; return the report.
+    ``log_warnings`` False: the caller logs the WARNINGs itself (a retrain, once it knows where the
+    documents will live: its work directory is deleted)."""
     from storage.atomic import write_json_atomic, write_text_atomic
     from storage.paired_format import validate
 
@@ -488,7 +490,7 @@ def write_documents(run_dir: Path, plan: Sequence[Step], run: PlanRun, config: P
 
     paths = RunPaths.of(run_dir)
     report = build_report(plan, run, config)
-    for warning in warnings_of(report):
+    for warning in warnings_of(report) if log_warnings else ():
         run_warning(f"{warning}; see {paths.report_md}")
     write_json_atomic(paths.report_json, report)
     write_text_atomic(paths.report_md, render_report(report, data_source))
