@@ -54,7 +54,7 @@ class PromotionDecision(BaseModel):
         """One clause: '2 bars missed (a, b)', 'pix2pix test Dice 0.2 < latest v1's 0.3 ...', or why promoted."""
         if not self.promote:
             return "; ".join(self.reasons)
-        bars = f"all {len(self.bars)} quality bars met"
+        bars = f"all {len(self.bars)} quality bar{'' if len(self.bars) == 1 else 's'} met"
         if self.champion is None:
             return f"{bars}; no latest to compare with"
         if not self.comparison:

@@ -556,3 +556,16 @@ def test_a_retrain_whose_models_miss_their_bars_publishes_without_promoting_and_
     again = retrain(soul_dir=str(tiny_phantom), registry_dir=str(reg_dir), preset="tiny", return_state=True)
     assert again.result()["status"] == "no change" and registry.versions() == [version]
     assert again.message.startswith(f"no change since {version} (not promoted: ")
+
+    # models that meet their bars (here: bars declared met) with no latest to beat are promoted, and say so
+    import tasks.promotion
+
+    monkeypatch.setattr(tasks.promotion, "bar_checks", lambda report: {"pix2pix_beats_baselines": True})
+    forced = retrain(soul_dir=str(tiny_phantom), registry_dir=str(reg_dir), preset="tiny", force=True,
+                     return_state=True)
+    promoted = forced.result()
+    assert promoted["status"] == "retrained" and promoted["promoted"] is True
+    assert registry.latest_version() == promoted["version"] != version
+    assert forced.message == (f"retrained: latest -> {promoted['version']} (was none); all 1 quality bar met; "
+                              "no latest to compare with")
+    assert registry.resolve().promotion["promoted"] is True
