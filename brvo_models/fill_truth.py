@@ -290,27 +290,94 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
 
 # ------------------------------------------------------------------------------------------------ distribution
 
-def distribution(synthetic: np.ndarray, synthetic_stages: np.ndarray, held_out: np.ndarray,
-                 held_out_stages: np.ndarray, train: np.ndarray, train_stages: np.ndarray,
-                 truth: np.ndarray | None = None, truth_stages: np.ndarray | None = None, seed: int = 0) -> dict:
-    """KID and precision/recall of uint8 images against held-out real ones, pooled over stages, with the
-    random-CNN features of :mod:`brvo_models.image_quality` (the pipeline's image_quality step): the
-    synthetic rows, the real training images (the real-vs-real ceiling) and, when given, the true scans of
-    the same missed pairs (what a perfect fill of exactly these pairs would score)."""
-    from brvo_models.image_quality import RandomCNNFeatures, stage_quality
+def image_features(images: np.ndarray, seed: int = 0):
+    """Random-CNN features of uint8 images (N, H, W), as the pipeline's image_quality step extracts them
+    (:class:`brvo_models.image_quality.RandomCNNFeatures`): extract once, compare many sets."""
+    from brvo_models.image_quality import RandomCNNFeatures, extract_features
 
-    extractor = RandomCNNFeatures(seed=seed)
+    return extract_features(RandomCNNFeatures(seed=seed), images)
+
+
+def distribution(synthetic_features, held_out_features, train_features=None, truth_features=None,
+                 real_vs_real: dict | None = None) -> dict:
+    """KID and precision/recall against held-out real images, pooled over stages
+    (:func:`brvo_models.image_quality.compare_features`, the papers' settings): the synthetic rows, the real
+    training images in their place (the real-vs-real ceiling; pass ``real_vs_real`` from an earlier call to
+    reuse it, it does not depend on the synthetic rows) and, when given, the true scans of the same missed
+    pairs (what a perfect fill of exactly these pairs would score)."""
+    from brvo_models.image_quality import compare_features
+
     shown = ("n_real", "n_synthetic", "kid_mean", "kid_std", "precision", "recall", "reason")
 
-    def pooled(images, stages) -> dict:
-        result = stage_quality(images, stages, held_out, held_out_stages, extractor=extractor,
-                               baseline_images=train, baseline_stages=train_stages)["all"]
-        return {k: result.get(k) for k in shown}, {k: result["baseline"].get(k) for k in shown}
+    def against_held_out(features) -> dict:
+        result = compare_features(held_out_features, features)
+        return {k: result.get(k) for k in shown}
 
-    synthetic_numbers, ceiling = pooled(synthetic, synthetic_stages)
-    out = {"synthetic": synthetic_numbers, "real_vs_real": ceiling}
-    if truth is not None:
-        out["truth"] = pooled(truth, truth_stages)[0]
+    if real_vs_real is None:
+        if train_features is None:
+            raise ValueError("give train_features or a real_vs_real result to compare with")
+        real_vs_real = against_held_out(train_features)
+    out = {"synthetic": against_held_out(synthetic_features), "real_vs_real": real_vs_real}
+    if truth_features is not None:
+        out["truth"] = against_held_out(truth_features)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the bars
+
+#: Kinds each bar is judged on, each on its own.
+JUDGED_KINDS = ("interior", "after_last")
+
+
+def bars(summary: Mapping[str, dict], distributions: Mapping[str, dict] | None = None) -> dict[str, dict]:
+    """The rules a fill must meet against the truth, fixed before any number was seen, per judged gap kind:
+
+    - estimate: the zero-noise estimate or the mean of the K samples closes >= half the SSIM gap;
+    - samples: one sample's SSIM with the true scan is within 0.03 of a real repeat scan's;
+    - course: the samples carry 80-125 % of the true change in the non-perfusion index, with a mean
+      offset under a quarter of one stage's true change;
+    - labels: 1-px tolerant Dice with the true label within 0.03 of a repeat scan's label;
+    - distribution: KID of the accepted samples <= 1.5 x the real-vs-real ceiling (a ceiling <= 0 asks
+      for KID <= 0) and recall >= 0.8 x the ceiling's.
+
+    Returns {name: {met: bool | None, value, rule}}; met is None where the measure is undefined.
+    """
+    out: dict[str, dict] = {}
+    for kind in JUDGED_KINDS:
+        if kind not in summary:
+            continue
+        s = summary[kind]
+        closed = [v for v in (s["gap_closed"]["zero_noise"], s["gap_closed"]["mean_of_samples"]) if v is not None]
+        out[f"{kind}.estimate"] = {"met": None if not closed else max(closed) >= 0.5,
+                                   "value": max(closed) if closed else None,
+                                   "rule": "zero-noise or mean-of-samples estimate closes >= 50 % of the SSIM gap"}
+        gap = s["ssim"]["repeat_scan"] - s["ssim"]["one_sample"]
+        out[f"{kind}.samples"] = {"met": gap <= 0.03, "value": gap,
+                                  "rule": "one sample's SSIM with the true scan >= a repeat scan's - 0.03"}
+        course = s["course"]["non_perfusion"]
+        fit = course["samples"]
+        carried = fit["slope_through_origin"]
+        quarter = course["true_change_per_stage"] / 4
+        out[f"{kind}.course"] = {
+            "met": None if carried is None else bool(0.8 <= carried <= 1.25 and abs(fit["offset"]) < quarter),
+            "value": {"carried": carried, "offset": fit["offset"], "quarter_stage": quarter},
+            "rule": "samples carry 80-125 % of the true change in the non-perfusion index, |offset| < a quarter "
+                    "of one stage's true change"}
+        lab = s["labels"]
+        dice_gap = lab["repeat_scan"]["tolerant_dice"] - lab["samples"]["tolerant_dice"]
+        out[f"{kind}.labels"] = {"met": dice_gap <= 0.03, "value": dice_gap,
+                                 "rule": "1-px tolerant Dice with the true label >= a repeat scan's - 0.03"}
+        if distributions and kind in distributions:
+            d = distributions[kind]
+            kid, kid_ceiling = d["synthetic"]["kid_mean"], d["real_vs_real"]["kid_mean"]
+            recall, recall_ceiling = d["synthetic"]["recall"], d["real_vs_real"]["recall"]
+            numbers = (kid, kid_ceiling, recall, recall_ceiling)
+            defined = all(v is not None and not math.isnan(v) for v in numbers)
+            out[f"{kind}.distribution"] = {
+                "met": bool(kid <= 1.5 * max(kid_ceiling, 0.0) and recall >= 0.8 * recall_ceiling) if defined
+                else None,
+                "value": {"kid": kid, "kid_ceiling": kid_ceiling, "recall": recall, "recall_ceiling": recall_ceiling},
+                "rule": "KID <= 1.5 x real-vs-real and recall >= 0.8 x real-vs-real"}
     return out
 
 

@@ -375,3 +375,62 @@ def test_a_copy_of_the_nearest_visit_carries_none_of_the_course():
         assert s["labels"]["samples"]["tolerant_dice"] == pytest.approx(s["labels"]["nearest_copy"]["tolerant_dice"])
     # the true course of this phantom is not flat: a copy misses it
     assert summarise(rows)["all"]["course"]["non_perfusion"]["true_change_mean"] < -1.0
+
+
+def test_bars_hold_for_the_truth_and_fail_for_a_copy():
+    """The issue's rules, on the two fakes with known answers: the truth itself meets the estimate, course
+    and label bars; a copy of the nearest visit misses the course bar on both judged kinds."""
+    from brvo_models.fill_truth import bars, evaluate_pair, summarise
+
+    def truth_itself(_near, truth):
+        images, labels = truth
+        return images, labels, images[1:].astype(np.float64).mean(0)
+
+    met = bars(summarise([evaluate_pair(p) for p in _pairs(truth_itself)]))
+    assert met["after_last.estimate"]["met"] is True and met["after_last.course"]["met"] is True
+    assert met["interior.course"]["met"] is True
+
+    def nearest_copy(near, _truth):
+        images, labels = near
+        return np.tile(images, (2, 1, 1)), np.tile(labels, (2, 1, 1)), images.astype(np.float64).mean(0)
+
+    missed = bars(summarise([evaluate_pair(p) for p in _pairs(nearest_copy)]))
+    assert missed["after_last.course"]["met"] is False and missed["interior.course"]["met"] is False
+    assert missed["after_last.course"]["value"]["carried"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_benchmark_judges_every_filled_pair_of_a_finished_run(tiny_augment_run, tmp_path, capsys):
+    """benchmarks/fill_truth.py on the session's tiny run (8 patients, seed 0) and a truth written for that
+    phantom: every filled pair is judged, the table and a WARNING per missed bar are printed, JSON written;
+    a truth of another phantom is refused in one line."""
+    import importlib.util
+    import json
+
+    from storage.paired_format import read_meta
+    from tasks.fill_stages import missing_stages
+
+    _, run_dir, result = tiny_augment_run
+    spec = importlib.util.spec_from_file_location("fill_truth_bench", REPO / "benchmarks" / "fill_truth.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    write_truth(tmp_path / "truth", PhantomConfig(n_patients=8, seed=0), n_repeats=3)
+    out = tmp_path / "fill_truth.json"
+    assert bench.main([str(run_dir), str(tmp_path / "truth"), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    holes = {(pid, s) for pid, stages in missing_stages(read_meta(run_dir / "soul.h5")).items() for s in stages}
+    assert {(r["patient_id"], r["stage"]) for r in saved["pairs"]} == holes
+    assert saved["summary"]["all"]["n_samples"] == result["n_synthetic"]
+    for row in saved["pairs"]:
+        assert row["n_truth_scans"] == 3 and row["ssim"]["zero_noise"] is not None
+    assert "SSIM vs true scan" in printed and "after last" in printed
+    missed = [name for name, bar in saved["bars"].items() if bar["met"] is not True]
+    assert all(f"WARNING: fill_truth bar {name}" in printed for name in missed)
+    assert "real_vs_real" in saved["distribution"]["all"]
+
+    write_truth(tmp_path / "other", PhantomConfig(n_patients=8, seed=1), n_repeats=3)
+    assert bench.main([str(run_dir), str(tmp_path / "other"), "--json", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not this run's phantom" in err and err.count("\n") == 1
