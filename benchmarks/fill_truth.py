@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result["code_commit"] = _commit()
-    print(markdown_table(result["summary"], result["distribution"]))
+    print(markdown_table(result["summary"], result["distribution"], result["bars"]))
     for name, bar in result["bars"].items():
         if bar["met"] is not True:
             state = "undefined" if bar["met"] is None else "missed"

@@ -267,7 +267,7 @@ def _summary(rows: list[dict]) -> dict:
     best_name = max(BASELINES, key=lambda n: ssims[n])
     best, oracle = ssims[best_name], ssims["oracle"]
     gap = {name: None if ssims[name] is None or oracle - best <= 0 else (ssims[name] - best) / (oracle - best)
-           for name in ESTIMATES}
+           for name in ESTIMATES + BASELINES + CEILINGS}
     labels = {source: {m: float(np.mean([r["labels"][source][m] for r in rows]))
                        for m in ("tolerant_dice", "tolerant_cldice")} for source in LABEL_SOURCES}
     return {"n_pairs": len(rows), "n_patients": len({r["patient_id"] for r in rows}),
@@ -389,47 +389,67 @@ def _fmt(value, digits: int = 3, pct: bool = False) -> str:
     return f"{100 * value:.0f} %" if pct else f"{value:.{digits}f}"
 
 
-def markdown_table(summary: Mapping[str, dict], distributions: Mapping[str, dict] | None = None) -> str:
-    """One table per gap kind: every measure beside its baselines and ceilings (docs/fill-truth.md)."""
-    cols = ("zero-noise estimate", "mean of K samples", "one sample", "nearest copy", "neighbour mean",
-            "repeat scan", "oracle")
-    names = ESTIMATES + BASELINES + CEILINGS
+#: Table columns: (header, image measure name, course estimate name, label source name).
+_COLUMNS = (("zero-noise estimate", "zero_noise", "zero_noise", None),
+            ("mean of K samples", "mean_of_samples", "mean_of_samples", None),
+            ("one sample", "one_sample", "samples", "samples"),
+            ("nearest copy", "nearest_copy", "nearest_copy", "nearest_copy"),
+            ("neighbour mean", "neighbour_mean", "neighbour_mean", None),
+            ("repeat scan", "repeat_scan", "true_scan", "repeat_scan"),
+            ("oracle", "oracle", None, None))
+
+
+def _row(title: str, cells) -> str:
+    return f"| {title} | " + " | ".join(cells) + " |"
+
+
+def markdown_table(summary: Mapping[str, dict], distributions: Mapping[str, dict] | None = None,
+                   bar_results: Mapping[str, dict] | None = None) -> str:
+    """One table per gap kind (every measure beside its baselines and ceilings), then the distribution and the
+    bars: what docs/fill-truth.md shows. For the course, "one sample" is the mean over samples of each
+    sample's change, "mean of K samples" the change read on their mean image, "repeat scan" one real scan
+    of the true stage (the true change is the mean over all truth scans)."""
     blocks = []
     for kind, s in summary.items():
-        head = (f"**{kind.replace('_', ' ')}**: {s['n_pairs']} pairs of {s['n_patients']} patients, "
-                f"{s['n_samples']} samples; best baseline {s['best_baseline'].replace('_', ' ')}")
-        lines = [head, "", "| measure | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        lines.append("| SSIM vs true scan | " + " | ".join(_fmt(s["ssim"][n]) for n in names) + " |")
-        lines.append("| PSNR (dB) | " + " | ".join(_fmt(s["psnr"][n], 2) for n in names) + " |")
-        gap = [_fmt(s["gap_closed"][n], pct=True) for n in ESTIMATES]
-        lines.append("| SSIM gap closed | " + " | ".join(gap) + " | 0 % (best) | | | 100 % |")
+        lines = [f"**{kind.replace('_', ' ')}**: {s['n_pairs']} pairs of {s['n_patients']} patients, "
+                 f"{s['n_samples']} samples; best baseline: {s['best_baseline'].replace('_', ' ')}", "",
+                 _row("measure", [c[0] for c in _COLUMNS]), "|---" * (len(_COLUMNS) + 1) + "|",
+                 _row("SSIM vs true scan", [_fmt(s["ssim"][c[1]]) for c in _COLUMNS]),
+                 _row("PSNR vs true scan (dB)", [_fmt(s["psnr"][c[1]], 2) for c in _COLUMNS]),
+                 _row("share of the SSIM gap closed", [_fmt(s["gap_closed"][c[1]], pct=True) for c in _COLUMNS])]
         for biomarker, unit in (("non_perfusion", "non-perfusion index"), ("vessel_density", "label vessel density")):
             c = s["course"][biomarker]
 
-            def cell(name: str, key: str, pct: bool = False, digits: int = 2) -> str:
-                fit = c.get(name)
-                return "" if fit is None else _fmt(fit[key], digits, pct)
+            def fit(name, key, pct=False):
+                value = c.get(name) if name else None
+                return "" if value is None else _fmt(value[key], 2, pct)
 
-            order = {"zero_noise": "zero_noise", "mean_of_samples": "mean_of_samples", "one_sample": "samples",
-                     "nearest_copy": "nearest_copy", "neighbour_mean": "neighbour_mean", "repeat_scan": "true_scan"}
-            lines.append(f"| course, {unit}: share carried (true change {c['true_change_mean']:+.2f} pp, "
-                         f"{c['true_change_per_stage']:.2f} pp per stage) | "
-                         + " | ".join(cell(order[n], "slope_through_origin", pct=True) if n in order else ""
-                                      for n in names) + " |")
-            lines.append(f"| course, {unit}: offset / MAE (pp) | "
-                         + " | ".join(f"{cell(order[n], 'offset')} / {cell(order[n], 'mae')}"
-                                      if n in order and c.get(order[n]) else "" for n in names) + " |")
-        lab = s["labels"]
-        for metric, title in (("tolerant_dice", "label Dice, 1 px tolerant"), ("tolerant_cldice", "label clDice, 1 px")):
-            lines.append(f"| {title} | | | {_fmt(lab['samples'][metric])} | {_fmt(lab['nearest_copy'][metric])} | | "
-                         f"{_fmt(lab['repeat_scan'][metric])} | |")
-        if distributions and kind in distributions:
-            d = distributions[kind]
-            truth = d.get("truth", {})
-            lines.append(f"| KID vs held-out real (accepted samples; real training images; true scans) | | | "
-                         f"{_fmt(d['synthetic']['kid_mean'], 4)} | | | {_fmt(d['real_vs_real']['kid_mean'], 4)} | "
-                         f"{_fmt(truth.get('kid_mean'), 4)} |")
-            lines.append(f"| recall vs held-out real (same) | | | {_fmt(d['synthetic']['recall'])} | | | "
+            lines.append(_row(f"course in {unit}: share carried (true change {c['true_change_mean']:+.2f} pp, "
+                              f"{c['true_change_per_stage']:.2f} pp a stage)",
+                              [fit(col[2], "slope_through_origin", pct=True) for col in _COLUMNS]))
+            lines.append(_row(f"course in {unit}: slope with intercept",
+                              [fit(col[2], "slope") for col in _COLUMNS]))
+            lines.append(_row(f"course in {unit}: offset / MAE (pp)",
+                              [f"{fit(col[2], 'offset')} / {fit(col[2], 'mae')}" if col[2] and c.get(col[2]) else ""
+                               for col in _COLUMNS]))
+        for metric, title in (("tolerant_dice", "label Dice, 1 px tolerant"), ("tolerant_cldice", "label clDice, 1 px tolerant")):
+            lines.append(_row(title, [_fmt(s["labels"][col[3]][metric]) if col[3] else "" for col in _COLUMNS]))
+        blocks.append("\n".join(lines))
+    if distributions:
+        lines = ["**distribution** against held-out real images (random-CNN features, all stages pooled)", "",
+                 "| gap kind | synthetic rows | KID: synthetic | KID: real training (ceiling) | KID: true scans | "
+                 "recall: synthetic | recall: real training | recall: true scans |", "|---" * 8 + "|"]
+        for kind, d in distributions.items():
+            truth = d.get("truth") or {}
+            lines.append(f"| {kind.replace('_', ' ')} | {d['synthetic']['n_synthetic']} {d.get('synthetic_rows', '')} | "
+                         f"{_fmt(d['synthetic']['kid_mean'], 4)} | {_fmt(d['real_vs_real']['kid_mean'], 4)} | "
+                         f"{_fmt(truth.get('kid_mean'), 4)} | {_fmt(d['synthetic']['recall'])} | "
                          f"{_fmt(d['real_vs_real']['recall'])} | {_fmt(truth.get('recall'))} |")
+        blocks.append("\n".join(lines))
+    if bar_results:
+        lines = ["**bars**", "", "| bar | met | rule |", "|---|---|---|"]
+        for name, bar in bar_results.items():
+            met = {True: "yes", False: "**no**", None: "undefined"}[bar["met"]]
+            lines.append(f"| {name} | {met} | {bar['rule']} |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
