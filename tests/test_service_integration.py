@@ -202,10 +202,12 @@ def test_retrain_deployment_publishes_models(service):
     env, work, timings = service
     status, seconds = _retrain(env, work)
     timings["retrain_first_s"] = seconds
-    assert status["status"] == "retrained", status
+    # one tiny epoch may miss its quality bars: then the version is published but not promoted to latest
+    assert status["status"] in ("retrained", "published"), status
     registry = ModelRegistry(env["BRVO_REGISTRY_DIR"])
-    assert registry.versions() == [status["version"]] == [registry.latest_version()]
-    models = registry.resolve()
+    assert registry.versions() == [status["version"]]
+    assert registry.latest_version() == (status["version"] if status["promoted"] else None)
+    models = registry.resolve(status["version"])
     assert models.pix2pix_checkpoint.is_file() and models.crgan_checkpoint.is_file()
     assert models.config["image_size"] == 32 and "pix2pix" in models.metrics and "crgan" in models.metrics
     print(f"retrain (tiny, 6 patients): trained and published {status['version']} in {seconds:.1f} s")
@@ -214,11 +216,12 @@ def test_retrain_deployment_publishes_models(service):
 def test_augment_deployment_run_uses_registry_and_produces_valid_dataset(service):
     env, work, timings = service
     registry = ModelRegistry(env["BRVO_REGISTRY_DIR"])
-    if registry.latest_version() is None:  # when run on its own
+    if not registry.versions():  # when run on its own
         _retrain(env, work)
     run_dir = work / "run"
-    out, seconds = _deployment_run(env, "augment/augment", {
-        "soul_dir": _json_param(str(_soul(work))), "run_dir": _json_param(str(run_dir)), "preset": "tiny"})
+    out, seconds = _deployment_run(env, "augment/augment", {  # pinned: the tiny models may not be promoted
+        "soul_dir": _json_param(str(_soul(work))), "run_dir": _json_param(str(run_dir)), "preset": "tiny",
+        "model_version": _json_param(registry.newest_version())})
     timings["augment_tiny_run_to_completed_s"] = seconds
     print(f"augment/augment (tiny, 6 patients, registry models): prefect deployment run -> Completed in {seconds:.1f} s")
     summary = validate(run_dir / "augmented.h5")
@@ -283,7 +286,7 @@ def _assert_the_outcome_is_named(env: dict[str, str], watch_output: str, run_dir
 def test_retrain_again_without_new_data_is_no_change(service):
     env, work, timings = service
     registry = ModelRegistry(env["BRVO_REGISTRY_DIR"])
-    if registry.latest_version() is None:  # when run on its own
+    if not registry.versions():  # when run on its own
         _retrain(env, work)
     before = registry.versions()
     status, seconds = _retrain(env, work)
