@@ -38,15 +38,18 @@ def outcome_name(bars: Mapping[str, bool], warnings: Sequence[str]) -> str:
 
 
 def outcome_message(bars: Mapping[str, bool], warnings: Sequence[str], lead: str = "") -> str:
-    """'[lead; ]M of N quality bars met (missed: a, b)[; K warnings]'."""
+    """'[lead; ]M of N quality bars met (missed: a, b)[; K warnings]'. Without bars: the lead alone (a
+    retrain that found nothing to do), else 'no quality bar measured'."""
     missed = missed_bars(bars)
+    parts = [lead] if lead else []
     if bars:
-        text = f"{len(bars) - len(missed)} of {len(bars)} quality bars met"
-        text += f" (missed: {', '.join(missed)})" if missed else ""
-    else:
-        text = "no quality bar measured"
-    text += f"; {_count(len(warnings), 'warning')}" if warnings else ""
-    return f"{lead}; {text}" if lead else text
+        parts.append(f"{len(bars) - len(missed)} of {len(bars)} quality bars met"
+                     + (f" (missed: {', '.join(missed)})" if missed else ""))
+    elif not lead:
+        parts.append("no quality bar measured")
+    if warnings:
+        parts.append(_count(len(warnings), "warning"))
+    return "; ".join(parts)
 
 
 def outcome_state(bars: Mapping[str, bool], warnings: Sequence[str], *, lead: str = "", data: Any = None) -> State:

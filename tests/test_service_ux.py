@@ -161,6 +161,8 @@ def test_final_state_name_counts_the_missed_bars():
     assert led.name == "Completed: 1 bar missed" and led.message.startswith("retrained: v0002; 0 of 1 quality bars met")
     assert led.data == {"x": 1}
     assert outcome_state({}, []).message == "no quality bar measured"
+    unchanged = outcome_state({}, [], lead="no change since v0002")
+    assert unchanged.name == "Completed" and unchanged.message == "no change since v0002"
 
 
 @pytest.mark.slow
