@@ -8,10 +8,12 @@ held-out data. The champion comparison runs on real (tiny) checkpoints trained o
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,8 @@ from storage.run_dir import RunPaths
 from tasks.config import load_config, preset
 
 from conftest import write_blob_dataset
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _one_line(exc_info) -> str:
@@ -60,14 +64,13 @@ def test_a_non_finite_config_number_is_refused_naming_the_field(tmp_path, config
     assert f"{field} must be a finite number, got {shown}" in _one_line(exc)
 
 
-def test_a_non_finite_config_on_the_command_line_is_one_line_exit_2_before_any_work(tmp_path, capsys):
-    from flows.cli import main
-
+def test_a_non_finite_config_on_the_command_line_is_one_line_exit_2_before_any_work(tmp_path):
     (tmp_path / "soul").mkdir()
     cfg = tmp_path / "cfg.json"
     cfg.write_text('{"pix2pix": {"lr": Infinity}}')
-    code = main(["run", str(tmp_path / "soul"), str(tmp_path / "run"), "--config", str(cfg)])
-    err = capsys.readouterr().err
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(tmp_path / "soul"), str(tmp_path / "run"),
+                           "--config", str(cfg)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    code, err = proc.returncode, proc.stderr
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith("error: config") and "pix2pix.lr must be a finite number, got inf" in err
     assert "valid number" not in err and not (tmp_path / "run").exists()
@@ -188,6 +191,22 @@ def test_both_gans_at_a_diverging_learning_rate_fail_in_one_line(tmp_path, model
     text = _one_line(exc)
     assert text.startswith(f"{model}: loss became") and "learning rate" in text, text
     assert not (RunPaths.of(tmp_path).checkpoints(model) / "best.pt").exists()
+
+
+def test_a_diverging_training_step_on_the_command_line_is_one_line_exit_2(prefect_harness, tiny_phantom, tmp_path):
+    """Through the Prefect task and the CLI's BrvoError path: `error: pix2pix: loss became NaN ...`, exit 2."""
+    from flows.cli import main
+
+    run = tmp_path / "run"
+    assert main(["prepare", str(tiny_phantom), str(run), "--preset", "tiny"]) == 0
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text('{"pix2pix": {"lr": 1e30}}')
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):  # where the CLI prints `error: ...`
+        code = main(["train-pix2pix", str(run), "--preset", "tiny", "--config", str(cfg)])
+    err = stderr.getvalue().strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: pix2pix: loss became NaN at step "), err[-3:]
+    assert not (RunPaths.of(run).checkpoints("pix2pix") / "best.pt").exists()
 
 
 # ------------------------------------------------------------------------------------ registry: provenance
