@@ -166,6 +166,23 @@ def test_a_non_finite_loss_stops_training_in_one_line_at_its_step(tmp_path, tens
     assert last["meta"]["step"] == 10
 
 
+def test_watching_for_a_non_finite_loss_never_reads_a_loss_back_to_the_host(monkeypatch):
+    """fit adds tensor losses where they live (on CUDA, no step waits for the GPU); so must the watch."""
+    from brvo_models.training import LossSums
+
+    def no_sync(*_a, **_k):
+        raise AssertionError("LossSums.add read a tensor back to the host")
+
+    sums = LossSums()
+    with monkeypatch.context() as m:
+        for name in ("item", "__float__", "__int__", "__bool__", "tolist", "cpu", "numpy"):
+            m.setattr(torch.Tensor, name, no_sync)
+        for step in range(1, 8):
+            bad = step >= 5
+            sums.add({"a": torch.tensor(float("nan") if bad else 1.0), "b": torch.tensor(2.0), "c": 0.5}, step=step)
+    assert sums.first_non_finite_step() == 5
+
+
 def test_a_non_finite_validation_score_stops_training_in_one_line(tmp_path):
     """CRGAN at a diverging lr validated NaN SSIMs, never saved a best checkpoint and ended in
     'no step was validated'."""
