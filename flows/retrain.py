@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prefect import flow, task
-from prefect.states import Completed
+from prefect.client.schemas.objects import State
+
+from flows.final_state import final_state
 
 from flows.settings import (
     ENV_REGISTRY_DIR,
@@ -151,7 +153,21 @@ def retrain(
     'published v0004-..., not promoted: 2 bars missed (...)' or 'no change since ...'.
     """
     result = retrain_chain(soul_dir, registry_dir, preset, config_json, work_dir, force, keep_work)
-    return Completed(message=result["message"], data=result)
+    return retrain_final_state(result)
+
+
+def retrain_final_state(result: dict[str, Any]) -> State:
+    """The retrain's final state, named for what the runs list must show (flows.final_state): a version
+    published without promotion is 'Completed: not promoted, 2 bars missed' (or 'Completed: not
+    promoted' when it scored below latest), never the plain 'Completed' of a promotion or of 'no change'.
+    The message is the result's own (it says why), with the WARNING count; the summary line names the
+    version's report.md."""
+    if result.get("status") not in ("retrained", "published"):  # 'no change': nothing was measured
+        return final_state({}, [], lead=result["message"], data=result)
+    return final_state((result.get("promotion") or {}).get("bars") or {}, result.get("warnings") or [],
+                       lead=result["message"], verdict="" if result.get("promoted") else "not promoted",
+                       where=str(Path(result["registry_dir"]) / "models" / result["version"] / "report.md"),
+                       data=result)
 
 
 def retrain_chain(soul_dir: str | None, registry_dir: str | None, preset: str, config_json: str | None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -469,6 +470,49 @@ def test_the_retrain_artifact_shows_scores_beside_baselines_the_bars_and_the_dec
     assert promoted.startswith("# retrain: retrained") and "**Promoted**" in promoted and "NOT MET" not in promoted
 
 
+def test_the_retrain_final_state_names_a_version_that_was_not_promoted_in_the_runs_list(monkeypatch):
+    """The runs list shows the state's name only: a retrain that published without promoting must not read as
+    the same plain 'Completed' as a promoted one or one that found nothing to do; its message says why once,
+    and the last log line (a WARNING) names the version's report."""
+    import flows.final_state
+    from flows.retrain import retrain_final_state
+
+    logged: list[tuple[str, int]] = []
+    monkeypatch.setattr(flows.final_state, "run_log", lambda message, level: logged.append((message, level)))
+
+    why = "2 bars missed (pix2pix_beats_baselines, crgan_beats_baselines)"
+    warnings = ["quality bar not met: pix2pix_beats_baselines (...); see /data/reg/models/v0002/report.md",
+                "quality bar not met: crgan_beats_baselines (...); see /data/reg/models/v0002/report.md",
+                "published v0002-20260101T000000Z, not promoted: ...; latest stays v0001-20250101T000000Z"]
+    result = {**_retrain_result(promoted=False), "warnings": warnings,
+              "message": f"published v0002-20260101T000000Z, not promoted: {why}"}
+    state = retrain_final_state(result)
+    assert state.is_completed() and state.name == "Completed: not promoted, 2 bars missed"
+    assert state.message == f"published v0002-20260101T000000Z, not promoted: {why}; 3 warnings"
+    assert state.data is result
+    assert logged == [(f"Completed: not promoted, 2 bars missed - {state.message}; "
+                       "see /data/reg/models/v0002-20260101T000000Z/report.md", logging.WARNING)]
+
+    # bars met, but below latest on the same held-out data: still named, without a bar count
+    worse = {**result, "promotion": {**result["promotion"], "bars": dict.fromkeys(result["promotion"]["bars"], True)},
+             "warnings": warnings[2:], "message": "published v0002-20260101T000000Z, not promoted: pix2pix test Dice "
+                                                  "0.2360 < latest v0001-20250101T000000Z's 0.3000 on this run's ..."}
+    assert retrain_final_state(worse).name == "Completed: not promoted"
+
+    promoted = {**_retrain_result(promoted=True), "warnings": [],
+                "message": "retrained: latest -> v0002-20260101T000000Z (was v0001-20250101T000000Z); all 3 quality "
+                           "bars met; not worse than latest"}
+    state = retrain_final_state(promoted)
+    assert state.name == "Completed" and state.message == promoted["message"]
+    few = retrain_final_state({**promoted, "warnings": ["only 1 held-out test patient(s): ..."]})
+    assert few.name == "Completed: 1 warning" and few.message == f"{promoted['message']}; 1 warning"
+
+    unchanged = {"status": "no change", "version": "v0002-20260101T000000Z", "promoted": True,
+                 "registry_dir": "/data/reg", "message": "no change since v0002-20260101T000000Z: nothing to retrain"}
+    state = retrain_final_state(unchanged)
+    assert state.name == "Completed" and state.message == unchanged["message"]
+
+
 # ------------------------------------------------------------------------------------ retrain: preflight
 
 
@@ -573,8 +617,12 @@ def test_a_retrain_whose_models_miss_their_bars_publishes_without_promoting_and_
     missed = [bar for bar, met in result["promotion"]["bars"].items() if not met]
     assert missed and registry.versions() == [version] and registry.latest_version() is None
     assert result["status"] == "published" and result["promoted"] is False
-    assert state.message == f"published {version}, not promoted: {len(missed)} bar{'s' if len(missed) > 1 else ''} " \
-                            f"missed ({', '.join(missed)})"
+    bars_missed = f"{len(missed)} bar{'s' if len(missed) > 1 else ''} missed"
+    assert result["message"] == f"published {version}, not promoted: {bars_missed} ({', '.join(missed)})"
+    # the runs list shows the name: not the plain 'Completed' of a promotion
+    assert state.is_completed() and state.name == f"Completed: not promoted, {bars_missed}"
+    assert state.message == f"{result['message']}; {len(result['warnings'])} warning" + (
+        "s" if len(result["warnings"]) > 1 else "")
     vdir = registry.models_dir / version
     recorded = json.loads((vdir / "promotion.json").read_text())
     assert recorded["promoted"] is False and recorded["bars"] == result["promotion"]["bars"]
@@ -591,7 +639,7 @@ def test_a_retrain_whose_models_miss_their_bars_publishes_without_promoting_and_
     # the same data and config again: nothing to retrain, and the answer says the newest version was not promoted
     again = retrain(soul_dir=str(tiny_phantom), registry_dir=str(reg_dir), preset="tiny", return_state=True)
     assert again.result()["status"] == "no change" and registry.versions() == [version]
-    assert again.message.startswith(f"no change since {version} (not promoted: ")
+    assert again.message.startswith(f"no change since {version} (not promoted: ") and again.name == "Completed"
 
     # models that meet their bars (here: bars declared met) with no latest to beat are promoted, and say so
     import tasks.promotion
@@ -602,6 +650,7 @@ def test_a_retrain_whose_models_miss_their_bars_publishes_without_promoting_and_
     promoted = forced.result()
     assert promoted["status"] == "retrained" and promoted["promoted"] is True
     assert registry.latest_version() == promoted["version"] != version
-    assert forced.message == (f"retrained: latest -> {promoted['version']} (was none); all 1 quality bar met; "
-                              "no latest to compare with")
+    assert promoted["message"] == (f"retrained: latest -> {promoted['version']} (was none); all 1 quality bar met; "
+                                   "no latest to compare with")
+    assert forced.message.startswith(promoted["message"]) and "not promoted" not in forced.name
     assert registry.resolve().promotion["promoted"] is True

@@ -156,10 +156,15 @@ def test_final_state_name_counts_the_missed_bars():
     assert three.message == "1 of 4 quality bars met (missed: a, b, d); 4 warnings"
     warned = outcome_state({"a": True}, ["only 3 held-out test patient(s) ..."])
     assert warned.name == "Completed: 1 warning" and warned.message == "1 of 1 quality bars met; 1 warning"
-    # a flow's own words lead the message (retrain: what it published), the data is the flow's result
-    led = outcome_state({"pix2pix_beats_baselines": False}, ["w"], lead="retrained: v0002", data={"x": 1})
-    assert led.name == "Completed: 1 bar missed" and led.message.startswith("retrained: v0002; 0 of 1 quality bars met")
+    # a flow's own account (retrain: what it published and why) is the message, not followed by the bars it
+    # already judged; a verdict the list must show comes first in the name; the data is the flow's result
+    lead = "published v0002, not promoted: 1 bar missed (pix2pix_beats_baselines)"
+    led = outcome_state({"pix2pix_beats_baselines": False}, ["w", "v"], lead=lead, verdict="not promoted",
+                        data={"x": 1})
+    assert led.name == "Completed: not promoted, 1 bar missed" and led.message == f"{lead}; 2 warnings"
     assert led.data == {"x": 1}
+    assert outcome_state({"a": True}, ["v"], lead="published v0002, not promoted: ...",
+                         verdict="not promoted").name == "Completed: not promoted"
     assert outcome_state({}, []).message == "no quality bar measured"
     unchanged = outcome_state({}, [], lead="no change since v0002")
     assert unchanged.name == "Completed" and unchanged.message == "no change since v0002"
