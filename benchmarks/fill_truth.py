@@ -153,8 +153,11 @@ def evaluate_run(run_dir: Path, truth_dir: Path, *, device: str = "cpu", log=pri
         chosen, which = (accepted, "accepted") if accepted.any() else (in_kind, "all (none accepted)")
         kind_pairs = [pair for pair in pairs if kind == "all" or gap_kind(observed[pair[0]], pair[1]) == kind]
         truth_features = image_features(np.stack([truth_true_scans[p] for p in kind_pairs]), config.seed)
+        too_few = chosen.sum() < 10 and in_kind.sum() > chosen.sum()
         distributions[kind] = distribution(syn_features[torch.as_tensor(chosen)], held_out_features, train_features,
-                                           truth_features, real_vs_real=ceiling)
+                                           truth_features, real_vs_real=ceiling,
+                                           all_samples_features=syn_features[torch.as_tensor(in_kind)] if too_few
+                                           else None)
         ceiling = distributions[kind]["real_vs_real"]
         distributions[kind]["synthetic_rows"] = which
     return {"run_dir": str(run_dir), "truth_dir": str(truth_dir),

@@ -299,12 +299,13 @@ def image_features(images: np.ndarray, seed: int = 0):
 
 
 def distribution(synthetic_features, held_out_features, train_features=None, truth_features=None,
-                 real_vs_real: dict | None = None) -> dict:
+                 real_vs_real: dict | None = None, all_samples_features=None) -> dict:
     """KID and precision/recall against held-out real images, pooled over stages
     (:func:`brvo_models.image_quality.compare_features`, the papers' settings): the synthetic rows, the real
     training images in their place (the real-vs-real ceiling; pass ``real_vs_real`` from an earlier call to
     reuse it, it does not depend on the synthetic rows) and, when given, the true scans of the same missed
-    pairs (what a perfect fill of exactly these pairs would score)."""
+    pairs (what a perfect fill of exactly these pairs would score). ``all_samples_features``: every sample,
+    accepted or not, where the accepted ones are too few to compare (under 10)."""
     from brvo_models.image_quality import compare_features
 
     shown = ("n_real", "n_synthetic", "kid_mean", "kid_std", "precision", "recall", "reason")
@@ -320,6 +321,8 @@ def distribution(synthetic_features, held_out_features, train_features=None, tru
     out = {"synthetic": against_held_out(synthetic_features), "real_vs_real": real_vs_real}
     if truth_features is not None:
         out["truth"] = against_held_out(truth_features)
+    if all_samples_features is not None:
+        out["all_samples"] = against_held_out(all_samples_features)
     return out
 
 
@@ -437,13 +440,15 @@ def markdown_table(summary: Mapping[str, dict], distributions: Mapping[str, dict
         blocks.append("\n".join(lines))
     if distributions:
         lines = ["**distribution** against held-out real images (random-CNN features, all stages pooled)", "",
-                 "| gap kind | synthetic rows | KID: synthetic | KID: real training (ceiling) | KID: true scans | "
-                 "recall: synthetic | recall: real training | recall: true scans |", "|---" * 8 + "|"]
+                 "| gap kind | synthetic rows | KID: synthetic | KID: every sample | KID: real training (ceiling) | "
+                 "KID: true scans | recall: synthetic | recall: every sample | recall: real training | "
+                 "recall: true scans |", "|---" * 10 + "|"]
         for kind, d in distributions.items():
-            truth = d.get("truth") or {}
+            truth, every = d.get("truth") or {}, d.get("all_samples") or {}
             lines.append(f"| {kind.replace('_', ' ')} | {d['synthetic']['n_synthetic']} {d.get('synthetic_rows', '')} | "
-                         f"{_fmt(d['synthetic']['kid_mean'], 4)} | {_fmt(d['real_vs_real']['kid_mean'], 4)} | "
-                         f"{_fmt(truth.get('kid_mean'), 4)} | {_fmt(d['synthetic']['recall'])} | "
+                         f"{_fmt(d['synthetic']['kid_mean'], 4)} | {_fmt(every.get('kid_mean'), 4)} | "
+                         f"{_fmt(d['real_vs_real']['kid_mean'], 4)} | {_fmt(truth.get('kid_mean'), 4)} | "
+                         f"{_fmt(d['synthetic']['recall'])} | {_fmt(every.get('recall'))} | "
                          f"{_fmt(d['real_vs_real']['recall'])} | {_fmt(truth.get('recall'))} |")
         blocks.append("\n".join(lines))
     if bar_results:
