@@ -126,7 +126,8 @@ class PipelineConfig(BaseModel):
             for i, head in enumerate(sections):
                 if not isinstance(node.get(head), dict):
                     raise BrvoError(f"config: unknown section {'.'.join(sections[:i + 1])!r} in {key!r}; sections "
-                                    "are pix2pix, crgan, usefulness, usefulness.segmenter and usefulness.forecaster")
+                                    "are input_sanity, pix2pix, crgan, usefulness, usefulness.segmenter and "
+                                    "usefulness.forecaster")
                 node[head] = dict(node[head])
                 node = node[head]
             node[name] = value

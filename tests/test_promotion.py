@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -83,6 +84,21 @@ def test_an_absurd_network_width_is_refused_naming_the_field(field):
     with pytest.raises(BrvoError) as exc:
         preset("tiny").with_overrides(**{field: 100000})
     assert _one_line(exc).startswith("config: ") and field in str(exc.value)
+
+
+def test_an_unknown_config_section_names_every_section_there_is():
+    """A misspelt section ('input_sanit.min_image_side') must be told every real one, input_sanity included."""
+    config = preset("tiny")
+
+    def sections(data: dict, prefix: str = "") -> list[str]:
+        return [name for key, value in data.items() if isinstance(value, dict)
+                for name in (prefix + key, *sections(value, f"{prefix}{key}."))]
+
+    with pytest.raises(BrvoError) as exc:
+        config.with_overrides(**{"input_sanit.min_image_side": 8})
+    text = _one_line(exc)
+    assert text.startswith("config: unknown section 'input_sanit'")
+    assert all(re.search(rf"\b{re.escape(name)}\b", text) for name in sections(config.model_dump())), text
 
 
 def test_an_allocation_failure_while_training_is_one_line_naming_the_model_and_what_to_lower(tmp_path):
