@@ -129,8 +129,9 @@ _RETRAIN_SCORES = {"pix2pix": (("dice", "Dice", ".3f"), ("cldice", "clDice", ".3
 
 
 def retrain_markdown(result: dict[str, Any]) -> str:
-    """The retrain's result: the promotion decision first, then each model's held-out scores beside its
-    baselines, every quality bar met or NOT MET, the scores compared with ``latest``, and the run's facts."""
+    """The retrain's result: the promotion decision first, then every quality bar met or NOT MET beside the
+    numbers it compared (so both fit the first screen of the UI's artifact page), the WARNINGs, each
+    model's held-out scores beside its baselines, the scores compared with ``latest``, and the run's facts."""
     status, version = result.get("status", "?"), result.get("version")
     promotion = result.get("promotion") or {}
     title = {"published": f"published {version}, not promoted", "retrained": f"retrained {version}"}.get(status, status)
@@ -139,8 +140,10 @@ def retrain_markdown(result: dict[str, Any]) -> str:
         lines.append(f"**Promoted**: {promotion.get('summary', '')}. `latest` -> **{version}** (was "
                      f"{result.get('previous_version') or 'none'}); augment runs use it from now on.")
     elif status == "published":
-        lines.append(f"**Not promoted**: {promotion.get('summary', '')}. `latest` stays "
-                     f"{result.get('latest') or 'none'} (augment runs keep using it); {version} keeps its scores and "
+        latest = result.get("latest")
+        kept = (f"`latest` stays {latest} (augment runs keep using it)" if latest else
+                "No version is `latest` yet, so augment runs train their own models (with a WARNING)")
+        lines.append(f"**Not promoted**: {promotion.get('summary', '')}. {kept}; {version} keeps its scores and "
                      "this decision (promotion.json, report.md) and can still be pinned with model_version.")
     elif status == "no change":
         lines.append(f"Neither the data nor the config changed since **{version}**: nothing retrained."
@@ -151,13 +154,13 @@ def retrain_markdown(result: dict[str, Any]) -> str:
         lines.append(f"**Failed**: {result.get('error', '')}. `latest` stays where it was; rerun to resume from "
                      f"`{result.get('work_dir', '')}`.")
     lines.append("")
+    bars, scores = promotion.get("bars") or {}, result.get("scores") or {}
+    if bars:
+        rows = [[bar, "met" if met else "**NOT MET**", *_bar_evidence(bar, scores)] for bar, met in bars.items()]
+        lines += ["## Quality bars", "", markdown_table(["bar", "", "this retrain", "to beat"], rows), ""]
     warnings = [f"**WARNING** {warning}  " for warning in result.get("warnings") or []]
     lines += warnings + ([""] if warnings else [])
-    lines += _retrain_score_tables(result.get("scores") or {})
-    bars = promotion.get("bars") or {}
-    if bars:
-        lines += ["## Quality bars", "", markdown_table(["bar", ""], [[bar, "met" if met else "**NOT MET**"]
-                                                                       for bar, met in bars.items()]), ""]
+    lines += _retrain_score_tables(scores)
     lines += _champion_table(promotion)
     facts = [[key, f"`{result[key]}`"] for key in ("soul_dir", "registry_dir", "fingerprint", "n_files",
                                                    "config_hash", "seconds", "finished_utc") if key in result]
@@ -181,6 +184,28 @@ def _retrain_score_tables(scores: dict[str, Any]) -> list[str]:
         out += [f"## {label} {what} on {section.get('on', 'held-out data')}: beside the baselines", "",
                 markdown_table(["", *(name for _, name, _ in metrics)], rows), ""]
     return out
+
+
+def _bar_evidence(bar: str, scores: dict[str, Any]) -> tuple[str, str]:
+    """A bar's numbers, short enough for one table line: this retrain's, and what it had to beat (the best
+    baseline per score, or the other patients' SSIM). Empty where the result does not carry them."""
+    model = {"pix2pix_beats_baselines": "pix2pix", "crgan_beats_baselines": "crgan"}.get(bar)
+    if model:
+        section = scores.get(model) or {}
+        ours, baselines = section.get("model") or {}, section.get("baselines") or {}
+        mine, best = [], []
+        for key, name, spec in _RETRAIN_SCORES[model]:
+            mine.append(f"{name} {_number(ours.get(key), spec)}")
+            values = {b: v[key] for b, v in baselines.items() if isinstance(v.get(key), (int, float))}
+            if values:
+                top = max(values, key=values.get)
+                best.append(f"{name} {_number(values[top], spec)} ({top})")
+        return ", ".join(mine) if ours else "", ", ".join(best)
+    own = (scores.get("crgan") or {}).get("own_vs_other_ssim") or {}
+    if bar == "crgan_patient_specific" and "own" in own:
+        return (f"SSIM to own patient {_number(own.get('own'), '.3f')}",
+                f"SSIM to other patients {_number(own.get('other'), '.3f')}")
+    return "", ""
 
 
 def _champion_table(promotion: dict[str, Any]) -> list[str]:

@@ -256,8 +256,10 @@ def _warn(report: dict[str, Any], version_dir: Path, version: str, promotion: di
 
     lines = [f"{w}; see {version_dir / 'report.md'}" for w in warnings_of(report)]
     if not promotion.get("promoted"):
-        lines.append(f"published {version}, not promoted: {promotion.get('summary')}; latest stays "
-                     f"{previous or 'none'} (augment runs keep using it); see {version_dir / 'promotion.json'}")
+        kept = (f"latest stays {previous} (augment runs keep using it)" if previous else
+                "no version is latest yet (augment runs train their own models)")
+        lines.append(f"published {version}, not promoted: {promotion.get('summary')}; {kept}; "
+                     f"see {version_dir / 'promotion.json'}")
     for line in lines:
         run_warning(line)
     return lines
@@ -296,10 +298,14 @@ def _scores(report: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     p2p = report.get("pix2pix") or {}
     if p2p.get("test"):
+        n = p2p.get("n_test_patients", "?")
         out["pix2pix"] = {"model": p2p["test"], "baselines": p2p.get("baselines") or {},
-                          "on": f"{p2p.get('n_test_patients', '?')} test patients"}
-    heldout = (report.get("crgan") or {}).get("heldout") or {}
+                          "on": f"{n} test patient{'' if n == 1 else 's'}"}
+    crgan = report.get("crgan") or {}
+    heldout = crgan.get("heldout") or {}
     if heldout.get("model"):
+        n = heldout.get("n", "?")
         out["crgan"] = {"model": heldout["model"], "baselines": heldout.get("baselines") or {},
-                        "on": f"{heldout.get('n', '?')} held-out cases of val and test patients"}
+                        "on": f"{n} held-out case{'' if n == 1 else 's'} of val and test patients",
+                        "own_vs_other_ssim": (crgan.get("sample_quality") or {}).get("own_vs_other_ssim") or {}}
     return out

@@ -465,7 +465,9 @@ def _retrain_result(promoted: bool) -> dict:
                                              "segmenter": {"dice": 0.6, "cldice": 0.62}}},
                    "crgan": {"model": {"ssim": 0.31, "psnr": 17.5},
                              "baselines": {"nearest": {"ssim": 0.4, "psnr": 18.0},
-                                           "neighbour_mean": {"ssim": 0.42, "psnr": 18.2}}}},
+                                           "neighbour_mean": {"ssim": 0.42, "psnr": 18.2}},
+                             "own_vs_other_ssim": {"own": 0.5, "other": 0.4, "n_cases": 3}}},
+        "warnings": ["quality bar not met: pix2pix_beats_baselines (...)"] if not promoted else [],
         "soul_dir": "/data/soul", "registry_dir": "/data/reg", "seconds": 12.0,
     }
 
@@ -480,10 +482,23 @@ def test_the_retrain_artifact_shows_scores_beside_baselines_the_bars_and_the_dec
     for name, value in (("otsu", "0.549"), ("frangi", "0.400"), ("segmenter", "0.600"), ("nearest", "0.400"),
                         ("neighbour_mean", "0.420"), ("Pix2Pix", "0.236"), ("CRGAN", "0.310")):
         assert any(name in line and value in line for line in text.splitlines()), (name, value)
-    assert "| pix2pix_beats_baselines | **NOT MET** |" in text and "| crgan_patient_specific | met |" in text
     assert "latest v0001-20250101T000000Z (same data)" in text
+    # the bars come right after the decision, above the WARNINGs and the score tables (the first screen of the
+    # UI's artifact page), each beside the numbers it compared: this retrain's and the best baseline's
+    lines = text.splitlines()
+    bars = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ") and "_" in line.split("|")[1]}
+    assert "**NOT MET**" in bars["pix2pix_beats_baselines"] and "| met |" in bars["crgan_patient_specific"]
+    assert lines.index(bars["pix2pix_beats_baselines"]) < min(
+        i for i, line in enumerate(lines) if line.startswith("**WARNING**") or line.startswith("## Pix2Pix"))
+    assert all(s in bars["pix2pix_beats_baselines"] for s in ("0.236", "0.600 (segmenter)", "0.620 (segmenter)"))
+    assert all(s in bars["crgan_beats_baselines"] for s in ("0.310", "17.50", "0.420 (neighbour_mean)", "18.20"))
+    assert "0.500" in bars["crgan_patient_specific"] and "0.400" in bars["crgan_patient_specific"]
     promoted = retrain_markdown(_retrain_result(promoted=True))
     assert promoted.startswith("# retrain: retrained") and "**Promoted**" in promoted and "NOT MET" not in promoted
+    # with no latest at all, augment does not 'keep using' anything: it trains its own models
+    first = retrain_markdown({**_retrain_result(promoted=False), "previous_version": None, "latest": None})
+    assert "keep using" not in first and "no version is `latest` yet" in first.lower()
+    assert "augment runs train their own models" in first
 
 
 def test_the_retrain_final_state_names_a_version_that_was_not_promoted_in_the_runs_list(monkeypatch):
