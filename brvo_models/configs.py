@@ -165,6 +165,22 @@ class CRGANConfig(TrainingSchedule):
     eval_samples: int = Field(4, ge=1, description="K random samples per held-out case for the single-sample scores "
                                                    "and the diversity figure (the held-out model score uses the "
                                                    "zero-noise sample)")
+    hide_suffix_prob: float = Field(
+        0.0, ge=0.0, le=1.0, description="chance a training sequence hides every observed stage after a random cut "
+        "(at least the first stays visible) instead of hiding each stage on its own: practises filling after the "
+        "last visit. 0 (default): independent hiding only")
+    change_weight: float = Field(
+        0.0, ge=0.0, description="per-pixel L1 weight 1 + change_weight * d, d the blurred |target - nearest visible "
+        "stage| divided by its per-image maximum (at least CHANGE_FLOOR): the pixels that change between stages "
+        "weigh more. 0 (default): plain L1")
+    val_course_weight: float = Field(
+        0.0, ge=0.0, description="validation score = held-out SSIM - this x the mean absolute error (percentage "
+        "points) of the estimate's change in the non-perfusion index from the nearest earlier visible stage, on "
+        "held-out val stages with an earlier stage. 0 (default): SSIM alone")
+    texture_fit: Literal["adversarial", "moments"] = Field(
+        "adversarial", description="how the two texture amplitudes are set: 'adversarial', learned by the "
+        "discriminator; 'moments', fixed to the spread of the training patients' repeat scans around their "
+        "stage mean (stages with 2 or more scans)")
 
 
 class SegmenterRecipe(_Frozen):

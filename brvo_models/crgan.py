@@ -56,6 +56,7 @@ import math
 import os
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -71,6 +72,11 @@ from brvo_models.runtime import autocast, resolve_device
 from storage.checkpoints import state_must_fit
 
 MODEL_NAME = "crgan"
+#: Gaussian sigma, times the image side, of the blur under the change weight: speckle is not change.
+CHANGE_BLUR = 0.02
+#: The smallest per-image maximum the change map is divided by ([0, 1] intensity): two stages that barely
+#: differ keep weights near 1 instead of having their noise stretched to the full weight.
+CHANGE_FLOOR = 0.05
 
 
 # ------------------------------------------------------------------------------------ networks
@@ -308,7 +314,8 @@ class CRGAN:
 
     def __init__(self, config: CRGANConfig, image_size: int, patient_ids: Sequence[str],
                  device: torch.device | str = "cpu", val_seqs: Sequence[PatientSequence] = (),
-                 score_on: torch.device | str | None = "auto") -> None:
+                 score_on: torch.device | str | None = "auto",
+                 texture_amplitudes: tuple[float, float] | None = None) -> None:
         self.config = config
         self.image_size = int(image_size)
         self.device = torch.device(device)
@@ -320,7 +327,14 @@ class CRGAN:
         betas = (config.beta1, config.beta2)
         texture = set(self.generator.texture.parameters()) if self.generator.texture is not None else set()
         groups = [{"params": [p for p in self.generator.parameters() if p not in texture], "lr": config.lr_g}]
-        if texture:
+        if texture and config.texture_fit == "moments":
+            # fixed to the repeat-scan spread (crgan_data.texture_amplitudes), never trained
+            if texture_amplitudes is None:
+                raise ValueError("texture_fit 'moments' needs the training patients' texture_amplitudes")
+            with torch.no_grad():
+                self.generator.texture["log_amp"].copy_(torch.tensor(texture_amplitudes).clamp_min(1e-6).log())
+            self.generator.texture["log_amp"].requires_grad_(False)
+        elif texture:
             groups.append({"params": list(self.generator.texture.parameters()), "lr": config.lr_texture})
         self.opt_g = torch.optim.Adam(groups, lr=config.lr_g, betas=betas)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=config.lr_d, betas=betas)
@@ -397,7 +411,12 @@ class CRGAN:
 
     def _g_losses(self, t: dict[str, torch.Tensor], fake: torch.Tensor, mean: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.config
-        err = (mean - t["targets"]).abs().mean(dim=(1, 2, 3))
+        if c.change_weight > 0:
+            weight = change_weight_map(t["targets"], t["context"], t["visible"], t["sel_b"], t["sel_t"],
+                                       c.change_weight)
+            err = ((mean - t["targets"]).abs() * weight).mean(dim=(1, 2, 3)) / weight.mean(dim=(1, 2, 3))
+        else:
+            err = (mean - t["targets"]).abs().mean(dim=(1, 2, 3))
         hid = t["hidden"].float()
         l1_hidden = (err * hid).sum() / hid.sum().clamp_min(1.0)
         l1_visible = (err * (1 - hid)).sum() / (1 - hid).sum().clamp_min(1.0)
@@ -462,9 +481,70 @@ class CRGAN:
         preds = predict_heldout(self.generator, self.val_cases, seeds=[None], device=self.device)[:, 0]
         rows = score_cases(list(preds), [seq.images[s] for seq, s in self.val_cases], self.metrics_device)
         m = mean_scores(rows)
-        return {"score": m["ssim"], "ssim": m["ssim"], "psnr": m["psnr"], "mse": m["mse"]}
+        out = {"score": m["ssim"], "ssim": m["ssim"], "psnr": m["psnr"], "mse": m["mse"]}
+        if self.config.val_course_weight > 0:
+            # Held-out SSIM rewards copying the neighbour; the course error rewards carrying the change.
+            course_mae = course_error(self.val_cases, preds)
+            if course_mae is not None:
+                out["course_mae"] = course_mae
+                out["score"] = m["ssim"] - self.config.val_course_weight * course_mae
+        return out
 
 
+
+
+def nearest_visible(visible: torch.Tensor, sel_b: torch.Tensor, sel_t: torch.Tensor) -> torch.Tensor:
+    """For each selected (b, t): the visible stage of sequence b nearest to t, a tie to the earlier (t itself
+    when visible); every sequence has one visible stage."""
+    stages = torch.arange(N_STAGES, device=visible.device)[None]
+    distance = (stages - sel_t[:, None]).abs() * 2 + (stages > sel_t[:, None]).long()  # ties: earlier first
+    distance = torch.where(visible[sel_b].bool(), distance, torch.full_like(distance, 10 * N_STAGES))
+    return distance.argmin(dim=1)
+
+
+def change_weight_map(targets: torch.Tensor, context: torch.Tensor, visible: torch.Tensor, sel_b: torch.Tensor,
+                      sel_t: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel L1 weights (N, 1, H, W): 1 + weight * d, d = |blur(target) - blur(nearest visible stage)|
+    divided by its per-image maximum (at least CHANGE_FLOOR on the [0, 1] scale; the images are on [-1, 1]).
+
+    The blur (sigma CHANGE_BLUR of the side) keeps speckle out, so the weight marks the region where the
+    stage changed (non-perfusion growing or reperfusing); where nothing changed the weight is exactly 1.
+    """
+    ref = context[sel_b, nearest_visible(visible, sel_b, sel_t)].float()  # (N, 1, H, W)
+    sigma = max(CHANGE_BLUR * targets.shape[-1], 0.5)
+    radius = int(math.ceil(3 * sigma))
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=targets.device, dtype=torch.float32)
+                             / sigma) ** 2)
+    taps = taps / taps.sum()
+
+    def blur(x: torch.Tensor) -> torch.Tensor:  # separable Gaussian, edges replicated
+        x = F.pad(x.float(), (radius, radius, radius, radius), mode="replicate")
+        x = F.conv2d(x, taps.view(1, 1, 1, -1))
+        return F.conv2d(x, taps.view(1, 1, -1, 1))
+
+    d = (blur(targets) - blur(ref)).abs() / 2  # [0, 1] intensity units
+    scale = d.amax(dim=(1, 2, 3), keepdim=True).clamp_min(CHANGE_FLOOR)
+    return (1 + weight * d / scale).detach()
+
+
+def course_error(cases: Sequence[tuple[PatientSequence, int]], preds) -> float | None:
+    """Mean absolute error (percentage points) of the predicted change in the non-perfusion index from the
+    nearest earlier observed stage, over held-out cases that have an earlier stage; None when none has.
+
+    True change: the mean index of the stage's real images minus that of the earlier stage's images;
+    predicted: the index of the prediction (float [0, 1]) minus the same reference.
+    """
+    from brvo_models.fill_truth import non_perfusion_index
+
+    errors = []
+    for (seq, stage), pred in zip(cases, preds):
+        earlier = [s for s in seq.observed if s < stage]
+        if not earlier:
+            continue
+        ref = float(np.mean([non_perfusion_index(x) for x in seq.images[max(earlier)]]))
+        true = float(np.mean([non_perfusion_index(x) for x in seq.images[stage]]))
+        errors.append(abs((non_perfusion_index(np.asarray(pred) * 255.0) - ref) - (true - ref)))
+    return float(np.mean(errors)) if errors else None
 
 
 def _staged(batch: dict) -> bool:

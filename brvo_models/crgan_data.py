@@ -109,8 +109,8 @@ def make_train_batches(seqs: list[PatientSequence], config: CRGANConfig, seed: i
     """One epoch of training batches, fully determined by (seed, epoch).
 
     Each sequence appears ``config.repeats`` times per epoch in shuffled batches. Per
-    sequence: a whole-sequence random flip (augment), hide each observed stage with
-    ``hide_prob`` (at least one stays visible), context = mean of a random non-empty
+    sequence: a whole-sequence random flip (augment), hide observed stages (:func:`hidden_stages`:
+    a suffix, or each with ``hide_prob``; at least one stays visible), context = mean of a random non-empty
     subset of each visible stage's images, targets = every observed stage (L1 to its
     mean image, D's real = one of its images), patient index dropped to 'unknown'
     with ``unknown_patient_prob`` so unseen patients are served by the context alone.
@@ -134,9 +134,7 @@ def _train_batch(chunk: list[PatientSequence], config: CRGANConfig, rng: np.rand
     sel_b, sel_t, hidden, targets, reals = [], [], [], [], []
     for b, seq in enumerate(chunk):
         obs = seq.observed
-        hide = rng.random(len(obs)) < config.hide_prob if len(obs) > 1 else np.zeros(len(obs), bool)
-        if hide.all():
-            hide[rng.integers(len(obs))] = False
+        hide = hidden_stages(len(obs), config, rng)
         flip_h, flip_v = (rng.random(2) < 0.5) if config.augment else (False, False)
 
         def aug(a: np.ndarray) -> np.ndarray:
@@ -170,6 +168,57 @@ def _train_batch(chunk: list[PatientSequence], config: CRGANConfig, rng: np.rand
         "hidden": np.asarray(hidden, bool), "targets": np.stack(targets), "reals": np.stack(reals),
         "noise_seed": int(rng.integers(2**62)),
     }
+
+
+def hidden_stages(n_observed: int, config: CRGANConfig, rng: np.random.Generator) -> np.ndarray:
+    """Which of a sequence's observed stages (in stage order) a training step hides from the context.
+
+    With ``config.hide_suffix_prob`` every stage after a random cut is hidden (1 to n-1 stay visible):
+    the after-last-visit gap, the common one in SOUL, practised as it is used. Otherwise each stage is
+    hidden with ``hide_prob``, one kept visible at random when all were drawn. One stage: nothing hidden.
+    With ``hide_suffix_prob`` 0 no extra random number is drawn, so the batches are those of before.
+    """
+    if n_observed <= 1:
+        return np.zeros(n_observed, bool)
+    if config.hide_suffix_prob > 0 and rng.random() < config.hide_suffix_prob:
+        keep = int(rng.integers(1, n_observed))  # visible prefix length, 1..n-1
+        return np.arange(n_observed) >= keep
+    hide = rng.random(n_observed) < config.hide_prob
+    if hide.all():
+        hide[rng.integers(n_observed)] = False
+    return hide
+
+
+def texture_amplitudes(seqs: Iterable[PatientSequence]) -> tuple[float, float]:
+    """(speckle, scan-line) amplitudes on the [0, 1] scale that give the generator's texture the spread of
+    real repeat scans around their stage mean, by moment matching.
+
+    The texture adds ``speckle * m * white + lines * row`` to an estimate m (white: one N(0,1) per pixel;
+    row: one per row). Residuals r = scan - stage mean of every stage with n >= 2 scans, scaled by
+    sqrt(n / (n - 1)) (a mean of n scans removes 1/n of their variance): the residual minus its row mean
+    has variance speckle^2 * m^2 (so speckle^2 = E[(r - row mean)^2] / E[m^2]); the row means have
+    variance lines^2 + speckle^2 * E[m^2] / W. Raises ValueError when no stage has two scans.
+    """
+    within, within_m2, row_var, m2_over_w, n_images = 0.0, 0.0, 0.0, 0.0, 0
+    for seq in seqs:
+        for s in seq.observed:
+            imgs = seq.images[s]
+            n = len(imgs)
+            if n < 2:
+                continue
+            mean = seq.stage_mean(s).astype(np.float64)
+            r = (imgs.astype(np.float64) / 255.0 - mean) * np.sqrt(n / (n - 1))
+            rows = r.mean(axis=2, keepdims=True)
+            within += float(((r - rows) ** 2).mean(axis=(1, 2)).sum())
+            within_m2 += float((mean ** 2).mean()) * n
+            row_var += float((rows ** 2).mean(axis=(1, 2)).sum())
+            m2_over_w += float((mean ** 2).mean()) / mean.shape[-1] * n
+            n_images += n
+    if n_images == 0:
+        raise ValueError("no stage has two or more scans: the repeat-scan spread is unknown")
+    speckle2 = within / within_m2
+    lines2 = max(row_var / n_images - speckle2 * m2_over_w / n_images, 0.0)
+    return float(np.sqrt(speckle2)), float(np.sqrt(lines2))
 
 
 def heldout_cases(seqs: Iterable[PatientSequence]) -> list[tuple[PatientSequence, int]]:

@@ -34,7 +34,7 @@ from pydantic import BaseModel
 
 from brvo_models.crgan import CRGAN, MODEL_NAME, load_generator, unet_levels
 from brvo_models.crgan_data import (N_STAGES, PatientSequence, heldout_cases, make_train_batches,
-                                    sequences_from_arrays)
+                                    sequences_from_arrays, texture_amplitudes)
 from brvo_models import batched_metrics
 from brvo_models.crgan_sampling import predict_heldout, score_cases
 from brvo_models.identity import CheckpointIdentity
@@ -161,7 +161,9 @@ def train_crgan(
     seqs = load_sequences(soul)
     train = [s for s in seqs if s.split == "train"]
     val = [s for s in seqs if s.split == "val"]
-    model = CRGAN(c, config.image_size, [s.patient_id for s in train], device, val_seqs=val)
+    amplitudes = texture_amplitudes(train) if c.texture and c.texture_fit == "moments" else None
+    model = CRGAN(c, config.image_size, [s.patient_id for s in train], device, val_seqs=val,
+                  texture_amplitudes=amplitudes)
     log(f"crgan: {len(train)} train patients ({sum(len(s.observed) for s in train)} observed stages), "
         f"{len(model.val_cases)} val held-out cases, {config.image_size} px, device {device}, ngf {c.ngf} "
         f"ndf {c.ndf}, batch {c.batch_size}")
