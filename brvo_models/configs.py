@@ -177,6 +177,10 @@ class CRGANConfig(TrainingSchedule):
         0.0, ge=0.0, description="validation score = held-out SSIM - this x the mean absolute error (percentage "
         "points) of the estimate's change in the non-perfusion index from the nearest earlier visible stage, on "
         "held-out val stages with an earlier stage. 0 (default): SSIM alone")
+    residual_base: Literal["blend", "nearest"] = Field(
+        "blend", description="what the decoder's output is a correction of: 'blend', a learned per-pixel mix of "
+        "the nearest visible stage before and after the target and the mean of all visible stages; 'nearest', the "
+        "nearest visible stage alone (a tie to the earlier), so the decoder predicts the change from it")
     texture_fit: Literal["adversarial", "moments"] = Field(
         "adversarial", description="how the two texture amplitudes are set: 'adversarial', learned by the "
         "discriminator; 'moments', fixed to the spread of the training patients' repeat scans around their "

@@ -253,8 +253,12 @@ class CRGANGenerator(nn.Module):
         # Residual on the references: a learned per-pixel blend of the three reference images
         # (equal weights at init) enters the Tanh's pre-activation, so the decoder learns the
         # correction (where the stage changed, what is noise) rather than the copy.
-        w = torch.softmax(self.mix(x), dim=1)
-        base = (w * refs).sum(1, keepdim=True)
+        if self.config.residual_base == "nearest":
+            # the change from the nearest visible stage, conditioned on the signed gap (cond)
+            base = context[sel_b, nearest_visible(visible, sel_b, sel_t)]
+        else:
+            w = torch.softmax(self.mix(x), dim=1)
+            base = (w * refs).sum(1, keepdim=True)
         pre = self.head(x) + torch.atanh(0.98 * base)
         mean = torch.tanh(pre)
         if self.texture is None:

@@ -180,3 +180,23 @@ def test_validation_score_subtracts_the_course_error_only_when_asked(blob_h5):
     assert a["score"] == a["ssim"] and "course_mae" not in a
     assert b["ssim"] == pytest.approx(a["ssim"])
     assert b["score"] == pytest.approx(b["ssim"] - 0.01 * b["course_mae"])
+
+
+def test_nearest_residual_base_makes_the_output_a_change_from_the_nearest_visible_stage():
+    from brvo_models.crgan import CRGANGenerator
+    from brvo_models.crgan_data import pixel_noise
+
+    g = torch.Generator().manual_seed(0)
+    context = torch.rand(1, 6, 1, SIZE, SIZE, generator=g) * 1.6 - 0.8
+    visible = torch.tensor([[False, True, False, False, True, False]])
+    sel_b, sel_t = torch.zeros(4, dtype=torch.long), torch.tensor([0, 2, 3, 5])
+    args = (context, visible, torch.tensor([0]), torch.zeros(1, TINY.crgan.z_dim), pixel_noise(4, SIZE, g),
+            sel_b, sel_t)
+    for base, expect_nearest in (("nearest", True), ("blend", False)):
+        gen = CRGANGenerator(TINY.crgan.model_copy(update={"residual_base": base}), SIZE, 2).eval()
+        with torch.no_grad():
+            gen.head.weight.zero_()
+            gen.head.bias.zero_()  # no correction: the output is the base alone
+            _, mean = gen(*args, return_mean=True)
+        nearest = context[0, [1, 1, 4, 4]]  # stages 0, 2 -> 1; 3, 5 -> 4
+        assert torch.allclose(mean, 0.98 * nearest, atol=1e-5) == expect_nearest
