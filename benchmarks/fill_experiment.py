@@ -83,8 +83,16 @@ def summary_line(kind: str, s: dict, val_ssim: float) -> str:
             f"|one-rep| {abs(ss['one_sample'] - ss['repeat_scan']):.3f} | val {val_ssim:.4f}")
 
 
+def _train(work: Path, config, out_dir: Path, name: str, resume: bool):
+    """The pipeline's CRGAN training on WORK/soul.h5, its log in OUT/NAME.train.log."""
+    from tasks.train_crgan import train_crgan
+
+    with open(out_dir / f"{name}.train.log", "a" if resume else "w") as train_log:
+        return train_crgan(work, config, log=lambda m: print(m, file=train_log, flush=True))
+
+
 def run_experiment(run_dir: Path, truth_dir: Path, name: str, overrides: dict, seed: int, out_dir: Path,
-                   log=print) -> dict:
+                   log=print, resume: bool = False, checkpoint: Path | None = None) -> dict:
     from fill_truth import check_truth_matches  # benchmarks/fill_truth.py
 
     from brvo_models.crgan import load_generator
@@ -95,23 +103,30 @@ def run_experiment(run_dir: Path, truth_dir: Path, name: str, overrides: dict, s
     from tasks.config import preset
     from tasks.fill_stages import missing_stages, sample_seed
     from brvo_models.crgan_data import texture_amplitudes
-    from tasks.train_crgan import load_sequences, train_crgan
+    from tasks.train_crgan import load_sequences
 
     config = preset("demo").with_overrides(seed=seed, device="cpu", **overrides)
     soul = RunPaths.of(run_dir).soul_h5
     if not soul.is_file():
         raise BrvoError(f"{soul}: not found; run ingest and preprocess on {run_dir} first")
     work = out_dir / f"{name}.work"
-    shutil.rmtree(work, ignore_errors=True)  # a fresh training every time: never resume another config's
-    work.mkdir(parents=True)
-    shutil.copy2(soul, RunPaths.of(work).soul_h5)
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)  # a fresh training: nothing left from an earlier one
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(soul, RunPaths.of(work).soul_h5)  # a resume of another config is refused by train_crgan
 
     t0 = time.perf_counter()
-    train_log = open(out_dir / f"{name}.train.log", "w")
-    try:
-        result = train_crgan(work, config, log=lambda m: print(m, file=train_log, flush=True))
-    finally:
-        train_log.close()
+    if checkpoint is not None:  # judge a model trained earlier (its own best.pt), no training
+        from types import SimpleNamespace
+
+        from storage.checkpoints import load_checkpoint
+
+        state = load_checkpoint(checkpoint)
+        best = state["history"][-1]
+        result = SimpleNamespace(best_path=checkpoint, best_val_ssim=float(best["val_ssim"]), best_step=best["step"],
+                                 steps=None, stopped_early=None)
+    else:
+        result = _train(work, config, out_dir, name, resume)
     train_s = time.perf_counter() - t0
 
     meta = read_meta(soul)
@@ -152,13 +167,14 @@ def run_experiment(run_dir: Path, truth_dir: Path, name: str, overrides: dict, s
                 observed_labels=observed_labels[pid], truth_images=t_images, truth_labels=t_labels,
                 samples=samples[(pid, stage)], sample_labels=placeholder, zero_noise=zero[(pid, stage)],
                 true_area=truth.true_area(pid, stage), nearest_true_area=truth.true_area(pid, nearest)))
-            for dropped in ("labels", "vessel_density"):
-                row.pop(dropped)
             rows_out.append(row)
         summary = summarise(rows_out)
-        for s in summary.values():
+        for s in summary.values():  # label measures read the placeholder labels: not measured here
             s.pop("labels")
             s["course"].pop("vessel_density")
+        for row in rows_out:
+            row.pop("labels")
+            row.pop("vessel_density")
         return summary, rows_out
 
     summary, rows_out = judge()
@@ -182,7 +198,9 @@ def run_experiment(run_dir: Path, truth_dir: Path, name: str, overrides: dict, s
         out["moment_texture"] = {"texture_amplitudes": list(moments), "summary": summary_m}
         for kind, s in summary_m.items():
             log(f"{name}+moments: " + summary_line(kind, s, result.best_val_ssim))
-    shutil.copy2(result.best_path, out_dir / f"{name}.best.pt")
+    if checkpoint is None:
+        for suffix in ("", ".sha256"):  # the weights and their checksum sidecar, for --checkpoint
+            shutil.copy2(f"{result.best_path}{suffix}", out_dir / f"{name}.best.pt{suffix}")
     shutil.rmtree(work, ignore_errors=True)
     log(f"{name}: best step {result.best_step}/{result.steps}, train {train_s:.0f} s, fill {gen_s:.0f} s, "
         f"texture amplitudes {texture}")
@@ -202,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="training seed (config.seed)")
     parser.add_argument("--out", type=Path, default=Path("fill_experiments"))
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--resume", action="store_true",
+                        help="resume the training left in OUT/NAME.work by an interrupted experiment (the "
+                             "pipeline's exact resume; a finished one is only judged)")
+    parser.add_argument("--checkpoint", type=Path, help="judge this CRGAN best.pt instead of training one")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -213,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides.update(flatten_fields(json.loads(args.config.read_text())))
         overrides.update(parse_sets(args.set))
         args.out.mkdir(parents=True, exist_ok=True)
-        result = run_experiment(args.run_dir, args.truth_dir, args.name, overrides, args.seed, args.out)
+        result = run_experiment(args.run_dir, args.truth_dir, args.name, overrides, args.seed, args.out,
+                                resume=args.resume, checkpoint=args.checkpoint)
     except BrvoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
