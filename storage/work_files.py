@@ -1,7 +1,9 @@
 """Intermediate files between fill, label and score (RUN_DIR/work/*.h5).
 
 A private, simple layout (one dataset per named array, attrs for provenance),
-written atomically, so steps exchange paths and never big arrays through Prefect.
+written atomically, so steps exchange paths and never big arrays through Prefect. Every
+dataset carries HDF5's Fletcher32 checksum, as the paired format's do, so a damaged chunk is
+an error naming the file when it is read, never wrong numbers handed to the next step.
 """
 from __future__ import annotations
 
@@ -14,7 +16,16 @@ import numpy as np
 import pandas as pd
 
 from storage.atomic import atomic_path, open_h5_for_writing
+from storage.errors import DatasetFormatError
 from storage.paired_format import decode_text, text_array
+
+
+def _create_checked(group: h5py.Group, name: str, data: np.ndarray, **kwargs: Any) -> None:
+    """A dataset with a Fletcher32 checksum on every chunk (a scalar cannot be chunked, so has none)."""
+    if data.ndim == 0:
+        group.create_dataset(name, data=data)
+        return
+    group.create_dataset(name, data=data, chunks=kwargs.pop("chunks", True), fletcher32=True, **kwargs)
 
 
 def write_work_file(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], table: pd.DataFrame | None = None,
@@ -26,30 +37,42 @@ def write_work_file(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], t
             for name, arr in arrays.items():
                 arr = np.asarray(arr)
                 if arr.ndim == 3 and arr.shape[0] > 0:
-                    f.create_dataset(name, data=arr, chunks=(1, *arr.shape[1:]), compression="gzip",
-                                     compression_opts=1)
+                    _create_checked(f, name, arr, chunks=(1, *arr.shape[1:]), compression="gzip",
+                                    compression_opts=1)
                 else:
-                    f.create_dataset(name, data=arr)
+                    _create_checked(f, name, arr)
             if table is not None:
                 g = f.create_group("table")
                 for col in table.columns:
                     values = table[col].to_numpy()
                     if values.dtype == object:
                         values = text_array(values)  # UTF-8: patient ids need not be ASCII
-                    g.create_dataset(col, data=values)
+                    _create_checked(g, col, values)
             for k, v in (attrs or {}).items():
                 f.attrs[k] = v
     return path
 
 
+def _read(path: str | os.PathLike, what: str, read):
+    """``read(f)`` on the open file; a chunk that fails its checksum (or any HDF5 read error) is one line."""
+    try:
+        with h5py.File(path, "r") as f:
+            return read(f)
+    except OSError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DatasetFormatError(f"{path}: {what} cannot be read ({reason}): the work file is damaged; "
+                                 "re-run the flow (a rerun rewrites an output whose bytes changed)") from exc
+
+
 def read_work_table(path: str | os.PathLike) -> pd.DataFrame:
-    with h5py.File(path, "r") as f:
+    def table(f: h5py.File) -> pd.DataFrame:
         if "table" not in f:
             return pd.DataFrame()
         return pd.DataFrame({k: (decode_text(f["table"][k]) if h5py.check_string_dtype(f["table"][k].dtype)
                                  else f["table"][k][:]) for k in f["table"]})
 
+    return _read(path, "its table", table)
+
 
 def read_work_array(path: str | os.PathLike, name: str) -> np.ndarray:
-    with h5py.File(path, "r") as f:
-        return f[name][:]
+    return _read(path, f"/{name}", lambda f: f[name][:])

@@ -344,3 +344,25 @@ def test_a_rerun_recomputes_a_directory_output_damaged_with_its_mtimes_kept(tmp_
     _run(tmp_path)
     assert CALLS == ["figures"]
     assert figure.read_bytes() == b"\x01" * 1000
+
+
+@pytest.mark.parametrize("dataset, row", [("images", 1), ("table/sample_seed", 2)])
+def test_a_damaged_work_file_is_one_line_naming_it_not_wrong_numbers(tmp_path, dataset, row):
+    """fill -> label -> score hand their arrays over in work files: a flipped byte there must not
+    reach the next step as a silently different image or seed."""
+    import pandas as pd
+
+    from storage.work_files import read_work_array, read_work_table, write_work_file
+
+    path = tmp_path / "synthetic.h5"
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE), dtype=np.uint8)
+    table = pd.DataFrame({"patient_id": ["a", "b", "c"], "sample_seed": np.array([11, 22, 33], np.int64)})
+    write_work_file(path, {"images": images}, table)
+    with h5py.File(path, "r") as f:
+        assert all(f[name].fletcher32 for name in ("images", "table/patient_id", "table/sample_seed"))
+    flip_byte(path, dataset, row)
+    read = (lambda: read_work_array(path, "images")) if dataset == "images" else (lambda: read_work_table(path))
+    with pytest.raises(DatasetFormatError) as exc:
+        read()
+    line = _one_line(exc)
+    assert str(path) in line and "damaged" in line and "re-run" in line
