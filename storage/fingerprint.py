@@ -90,22 +90,30 @@ def _ignored(name: str) -> bool:
 
 
 def _dir_files(root: Path) -> list[tuple[str, Path | None]]:
+    """Every regular file below ``root``; a symlink that is not followed (a loop, a folder link, a
+    broken link or one pointing outside the root) is listed by name with path None: ingest
+    quarantines it, so its presence is part of the source, but what it points at is never read."""
     real_root = root.resolve()
-    out = []
+    out: list[tuple[str, Path | None]] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = [d for d in dirnames if not _ignored(d)]
+        for dname in dirnames:
+            if (Path(dirpath) / dname).is_symlink():  # os.walk does not descend into it
+                out.append(((Path(dirpath) / dname).relative_to(root).as_posix() + "/", None))
         for fname in filenames:
             if _ignored(fname):
                 continue
             path = Path(dirpath) / fname
+            name = path.relative_to(root).as_posix()
             if path.is_symlink():  # realpath, unlike Path.resolve, returns (not raises) on a symlink loop
                 target = Path(os.path.realpath(path))
                 if not target.is_relative_to(real_root) or not target.is_file():
+                    out.append((name, None))
                     continue
             elif not path.is_file():
                 continue
-            out.append((path.relative_to(root).as_posix(), path))
-    return sorted(out)
+            out.append((name, path))
+    return sorted(out, key=lambda t: t[0])
 
 
 def _manifest_files(manifest: Path) -> list[tuple[str, Path | None]]:

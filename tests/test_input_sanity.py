@@ -213,7 +213,26 @@ def test_a_symlink_loop_is_quarantined_and_the_rest_ingests(tmp_path, target):
     assert set(manifest.exam_id) == exams
     for link in loops:
         assert "symlink loop" in quarantine[str(link)], quarantine
-    assert fingerprint_source(root).digest == before.digest  # a loop holds no data
+    assert fingerprint_source(root).digest != before.digest  # the loop is recorded (never followed) ...
     # through the step driver, which fingerprints the source first (run, prepare and retrain do)
     run = run_steps((INGEST,), tmp_path / "run2", preset("tiny"), source=root, execute=execute_plainly)
     assert run.result("ingest").n_images == len(exams)
+
+
+def test_a_symlink_added_to_an_ingested_tree_reruns_ingest_and_is_quarantined(tmp_path):
+    """A cached ingest must not hide a new quarantine row: the link's presence is part of the source."""
+    from flows.prepare import run_steps
+    from tasks.config import preset
+    from tasks.ingest import INGEST
+    from tasks.steps import execute_plainly
+
+    root = tmp_path / "soul"
+    _soul(root)
+    run_dir = tmp_path / "run"
+    run_steps((INGEST,), run_dir, preset("tiny"), source=root, execute=execute_plainly)
+    link = root / "S1" / "self"
+    link.symlink_to(".")
+    again = run_steps((INGEST,), run_dir, preset("tiny"), source=root, execute=execute_plainly)
+    assert "ingest" not in again.cached
+    quarantine = pd.read_csv(run_dir / "quarantine.csv", keep_default_na=False)
+    assert "symlink loop" in dict(zip(quarantine.path, quarantine.reason))[str(link)]
