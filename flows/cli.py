@@ -257,6 +257,20 @@ def _run(args: argparse.Namespace) -> int:
 EXIT_BROKEN_PIPE = 141
 
 
+def _error_line(message: str) -> None:
+    """The one line an expected error ends with: ``error: ...`` on stderr, printed last (the CLI's
+    temporary Prefect server and its workers are stopped first, so their exit-time lines come before)."""
+    from flows.temporary_server import stop_this_process_temporary_server
+
+    try:
+        stop_this_process_temporary_server()
+    except Exception as exc:  # noqa: BLE001 - the user's error matters more; say why the order may slip
+        print(f"note: Prefect's background workers did not stop cleanly ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+    sys.stdout.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     from storage.atomic import is_disk_full
     from storage.errors import BrvoError, DiskFullError
@@ -275,13 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         os.close(devnull)
         return EXIT_BROKEN_PIPE
     except BrvoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error_line(str(exc))
         return EXIT_USER_ERROR
     except OSError as exc:
         if not is_disk_full(exc):
             raise
         # a write outside storage's atomic layer (a library's own file): still one line, exit 2
-        print(f"error: {DiskFullError(exc.filename or 'an output file')}", file=sys.stderr)
+        _error_line(str(DiskFullError(exc.filename or "an output file")))
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)

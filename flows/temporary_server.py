@@ -103,3 +103,26 @@ def temporary_server_dies_with_this_process() -> None:
     # Prefect's clients ask SubprocessASGIServer() for the default instance (port None); this registers
     # ours as that instance, the same hook prefect.testing's harness uses for its server
     _server_class()()
+
+
+def stop_this_process_temporary_server() -> bool:
+    """Drain Prefect's background workers (events, API logs), then stop the temporary server this
+    module started in this process; False (and nothing done) when there is none, e.g. with
+    PREFECT_API_URL set or under a test harness's own server. Without it, both log at interpreter exit
+    ('Still processing items ...', 'Stopping temporary server ...'), after the CLI's last line."""
+    if _libc() is None or "prefect" not in sys.modules:
+        return False
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+
+    # ``_instances``: Prefect 3.9's registry of temporary servers (tests/test_promotion.py fails if it moves)
+    ours = [s for s in list(SubprocessASGIServer._instances.values())
+            if isinstance(s, _server_class()) and s.server_process is not None]
+    if not ours:
+        return False
+    for service in (EventsWorker, APILogWorker):  # they send to the server: finish before it stops
+        service.drain_all(timeout=10)
+    for server in ours:
+        server.stop()
+    return True

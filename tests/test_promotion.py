@@ -685,3 +685,23 @@ def test_a_retrain_whose_models_miss_their_bars_publishes_without_promoting_and_
                                    "no latest to compare with")
     assert forced.message.startswith(promoted["message"]) and "not promoted" not in forced.name
     assert registry.resolve().promotion["promoted"] is True
+
+
+def test_a_refusal_after_prefect_started_is_still_the_last_line_of_stderr(tmp_path, tiny_phantom):
+    """`run` with an empty `latest`: Prefect's flow (and its background event worker) has started when
+    the registry is refused, and that worker used to log 'Still processing items ...' at exit, after
+    the error line, so the user read Prefect's warning as the outcome."""
+    import os
+
+    reg = ModelRegistry(tmp_path / "reg")
+    _publish(reg, _fake_run(tmp_path / "fake_run"))
+    (reg.root / "latest").write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(BRVO_REGISTRY_DIR=str(reg.root), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_HOME=str(tmp_path / "prefect_home"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(tiny_phantom), str(tmp_path / "run"),
+                           "--preset", "tiny"], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert lines[-1].startswith("error: ") and "'latest' pointer" in lines[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
