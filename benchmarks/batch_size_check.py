@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import tasks.train_pix2pix as train_module  # noqa: E402
+import tasks.pix2pix as train_module  # noqa: E402
 from brvo_models import batched_metrics  # noqa: E402
 from brvo_models.configs import Pix2PixConfig  # noqa: E402
 from brvo_models.pix2pix import label_images, load_labeller  # noqa: E402

@@ -43,7 +43,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tasks.markdown_tables import markdown_table  # noqa: E402
+from tasks.rendering.markdown_tables import markdown_table  # noqa: E402
 
 CLI = ROOT / ".venv" / "bin" / "brvo-augment"
 PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -999,7 +999,7 @@ def case_markdown_tables(h: Harness, d: Path) -> Outcome:
     import h5py
     import numpy as np
 
-    from flows.artifacts import result_markdown, score_rows
+    from tasks.rendering.artifacts import result_markdown, score_rows
     from storage.paired_format import read_meta
 
     run = h.tiny_run.path
@@ -1037,7 +1037,7 @@ def case_final_state_named(h: Harness, d: Path) -> Outcome:
 
 
 def case_retrain_artifact(h: Harness, d: Path) -> Outcome:
-    from flows.artifacts import retrain_markdown
+    from tasks.rendering.artifacts import retrain_markdown
 
     result = h.registry.extra["last_retrain"]
     text = retrain_markdown(result)

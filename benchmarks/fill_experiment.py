@@ -85,7 +85,7 @@ def summary_line(kind: str, s: dict, val_ssim: float) -> str:
 
 def _train(work: Path, config, out_dir: Path, name: str, resume: bool):
     """The pipeline's CRGAN training on WORK/soul.h5, its log in OUT/NAME.train.log."""
-    from tasks.train_crgan import train_crgan
+    from tasks.crgan import train_crgan
 
     with open(out_dir / f"{name}.train.log", "a" if resume else "w") as train_log:
         return train_crgan(work, config, log=lambda m: print(m, file=train_log, flush=True))
@@ -101,9 +101,9 @@ def run_experiment(run_dir: Path, truth_dir: Path, name: str, overrides: dict, s
     from storage.paired_format import read_arrays, read_meta
     from storage.run_dir import RunPaths
     from tasks.config import preset
-    from tasks.fill_stages import missing_stages, sample_seed
+    from tasks.fill import missing_stages, sample_seed
     from brvo_models.crgan_data import texture_amplitudes
-    from tasks.train_crgan import load_sequences
+    from tasks.crgan import load_sequences
 
     config = preset("demo").with_overrides(seed=seed, device="cpu", **overrides)
     soul = RunPaths.of(run_dir).soul_h5

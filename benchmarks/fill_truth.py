@@ -82,7 +82,7 @@ def evaluate_run(run_dir: Path, truth_dir: Path, *, device: str = "cpu", log=pri
     """Every filled pair of ``run_dir`` against ``truth_dir``: {'summary', 'distribution', 'bars', 'pairs', ...}."""
     from tasks.image_quality import HELD_OUT_SPLITS
     from tasks.preprocess import load_pair
-    from tasks.run_record import recorded_config
+    from tasks.engine.run_record import recorded_config
 
     t0 = time.perf_counter()
     paths = RunPaths.of(run_dir)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from brvo_models.pix2pix import label_images, load_labeller  # noqa: E402
 from brvo_models.metrics import choose_threshold  # noqa: E402
-from tasks.train_pix2pix import load_split  # noqa: E402
+from tasks.pix2pix import load_split  # noqa: E402
 
 
 def generators_of(run_dir: Path) -> list[Path]:

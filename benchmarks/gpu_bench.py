@@ -320,9 +320,9 @@ def bench_checkpoint(args, device, out: dict, repeats: int = 3) -> None:
 
 def bench_eval(run_dir: Path, out: dict) -> None:
     """The product's evaluate functions on a finished run, with its recorded config."""
-    from tasks.run_record import recorded_config
-    from tasks.train_crgan import evaluate_crgan
-    from tasks.train_pix2pix import evaluate_pix2pix
+    from tasks.engine.run_record import recorded_config
+    from tasks.crgan import evaluate_crgan
+    from tasks.pix2pix import evaluate_pix2pix
 
     config = recorded_config(run_dir)
     if config is None:

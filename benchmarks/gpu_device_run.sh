@@ -9,7 +9,7 @@
 #   1. install .whl/*.whl into /tmp/site (see ../shared/tools/offline-gpu-wheels.sh; add pytest + iniconfig
 #      wheels to .whl/ for step 5: pip download --only-binary=:all: --python-version 3.12 --no-deps -d .whl
 #      pytest iniconfig)
-#   2. the demo's 53-patient phantom (tasks.phantom, no Prefect server needed)
+#   2. the demo's 53-patient phantom (flows.phantom, no Prefect server needed)
 #   3. benchmarks/gpu_bench.py: matmul peak, Pix2Pix and CRGAN train_step img/s at batch 1/8/32 (bf16, fp32),
 #      Pix2Pix batch 1 cuda_graphs on/off, checkpoint write seconds per model
 #   4. `python3 -m flows.cli run SOUL RUN --preset full --config short.json`: the whole flow at 256 px with
@@ -96,7 +96,7 @@ SOUL=$WORK/SOUL
 section phantom 60 $PY -c "
 import os
 from pathlib import Path
-from tasks.phantom import generate_phantom
+from flows.phantom import generate_phantom
 print(generate_phantom(Path('$SOUL'), n_patients=$PATIENTS, workers=min(16, os.cpu_count() or 1)))"
 
 # ---------------------------------------------------------------- 3. training-step benchmark

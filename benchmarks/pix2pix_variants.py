@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tasks.config import flatten_fields, load_config  # noqa: E402
-from tasks.train_pix2pix import evaluate_pix2pix, train_pix2pix  # noqa: E402
+from tasks.pix2pix import evaluate_pix2pix, train_pix2pix  # noqa: E402
 
 
 def quiet(_message: str) -> None:

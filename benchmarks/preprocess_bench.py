@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from storage.paired_format import COMPRESSIONS, STAGE_NAMES, PairedDatasetWriter, read_meta  # noqa: E402
 from tasks.config import preset  # noqa: E402
-from tasks.phantom import PhantomConfig, generate_phantom  # noqa: E402
+from flows.phantom import PhantomConfig, generate_phantom  # noqa: E402
 from tasks.preprocess import load_pair, preprocess  # noqa: E402
 
 MANIFEST_COLUMNS = ["patient_id", "stage", "stage_name", "exam_id", "subset", "image_path", "label_path",

@@ -76,7 +76,7 @@ def prepare_dataset(data_dir: Path, patients: int, visits: str, seed: int, size:
     with the product's phantom, ingest and preprocess on first use; returns the run directory."""
     from tasks.config import load_config
     from tasks.ingest import ingest
-    from tasks.phantom import generate_phantom
+    from flows.phantom import generate_phantom
     from tasks.preprocess import preprocess
     from brvo_models.phantom.config import phantom_config
 
@@ -116,8 +116,8 @@ def run_row(data_dir: Path, patients: int, visits: str, seed: int, size: int, *,
     import torch
 
     from tasks.config import flatten_fields, load_config
-    from tasks.train_crgan import evaluate_crgan, train_crgan
-    from tasks.train_pix2pix import evaluate_pix2pix, train_pix2pix
+    from tasks.crgan import evaluate_crgan, train_crgan
+    from tasks.pix2pix import evaluate_pix2pix, train_pix2pix
 
     t0 = time.perf_counter()
     dataset = prepare_dataset(data_dir, patients, visits, seed, size, variant.get("label_resize", "nearest"))

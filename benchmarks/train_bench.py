@@ -103,7 +103,7 @@ def bench_data_path(seconds: float) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from conftest import write_blob_dataset
     from storage.torch_dataset import PairedImageDataset
-    from tasks.train_pix2pix import load_split, make_batches
+    from tasks.pix2pix import load_split, make_batches
 
     with tempfile.TemporaryDirectory() as tmp:
         path = write_blob_dataset(Path(tmp) / "soul.h5", n_patients=40, image_size=64)

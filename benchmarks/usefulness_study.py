@@ -1,4 +1,4 @@
-"""The full usefulness study (tasks/usefulness.py) on a finished run, and the recipe tuning behind it.
+"""The full usefulness study (tasks/analyses/usefulness_protocol.py) on a finished run, and the recipe tuning behind it.
 
     # choose the downstream recipes on the validation patients, real rows only (prints a table)
     python benchmarks/usefulness_study.py tune RUN_DIR
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from brvo_models.configs import ForecastRecipe, SegmenterRecipe, UsefulnessConfig  # noqa: E402
 from storage.run_dir import RunPaths  # noqa: E402
 from tasks.config import PipelineConfig, parse_config  # noqa: E402
-from tasks.usefulness import (  # noqa: E402
+from tasks.analyses.usefulness_protocol import (  # noqa: E402
     load_study_data,
     mix_settings,
     render_markdown,
@@ -42,7 +42,7 @@ from tasks.usefulness import (  # noqa: E402
     usage_advice,
     verdict_lines,
 )
-from tasks.usefulness_subsets import PipelineSubsetMaker  # noqa: E402
+from tasks.analyses.usefulness_subsets import PipelineSubsetMaker  # noqa: E402
 
 SEGMENTER_GRID = {"width": (8, 16), "steps": (300, 600)}
 FORECAST_GRID = {"width": (8, 16), "steps": (300, 1000), "weight_decay": (1e-4, 1e-2)}

@@ -3,7 +3,7 @@
     ingest -> preprocess -> pix2pix, crgan (trained here, or a registry version)
     -> fill -> label -> score -> export -> figures, usefulness -> report.json, report.md, card
 
-The plan is a tuple of steps from the step table (tasks.steps); :func:`tasks.steps.run_plan`
+The plan is a tuple of steps from the step table (tasks.engine); :func:`tasks.engine.run_plan`
 serves each step from its record when nothing it depends on changed (inputs' contents,
 config fields, code) and its outputs are intact, else runs it; training resumes from its last
 checkpoint. The documents are rebuilt from the step results at the end of every run. The
@@ -17,9 +17,9 @@ from typing import Any
 
 from prefect import flow
 
-from flows.prepare import run_steps
-from tasks.concurrency import step_task_runner
-from flows.artifacts import publish_augment_artifacts
+from flows.run_steps import LOCK_WAIT_S, run_steps
+from tasks.engine.concurrency import step_task_runner
+from tasks.rendering.artifacts import publish_augment_artifacts
 from flows.final_state import final_state, outcome_state, summary_line
 from flows.settings import registry_dir_setting
 from storage.errors import BrvoError
@@ -29,20 +29,19 @@ from tasks.config import PipelineConfig, load_config, parse_config
 from tasks.export import EXPORT
 from tasks.figures import FIGURES
 from tasks.image_quality import IMAGE_QUALITY
-from tasks.fill_stages import FILL
+from tasks.fill import FILL
 from tasks.ingest import INGEST
 from tasks.label import LABEL
-from tasks.models import ModelName, TrainedModel
+from tasks.shared.trained_model import ModelName, TrainedModel
 from tasks.preprocess import PREPROCESS
-from tasks.report import bars_summary, warnings_of
-from tasks.reporting import in_prefect_run, run_warning
+from tasks.rendering.report import bars_summary, warnings_of
+from tasks.engine.logs import in_prefect_run, install_one_line_errors, run_warning
 from tasks.score import SCORE
-from tasks.steps import Executor, PlanRun, Step, StepContext, execute_with_prefect
-from tasks.train_crgan import TRAIN_CRGAN
-from tasks.train_pix2pix import TRAIN_PIX2PIX
+from tasks.engine import Executor, PlanRun, Step, StepContext, execute_with_prefect
+from tasks.crgan import TRAIN_CRGAN
+from tasks.pix2pix import TRAIN_PIX2PIX
 from tasks.usefulness import USEFULNESS
 
-LOCK_WAIT_S = 5.0
 
 #: The whole chain when the run trains its own models.
 AUGMENT: tuple[Step, ...] = (INGEST, PREPROCESS, TRAIN_PIX2PIX, TRAIN_CRGAN, FILL, LABEL, SCORE, EXPORT, FIGURES,
@@ -117,6 +116,7 @@ def augment_chain(soul_dir: str | Path, run_dir: str | Path, config: PipelineCon
                   force_retrain: bool = False, lock_wait_s: float = LOCK_WAIT_S,
                   execute: Executor = execute_with_prefect) -> dict[str, Any]:
     """Run the augment plan under the run-directory lock; return a small summary."""
+    install_one_line_errors()
     soul_dir, run_dir = Path(soul_dir).resolve(), Path(run_dir).resolve()
     models = resolve_registry(registry_dir, model_version, force_retrain)
     if models is not None:
@@ -178,7 +178,7 @@ def run_augment(soul_dir: Path, run_dir: Path, config: PipelineConfig, **kwargs)
 
 def run_demo(run_dir: Path, preset_name: str = "demo", n_patients: int = 53) -> dict:
     """`make demo`: a phantom SOUL directory beside the run, then the whole flow on it."""
-    from tasks.phantom import generate_phantom
+    from flows.phantom import generate_phantom
 
     run_dir = Path(run_dir)
     soul_dir = run_dir.parent / f"{run_dir.name}_soul_phantom"

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace, run_dir: Path | None = None):
     """Preset/config file from the command line; else the run directory's recorded config; else demo."""
     from tasks.config import load_config
-    from tasks.run_record import recorded_config
+    from tasks.engine.run_record import recorded_config
 
     if getattr(args, "preset", None) is None and getattr(args, "config", None) is None and run_dir is not None:
         recorded = recorded_config(run_dir)
@@ -162,7 +162,7 @@ def _single_step(args: argparse.Namespace, target: str, config, source: Path | N
     """Run one step of the augment plan on RUN_DIR (its upstream steps must have run), under the
     run-directory lock like every command that writes there; print its result."""
     from flows.augment import AUGMENT
-    from flows.prepare import run_steps
+    from flows.run_steps import run_steps
     from storage.run_dir import RunPaths
 
     _temporary_server_dies_with_cli()
@@ -189,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
             images_per_visit=args.images_per_visit, attendance=args.attendance, vessel_density=args.vessel_density,
             vessel_width=args.vessel_width, contrast=args.contrast, noise=args.noise,
             non_perfusion_size=args.non_perfusion_size)
-        from tasks.phantom import phantom_task, preflight_phantom
+        from flows.phantom import phantom_task, preflight_phantom
 
         preflight_phantom(args.out_dir, args.workers, args.overwrite, args.truth_dir)
         _temporary_server_dies_with_cli()
@@ -217,13 +217,13 @@ def _run(args: argparse.Namespace) -> int:
         _temporary_server_dies_with_cli()
         print(prepare(str(args.soul_dir), str(args.run_dir), config_json=config.to_json()))
     elif cmd == "train-pix2pix":
-        from tasks.train_pix2pix import preflight_train_pix2pix
+        from tasks.pix2pix import preflight_train_pix2pix
 
         config = resolve_config(args, args.run_dir)
         preflight_train_pix2pix(args.run_dir, config)
         return _single_step(args, "pix2pix", config)
     elif cmd == "train-crgan":
-        from tasks.train_crgan import preflight_train_crgan
+        from tasks.crgan import preflight_train_crgan
 
         config = resolve_config(args, args.run_dir)
         preflight_train_crgan(args.run_dir, config)
@@ -276,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     from storage.errors import BrvoError, DiskFullError
 
     args = build_parser().parse_args(argv)
+    from tasks.engine.logs import install_one_line_errors
+
+    install_one_line_errors()
     try:
         if args.command in PREFECT_COMMANDS:
             check_prefect_api()

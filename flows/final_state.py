@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 from prefect.client.schemas.objects import State
 from prefect.states import Completed
 
-from tasks.reporting import run_log
+from tasks.engine.logs import run_log
 
 
 def _count(n: int, noun: str) -> str:

@@ -5,7 +5,7 @@ cached by size and mtime, so an unchanged directory costs only ``stat`` calls) a
 compares it, with the config hash, to what the registry's ``latest`` version was
 trained on: the same means a quick ``no change`` result. Otherwise it runs ingest ->
 preprocess -> train Pix2Pix -> train CRGAN in a work directory and publishes the
-checkpoints as a new registry version. Champion and challenger (tasks/promotion.py):
+checkpoints as a new registry version. Champion and challenger (tasks/analyses/promotion.py):
 every version is published, but ``latest`` moves only when the new models meet their
 quality bars and score no worse than the current ``latest`` on this run's held-out
 data; otherwise the result says "published vNNNN, not promoted: <why>" and the version's
@@ -14,7 +14,7 @@ after the fingerprint and config, so a retrain that crashed resumes training fro
 last checkpoint when the schedule (or a user) runs it again; it is deleted after a
 publish, so every WARNING names the version's files instead.
 
-The registry is checked first (tasks.preflight.preflight_registry: writable, a sane
+The registry is checked first (tasks.shared.preflight.preflight_registry: writable, a sane
 ``latest``), before the fingerprint, ingest and preprocess, so a registry the retrain
 could not publish to is one line and costs nothing. "No change" compares with the
 newest version, promoted or not: the same data and config would train the same models
@@ -49,18 +49,29 @@ from storage.hashing import json_sha256
 from storage.locking import file_lock
 from storage.registry import ModelRegistry
 from storage.run_dir import RunPaths
-from tasks.concurrency import step_task_runner
+from tasks.engine.concurrency import step_task_runner
 from tasks.config import PipelineConfig, flatten_fields
 from tasks.config import preset as preset_config
-from tasks.preflight import preflight_registry
-from tasks.reporting import in_prefect_run, run_log, run_warning
+from tasks.shared.preflight import preflight_registry
+from tasks.engine.logs import in_prefect_run, run_log, run_warning
 
 if TYPE_CHECKING:
-    from tasks.steps import PlanRun
+    from tasks.engine import PlanRun, Step
 
 FINGERPRINT_CACHE = ".fingerprint_cache.json"
 STATUS_FILE = "last_retrain.json"
-LOCK_WAIT_S = 10.0
+REGISTRY_LOCK_WAIT_S = 10.0  # for another retrain of the same registry
+
+
+def retrain_plan() -> tuple[Step, ...]:
+    """ingest -> preprocess -> pix2pix, crgan: the steps a retrain runs in its work directory (imported on
+    call: the step modules bring torch, which a retrain with nothing to do never needs)."""
+    from tasks.crgan import TRAIN_CRGAN
+    from tasks.ingest import INGEST
+    from tasks.pix2pix import TRAIN_PIX2PIX
+    from tasks.preprocess import PREPROCESS
+
+    return (INGEST, PREPROCESS, TRAIN_PIX2PIX, TRAIN_CRGAN)
 
 
 def resolve_dirs(soul_dir: str | None, registry_dir: str | None) -> tuple[Path, Path]:
@@ -109,7 +120,7 @@ fingerprint_task = task(name="fingerprint-source", retries=1, retry_delay_second
 @task(name="decide-promotion")
 def promotion_task(run: PlanRun, work: Path, config: PipelineConfig, registry_dir: Path) -> dict[str, Any]:
     """Champion and challenger: the new models' bars, and the current latest scored on this run's held-out data."""
-    from tasks.promotion import decide_against_latest
+    from tasks.analyses.promotion import decide_against_latest
 
     decision = decide_against_latest(work, config, run.report, ModelRegistry(registry_dir))
     run_log(f"promotion: {'promote' if decision.promote else 'do not promote'}: {decision.summary()}")
@@ -173,8 +184,10 @@ def retrain_final_state(result: dict[str, Any]) -> State:
 def retrain_chain(soul_dir: str | None, registry_dir: str | None, preset: str, config_json: str | None,
                   work_dir: str | None, force: bool, keep_work: bool) -> dict:
     """The retrain flow's body (see :func:`retrain`)."""
+    from tasks.engine.logs import install_one_line_errors
     from tasks.ingest import check_source
 
+    install_one_line_errors()
     t0 = time.perf_counter()
     soul, reg_dir = resolve_dirs(soul_dir, registry_dir)
     check_source(soul)
@@ -192,22 +205,16 @@ def retrain_chain(soul_dir: str | None, registry_dir: str | None, preset: str, c
         return _no_change(registry, t0, base, "")
 
     busy = f"model registry {reg_dir} is being retrained by another run (pid {{pid}}); wait for it to finish"
-    with file_lock(reg_dir / ".retrain.lock", LOCK_WAIT_S, busy):
+    with file_lock(reg_dir / ".retrain.lock", REGISTRY_LOCK_WAIT_S, busy):
         fp = source_fingerprint(soul, reg_dir)  # the data may have moved on while we waited
         if not force and is_unchanged(registry, fp, cfg_hash):
             return _no_change(registry, t0, {**base, "fingerprint": fp.digest}, " (published while waiting)")
-        from flows.prepare import (
-            run_steps,  # torch: imported only when there is work to do
-        )
-        from tasks.ingest import INGEST
-        from tasks.preprocess import PREPROCESS
-        from tasks.train_crgan import TRAIN_CRGAN
-        from tasks.train_pix2pix import TRAIN_PIX2PIX
+        from flows.run_steps import run_steps  # torch: imported only when there is work to do
 
         work = Path(work_dir) if work_dir else reg_dir / "work" / f"{fp.digest[:12]}-{cfg_hash[:8]}"
         run_log(f"retraining in {work} (latest: {registry.latest_version() or 'none'})")
         try:
-            run = run_steps((INGEST, PREPROCESS, TRAIN_PIX2PIX, TRAIN_CRGAN), work, config, source=soul,
+            run = run_steps(retrain_plan(), work, config, source=soul,
                             log_warnings=False)  # logged below, naming the version's report: work is deleted
             t = time.perf_counter()
             previous = registry.latest_version()
@@ -252,7 +259,7 @@ def _warn(report: dict[str, Any], version_dir: Path, version: str, promotion: di
           previous: str | None) -> list[str]:
     """Log the run's WARNINGs, naming the published report (the work directory is gone), and a version that
     was not promoted; return them."""
-    from tasks.report import warnings_of
+    from tasks.rendering.report import warnings_of
 
     lines = [f"{w}; see {version_dir / 'report.md'}" for w in warnings_of(report)]
     if not promotion.get("promoted"):
@@ -267,7 +274,7 @@ def _warn(report: dict[str, Any], version_dir: Path, version: str, promotion: di
 
 def _finish(registry: ModelRegistry, t0: float, result: dict[str, Any], message: str) -> dict[str, Any]:
     """Record the outcome (REGISTRY/last_retrain.json, the 'retrain-result' artifact, the log) and return it."""
-    from flows.artifacts import publish_retrain_artifact
+    from tasks.rendering.artifacts import publish_retrain_artifact
 
     result["message"] = message
     result["seconds"] = round(time.perf_counter() - t0, 2)

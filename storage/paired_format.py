@@ -67,7 +67,7 @@ FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
 #: first version whose every dataset carries the Fletcher32 checksum
 CHECKSUMMED_SINCE = 2
-#: what to do about a damaged file: true, since a rerun checks its outputs' bytes (tasks.steps)
+#: what to do about a damaged file: true, since a rerun checks its outputs' bytes (tasks.engine)
 REPAIR_ADVICE = "re-run the step or flow that wrote it (a rerun rewrites an output whose bytes changed)"
 #: encoding of text columns (fixed-length strings, HDF5 character set UTF-8)
 TEXT_ENCODING = "utf-8"

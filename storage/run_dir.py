@@ -1,6 +1,6 @@
 """Where each step reads and writes inside a run directory: every file name is spelled here, once.
 
-Steps declare their outputs as names of these attributes (tasks.steps.Step.writes) and
+Steps declare their outputs as names of these attributes (tasks.engine.Step.writes) and
 pass their results on; nothing else builds a path inside a run directory by hand.
 
 Every path built from text that is not ours (a patient id from a manifest, a file stem,
@@ -127,7 +127,7 @@ class RunPaths:
 
     @property
     def step_records(self) -> Path:
-        """One JSON record per finished step: its cache key, result and output stamps (tasks.steps)."""
+        """One JSON record per finished step: its cache key, result and output stamps (tasks.engine)."""
         return self.root / ".steps"
 
     @property

@@ -16,15 +16,16 @@ from storage.paired_format import STAGE_NAMES, PairedDatasetWriter, meta_frame, 
 from storage.run_dir import RunPaths
 from storage.work_files import read_work_array, read_work_table
 from tasks.config import PipelineConfig
-from tasks.models import TrainedModel
-from tasks.reporting import run_log
+from tasks.shared.trained_model import TrainedModel
+from tasks.engine.logs import run_log
 from tasks.score import (LABEL_DENSITY, SCORE_NAMES, AcceptanceThresholds, label_density_failures, summarise,
                          threshold_passes)
-from tasks.stage_trend import stage_trend
-from tasks.steps import Step, StepContext
+from tasks.analyses.stage_trend import stage_trend
+from tasks.engine import Step, StepContext
 
 if TYPE_CHECKING:
-    from tasks.fill_stages import FillResult
+    from tasks.fill import FillResult
+    from tasks.ingest import IngestResult
     from tasks.label import LabelResult
     from tasks.preprocess import PreprocessResult
     from tasks.score import ScoreResult
@@ -54,15 +55,15 @@ UNKNOWN_ORIGIN = DataOrigin(kind="unknown", license="not recorded", rows="input 
     "derived dataset inherits it: cite the SOUL paper; if it is the built-in phantom, no dataset licence applies."))
 
 
-def data_origin(run_dir: Path) -> DataOrigin:
-    """From RUN_DIR/ingest.json: a manifest (the user's own data), or a SOUL tree, which is the built-in
+def data_origin(run_dir: Path, ingest_json: str | Path | None = None) -> DataOrigin:
+    """From ``ingest_json`` (default RUN_DIR/ingest.json): a manifest (the user's own data), or a SOUL tree, which is the built-in
     phantom when its clinical sheet carries the phantom's write stamp
     (:func:`brvo_models.phantom.clinical_sheet.is_phantom_sheet`), else SOUL. A tree without a readable
     sheet is taken for SOUL: its attribution is then owed, never dropped by a guess. No ingest.json: unknown.
     """
     from brvo_models.phantom.clinical_sheet import is_phantom_sheet
 
-    path = RunPaths.of(run_dir).ingest_json
+    path = Path(ingest_json) if ingest_json is not None else RunPaths.of(run_dir).ingest_json
     if not path.is_file():
         return UNKNOWN_ORIGIN
     ingest = json.loads(path.read_text())
@@ -88,9 +89,9 @@ def data_origin(run_dir: Path) -> DataOrigin:
         "SOUL paper when you use it."))
 
 
-def origin_attrs(run_dir: Path) -> dict[str, Any]:
+def origin_attrs(run_dir: Path, ingest_json: str | Path | None = None) -> dict[str, Any]:
     """augmented.h5's attributes that say what its real rows are and whose licence applies."""
-    origin = data_origin(run_dir)
+    origin = data_origin(run_dir, ingest_json)
     return {"description": f"brvo-augment augmented paired OCTA dataset: {origin.rows} + CRGAN-filled missing "
                            "stages labelled by Pix2Pix",
             "license": origin.license, "data_origin": origin.model_dump_json()}
@@ -110,23 +111,42 @@ class ExportResult(BaseModel):
         return self.synthetic
 
 
-def write_augmented(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, crgan: TrainedModel) -> Path:
-    """Stream soul.h5's real rows, then the scored synthetic rows, into augmented.h5 (atomic)."""
+class ExportInputs(BaseModel):
+    """The files export reads, each from the result of the step that wrote it (None: RUN_DIR's)."""
+
+    soul_h5: str | None = None
+    synthetic_h5: str | None = None
+    labels_h5: str | None = None
+    scores_csv: str | None = None
+    ingest_json: str | None = None
+
+    def resolved(self, run_dir: Path) -> dict[str, Path]:
+        paths = RunPaths.of(run_dir)
+        defaults = {"soul_h5": paths.soul_h5, "synthetic_h5": paths.synthetic_h5,
+                    "labels_h5": paths.synthetic_labels_h5, "scores_csv": paths.scores_csv,
+                    "ingest_json": paths.ingest_json}
+        return {k: Path(v) if v is not None else defaults[k] for k, v in self.model_dump().items()}
+
+
+def write_augmented(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, crgan: TrainedModel,
+                    inputs: ExportInputs | None = None) -> Path:
+    """Stream soul.h5's real rows, then the scored synthetic rows, into RUN_DIR's augmented.h5 (atomic)."""
     paths = RunPaths.of(run_dir)
-    table = read_work_table(paths.synthetic_h5)
-    scores = pd.read_csv(paths.scores_csv, dtype={"patient_id": str})
+    files = (inputs or ExportInputs()).resolved(run_dir)
+    table = read_work_table(files["synthetic_h5"])
+    scores = pd.read_csv(files["scores_csv"], dtype={"patient_id": str})
     if len(scores) != len(table) or not (scores["patient_id"].to_numpy() == table["patient_id"].to_numpy()).all():
         raise RuntimeError("scores.csv does not match synthetic.h5 row for row; rerun the score step")
     attrs = {
-        **origin_attrs(run_dir),
+        **origin_attrs(run_dir, files["ingest_json"]),
         "config_json": config.to_json(),
-        "source_sha256": file_sha256(paths.soul_h5),
+        "source_sha256": file_sha256(files["soul_h5"]),
         "pix2pix_sha256": pix2pix.sha256,
         "crgan_sha256": crgan.sha256,
         "models_origin": json.dumps({m.model: m.origin for m in (pix2pix, crgan)}),
         "samples_per_missing": config.samples_per_missing,
     }
-    with h5py.File(paths.soul_h5, "r") as src, PairedDatasetWriter(
+    with h5py.File(files["soul_h5"], "r") as src, PairedDatasetWriter(
         paths.augmented_h5, config.image_size, compression=config.compression, attrs=attrs
     ) as out:
         real = meta_frame(src)
@@ -137,8 +157,8 @@ def write_augmented(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel
             rows["label_source"] = "annotation"
             out.append(src["images"][start:stop], src["labels"][start:stop], rows)
         if len(table):
-            images = read_work_array(paths.synthetic_h5, "images")
-            labels = read_work_array(paths.synthetic_labels_h5, "labels")
+            images = read_work_array(files["synthetic_h5"], "images")
+            labels = read_work_array(files["labels_h5"], "labels")
             rows = pd.DataFrame({
                 "patient_id": table["patient_id"], "stage": table["stage"].astype(int), "exam_id": "",
                 "subset": table["subset"], "split": table["split"], "is_synthetic": True,
@@ -182,16 +202,16 @@ def label_densities(path: Path, chunk: int = REAL_CHUNK) -> np.ndarray:
 
 
 def export(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, crgan: TrainedModel,
-           thresholds: AcceptanceThresholds, *, log=run_log) -> ExportResult:
+           thresholds: AcceptanceThresholds, *, log=run_log, inputs: ExportInputs | None = None) -> ExportResult:
     """Write RUN_DIR/augmented.h5 and summarise what is in it."""
     t0 = time.perf_counter()
-    out = write_augmented(run_dir, config, pix2pix, crgan)
+    out = write_augmented(run_dir, config, pix2pix, crgan, inputs)
     summary = validate(out)
     with h5py.File(out, "r") as f:
         meta = meta_frame(f)
     densities = label_densities(out)  # every row's, read once: the synthetic rows' for the section, all for the trend
     density = densities[meta["is_synthetic"].to_numpy(bool)]
-    trend = stage_trend(meta, densities)  # its warnings reach the log with the report's (tasks/report.py)
+    trend = stage_trend(meta, densities)  # its warnings reach the log with the report's (tasks/rendering/report.py)
     log("export: treatment effect in label density per stage: " + ", ".join(
         f"{name} {'n/a' if trend[key] is None else format(trend[key], '+.4f')}" for name, key in (
             ("real", "real_slope_per_stage"), ("synthetic", "synthetic_slope_per_stage"), ("offset", "synthetic_bias"))))
@@ -203,15 +223,18 @@ def export(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, crgan: 
                         seconds=round(time.perf_counter() - t0, 3))
 
 
-def export_step(ctx: StepContext, preprocess: PreprocessResult, fill: FillResult, label: LabelResult,
-                score: ScoreResult, pix2pix: TrainedModel, crgan: TrainedModel) -> ExportResult:
+def export_step(ctx: StepContext, ingest: IngestResult, preprocess: PreprocessResult, fill: FillResult,
+                label: LabelResult, score: ScoreResult, pix2pix: TrainedModel, crgan: TrainedModel) -> ExportResult:
     """The 'export' step: real rows + scored synthetic rows -> augmented.h5."""
-    return export(ctx.run_dir, ctx.config, pix2pix, crgan, score.thresholds, log=ctx.log)
+    inputs = ExportInputs(soul_h5=preprocess.path, synthetic_h5=fill.synthetic_h5, labels_h5=label.labels_h5,
+                          scores_csv=score.scores_csv, ingest_json=ingest.paths["ingest_json"])
+    return export(ctx.run_dir, ctx.config, pix2pix, crgan, score.thresholds, log=ctx.log, inputs=inputs)
 
 
 EXPORT = Step(
     name="export", run=export_step, result_type=ExportResult, retries=1,
-    needs=("preprocess", "fill", "label", "score", "pix2pix", "crgan"), writes=("augmented_h5",),
+    needs=("ingest", "preprocess", "fill", "label", "score", "pix2pix", "crgan"),
+    reads=("ingest_json", "soul_h5", "synthetic_h5", "synthetic_labels_h5", "scores_csv"), writes=("augmented_h5",),
     # the whole config: augmented.h5 carries it as its config_json attribute
     config_fields=tuple(PipelineConfig.model_fields), report="synthetic",
     description="real rows + scored synthetic rows -> augmented.h5")

@@ -1,103 +1,26 @@
-"""The 'image_quality' step: are the synthetic images, as a set, like held-out real ones?
-
-The per-sample ``realism`` score is the CRGAN's own discriminator judging its own samples. This
-step gives the distribution-level numbers GAN users expect (brvo_models/image_quality.py: KID and
-precision / recall / density / coverage), per stage and pooled, between
-
-- the synthetic rows the dataset offers as usable (the accepted ones; all of them when none was
-  accepted, and the section says so), and
-- the real rows of the held-out patients (val and test), which neither model trained on,
-
-with two feature extractors that need no download: a fixed seeded random CNN (texture and
-sharpness) and the encoder of this run's Pix2Pix generator (what the labeller looks at),
-calibrated on the real training images. The same numbers for the real *training* images in place
-of the synthetic ones are the ceiling ("baseline"): images of other real patients are what a
-perfect generator of new patients would match, and they score well below two halves of one pool.
-"""
+"""The 'image_quality' step: KID and precision / recall / density / coverage of the synthetic rows
+against held-out real ones (tasks.analyses.image_quality measures them)."""
 from __future__ import annotations
 
-import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import numpy as np
-from pydantic import BaseModel
-
-from storage.paired_format import read_arrays, read_meta
-from storage.run_dir import RunPaths
-from tasks.config import PipelineConfig
-from tasks.reporting import run_log
-from tasks.steps import Step, StepContext
+from tasks.analyses.image_quality import HELD_OUT_SPLITS, ImageQualityResult, measure_image_quality
+from tasks.engine import Step, StepContext
 
 if TYPE_CHECKING:
     from tasks.export import ExportResult
-    from tasks.models import TrainedModel
+    from tasks.shared.trained_model import TrainedModel
 
-#: Held-out real rows: patients neither model trained on.
-HELD_OUT_SPLITS = ("val", "test")
-#: The numbers the report shows, with their direction.
-SHOWN = {"kid_mean": "lower is better", "precision": "fidelity, higher is better",
-         "recall": "diversity, higher is better", "density": "fidelity, about 1 for one distribution",
-         "coverage": "diversity, higher is better"}
-
-
-class ImageQualityResult(BaseModel):
-    """Per feature extractor, per stage (and "all"): synthetic vs held-out real, with the real-training ceiling."""
-
-    synthetic_rows: str  # "accepted" or "all (none accepted)"
-    n_synthetic: int
-    n_held_out_real: int
-    n_train_real: int
-    extractors: dict[str, dict[str, dict[str, Any]]]
-    seconds: float
-
-    def report_section(self) -> dict[str, Any]:
-        return self.model_dump()
-
-
-def measure_image_quality(run_dir: Path, config: PipelineConfig, pix2pix_checkpoint: Path, *,
-                          log=run_log) -> ImageQualityResult:
-    """KID and prdc per stage for the random-CNN and the Pix2Pix-encoder features (module docstring)."""
-    from brvo_models.image_quality import RandomCNNFeatures, stage_quality, unet_encoder_features
-    from brvo_models.pix2pix import load_labeller
-
-    t0 = time.perf_counter()
-    h5 = RunPaths.of(run_dir).augmented_h5
-    meta = read_meta(h5)
-    real = ~meta["is_synthetic"]
-    synthetic = meta["is_synthetic"] & meta["accepted"]
-    which = "accepted"
-    if not synthetic.any():
-        synthetic, which = meta["is_synthetic"], "all (none accepted)"
-    held_out = real & meta["split"].isin(HELD_OUT_SPLITS)
-    train = real & (meta["split"] == "train")
-
-    def images(mask) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.flatnonzero(mask.to_numpy())
-        return read_arrays(h5, rows)[0], meta["stage"].to_numpy()[rows]
-
-    (syn_x, syn_s), (real_x, real_s), (train_x, train_s) = images(synthetic), images(held_out), images(train)
-    generator, device = load_labeller(pix2pix_checkpoint, config.device, config.image_size)
-    extractors = {"random_cnn": RandomCNNFeatures(seed=config.seed).to(device),
-                  "pix2pix_encoder": unet_encoder_features(generator).calibrate(train_x)}
-    results = {name: stage_quality(syn_x, syn_s, real_x, real_s, extractor=extractor,
-                                   baseline_images=train_x, baseline_stages=train_s)
-               for name, extractor in extractors.items()}
-    pooled = results["random_cnn"]["all"]
-    log(f"image_quality: {len(syn_x)} {which} synthetic vs {len(real_x)} held-out real images (random CNN, "
-        f"all stages): KID {pooled['kid_mean']:.4f} (real training images: {pooled['baseline']['kid_mean']:.4f}), "
-        f"precision {pooled['precision']:.3f}, recall {pooled['recall']:.3f}")
-    return ImageQualityResult(synthetic_rows=which, n_synthetic=len(syn_x), n_held_out_real=len(real_x),
-                              n_train_real=len(train_x), extractors=results,
-                              seconds=round(time.perf_counter() - t0, 3))
+__all__ = ["HELD_OUT_SPLITS", "IMAGE_QUALITY", "ImageQualityResult", "image_quality_step"]
 
 
 def image_quality_step(ctx: StepContext, export: ExportResult, pix2pix: TrainedModel) -> ImageQualityResult:
     """The 'image_quality' step."""
-    return measure_image_quality(ctx.run_dir, ctx.config, pix2pix.checkpoint_path, log=ctx.log)
+    return measure_image_quality(ctx.run_dir, ctx.config, pix2pix.checkpoint_path, log=ctx.log,
+                                 augmented_h5=export.augmented_h5)
 
 
 IMAGE_QUALITY = Step(
     name="image_quality", run=image_quality_step, result_type=ImageQualityResult, needs=("export", "pix2pix"),
-    config_fields=("seed", "device"), report="image_quality",
+    reads=("augmented_h5",), config_fields=("seed", "device"), report="image_quality",
     description="KID and precision/recall/density/coverage of synthetic vs held-out real images, per stage")

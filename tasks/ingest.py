@@ -96,8 +96,8 @@ from storage.manifest import read_manifest_table, resolve_listed_path
 from storage.paired_format import STAGE_NAMES
 from storage.run_dir import RunPaths, ensure_inside, safe_component
 from tasks.config import InputSanityConfig
-from tasks.reporting import run_log
-from tasks.steps import Step, StepContext
+from tasks.engine.logs import run_log
+from tasks.engine import Step, StepContext
 
 MANIFEST_COLUMNS = ("patient_id", "stage", "stage_name", "exam_id", "subset",
                     "image_path", "label_path", "width", "height")

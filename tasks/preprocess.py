@@ -55,9 +55,10 @@ from storage.paired_format import (
 )
 from storage.run_dir import RunPaths
 from tasks.config import LabelResize, PipelineConfig
-from tasks.reporting import LogFn, ProgressArtifact, run_log
-from tasks.steps import Step, StepContext
-from tasks.workers import reset_signals, worker_context
+from tasks.engine.logs import LogFn, run_log
+from tasks.rendering.progress import ProgressArtifact
+from tasks.engine import Step, StepContext
+from tasks.shared.workers import reset_signals, worker_context
 
 if TYPE_CHECKING:
     from tasks.ingest import IngestResult
@@ -326,8 +327,10 @@ def preprocess(
     on_progress: ProgressFn | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     workers: int | None = None,
+    manifest: str | os.PathLike | None = None,
 ) -> PreprocessResult:
-    """Write RUN_DIR/soul.h5 from RUN_DIR/manifest.csv; see the module docstring for the rules.
+    """Write RUN_DIR/soul.h5 from ``manifest`` (default RUN_DIR/manifest.csv, checked to exist first); see
+    the module docstring for the rules.
 
     ``workers`` overrides ``config.workers`` (benchmarks); ``chunk_size`` is the number of
     pairs per decoded chunk (memory per chunk: 2 * chunk_size * image_size**2 bytes).
@@ -335,7 +338,7 @@ def preprocess(
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     paths = RunPaths.of(run_dir)
-    manifest_path = preflight_preprocess(run_dir)
+    manifest_path = Path(manifest) if manifest is not None else preflight_preprocess(run_dir)
     source_sha = file_sha256(manifest_path)
     df = read_manifest(manifest_path)
 
@@ -487,13 +490,13 @@ def inspect_dataset(path: str | os.PathLike, deep: bool = False) -> str:
 
 
 def preprocess_step(ctx: StepContext, ingest: IngestResult) -> PreprocessResult:
-    """The 'preprocess' step: RUN_DIR/manifest.csv (from ingest) -> RUN_DIR/soul.h5."""
-    preflight_preprocess(ctx.run_dir)
+    """The 'preprocess' step: ingest's manifest.csv -> RUN_DIR/soul.h5."""
     progress = ProgressArtifact("preprocess-progress", "pairs decoded and written to soul.h5")
-    return preprocess(ctx.run_dir, ctx.config, log=ctx.log, on_progress=progress)
+    return preprocess(ctx.run_dir, ctx.config, log=ctx.log, on_progress=progress, manifest=ingest.paths["manifest"])
 
 
 PREPROCESS = Step(
     name="preprocess", run=preprocess_step, result_type=PreprocessResult, needs=("ingest",), retries=1,
-    writes=("soul_h5",), config_fields=("image_size", "label_resize", "compression", "val_fraction", "test_fraction", "seed"),
+    reads=("manifest",), writes=("soul_h5",),
+    config_fields=("image_size", "label_resize", "compression", "val_fraction", "test_fraction", "seed"),
     description="manifest.csv -> soul.h5: resized pairs, split by patient")

@@ -51,13 +51,13 @@ from storage.paired_format import read_arrays, read_meta
 from storage.run_dir import RunPaths
 from storage.work_files import read_work_array, read_work_table
 from tasks.config import PipelineConfig
-from tasks.reporting import run_log
-from tasks.steps import Step, StepContext
+from tasks.engine.logs import run_log
+from tasks.engine import Step, StepContext
 
 if TYPE_CHECKING:
-    from tasks.fill_stages import FillResult
+    from tasks.fill import FillResult
     from tasks.label import LabelResult
-    from tasks.models import TrainedModel
+    from tasks.shared.trained_model import TrainedModel
     from tasks.preprocess import PreprocessResult
 
 SCORE_NAMES = ("consistency_ssim", "realism", "density_z", "label_confidence")
@@ -235,18 +235,23 @@ def summarise(scores: pd.DataFrame) -> dict[str, dict[str, float]]:
 
 
 def score_samples(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path, pix2pix_checkpoint: Path, *,
-                  log=run_log, score_on="auto") -> ScoreResult:
-    """``score_on``: where consistency SSIMs are computed (brvo_models.batched_metrics.metrics_device:
-    "auto" = the GPU when the run's device is CUDA, else numpy)."""
+                  log=run_log, score_on="auto", soul_h5: str | Path | None = None,
+                  synthetic_h5: str | Path | None = None, labels_h5: str | Path | None = None) -> ScoreResult:
+    """Score the synthetic rows (``synthetic_h5``, ``labels_h5``) against the real ones (``soul_h5``; each
+    default RUN_DIR's) -> RUN_DIR's scores.csv. ``score_on``: where consistency SSIMs are computed
+    (brvo_models.batched_metrics.metrics_device: "auto" = the GPU when the run's device is CUDA, else numpy)."""
     t0 = time.perf_counter()
     paths = RunPaths.of(run_dir)
-    table = read_work_table(paths.synthetic_h5)
-    images = read_work_array(paths.synthetic_h5, "images")
-    labels = read_work_array(paths.synthetic_labels_h5, "labels")
-    confidence = read_work_array(paths.synthetic_labels_h5, "label_confidence")
+    soul = Path(soul_h5) if soul_h5 is not None else paths.soul_h5
+    synthetic = Path(synthetic_h5) if synthetic_h5 is not None else paths.synthetic_h5
+    labelled = Path(labels_h5) if labels_h5 is not None else paths.synthetic_labels_h5
+    table = read_work_table(synthetic)
+    images = read_work_array(synthetic, "images")
+    labels = read_work_array(labelled, "labels")
+    confidence = read_work_array(labelled, "label_confidence")
 
-    real_meta = read_meta(paths.soul_h5)
-    real_images, real_labels = read_arrays(paths.soul_h5)
+    real_meta = read_meta(soul)
+    real_images, real_labels = read_arrays(soul)
     real_density = real_labels.reshape(len(real_labels), -1).mean(axis=1)
     population_std = float(real_density.std())
     label_floor = label_floor_fields(real_meta, real_density)
@@ -364,12 +369,13 @@ def calibrated_on_real_rows(real_meta: pd.DataFrame, real_images: np.ndarray, ob
 def score_step(ctx: StepContext, preprocess: PreprocessResult, fill: FillResult, label: LabelResult,
                crgan: TrainedModel, pix2pix: TrainedModel) -> ScoreResult:
     """The 'score' step: four scores per synthetic sample, the thresholds, and the accepted flag."""
-    return score_samples(ctx.run_dir, ctx.config, crgan.checkpoint_path, pix2pix.checkpoint_path, log=ctx.log)
+    return score_samples(ctx.run_dir, ctx.config, crgan.checkpoint_path, pix2pix.checkpoint_path, log=ctx.log,
+                         soul_h5=preprocess.path, synthetic_h5=fill.synthetic_h5, labels_h5=label.labels_h5)
 
 
 SCORE = Step(
     name="score", run=score_step, result_type=ScoreResult, needs=("preprocess", "fill", "label", "crgan", "pix2pix"),
-    writes=("scores_csv",), config_fields=("acceptance", "acceptance_quantile", "min_consistency_ssim", "min_realism",
+    reads=("soul_h5", "synthetic_h5", "synthetic_labels_h5"), writes=("scores_csv",), config_fields=("acceptance", "acceptance_quantile", "min_consistency_ssim", "min_realism",
                                            "max_abs_density_z", "min_label_confidence", "pix2pix.threshold",
                                            "image_size", "device"),
     description="score every synthetic sample; accept or reject it by thresholds calibrated on held-out real rows")

@@ -62,7 +62,7 @@ TINY_PATIENTS = 8
 @pytest.fixture(scope="session")
 def tiny_phantom(tmp_path_factory) -> Path:
     """An 8-patient phantom in the SOUL layout, shared by the session."""
-    from tasks.phantom import PhantomConfig, generate_phantom
+    from flows.phantom import PhantomConfig, generate_phantom
 
     root = tmp_path_factory.mktemp("phantom") / "SOUL"
     generate_phantom(root, PhantomConfig(n_patients=TINY_PATIENTS, seed=0))

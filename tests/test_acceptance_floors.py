@@ -48,7 +48,7 @@ def failed_labeller_run(tmp_path, monkeypatch):
     import brvo_models.crgan_sampling as crgan_sampling
     import brvo_models.pix2pix as pix2pix
     from storage.paired_format import read_arrays, read_meta
-    from tasks.fill_stages import missing_stages
+    from tasks.fill import missing_stages
 
     run = tmp_path / "run"
     run.mkdir()
@@ -136,7 +136,7 @@ def _synthetic_section(n: int, degenerate: int):
 
 
 def test_report_counts_degenerate_labels_by_reason_and_warns_when_the_labeller_failed():
-    from tasks.report import render_card, render_report, warnings_of
+    from tasks.rendering.report import render_card, render_report, warnings_of
 
     section = _synthetic_section(38, 38)
     assert section["degenerate_labels"] == 38 and section["rejected_by"]["label_density"] == 38

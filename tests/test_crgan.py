@@ -19,7 +19,7 @@ from storage.hashing import file_sha256
 from storage.errors import BrvoError, CheckpointError, DatasetFormatError
 from storage.run_dir import RunPaths
 from tasks.config import preset
-from tasks.train_crgan import evaluate_crgan, load_sequences, preflight_train_crgan, train_crgan
+from tasks.crgan import evaluate_crgan, load_sequences, preflight_train_crgan, train_crgan
 
 TINY = preset("tiny")
 SIZE = TINY.image_size
@@ -265,12 +265,12 @@ def test_batches_made_ahead_in_a_thread_train_the_same_weights(tmp_path, monkeyp
     """fit's prefetch (on by default on CUDA): staged batches on CPU, forced here, change no bit."""
     from functools import partial
 
-    import tasks.train_crgan
+    import tasks.crgan
     from brvo_models.training import fit
 
     config = _tiny(epochs=2)
     plain = train_crgan(_run_dir(tmp_path, "plain"), config, log=lambda _m: None)
-    monkeypatch.setattr(tasks.train_crgan, "fit", partial(fit, prefetch=2))
+    monkeypatch.setattr(tasks.crgan, "fit", partial(fit, prefetch=2))
     ahead = train_crgan(_run_dir(tmp_path, "ahead"), config, log=lambda _m: None)
     a, b = (torch.load(r.checkpoint_dir + "/" + LAST, weights_only=True) for r in (plain, ahead))
     for module in ("generator", "discriminator"):

@@ -8,7 +8,7 @@ import torch
 from brvo_models.crgan import CRGAN, change_weight_map, course_error, nearest_visible
 from brvo_models.crgan_data import PatientSequence, hidden_stages, make_train_batches, texture_amplitudes
 from tasks.config import preset
-from tasks.train_crgan import load_sequences
+from tasks.crgan import load_sequences
 
 TINY = preset("tiny")
 SIZE = TINY.image_size

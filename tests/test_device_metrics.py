@@ -12,11 +12,11 @@ import torch
 from brvo_models.batched_metrics import metrics_device
 from conftest import write_blob_dataset
 from tasks.config import preset
-from tasks.fill_stages import fill_missing
+from tasks.fill import fill_missing
 from tasks.label import label_synthetic
 from tasks.score import score_samples
-from tasks.train_crgan import evaluate_crgan, train_crgan
-from tasks.train_pix2pix import evaluate_pix2pix, train_pix2pix
+from tasks.crgan import evaluate_crgan, train_crgan
+from tasks.pix2pix import evaluate_pix2pix, train_pix2pix
 
 CONFIG = preset("tiny").with_overrides(device="cpu", **{"pix2pix.epochs": 2, "crgan.epochs": 2})
 
@@ -141,8 +141,8 @@ def test_validation_scores_agree(run, batched_calls):
     """What fit validates on every epoch: the same numbers (Pix2Pix's Dice and threshold exactly)."""
     from brvo_models.crgan import CRGAN
     from brvo_models.pix2pix import Pix2Pix, load_labeller
-    from tasks.train_crgan import load_sequences
-    from tasks.train_pix2pix import load_split
+    from tasks.crgan import load_sequences
+    from tasks.pix2pix import load_split
 
     run_dir, p2p, crgan = run
     val_x, val_y, _ = load_split(run_dir / "soul.h5", ("val",))

@@ -23,7 +23,7 @@ from brvo_models.phantom.visit_plan import plan_visits
 from storage.errors import BrvoError
 from storage.hashing import file_sha256, json_sha256
 from storage.paired_format import STAGE_NAMES
-from tasks.phantom import generate_phantom
+from flows.phantom import generate_phantom
 
 REPO = Path(__file__).resolve().parents[1]
 #: 6 patients at 32 px, 1-2 scans per visit, attendance falling off: 3 interior gaps, 11 after the last visit
@@ -408,7 +408,7 @@ def test_benchmark_judges_every_filled_pair_of_a_finished_run(tiny_augment_run, 
     import json
 
     from storage.paired_format import read_meta
-    from tasks.fill_stages import missing_stages
+    from tasks.fill import missing_stages
 
     _, run_dir, result = tiny_augment_run
     spec = importlib.util.spec_from_file_location("fill_truth_bench", REPO / "benchmarks" / "fill_truth.py")

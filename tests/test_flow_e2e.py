@@ -6,7 +6,7 @@ import pytest
 from storage.paired_format import read_meta, validate
 from storage.run_dir import RunPaths, read_report
 from tasks.config import preset
-from tasks.fill_stages import missing_stages
+from tasks.fill import missing_stages
 
 pytestmark = pytest.mark.slow
 
@@ -106,8 +106,8 @@ def test_a_deleted_report_or_work_file_is_rebuilt_and_nothing_else_reruns(tiny_a
     records (every step served); deleting work/scores.csv reruns the step that owns it, and only the steps
     whose inputs changed after it."""
     from flows.augment import AUGMENT
-    from flows.prepare import run_steps
-    from tasks.steps import execute_plainly
+    from flows.run_steps import run_steps
+    from tasks.engine import execute_plainly
 
     soul_dir, run_dir, _ = tiny_augment_run
     paths = RunPaths.of(run_dir)

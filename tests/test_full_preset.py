@@ -27,7 +27,7 @@ SHORT = {"pix2pix": {"epochs": 1}, "crgan": {"epochs": 1}, "samples_per_missing"
 @pytest.fixture(scope="module")
 def small_phantom(tmp_path_factory):
     """5 patients (3 train, 1 val, 1 test), one scan per visit, holes to fill: the least the full path needs."""
-    from tasks.phantom import PhantomConfig, generate_phantom
+    from flows.phantom import PhantomConfig, generate_phantom
 
     root = tmp_path_factory.mktemp("full-phantom") / "SOUL"
     generate_phantom(root, PhantomConfig(n_patients=5, seed=1, images_per_visit=(1, 1),

@@ -76,7 +76,7 @@ def _env() -> dict[str, str]:
 
 def test_01_a_patient_id_cannot_write_a_figure_outside_the_run_dir(tmp_path):
     from tasks.figures import write_figures
-    from tasks.models import TrainedModel
+    from tasks.shared.trained_model import TrainedModel
 
     outside = tmp_path / "outside"
     run = tmp_path / "runs" / "run"
@@ -161,7 +161,7 @@ def test_02_non_ascii_patient_ids_survive_every_reader(tmp_path):
                              for k in f["meta"]})
     assert meta["patient_id"].tolist() == want
     assert PairedImageDataset(path)[0][2]["patient_id"] == NON_ASCII
-    from tasks.train_crgan import load_sequences  # what training reads first
+    from tasks.crgan import load_sequences  # what training reads first
 
     assert NON_ASCII in {s.patient_id for s in load_sequences(path)}
     work = write_work_file(tmp_path / "work.h5", {"x": np.zeros(2)}, pd.DataFrame({"patient_id": [NON_ASCII, "1"]}))
@@ -222,7 +222,7 @@ def test_03_a_kill_between_checkpoint_and_digest_leaves_a_loadable_checkpoint(tm
 def test_03_training_killed_between_checkpoint_and_digest_resumes_to_the_same_weights(tmp_path, monkeypatch,
                                                                                        killed_at):
     from conftest import write_blob_dataset
-    from tasks.train_pix2pix import train_pix2pix
+    from tasks.pix2pix import train_pix2pix
 
     config = preset("tiny").with_overrides(**{"pix2pix.epochs": 2})
     runs = {}
@@ -263,7 +263,7 @@ def test_04_a_checkpoint_whose_digest_is_missing_is_refused(tmp_path):
 def test_04_a_checkpoint_that_does_not_fit_the_network_is_a_one_line_error(tmp_path):
     from conftest import write_blob_dataset
     from brvo_models.pix2pix import load_labeller
-    from tasks.train_pix2pix import train_pix2pix
+    from tasks.pix2pix import train_pix2pix
 
     config = preset("tiny").with_overrides(**{"pix2pix.epochs": 2})
     run = tmp_path / "run"
@@ -565,7 +565,7 @@ def test_09_the_size_cap_is_configurable_and_huge_dimensions_are_refused_before_
     # the user's handle: the run config's max_file_mb, through the ingest step (the CLI's --config, a deployment's -p)
     from tasks.config import preset
     from tasks.ingest import ingest_step
-    from tasks.steps import StepContext
+    from tasks.engine import StepContext
 
     config = preset("tiny").with_overrides(max_file_mb=limit / 1e6)
     result = ingest_step(StepContext(run_dir=tmp_path / "run", config=config, source=data / "m.csv",
@@ -620,7 +620,7 @@ def test_11_inspect_into_a_closed_pipe_exits_quietly(tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_12_outputs_follow_the_umask(tmp_path, umask):
-    from tasks.phantom import generate_phantom
+    from flows.phantom import generate_phantom
 
     previous = os.umask(umask)
     try:

@@ -138,7 +138,7 @@ def phantom(tmp_path_factory):
     from storage.paired_format import read_arrays, read_meta
     from tasks.config import preset
     from tasks.ingest import ingest
-    from tasks.phantom import generate_phantom
+    from flows.phantom import generate_phantom
     from tasks.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("iq")

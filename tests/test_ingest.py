@@ -489,7 +489,7 @@ def test_step_retries_io_errors_but_not_bad_input():
     from prefect.states import Failed
 
     from tasks.ingest import INGEST
-    from tasks.steps import retry_io_errors
+    from tasks.engine import retry_io_errors
 
     assert INGEST.name == "ingest" and INGEST.retries == 1 and INGEST.reads_source
     assert retry_io_errors(None, None, Failed(data=OSError("disk hiccup")))
@@ -500,7 +500,7 @@ def test_step_retries_io_errors_but_not_bad_input():
 # ---------------------------------------------------------------------------- the phantom reads back as written
 
 def test_phantom_counts_match(tmp_path):
-    from tasks.phantom import PhantomConfig, generate_phantom
+    from flows.phantom import PhantomConfig, generate_phantom
 
     summary = generate_phantom(tmp_path / "ph", PhantomConfig(n_patients=6, seed=0, image_size=64))
     result, manifest, quarantine, _ = run(tmp_path / "ph", tmp_path / "run")

@@ -91,7 +91,7 @@ def test_prepare_rebuilds_soul_h5_when_an_image_of_a_semicolon_manifest_changes(
     from flows.prepare import PREPARE, run_steps
     from storage.run_dir import RunPaths
     from tasks.config import preset
-    from tasks.steps import execute_plainly
+    from tasks.engine import execute_plainly
 
     manifest, images = _clinic(tmp_path / "clinic", "semicolon")
     run_dir = tmp_path / "run"
@@ -139,7 +139,7 @@ def test_the_sanity_bounds_are_the_config_s_and_reach_the_ingest_step(tmp_path):
     from storage.errors import BrvoError, InputDataError
     from tasks.config import preset
     from tasks.ingest import ingest_step
-    from tasks.steps import StepContext
+    from tasks.engine import StepContext
 
     data = tmp_path / "clinic"
     _save(data / "a.png", _image(0, (12, 12)))
@@ -158,7 +158,7 @@ def test_the_sanity_bounds_are_the_config_s_and_reach_the_ingest_step(tmp_path):
 def test_soul_sized_phantom_passes_every_bound(tmp_path):
     """SOUL's images are 304 px with vessel density about 0.05-0.4; the phantom at that size, with its
     densest and widest vessels, must not lose a single pair to the bounds."""
-    from tasks.phantom import PhantomConfig, generate_phantom
+    from flows.phantom import PhantomConfig, generate_phantom
 
     summary = generate_phantom(tmp_path / "ph", PhantomConfig(n_patients=2, seed=0, image_size=304,
                                                               vessel_density=3.0, vessel_width=2.5))
@@ -197,10 +197,10 @@ def test_a_pair_under_an_unknown_stage_folder_is_quarantined_naming_the_folder(t
 
 @pytest.mark.parametrize("target", [".", "self", ".."])
 def test_a_symlink_loop_is_quarantined_and_the_rest_ingests(tmp_path, target):
-    from flows.prepare import run_steps
+    from flows.run_steps import run_steps
     from tasks.config import preset
     from tasks.ingest import INGEST
-    from tasks.steps import execute_plainly
+    from tasks.engine import execute_plainly
 
     root = tmp_path / "soul"
     exams = _soul(root)
@@ -221,10 +221,10 @@ def test_a_symlink_loop_is_quarantined_and_the_rest_ingests(tmp_path, target):
 
 def test_a_symlink_added_to_an_ingested_tree_reruns_ingest_and_is_quarantined(tmp_path):
     """A cached ingest must not hide a new quarantine row: the link's presence is part of the source."""
-    from flows.prepare import run_steps
+    from flows.run_steps import run_steps
     from tasks.config import preset
     from tasks.ingest import INGEST
-    from tasks.steps import execute_plainly
+    from tasks.engine import execute_plainly
 
     root = tmp_path / "soul"
     _soul(root)

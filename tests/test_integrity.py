@@ -24,7 +24,7 @@ from storage.paired_format import PairedDatasetWriter, encode_pair, read_meta, v
 from storage.run_dir import RunPaths
 from storage.torch_dataset import PairedImageDataset
 from tasks.config import preset
-from tasks.steps import Step, StepContext, outputs_intact, read_record, run_plan
+from tasks.engine import Step, StepContext, outputs_intact, read_record, run_plan
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKER = REPO.parent / "shared" / "tools" / "check_format.py"

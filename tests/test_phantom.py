@@ -25,7 +25,7 @@ from brvo_models.phantom.soul_layout import MAX_EXAMS, PAPER_PATIENTS
 from storage.errors import BrvoError
 from storage.hashing import file_sha256, json_sha256
 from storage.paired_format import STAGE_NAMES
-from tasks.phantom import PhantomSummary, generate_phantom, phantom_task
+from flows.phantom import PhantomSummary, generate_phantom, phantom_task
 
 N_SMALL = 8
 

@@ -18,8 +18,8 @@ from storage.hashing import file_sha256
 from storage.errors import BrvoError, CheckpointError, DatasetFormatError
 from storage.run_dir import RunPaths
 from tasks.config import preset
-from tasks.steps import StepContext
-from tasks.train_pix2pix import (Pix2PixResult, evaluate_pix2pix, load_split, mask_scores, preflight_train_pix2pix,
+from tasks.engine import StepContext
+from tasks.pix2pix import (Pix2PixResult, evaluate_pix2pix, load_split, mask_scores, preflight_train_pix2pix,
                                  train_pix2pix, train_pix2pix_step)
 from conftest import write_blob_dataset
 
@@ -380,11 +380,11 @@ def test_batches_made_ahead_in_a_thread_train_the_same_weights(tmp_path, monkeyp
     """fit's prefetch (on by default on CUDA): forced on CPU it changes no bit."""
     from functools import partial
 
-    import tasks.train_pix2pix
+    import tasks.pix2pix
     from brvo_models.training import fit
 
     plain = train_pix2pix(_run_dir(tmp_path, "plain"), TINY, log=_quiet)
-    monkeypatch.setattr(tasks.train_pix2pix, "fit", partial(fit, prefetch=2))
+    monkeypatch.setattr(tasks.pix2pix, "fit", partial(fit, prefetch=2))
     ahead = train_pix2pix(_run_dir(tmp_path, "ahead"), TINY, log=_quiet)
     a, b = load_checkpoint(Path(plain.checkpoint_dir) / "last.pt"), load_checkpoint(Path(ahead.checkpoint_dir) / "last.pt")
     for net in ("G", "D"):

@@ -16,7 +16,7 @@ from PIL import Image
 from storage.errors import BrvoError, InputDataError
 from storage.paired_format import STAGE_NAMES, read_arrays, read_meta, validate
 from tasks.config import PipelineConfig, preset
-from tasks.steps import StepContext
+from tasks.engine import StepContext
 from tasks.preprocess import (
     inspect_dataset,
     load_pair,

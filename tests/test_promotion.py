@@ -103,8 +103,8 @@ def test_an_unknown_config_section_names_every_section_there_is():
 
 def test_an_allocation_failure_while_training_is_one_line_naming_the_model_and_what_to_lower(tmp_path):
     """Widths inside the range can still not fit a machine: the allocator's error becomes one line."""
-    from tasks.models import train_and_evaluate
-    from tasks.steps import StepContext
+    from tasks.shared.trained_model import train_and_evaluate
+    from tasks.engine import StepContext
 
     def train(run_dir, config, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
@@ -112,7 +112,7 @@ def test_an_allocation_failure_while_training_is_one_line_naming_the_model_and_w
 
     ctx = StepContext(run_dir=tmp_path, config=preset("tiny"), log=lambda _m: None, key="k")
     with pytest.raises(BrvoError) as exc:
-        train_and_evaluate(ctx, "pix2pix", train, lambda *a, **k: {})
+        train_and_evaluate(ctx, "pix2pix", train, lambda *a, **k: {}, soul_h5=tmp_path / "soul.h5")
     text = _one_line(exc)
     assert text.startswith("pix2pix: out of memory") and "1280000000000 bytes" in text
     assert "pix2pix.ngf" in text and "batch_size" in text
@@ -121,7 +121,7 @@ def test_an_allocation_failure_while_training_is_one_line_naming_the_model_and_w
         raise RuntimeError("shape mismatch")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        train_and_evaluate(ctx, "pix2pix", buggy, lambda *a, **k: {})
+        train_and_evaluate(ctx, "pix2pix", buggy, lambda *a, **k: {}, soul_h5=tmp_path / "soul.h5")
 
 
 # ------------------------------------------------------------------------------------ training: non-finite loss
@@ -214,8 +214,8 @@ def test_a_non_finite_validation_score_stops_training_in_one_line(tmp_path):
 @pytest.mark.parametrize("model", ["pix2pix", "crgan"])
 def test_both_gans_at_a_diverging_learning_rate_fail_in_one_line(tmp_path, model):
     """Pix2Pix trained on NaN losses to val Dice 0 and was published; CRGAN ended in 'no step was validated'."""
-    from tasks.train_crgan import train_crgan
-    from tasks.train_pix2pix import train_pix2pix
+    from tasks.crgan import train_crgan
+    from tasks.pix2pix import train_pix2pix
 
     write_blob_dataset(RunPaths.of(tmp_path).soul_h5)
     fields = {"pix2pix.lr": 1e30} if model == "pix2pix" else {"crgan.lr_g": 1e30, "crgan.lr_d": 1e30}
@@ -356,8 +356,8 @@ def test_a_decision_made_against_another_latest_does_not_promote(tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A run directory with soul.h5 (blobs, 8 patients) and tiny Pix2Pix and CRGAN checkpoints trained on it."""
-    from tasks.train_crgan import train_crgan
-    from tasks.train_pix2pix import train_pix2pix
+    from tasks.crgan import train_crgan
+    from tasks.pix2pix import train_pix2pix
 
     run_dir = tmp_path_factory.mktemp("trained")
     write_blob_dataset(RunPaths.of(run_dir).soul_h5)
@@ -387,7 +387,7 @@ def _champion(tmp_path: Path, run_dir: Path, config) -> ModelRegistry:
 
 def test_the_champion_is_scored_on_the_challengers_held_out_data_and_a_worse_challenger_is_not_promoted(
         trained_run, tmp_path):
-    from tasks.promotion import champion_scores, decide_promotion
+    from tasks.analyses.promotion import champion_scores, decide_promotion
 
     run_dir, config = trained_run
     reg = _champion(tmp_path, run_dir, config)
@@ -415,7 +415,7 @@ def test_the_champion_is_scored_on_the_challengers_held_out_data_and_a_worse_cha
 
 
 def test_missed_bars_are_never_promoted_and_the_reason_names_them(trained_run, tmp_path):
-    from tasks.promotion import decide_promotion
+    from tasks.analyses.promotion import decide_promotion
 
     run_dir, config = trained_run
     report = _report({"dice": 0.9, "cldice": 0.9}, {"ssim": 0.9, "psnr": 30.0}, met=False)
@@ -430,7 +430,7 @@ def test_missed_bars_are_never_promoted_and_the_reason_names_them(trained_run, t
 
 
 def test_a_champion_of_another_image_size_is_not_compared_and_says_so(trained_run, tmp_path):
-    from tasks.promotion import decide_promotion
+    from tasks.analyses.promotion import decide_promotion
 
     run_dir, config = trained_run
     reg = ModelRegistry(tmp_path / "reg")
@@ -473,7 +473,7 @@ def _retrain_result(promoted: bool) -> dict:
 
 
 def test_the_retrain_artifact_shows_scores_beside_baselines_the_bars_and_the_decision():
-    from flows.artifacts import retrain_markdown
+    from tasks.rendering.artifacts import retrain_markdown
 
     text = retrain_markdown(_retrain_result(promoted=False))
     assert text.startswith("# retrain: published v0002-20260101T000000Z, not promoted")
@@ -574,7 +574,7 @@ def _read_only(path: Path):
 def _phantom_and_registry(tmp_path: Path) -> tuple[Path, Path, str]:
     """A 2-patient phantom and a registry whose latest was trained on exactly it (so: no change)."""
     from flows.retrain import config_fingerprint, make_config, source_fingerprint
-    from tasks.phantom import PhantomConfig, generate_phantom
+    from flows.phantom import PhantomConfig, generate_phantom
 
     soul, reg_dir = tmp_path / "soul", tmp_path / "reg"
     generate_phantom(soul, PhantomConfig(n_patients=2, seed=0, image_size=64))
@@ -606,7 +606,7 @@ def test_retrain_on_a_read_only_registry_is_one_line_in_preflight(tmp_path, monk
 
 
 def test_registry_refusals_come_in_preflight(tmp_path):
-    from tasks.preflight import preflight_registry
+    from tasks.shared.preflight import preflight_registry
 
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(BrvoError) as exc:
@@ -633,12 +633,12 @@ def test_a_retrain_whose_models_miss_their_bars_publishes_without_promoting_and_
     but `latest` does not move; the state message, the artifact and every WARNING say so, and no WARNING points
     into REGISTRY/work, which the retrain deletes."""
     import flows.retrain
-    import tasks.reporting
-    from flows.artifacts import retrain_markdown
+    import tasks.engine.logs
+    from tasks.rendering.artifacts import retrain_markdown
     from flows.retrain import retrain
 
     warnings: list[str] = []
-    monkeypatch.setattr(tasks.reporting, "run_warning", warnings.append)
+    monkeypatch.setattr(tasks.engine.logs, "run_warning", warnings.append)
     monkeypatch.setattr(flows.retrain, "run_warning", warnings.append)
     reg_dir = tmp_path / "reg"
     state = retrain(soul_dir=str(tiny_phantom), registry_dir=str(reg_dir), preset="tiny", return_state=True)
@@ -673,9 +673,9 @@ def test_a_retrain_whose_models_miss_their_bars_publishes_without_promoting_and_
     assert again.message.startswith(f"no change since {version} (not promoted: ") and again.name == "Completed"
 
     # models that meet their bars (here: bars declared met) with no latest to beat are promoted, and say so
-    import tasks.promotion
+    import tasks.analyses.promotion
 
-    monkeypatch.setattr(tasks.promotion, "bar_checks", lambda report: {"pix2pix_beats_baselines": True})
+    monkeypatch.setattr(tasks.analyses.promotion, "bar_checks", lambda report: {"pix2pix_beats_baselines": True})
     forced = retrain(soul_dir=str(tiny_phantom), registry_dir=str(reg_dir), preset="tiny", force=True,
                      return_state=True)
     promoted = forced.result()

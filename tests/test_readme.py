@@ -107,7 +107,7 @@ def test_every_command_names_the_venv(doc):
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_quality_bar_counts_match_the_code(doc):
-    from tasks.report import BAR_MEANING
+    from tasks.rendering.report import BAR_MEANING
 
     counts = re.findall(r"\b(\d+) of (\d+) quality bars", doc.read_text())
     assert all(int(total) == len(BAR_MEANING) for _, total in counts), (counts, sorted(BAR_MEANING))

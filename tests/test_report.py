@@ -2,7 +2,7 @@
 import numpy as np
 import pandas as pd
 
-from tasks.report import bar_checks, render_card, render_report
+from tasks.rendering.report import bar_checks, render_card, render_report
 
 
 def _report(p2p_dice=0.70, p2p_cldice=0.72, crgan_ssim=0.68, crgan_psnr=23.4, own=0.58, other=0.12):
@@ -66,7 +66,7 @@ def test_dataset_card_names_the_label_resize_rule_dice_depends_on():
 
 
 def test_warnings_name_missed_bars_zero_accepted_and_degenerate_labels():
-    from tasks.report import bars_summary, warnings_of
+    from tasks.rendering.report import bars_summary, warnings_of
 
     report = {**_report(p2p_dice=0.5), "synthetic": {"n": 42, "accepted": 0, "degenerate_labels": 5,
                                                      "per_stage": {}, "scores": {}}}
@@ -101,7 +101,7 @@ def test_report_names_the_models_origin_and_the_acceptance_rule():
 
 def test_report_and_card_show_the_calibrated_thresholds_and_warn_when_calibration_fell_back():
     from tasks.config import preset
-    from tasks.report import warnings_of
+    from tasks.rendering.report import warnings_of
     from tasks.score import AcceptanceThresholds, calibrate_thresholds
 
     real = pd.DataFrame({"consistency_ssim": np.linspace(0.4, 0.9, 100), "realism": 0.55,
@@ -155,7 +155,7 @@ def test_report_and_card_say_how_labels_are_made_and_what_flips_give_the_segment
 
 def test_a_supervised_segmenter_that_labels_better_fails_the_bar_with_a_warning():
     """The third label baseline counts like Otsu and Frangi: Pix2Pix below it on either metric misses the bar."""
-    from tasks.report import warnings_of
+    from tasks.rendering.report import warnings_of
 
     assert bar_checks(_report(p2p_dice=0.67, p2p_cldice=0.71))["pix2pix_beats_baselines"] is True
     below = _report(p2p_dice=0.65, p2p_cldice=0.71)  # Otsu and Frangi beaten, the segmenter (0.66) is not
@@ -170,7 +170,7 @@ def test_a_supervised_segmenter_that_labels_better_fails_the_bar_with_a_warning(
 def test_training_curves_show_only_models_trained_in_this_run(tmp_path):
     """A registry run has no training history: no empty picture in the report, and a half-registry
     run draws the one model it trained."""
-    from tasks.figures import training_curves
+    from tasks.rendering.figures import training_curves
 
     out = tmp_path / "curves.png"
     assert training_curves({"pix2pix": [], "crgan": []}, out) is None and not out.exists()
@@ -186,7 +186,7 @@ def test_timeline_montage_captions_fit_on_the_picture(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from tasks.figures import MontageTile, timeline_montage
+    from tasks.rendering.figures import MontageTile, timeline_montage
 
     image, label = np.full((16, 16), 128, np.uint8), np.zeros((16, 16), np.uint8)
     tiles = {0: MontageTile(image, label, "real", ("exam 1",)),
@@ -199,7 +199,7 @@ def test_timeline_montage_captions_fit_on_the_picture(tmp_path):
 
 def test_live_training_table_marks_the_best_validation_and_fits_the_page():
     """What a researcher follows in the UI during a long run: the latest validations, the best one marked."""
-    from tasks.reporting import TrainingProgress
+    from tasks.rendering.progress import TrainingProgress
 
     progress = TrainingProgress("pix2pix")
     for step, score in ((100, 0.4), (200, 0.6), (300, 0.5)):
@@ -214,7 +214,7 @@ def test_live_training_table_marks_the_best_validation_and_fits_the_page():
 
 
 def test_a_run_with_few_test_patients_warns_that_its_verdicts_do_not_generalise():
-    from tasks.report import MIN_TEST_PATIENTS, bars_summary, warnings_of
+    from tasks.rendering.report import MIN_TEST_PATIENTS, bars_summary, warnings_of
 
     report = _report()
     report["pix2pix"]["n_test_patients"] = MIN_TEST_PATIENTS

@@ -90,7 +90,7 @@ def _full_report() -> dict:
 
 
 def test_report_and_card_tables_parse_back_with_the_density_rule_in_one_cell():
-    from tasks.report import render_card, render_report
+    from tasks.rendering.report import render_card, render_report
 
     report = _full_report()
     text, card = render_report(report, "phantom"), render_card(report, {}, "phantom")
@@ -99,7 +99,7 @@ def test_report_and_card_tables_parse_back_with_the_density_rule_in_one_cell():
 
 
 def test_a_pipe_or_a_line_break_inside_any_cell_stays_in_that_cell():
-    from tasks.markdown_tables import markdown_table
+    from tasks.rendering.markdown_tables import markdown_table
 
     cells = ["|z| <= 3", "a\\|b", "two\nlines", ">= 0.5", "- not a list", "", None, 7]
     table = markdown_table(["what", "value"], [[f"row {i}", c] for i, c in enumerate(cells)])
@@ -112,7 +112,7 @@ def test_a_pipe_or_a_line_break_inside_any_cell_stays_in_that_cell():
 
 def test_ui_table_cells_starting_with_a_comparison_are_not_blockquotes():
     """The Prefect UI renders each string cell of a table artifact as markdown: '>= 0.2' was a blockquote."""
-    from flows.artifacts import score_rows
+    from tasks.rendering.artifacts import score_rows
 
     rows = score_rows(_full_report())
     cells = [v for row in rows for v in row.values() if isinstance(v, str)]
@@ -127,7 +127,7 @@ def test_ui_table_cells_starting_with_a_comparison_are_not_blockquotes():
 def test_per_stage_kid_table_keeps_its_reasons_below_it_so_no_column_runs_off_the_ui():
     """The Prefect UI draws table cells on one line and hides the scrollbar: a sentence in the last column
     pushed it out of view. The table holds numbers; why a stage has no KID is written beneath it."""
-    from tasks.report import render_report
+    from tasks.rendering.report import render_report
 
     text = render_report(_full_report(), "phantom")
     (kid,) = [rows for rows in tables(text) if "KID synthetic" in rows[0]]
@@ -136,8 +136,8 @@ def test_per_stage_kid_table_keeps_its_reasons_below_it_so_no_column_runs_off_th
 
 
 def test_ui_result_and_live_training_tables_parse_back(tmp_path):
-    from flows.artifacts import result_markdown
-    from tasks.reporting import TrainingProgress
+    from tasks.rendering.artifacts import result_markdown
+    from tasks.rendering.progress import TrainingProgress
 
     report = _full_report()
     report["bars"] = {"pix2pix_beats_baselines": False}
@@ -153,7 +153,7 @@ def test_ui_result_and_live_training_tables_parse_back(tmp_path):
 
 
 def test_card_counts_table_parses_back():
-    from tasks.report import render_card
+    from tasks.rendering.report import render_card
 
     report = _full_report()
     report["synthetic"]["per_stage"]["s1|t3"] = {"real": 1, "synthetic": 2, "accepted": 0}
@@ -175,13 +175,13 @@ def _ingested(tmp_path, source, name="run"):
 def _card_for(run) -> str:
     """The card's text for a run whose input ingest has read, with the attrs export writes from it."""
     from tasks.export import origin_attrs
-    from tasks.report import render_card
+    from tasks.rendering.report import render_card
 
     return render_card(_report(), origin_attrs(run), str(run))
 
 
 def test_a_phantom_runs_card_says_phantom_not_soul(tmp_path):
-    from tasks.phantom import generate_phantom
+    from flows.phantom import generate_phantom
 
     soul = tmp_path / "phantom" / "SOUL"
     generate_phantom(soul, n_patients=2, seed=0, image_size=32, workers=1)
@@ -195,7 +195,7 @@ def test_a_soul_tree_keeps_the_soul_licence_and_a_manifest_names_the_users_own(t
     are the user's, whose licence brvo-augment cannot know."""
     import openpyxl
 
-    from tasks.phantom import generate_phantom
+    from flows.phantom import generate_phantom
 
     soul = tmp_path / "copy" / "SOUL"
     generate_phantom(soul, n_patients=2, seed=0, image_size=32, workers=1)

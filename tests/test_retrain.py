@@ -133,10 +133,10 @@ def test_unchanged_needs_same_data_and_config(tmp_path):
 def test_retrain_flow_reports_no_change_without_training(tmp_path, monkeypatch):
     """The scheduled path when nothing arrived: no ingest/training, a 'no change' result and status file."""
     from flows.retrain import retrain
-    import tasks.train_pix2pix
+    import tasks.pix2pix
 
-    monkeypatch.setattr(tasks.train_pix2pix, "train_pix2pix", None)  # would fail if called
-    from tasks.phantom import PhantomConfig, generate_phantom
+    monkeypatch.setattr(tasks.pix2pix, "train_pix2pix", None)  # would fail if called
+    from flows.phantom import PhantomConfig, generate_phantom
 
     soul, reg_dir = tmp_path / "soul", tmp_path / "reg"
     generate_phantom(soul, PhantomConfig(n_patients=2, seed=0, image_size=64))

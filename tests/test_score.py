@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from tasks.config import preset
-from tasks.fill_stages import missing_stages, sample_seed
+from tasks.fill import missing_stages, sample_seed
 from tasks.label import label_confidence
 from tasks.score import (MIN_CALIBRATION_ROWS, AcceptanceThresholds, accept_mask, calibrate_thresholds,
                          calibration_rows, density_z_scores, nearest_observed_stage, summarise)

@@ -7,7 +7,7 @@ import numpy as np
 from brvo_models.segmentation_baselines import FrangiBaseline, tuning_sample_size, vesselness
 from conftest import write_blob_dataset
 from storage.paired_format import read_arrays
-from tasks.workers import process_map
+from tasks.shared.workers import process_map
 
 
 def _images(tmp_path, size: int, n_patients: int = 12):

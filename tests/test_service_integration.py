@@ -180,7 +180,7 @@ def test_schedule_is_registered_with_configured_cron(service):
 def _soul(work: Path) -> Path:
     soul = work / "soul"
     if not soul.exists():
-        from tasks.phantom import PhantomConfig, generate_phantom
+        from flows.phantom import PhantomConfig, generate_phantom
 
         generate_phantom(soul, PhantomConfig(n_patients=6, seed=0))
     return soul
@@ -268,7 +268,7 @@ def _assert_the_outcome_is_named(env: dict[str, str], watch_output: str, run_dir
     """The runs list and `--watch` show the state's name: a run that missed bars is named for them, and the
     flow's last log line is the one-line summary."""
     from flows.final_state import outcome_name
-    from tasks.report import warnings_of
+    from tasks.rendering.report import warnings_of
 
     report = json.loads((run_dir / "report.json").read_text())
     assert not all(report["bars"].values()), report["bars"]  # the tiny preset misses bars: the case at hand

@@ -1,4 +1,4 @@
-"""The treatment-effect check of the synthetic rows (tasks/stage_trend.py): a flat or offset synthetic timeline
+"""The treatment-effect check of the synthetic rows (tasks/analyses/stage_trend.py): a flat or offset synthetic timeline
 is a WARNING a researcher sees; rows that follow the real effect pass."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.report import render_report, warnings_of
-from tasks.stage_trend import stage_trend, trend_warnings
+from tasks.rendering.report import render_report, warnings_of
+from tasks.analyses.stage_trend import stage_trend, trend_warnings
 
 SLOPE = 0.01  # the real treatment effect: +0.01 vessel density per stage
 
@@ -101,7 +101,7 @@ def test_the_warning_reaches_the_report_and_its_warnings():
 
 
 def test_the_ui_summary_shows_the_effect_and_its_warning(tmp_path):
-    from flows.artifacts import result_markdown
+    from tasks.rendering.artifacts import result_markdown
 
     meta, dens = _cohort(lambda base, _stage, nearest: base + SLOPE * nearest)
     report = {"synthetic": {"n": 72, "accepted": 72, "stage_trend": stage_trend(meta, dens)}}

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-import tasks.steps as steps
+import tasks.engine as steps
 from storage.errors import BrvoError
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig, preset
-from tasks.steps import (Step, StepContext, assert_valid_plan, claim_partial_work, code_fingerprint, read_record,
+from tasks.engine import (Step, StepContext, assert_valid_plan, claim_partial_work, code_fingerprint, read_record,
                          run_plan)
 
 CALLS: list[str] = []
@@ -112,7 +112,9 @@ def test_code_fingerprint_follows_imported_project_modules(tmp_path, monkeypatch
             return value()
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(steps, "PROJECT_PACKAGES", steps.PROJECT_PACKAGES + ("fixturepkg",))
+    import tasks.engine.identity as identity
+
+    monkeypatch.setattr(identity, "PROJECT_PACKAGES", identity.PROJECT_PACKAGES + ("fixturepkg",))
     import fixturepkg.stepmod
 
     before = code_fingerprint(fixturepkg.stepmod.run)
@@ -125,9 +127,9 @@ def test_code_fingerprint_follows_imported_project_modules(tmp_path, monkeypatch
 
 
 def test_config_modules_do_not_count_as_step_code():
-    closure = steps.module_closure("tasks.train_pix2pix")
+    closure = steps.module_closure("tasks.pix2pix")
     assert "brvo_models.pix2pix" in closure and "storage.checkpoints" in closure
-    assert not set(closure) & steps.RESULT_NEUTRAL_MODULES
+    assert not [name for name in closure if steps.is_result_neutral(name)]
 
 
 def test_only_takes_upstream_results_from_their_records(tmp_path):
@@ -203,8 +205,8 @@ def test_expected_errors_log_one_line_in_prefect_unexpected_keep_their_traceback
 
     from prefect import flow
 
-    from tasks.reporting import PREFECT_RUN_LOGGERS
-    from tasks.steps import execute_with_prefect
+    from tasks.engine.logs import PREFECT_RUN_LOGGERS, install_one_line_errors
+    from tasks.engine import execute_with_prefect
 
     class Keep(logging.Handler):
         def __init__(self):
@@ -216,6 +218,7 @@ def test_expected_errors_log_one_line_in_prefect_unexpected_keep_their_traceback
 
     @flow
     def one_step(step_fn):
+        install_one_line_errors()  # as flows.run_steps does where a flow starts
         return run_plan((Step("failing", step_fn, Out),), StepContext(run_dir=tmp_path, config=preset("tiny")),
                         execute=execute_with_prefect)
 
@@ -314,7 +317,7 @@ def test_a_failing_step_of_a_group_fails_the_plan_after_its_partner_finished(tmp
 
 
 def test_concurrency_is_on_for_cuda_runs_only_unless_forced():
-    from tasks.concurrency import concurrent_steps_enabled, group_executor
+    from tasks.engine.concurrency import concurrent_steps_enabled, group_executor
 
     cpu = preset("tiny").with_overrides(device="cpu")
     assert not concurrent_steps_enabled(cpu) and group_executor(cpu, steps.execute_plainly) is None
@@ -324,7 +327,7 @@ def test_concurrency_is_on_for_cuda_runs_only_unless_forced():
 
 
 def test_device_steps_of_a_group_get_a_gpu_each_where_there_are_several(tmp_path):
-    from tasks.concurrency import spread_over_gpus
+    from tasks.engine.concurrency import spread_over_gpus
 
     ctx = StepContext(run_dir=tmp_path, config=preset("tiny").with_overrides(device="auto"))
     calls = [steps.StepCall(Step(n, make_left, Out, uses_device=d), ctx, {}, "k", None)
@@ -372,7 +375,7 @@ def test_prefect_submits_independent_steps_to_the_flows_process_pool(tmp_path):
     """What a CUDA run does with the trainings: one process each (the augment flow's task runner)."""
     import os
 
-    from tasks.concurrency import step_task_runner
+    from tasks.engine.concurrency import step_task_runner
 
     run_dir, _ = _fork_on(step_task_runner(), tmp_path, "pool")
     pids = _pids(run_dir)
@@ -401,7 +404,7 @@ def test_a_gpu_slot_needs_no_limit_and_honours_one_that_exists():
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-    from tasks.concurrency import device_slot, limit_slot
+    from tasks.engine.device_slots import device_slot, limit_slot
 
     lines: list[str] = []
     with device_slot("cpu", log=lines.append):  # nothing to hold on a CPU

@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from pydantic import BaseModel
 
 from brvo_models.configs import ForecastRecipe, SegmenterRecipe, UsefulnessConfig
 from storage.paired_format import STAGE_NAMES, read_arrays, read_meta
-from storage.run_dir import RunPaths
 from storage.work_files import write_work_file
-from tasks.usefulness import (
+from tasks.analyses.usefulness_protocol import (
     Rows,
     StudyData,
     SubsetRequest,
@@ -26,7 +26,8 @@ from tasks.usefulness import (
     usage_advice,
     verdict_lines,
 )
-from tasks.usefulness_subsets import PipelineSteps, PipelineSubsetMaker
+from tasks.analyses.usefulness_subsets import SUBSET_PLAN, SUBSET_SOUL, PipelineSubsetMaker
+from tasks.engine import Step
 from tests.conftest import write_blob_dataset
 
 FAST = dict(segmenter=SegmenterRecipe(width=8, steps=150, batch_size=8, validations=3),
@@ -169,46 +170,73 @@ def test_result_holds_every_arm_task_seed_and_comparison_and_the_forecaster_lear
 # ------------------------------------------------------------------- low-data isolation
 
 
+class _FakeModel(BaseModel):
+    checkpoint: str
+
+
+class _FakeFill(BaseModel):
+    synthetic_h5: str
+
+
+class _FakeLabel(BaseModel):
+    labels_h5: str
+
+
+class _FakeScore(BaseModel):
+    scores_csv: str
+
+
 class _RecordingSteps:
-    """Fake pipeline steps: record the soul.h5 each trainer is handed; write minimal work files."""
+    """Fake pipeline steps after the real subset 'preprocess': record the soul.h5 each trainer is handed; write
+    minimal work files."""
 
     def __init__(self):
         self.trained_on: list[pd.DataFrame] = []
 
-    def _train(self, run, cfg):
-        self.trained_on.append(read_meta(RunPaths.of(run).soul_h5))
-        return Path(run) / "fake.pt"
+    def _train(self, ctx, preprocess):
+        self.trained_on.append(read_meta(preprocess.path))
+        return _FakeModel(checkpoint=str(ctx.run_dir / "fake.pt"))
 
-    def _fill(self, run, cfg, ckpt):
-        meta = read_meta(RunPaths.of(run).soul_h5)
+    def _fill(self, ctx, preprocess, crgan):
+        meta = read_meta(preprocess.path)
         rows = [{"patient_id": p, "stage": s, "subset": STAGE_NAMES[s], "split": g["split"].iloc[0],
                  "sample_index": 0, "sample_seed": 1}
                 for p, g in meta.groupby("patient_id") for s in range(6) if s not in set(g["stage"])]
-        size = read_arrays(RunPaths.of(run).soul_h5, [0])[0].shape[-1]
+        size = read_arrays(preprocess.path, [0])[0].shape[-1]
         images = np.full((len(rows), size, size), 128, np.uint8)
-        write_work_file(RunPaths.of(run).synthetic_h5, {"images": images}, pd.DataFrame(rows))
+        write_work_file(ctx.paths.synthetic_h5, {"images": images}, pd.DataFrame(rows))
+        return _FakeFill(synthetic_h5=str(ctx.paths.synthetic_h5))
 
-    def _label(self, run, cfg, ckpt):
+    def _label(self, ctx, fill, pix2pix):
         from storage.work_files import read_work_array
-        images = read_work_array(RunPaths.of(run).synthetic_h5, "images")
-        write_work_file(RunPaths.of(run).synthetic_labels_h5,
+        images = read_work_array(fill.synthetic_h5, "images")
+        write_work_file(ctx.paths.synthetic_labels_h5,
                         {"labels": (images > 200).astype(np.uint8), "label_confidence": np.ones(len(images))})
+        return _FakeLabel(labels_h5=str(ctx.paths.synthetic_labels_h5))
 
-    def _score(self, run, cfg, crgan_ckpt, pix2pix_ckpt):
+    def _score(self, ctx, fill, label):
         from storage.work_files import read_work_table
-        table = read_work_table(RunPaths.of(run).synthetic_h5)
-        pd.DataFrame({"patient_id": table["patient_id"], "accepted": True}).to_csv(
-            RunPaths.of(run).scores_csv, index=False)
+        table = read_work_table(fill.synthetic_h5)
+        pd.DataFrame({"patient_id": table["patient_id"], "accepted": True}).to_csv(ctx.paths.scores_csv, index=False)
+        return _FakeScore(scores_csv=str(ctx.paths.scores_csv))
 
-    def steps(self) -> PipelineSteps:
-        return PipelineSteps(self._train, self._train, self._fill, self._label, self._score)
+    def plan(self) -> tuple[Step, ...]:
+        return (SUBSET_SOUL,
+                Step("pix2pix", self._train, _FakeModel, needs=("preprocess",), reads=("soul_h5",)),
+                Step("crgan", self._train, _FakeModel, needs=("preprocess",), reads=("soul_h5",)),
+                Step("fill", self._fill, _FakeFill, needs=("preprocess", "crgan"), reads=("soul_h5",),
+                     writes=("synthetic_h5",)),
+                Step("label", self._label, _FakeLabel, needs=("fill", "pix2pix"), reads=("synthetic_h5",),
+                     writes=("synthetic_labels_h5",)),
+                Step("score", self._score, _FakeScore, needs=("fill", "label"),
+                     reads=("synthetic_h5", "synthetic_labels_h5"), writes=("scores_csv",)))
 
 
 def test_low_data_generator_and_labeller_see_only_the_subset(blob_study, tmp_path):
     from tasks.config import preset
 
     recorder = _RecordingSteps()
-    maker = PipelineSubsetMaker(preset("tiny"), steps=recorder.steps())
+    maker = PipelineSubsetMaker(preset("tiny"), plan=recorder.plan())
     config = UsefulnessConfig(seeds=2, arms=(), low_data_fractions=(0.5,), tasks=("segmentation",), **FAST)
     result = run_protocol(blob_study, config, maker=maker, work_dir=tmp_path, log=lambda _: None)
 
@@ -229,8 +257,8 @@ def test_low_data_generator_and_labeller_see_only_the_subset(blob_study, tmp_pat
 def test_a_split_too_small_for_a_low_data_subrun_skips_those_arms_with_a_warning(blob_study, tmp_path):
     """Five patients split 3/1/1 (the full preset's GPU test): a low-data sub-run needs two validation patients.
     The protocol must run the other arms and say why the low-data ones did not run, not fail the flow."""
-    from tasks.report import render_report, warnings_of
-    from tasks.usefulness import low_data_infeasible, render_markdown
+    from tasks.rendering.report import render_report, warnings_of
+    from tasks.analyses.usefulness_protocol import low_data_infeasible, render_markdown
 
     real = blob_study.real
     one_val = {"train": real["train"], "val": real["val"].of_patients(real["val"].patients[:1]), "test": real["test"]}
@@ -273,11 +301,20 @@ def test_the_pipeline_steps_run_on_a_subset_subrun(tmp_path):
     val = sorted(meta.loc[meta["split"] == "val", "patient_id"].unique())
     request = SubsetRequest(soul_h5=soul, train_patients=tuple(train[:3]), selection_patients=tuple(val), seed=0,
                             work_dir=tmp_path / "sub")
-    rows = PipelineSubsetMaker(preset("tiny"))(request)
+    maker = PipelineSubsetMaker(preset("tiny"))
+    rows = maker(request)
+    assert maker.last_run.cached == []
     assert len(rows) > 0 and set(rows.patient_id) <= set(train[:3])
     assert rows.is_synthetic.all() and rows.images.shape[1:] == (32, 32) and set(np.unique(rows.labels)) <= {0, 1}
-    again = PipelineSubsetMaker(preset("tiny"), steps=PipelineSteps(*(lambda *a: 1 / 0,) * 5))(request)
-    assert np.array_equal(again.images, rows.images)  # served from the sub-run's cache, nothing retrained
+    again_maker = PipelineSubsetMaker(preset("tiny"))
+    again = again_maker(request)
+    assert np.array_equal(again.images, rows.images)
+    # served from the sub-run's step records by the engine's rules: nothing retrained
+    assert again_maker.last_run.cached == [step.name for step in SUBSET_PLAN]
+    other = SubsetRequest(soul_h5=soul, train_patients=tuple(train[1:4]), selection_patients=tuple(val), seed=0,
+                          work_dir=tmp_path / "sub")
+    moved = again_maker(other)  # another subset in the same sub-run: its soul.h5 and everything after it recompute
+    assert again_maker.last_run.cached == [] and set(moved.patient_id) <= set(train[1:4])
 
 
 def test_verdict_lines_name_every_comparison():
@@ -290,7 +327,7 @@ def test_verdict_lines_name_every_comparison():
 
 
 def test_report_and_card_render_the_protocol_table_and_verdicts():
-    from tasks.report import render_card, render_report
+    from tasks.rendering.report import render_card, render_report
 
     gain = paired_verdict([0.60, 0.61, 0.62], [0.64, 0.65, 0.66], True)
     arm = lambda v: {"n_rows": [10] * 3, "n_synthetic_rows": [0] * 3, "n_patients": [4] * 3,  # noqa: E731
@@ -343,7 +380,7 @@ def test_synthetic_only_is_context_not_the_bar_and_no_mix_means_no_bar():
                               _comparison("real_plus_synthetic", "segmentation", *GAIN)]}
     assert rows_help(result) is True
     assert rows_help({"comparisons": [_comparison("synthetic_only", "segmentation", *LOSS)]}) is None
-    from tasks.report import bar_checks
+    from tasks.rendering.report import bar_checks
 
     assert "synthetic_rows_help" not in bar_checks({"usefulness": {"comparisons": []}})
 
@@ -362,7 +399,7 @@ def test_advice_names_the_mix_that_helped_its_gain_and_settings_or_says_none_did
 
 
 def test_a_missed_usefulness_bar_is_a_warning_in_report_and_card():
-    from tasks.report import bar_checks, render_card, render_report, warnings_of
+    from tasks.rendering.report import bar_checks, render_card, render_report, warnings_of
 
     arm = lambda v: {"n_rows": [10] * 3, "n_synthetic_rows": [0] * 3, "n_patients": [4] * 3,  # noqa: E731
                      "tasks": {"segmentation": {"dice": {"mean": v, "sd": 0.01, "per_seed": [v] * 3},
@@ -383,7 +420,7 @@ def test_a_missed_usefulness_bar_is_a_warning_in_report_and_card():
 
 
 def test_the_relabeller_of_a_low_data_arm_sees_only_the_subset(blob_study, tmp_path, monkeypatch):
-    import tasks.usefulness as usefulness
+    import tasks.analyses.usefulness_protocol as usefulness
     from tasks.config import preset
 
     seen = []
@@ -397,7 +434,7 @@ def test_the_relabeller_of_a_low_data_arm_sees_only_the_subset(blob_study, tmp_p
         return ZeroLabels()
 
     monkeypatch.setattr(usefulness, "fit_relabeller", recording_relabeller)
-    maker = PipelineSubsetMaker(preset("tiny"), steps=_RecordingSteps().steps())
+    maker = PipelineSubsetMaker(preset("tiny"), plan=_RecordingSteps().plan())
     config = UsefulnessConfig(seeds=1, arms=(), low_data_fractions=(0.5,), tasks=("segmentation",),
                               synthetic_labels="segmenter", **FAST)
     result = run_protocol(blob_study, config, maker=maker, work_dir=tmp_path, log=lambda _: None)
@@ -418,7 +455,7 @@ class _TruthLookup:
 
 
 def test_agreement_keeps_rows_whose_label_agrees_and_drops_wrong_labels(blob_study):
-    from tasks.usefulness import select_by_agreement
+    from tasks.analyses.usefulness_protocol import select_by_agreement
 
     real = Rows.concat(blob_study.real["train"], blob_study.real["val"])
     right = blob_study.real["train"]
@@ -473,8 +510,8 @@ def test_fit_segmenter_refuses_bad_row_weights():
 
 def test_a_one_seed_result_read_back_from_a_step_record_renders():
     """One seed has no SE: a step record stores the NaNs as null, and a rerun served from it must still render."""
-    from tasks.report import render_card, render_report
-    from tasks.usefulness import render_markdown
+    from tasks.rendering.report import render_card, render_report
+    from tasks.analyses.usefulness_protocol import render_markdown
 
     arm = lambda v: {"n_rows": [10], "n_synthetic_rows": [0], "n_patients": [4],  # noqa: E731
                      "tasks": {"segmentation": {"dice": {"mean": v, "sd": 0.0, "per_seed": [v]},

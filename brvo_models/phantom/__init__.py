@@ -18,7 +18,7 @@ Modules, one job each:
 - ``soul_writer``: the SOUL directory, written atomically.
 - ``figure``: one patient's six-stage timeline as a PNG.
 
-No Prefect here: ``tasks/phantom.py`` is the pipeline step around :func:`write_phantom`.
+No Prefect here: ``flows/phantom.py`` is the pipeline step around :func:`write_phantom`.
 """
 from brvo_models.phantom.config import PhantomConfig, load_phantom_config, phantom_config
 from brvo_models.phantom.soul_writer import PhantomSummary, write_phantom

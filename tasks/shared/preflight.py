@@ -19,10 +19,12 @@ from storage.registry import ModelRegistry
 from storage.run_dir import RunPaths
 
 
-def require_soul_h5(run_dir: str | os.PathLike, image_size: int, supports_size: Callable[[int], Any]) -> Path:
-    """soul.h5's path once it exists, validates, holds ``image_size`` px images, and the model
-    can be built at that size (``supports_size`` raises ValueError when not); else a BrvoError."""
-    soul = RunPaths.of(run_dir).soul_h5
+def require_soul_h5(run_dir: str | os.PathLike, image_size: int, supports_size: Callable[[int], Any],
+                    soul_h5: str | os.PathLike | None = None) -> Path:
+    """soul.h5's path (``soul_h5``, default RUN_DIR/soul.h5) once it exists, validates, holds ``image_size`` px
+    images, and the model can be built at that size (``supports_size`` raises ValueError when not); else a
+    BrvoError."""
+    soul = Path(soul_h5) if soul_h5 is not None else RunPaths.of(run_dir).soul_h5
     if not soul.is_file():
         raise BrvoError(f"{soul}: not found; run preprocess first (brvo-augment preprocess {run_dir})")
     summary = validate(soul)  # DatasetFormatError: one line naming the problem

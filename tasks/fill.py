@@ -21,11 +21,11 @@ from storage.paired_format import STAGE_NAMES, read_arrays, read_meta
 from storage.run_dir import RunPaths
 from storage.work_files import write_work_file
 from tasks.config import PipelineConfig
-from tasks.reporting import run_log
-from tasks.steps import Step, StepContext
+from tasks.engine.logs import run_log
+from tasks.engine import Step, StepContext
 
 if TYPE_CHECKING:
-    from tasks.models import TrainedModel
+    from tasks.shared.trained_model import TrainedModel
     from tasks.preprocess import PreprocessResult
 
 
@@ -49,14 +49,18 @@ def sample_seed(base_seed: int, patient_id: str, stage: int, index: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def fill_missing(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path, *, log=run_log) -> FillResult:
+def fill_missing(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path, *, log=run_log,
+                 soul_h5: str | Path | None = None) -> FillResult:
+    """K samples for every missing (patient, stage) of ``soul_h5`` (default RUN_DIR/soul.h5) -> RUN_DIR's
+    synthetic.h5."""
     from brvo_models.crgan import load_generator
     from brvo_models.crgan_sampling import generate
 
     t0 = time.perf_counter()
     paths = RunPaths.of(run_dir)
-    meta = read_meta(paths.soul_h5)
-    images, _ = read_arrays(paths.soul_h5)
+    soul = Path(soul_h5) if soul_h5 is not None else paths.soul_h5
+    meta = read_meta(soul)
+    images, _ = read_arrays(soul)
     generator, patient_index, device = load_generator(crgan_checkpoint, config.device, config.image_size)
     k = config.samples_per_missing
     holes = missing_stages(meta)
@@ -88,10 +92,11 @@ def fill_missing(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path, 
 
 def fill_step(ctx: StepContext, preprocess: PreprocessResult, crgan: TrainedModel) -> FillResult:
     """The 'fill' step: K CRGAN samples for every missing (patient, stage) of soul.h5."""
-    return fill_missing(ctx.run_dir, ctx.config, crgan.checkpoint_path, log=ctx.log)
+    return fill_missing(ctx.run_dir, ctx.config, crgan.checkpoint_path, log=ctx.log, soul_h5=preprocess.path)
 
 
 FILL = Step(
-    name="fill", run=fill_step, result_type=FillResult, needs=("preprocess", "crgan"), writes=("synthetic_h5",),
+    name="fill", run=fill_step, result_type=FillResult, needs=("preprocess", "crgan"), reads=("soul_h5",),
+    writes=("synthetic_h5",),
     config_fields=("seed", "samples_per_missing", "image_size", "device"),
     description="K CRGAN samples for every missing (patient, stage)")

@@ -15,8 +15,8 @@ from pydantic import BaseModel
 
 from storage.errors import BrvoError
 from tasks.config import PipelineConfig
-from tasks.reporting import training_progress
-from tasks.steps import StepContext, claim_partial_work
+from tasks.rendering.progress import training_progress
+from tasks.engine import StepContext, claim_partial_work
 
 ModelName = Literal["pix2pix", "crgan"]
 
@@ -53,13 +53,14 @@ class TrainedModel(BaseModel):
 
 
 def train_and_evaluate(ctx: StepContext, model: ModelName, train: Callable[..., Any],
-                       evaluate: Callable[..., dict[str, Any]]) -> TrainedModel:
+                       evaluate: Callable[..., dict[str, Any]], soul_h5: str | Path) -> TrainedModel:
     """What both training steps do: claim the checkpoints for this step's key (a resume never continues
-    work made for other inputs, config or code), train with live progress in the UI, evaluate held out."""
+    work made for other inputs, config or code), train on ``soul_h5`` with live progress in the UI,
+    evaluate held out."""
     claim_partial_work(ctx.paths.checkpoints(model), ctx)
     with allocation_failures_as_one_line(model, ctx.config):
-        result = train(ctx.run_dir, ctx.config, log=ctx.log, on_validation=training_progress(model))
-        evaluation = evaluate(ctx.run_dir, ctx.config, log=ctx.log)
+        result = train(ctx.run_dir, ctx.config, log=ctx.log, on_validation=training_progress(model), soul_h5=soul_h5)
+        evaluation = evaluate(ctx.run_dir, ctx.config, log=ctx.log, soul_h5=soul_h5)
     return TrainedModel(model=model, checkpoint=result.best_path, sha256=result.best_sha256,
                         image_size=ctx.config.image_size, training=result.model_dump(), evaluation=evaluation)
 

@@ -2,7 +2,7 @@
 
 * **At once, on CUDA only.** The two trainings need nothing from each other. When the run's
   device is CUDA (``concurrent_steps`` "auto", the default) :func:`group_executor` gives the
-  step driver (:func:`tasks.steps.run_plan`) a group executor, and it submits such steps together
+  step driver (:func:`tasks.engine.driver.run_plan`) a group executor, and it submits such steps together
   to the flow's task runner. The augment and retrain flows run on
   :func:`step_task_runner`, a Prefect ``ProcessPoolTaskRunner``: each submitted step gets a
   process of its own, so the trainings do not share the global torch RNG (each stays
@@ -12,7 +12,7 @@
   bit-for-bit those of every earlier run. ``concurrent_steps`` "on"/"off" force it either way.
 * **One GPU each where there are several** (:func:`spread_over_gpus`): with ``device`` "auto" or
   "cuda" and two or more GPUs, the i-th device step of a group trains on cuda:i. One GPU: shared.
-* **A GPU's slots across runs** (:func:`device_slot`): a training holds one slot of the Prefect
+* **A GPU's slots across runs** (tasks.engine.device_slots): a training holds one slot of the Prefect
   global concurrency limit ``brvo-gpu-<index>`` while it computes, so several runs on one
   machine (deployments, sweeps) share a GPU as the user decides:
   ``prefect gcl create brvo-gpu-0 --limit 2``. Without that limit there is nothing to hold:
@@ -22,17 +22,12 @@
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from tasks.config import PipelineConfig
-from tasks.reporting import LogFn, run_log
-from tasks.steps import (Executor, GroupExecutor, StepCall, execute_with_prefect, run_together_in_threads,
-                         submit_with_prefect)
-
-GPU_LIMIT_PREFIX = "brvo-gpu-"
-_reported_missing: set[str] = set()
+from tasks.engine.driver import Executor, GroupExecutor, StepCall, run_together_in_threads
+from tasks.engine.prefect_adapter import execute_with_prefect, submit_with_prefect
 
 
 def concurrent_steps_enabled(config: PipelineConfig) -> bool:
@@ -45,7 +40,7 @@ def concurrent_steps_enabled(config: PipelineConfig) -> bool:
 
 
 def group_executor(config: PipelineConfig, execute: Executor) -> GroupExecutor | None:
-    """What :func:`tasks.steps.run_plan` hands independent steps to, or None: one at a time, in plan order."""
+    """What :func:`tasks.engine.driver.run_plan` hands independent steps to, or None: one at a time, in plan order."""
     if not concurrent_steps_enabled(config):
         return None
     if execute is execute_with_prefect:
@@ -69,56 +64,6 @@ def spread_over_gpus(calls: Sequence[StepCall], n_gpus: int | None = None) -> li
             k += 1
         out.append(call)
     return out
-
-
-def gpu_limit_name(device) -> str | None:
-    """``brvo-gpu-<index>`` for a CUDA device (name or torch.device), None for any other."""
-    import torch
-
-    from brvo_models.runtime import select_device
-
-    device = device if isinstance(device, torch.device) else select_device(str(device))
-    if device.type != "cuda":
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return f"{GPU_LIMIT_PREFIX}{index}"
-
-
-@contextlib.contextmanager
-def device_slot(device, log: LogFn = run_log) -> Iterator[None]:
-    """Hold one slot of the GPU's global concurrency limit (:func:`limit_slot`) while the body runs;
-    nothing to hold on a CPU."""
-    name = gpu_limit_name(device)
-    if name is None:
-        yield
-        return
-    with limit_slot(name, log):
-        yield
-
-
-@contextlib.contextmanager
-def limit_slot(name: str, log: LogFn = run_log) -> Iterator[None]:
-    """One slot of the Prefect global concurrency limit ``name`` for the body; waits while all are taken.
-
-    A limit that was never created limits nothing: the body runs at once and one INFO line per
-    process says how to create it (Prefect's own ``concurrency(strict=False)`` would say so in a
-    WARNING on every call)."""
-    from prefect.client.orchestration import get_client
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        with get_client(sync_client=True) as client:
-            client.read_global_concurrency_limit_by_name(name)
-    except ObjectNotFound:
-        if name not in _reported_missing:
-            _reported_missing.add(name)
-            log(f"no Prefect concurrency limit '{name}': trainings on this GPU are not limited across runs "
-                f"(to limit them: prefect gcl create {name} --limit 2)")
-        yield
-        return
-    with concurrency(name, occupy=1, strict=True):
-        yield
 
 
 def step_task_runner(max_workers: int = 2):

@@ -41,11 +41,11 @@ from storage.errors import BrvoError
 from storage.paired_format import read_arrays, read_meta
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
-from tasks.models import TrainedModel, train_and_evaluate
-from tasks.preflight import require_soul_h5
-from tasks.reporting import LogFn, run_log
-from tasks.steps import Step, StepContext
-from tasks.workers import process_map
+from tasks.shared.trained_model import TrainedModel, train_and_evaluate
+from tasks.shared.preflight import require_soul_h5
+from tasks.engine.logs import LogFn, run_log
+from tasks.engine import Step, StepContext
+from tasks.shared.workers import process_map
 
 if TYPE_CHECKING:
     from tasks.preprocess import PreprocessResult
@@ -88,13 +88,14 @@ class Pix2PixResult(BaseModel):
 # --------------------------------------------------------------------------------- preflight
 
 
-def preflight_train_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig) -> Path:
+def preflight_train_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig,
+                            soul_h5: str | os.PathLike | None = None) -> Path:
     """Every cheap check before training, each a one-line BrvoError; returns soul.h5's path.
 
     Nothing is written here, so a refused run never touches an existing checkpoint.
     """
     paths = RunPaths.of(run_dir)
-    soul = require_soul_h5(run_dir, config.image_size, num_downs_for)
+    soul = require_soul_h5(run_dir, config.image_size, num_downs_for, soul_h5)
     meta = read_meta(soul)
     real = meta[~meta["is_synthetic"].astype(bool)]
     counts = {s: real.loc[real["split"] == s, "patient_id"].nunique() for s in ("train", "val", "test")}
@@ -158,9 +159,11 @@ def train_pix2pix(
     log: LogFn = run_log,
     on_validation: Callable[[dict[str, float]], None] | None = None,
     max_validations_this_call: int | None = None,
+    soul_h5: str | os.PathLike | None = None,
 ) -> Pix2PixResult:
-    """Train (or resume) Pix2Pix on the train split of RUN_DIR/soul.h5 on the config's schedule, validating on val."""
-    soul = preflight_train_pix2pix(run_dir, config)
+    """Train (or resume) Pix2Pix on the train split of ``soul_h5`` (default RUN_DIR/soul.h5) on the config's
+    schedule, validating on val; checkpoints in RUN_DIR."""
+    soul = preflight_train_pix2pix(run_dir, config, soul_h5)
     p = config.pix2pix
     seed_everything(config.seed)
     device = select_device(config.device)
@@ -214,7 +217,8 @@ def mask_scores(masks: np.ndarray, labels: np.ndarray, device: torch.device | No
 
 
 def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log: LogFn = run_log,
-                     score_on: torch.device | str | None = "auto") -> dict[str, Any]:
+                     score_on: torch.device | str | None = "auto",
+                     soul_h5: str | os.PathLike | None = None) -> dict[str, Any]:
     """Score best.pt on the test patients against Otsu and Frangi: the report's 'pix2pix' section.
 
     ``score_on``: where the scores are computed (:func:`brvo_models.batched_metrics.metrics_device`;
@@ -222,10 +226,11 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
     t0 = time.perf_counter()
     paths = RunPaths.of(run_dir)
     best_path = paths.checkpoints(MODEL) / BEST
+    soul = Path(soul_h5) if soul_h5 is not None else paths.soul_h5
     generator, device = load_labeller(best_path, config.device, config.image_size)
     best_meta = load_checkpoint(best_path)["meta"]
-    test_x, test_y, test_meta = load_split(paths.soul_h5, ("test",))
-    fit_x, fit_y, _ = load_split(paths.soul_h5, ("train", "val"))
+    test_x, test_y, test_meta = load_split(soul, ("test",))
+    fit_x, fit_y, _ = load_split(soul, ("train", "val"))
     threshold = config.pix2pix.threshold
     threshold = float(generator.label_threshold) if threshold is None else float(threshold)
     _, masks = label_images(generator, test_x, threshold, batch_size=64, device=device)
@@ -238,7 +243,7 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
         frangi_masks = frangi_model.predict(test_x, map_fn=parallel_map)
     frangi_seconds = time.perf_counter() - t_frangi
     frangi = mask_scores(frangi_masks, test_y, scores_device)
-    segmenter, segmenter_flipped, segmenter_params = segmenter_baseline(paths.soul_h5, test_x, config, log=log)
+    segmenter, segmenter_flipped, segmenter_params = segmenter_baseline(soul, test_x, config, log=log)
     segmenter_scores = mask_scores(segmenter, test_y, scores_device)
     # not a baseline bar: shows whether Pix2Pix's margin comes from its flip averaging or from the model
     segmenter_params["flip_averaged_test"] = mask_scores(segmenter_flipped, test_y, scores_device)
@@ -300,10 +305,10 @@ def segmenter_baseline(soul: Path, test_images: np.ndarray, config: PipelineConf
 
 def train_pix2pix_step(ctx: StepContext, preprocess: PreprocessResult) -> TrainedModel:
     """The 'pix2pix' step: train (resuming only work made for this step's key), then evaluate held out."""
-    return train_and_evaluate(ctx, MODEL, train_pix2pix, evaluate_pix2pix)
+    return train_and_evaluate(ctx, MODEL, train_pix2pix, evaluate_pix2pix, soul_h5=preprocess.path)
 
 
 TRAIN_PIX2PIX = Step(
     name=MODEL, uses_device=True, run=train_pix2pix_step, result_type=TrainedModel, needs=("preprocess",),
-    config_fields=("image_size", "seed", "pix2pix", "segmenter_steps"), report=MODEL,
+    reads=("soul_h5",), config_fields=("image_size", "seed", "pix2pix", "segmenter_steps"), report=MODEL,
     description="train Pix2Pix (image -> vessel label) on soul.h5; held-out evaluation against baselines")

@@ -3,7 +3,7 @@
 A retrain publishes every version it trains (its files say what it scored), but ``latest``, which
 every later augment run uses, moves only when the new models (the challenger)
 
-* meet their quality bars, the ones the run's report checks (:func:`tasks.report.bar_checks`):
+* meet their quality bars, the ones the run's report checks (:func:`tasks.rendering.report.bar_checks`):
   Pix2Pix above every label baseline, CRGAN above both image baselines and closer to its own
   patient than to the others; and
 * score no worse than the current ``latest`` (the champion) on the same held-out data: the
@@ -32,8 +32,8 @@ from storage.errors import BrvoError
 from storage.registry import ModelRegistry, RegisteredModels
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
-from tasks.report import bar_checks
-from tasks.reporting import LogFn, run_log
+from tasks.rendering.report import bar_checks
+from tasks.engine.logs import LogFn, run_log
 
 #: What each model is compared on, higher is better: (metric key, name in a sentence).
 COMPARED = {"pix2pix": (("dice", "Dice"), ("cldice", "clDice")), "crgan": (("ssim", "SSIM"), ("psnr", "PSNR"))}
@@ -82,7 +82,7 @@ def challenger_scores(report: dict[str, Any]) -> dict[str, dict[str, float]]:
 def champion_scores(run_dir: str | os.PathLike, config: PipelineConfig, champion: RegisteredModels, *,
                     log: LogFn = run_log) -> dict[str, dict[str, float]]:
     """The champion's Pix2Pix and CRGAN scored on this run's held-out data, as the challenger's were
-    (tasks.train_pix2pix.evaluate_pix2pix, tasks.train_crgan.evaluate_crgan). Each has an ``n``."""
+    (tasks.pix2pix.evaluate_pix2pix, tasks.crgan.evaluate_crgan). Each has an ``n``."""
     import numpy as np
 
     from brvo_models import batched_metrics
@@ -91,8 +91,8 @@ def champion_scores(run_dir: str | os.PathLike, config: PipelineConfig, champion
     from brvo_models.crgan_sampling import predict_heldout, score_cases
     from brvo_models.metrics import mean_scores
     from brvo_models.pix2pix import label_images, load_labeller
-    from tasks.train_crgan import load_sequences
-    from tasks.train_pix2pix import load_split, mask_scores
+    from tasks.crgan import load_sequences
+    from tasks.pix2pix import load_split, mask_scores
 
     soul = RunPaths.of(run_dir).soul_h5
     generator, device = load_labeller(champion.pix2pix_checkpoint, config.device, config.image_size)

@@ -10,11 +10,11 @@ from typing import Any, Sequence
 
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
-from tasks.markdown_tables import markdown_table
+from tasks.rendering.markdown_tables import markdown_table
 from tasks.score import AcceptanceThresholds
-from tasks.stage_trend import render_trend, trend_warnings
-from tasks.steps import PlanRun, Step
-from tasks.usefulness import render_markdown, rows_help, usage_advice
+from tasks.analyses.stage_trend import render_trend, trend_warnings
+from tasks.engine import PlanRun, Step
+from tasks.analyses.usefulness_protocol import render_markdown, rows_help, usage_advice
 
 PAPER_CONTEXT = ("The SOUL paper's segmenters (pre-trained on ROSE-1) reach Dice 0.72 (U-Net) to 0.77 (OCTA-Net) "
                  "on real SOUL labels. That is a different dataset from this run's input when it is the phantom.")
@@ -29,7 +29,7 @@ def _fmt(v: Any) -> str:
 
 
 def _table(rows: dict[str, dict[str, Any]], keys: list[str]) -> str:
-    """One row per name, one column per key (tasks.markdown_tables escapes what the cells say)."""
+    """One row per name, one column per key (tasks.rendering.markdown_tables escapes what the cells say)."""
     return markdown_table(["", *keys], [[name, *(_fmt(vals.get(k, "")) for k in keys)] for name, vals in rows.items()])
 
 
@@ -52,7 +52,7 @@ def bar_checks(report: dict[str, Any]) -> dict[str, bool]:
     crgan_beats_baselines: higher mean SSIM and PSNR than nearest-stage copy and neighbour mean;
     crgan_patient_specific: a sample is more similar to its own patient than to the others;
     synthetic_rows_help: the usefulness protocol's real + synthetic mixes show a gain by its rule in at least
-    one mix and task and a loss in none (tasks.usefulness.rows_help).
+    one mix and task and a loss in none (tasks.analyses.usefulness_protocol.rows_help).
     """
     bars: dict[str, bool] = {}
     p2p = report.get("pix2pix") or {}
@@ -97,7 +97,7 @@ def n_test_patients(report: dict[str, Any]) -> int | None:
 def warnings_of(report: dict[str, Any]) -> list[str]:
     """Every result a user must not miss: each missed quality bar, too few test patients for the verdicts
     to generalise, no accepted synthetic sample, synthetic rows that lose the treatment effect
-    (tasks/stage_trend.py), degenerate synthetic labels.
+    (tasks/analyses/stage_trend.py), degenerate synthetic labels.
     Logged as WARNING lines and printed at the top of report.md and the card."""
     out = [f"quality bar not met: {bar} ({BAR_MEANING.get(bar, bar)})"
            for bar, met in bar_checks(report).items() if not met]
@@ -221,7 +221,7 @@ def _image_quality_lines(section: dict[str, Any] | None) -> list[str]:
     """report.md's distribution-level image quality: pooled numbers per extractor, then KID per stage."""
     if not section:
         return []
-    from tasks.image_quality import SHOWN
+    from tasks.analyses.image_quality import SHOWN
 
     out = ["## Image quality: synthetic vs held-out real images", "",
            f"{section['n_synthetic']} synthetic images ({section['synthetic_rows']}) against "
@@ -463,7 +463,7 @@ def build_report(plan: Sequence[Step], run: PlanRun, config: PipelineConfig) -> 
 
     Rebuilt from the step records at the end of every run, so it can never be stale or partial
     because a step was served from its cache (it is nobody's input)."""
-    from tasks.run_record import versions
+    from tasks.engine.run_record import versions
 
     report: dict[str, Any] = {}
     for step in plan:
@@ -486,7 +486,7 @@ def write_documents(run_dir: Path, plan: Sequence[Step], run: PlanRun, config: P
     from storage.atomic import write_json_atomic, write_text_atomic
     from storage.paired_format import validate
 
-    from tasks.reporting import run_warning
+    from tasks.engine.logs import run_warning
 
     paths = RunPaths.of(run_dir)
     report = build_report(plan, run, config)

@@ -1,68 +1,10 @@
-"""Bridges from plain step functions to Prefect: logging and progress artifacts.
-
-Step functions take ``log`` (a ``str -> None``) and ``on_progress`` (a callback
-with a dict) so they run without Prefect in tests; the @task wrappers pass
-:func:`run_log` and a :class:`ProgressArtifact` so the same messages reach the
-Prefect run logger and the UI.
-"""
+"""Live progress of a step in the Prefect UI: a progress artifact, and a training's latest validations."""
 from __future__ import annotations
 
-import logging
 import time
-from typing import Any, Callable
+from typing import Any
 
-from prefect.context import FlowRunContext, TaskRunContext
-
-LogFn = Callable[[str], None]
-
-_fallback = logging.getLogger("brvo_augment")
-
-
-def in_prefect_run() -> bool:
-    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
-
-
-def run_log(message: str, level: int = logging.INFO) -> None:
-    """Log to the Prefect run logger inside a run, else to the 'brvo_augment' logger."""
-    if in_prefect_run():
-        from prefect import get_run_logger
-
-        get_run_logger().log(level, message)
-    else:
-        _fallback.log(level, message)
-
-
-def run_warning(message: str) -> None:
-    """A WARNING where a user looks: the run's log (Prefect UI, console); for missed quality bars."""
-    run_log(message, logging.WARNING)
-
-
-class OneLineExpectedErrors(logging.Filter):
-    """Drop the traceback from Prefect's log records of expected errors (a BrvoError: bad input, a busy
-    run directory, a refused checkpoint), so the run log shows the one-line message the CLI prints;
-    unexpected errors keep their traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from storage.errors import BrvoError
-
-        if record.exc_info and isinstance(record.exc_info[1], BrvoError):
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-#: Prefect's engine loggers of task and flow runs.
-PREFECT_RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
-
-
-def install_one_line_errors() -> None:
-    for name in PREFECT_RUN_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, OneLineExpectedErrors) for f in logger.filters):
-            logger.addFilter(OneLineExpectedErrors())
-
-
-install_one_line_errors()
+from tasks.engine.logs import in_prefect_run, run_log
 
 
 class ProgressArtifact:
@@ -127,7 +69,7 @@ class TrainingProgress:
         # bookkeeping the header line already says (or nobody follows live) stays out, so the table fits the page
         hidden = (self.clock, self.total_key, "seconds", "epoch", "seconds_validating", "lr_factor")
         columns = [self.clock] + [k for k in self.rows[-1] if k not in hidden] + ["seconds"]
-        from tasks.markdown_tables import markdown_table
+        from tasks.rendering.markdown_tables import markdown_table
 
         rows = [[_num(r.get(c)) for c in columns] for r in self.rows[-self.rows_shown:]]
         for r, row in zip(self.rows[-self.rows_shown:], rows):

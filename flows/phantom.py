@@ -1,19 +1,19 @@
-"""Pipeline step: write the built-in SOUL phantom (``brvo_models.phantom``) into a directory.
+"""The 'phantom' command: write the built-in SOUL phantom (``brvo_models.phantom``) into a directory.
 
-The generator, its knobs and the figure live in ``brvo_models/phantom/``; this step
-chooses how many processes render patients and wraps the call in a Prefect task.
+Not a pipeline step: it makes an input directory, not part of a run directory. The generator, its
+knobs and the figure live in ``brvo_models/phantom/``; this module chooses how many processes render
+patients and wraps the call in a Prefect task.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from brvo_models.phantom import PhantomConfig, PhantomSummary, phantom_config, write_phantom
 from brvo_models.phantom.soul_writer import check_target
 from brvo_models.phantom.truth import check_truth_target, write_truth
 from storage.errors import BrvoError
-from tasks.workers import reset_signals, worker_context
+from tasks.shared.workers import process_map
 
 __all__ = ["PhantomConfig", "PhantomSummary", "generate_phantom", "phantom_task", "preflight_phantom"]
 
@@ -22,12 +22,10 @@ def _patient_map(workers: int, log: Callable[[str], None]):
     """Run patient jobs in ``workers`` processes (in this one when 1); results in job order."""
     def run(fn: Callable, jobs: Iterable) -> list:
         jobs = list(jobs)
-        n = min(workers, len(jobs))
-        log(f"phantom: {len(jobs)} patients on {max(n, 1)} process(es)")
-        if n <= 1:
-            return [fn(job) for job in jobs]
-        with ProcessPoolExecutor(max_workers=n, mp_context=worker_context(), initializer=reset_signals) as pool:
-            return list(pool.map(fn, jobs))
+        n = max(1, min(workers, len(jobs)))
+        log(f"phantom: {len(jobs)} patients on {n} process(es)")
+        with process_map(n) as patient_map:
+            return list(patient_map(fn, jobs))
     return run
 
 
@@ -69,7 +67,7 @@ def generate_phantom(out_dir: Path, config: PhantomConfig | None = None, *, n_pa
 def _phantom_step(out_dir: Path, config: PhantomConfig | None = None, n_patients: int | None = None,
                   seed: int | None = None, image_size: int | None = None, workers: int = 2,
                   overwrite: bool = False, truth_dir: Path | None = None) -> PhantomSummary:
-    from tasks.reporting import run_log
+    from tasks.engine.logs import run_log
 
     return generate_phantom(out_dir, config, n_patients=n_patients, seed=seed, image_size=image_size,
                             workers=workers, overwrite=overwrite, log=run_log, truth_dir=truth_dir)

@@ -47,10 +47,10 @@ from storage.errors import BrvoError, CheckpointError
 from storage.paired_format import STAGE_NAMES, read_arrays, read_meta
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
-from tasks.models import TrainedModel, train_and_evaluate
-from tasks.preflight import require_soul_h5
-from tasks.reporting import LogFn, run_log
-from tasks.steps import Step, StepContext
+from tasks.shared.trained_model import TrainedModel, train_and_evaluate
+from tasks.shared.preflight import require_soul_h5
+from tasks.engine.logs import LogFn, run_log
+from tasks.engine import Step, StepContext
 
 if TYPE_CHECKING:
     from tasks.preprocess import PreprocessResult
@@ -105,13 +105,14 @@ def load_sequences(soul: Path) -> list[PatientSequence]:
     return seqs
 
 
-def preflight_train_crgan(run_dir: str | os.PathLike, config: PipelineConfig) -> Path:
+def preflight_train_crgan(run_dir: str | os.PathLike, config: PipelineConfig,
+                          soul_h5: str | os.PathLike | None = None) -> Path:
     """Every cheap check before training, each a one-line BrvoError; returns soul.h5's path.
 
     Nothing is written here, so a refused run never touches an existing checkpoint.
     """
     paths = RunPaths.of(run_dir)
-    soul = require_soul_h5(run_dir, config.image_size, unet_levels)
+    soul = require_soul_h5(run_dir, config.image_size, unet_levels, soul_h5)
     seqs = load_sequences(soul)
     train = [s for s in seqs if s.split == "train"]
     val_cases = heldout_cases(s for s in seqs if s.split == "val")
@@ -151,10 +152,11 @@ def train_crgan(
     log: LogFn = run_log,
     on_validation: Callable[[dict[str, float]], None] | None = None,
     max_validations_this_call: int | None = None,
+    soul_h5: str | os.PathLike | None = None,
 ) -> CRGANResult:
-    """Train (or resume) the CRGAN on the train patients of RUN_DIR/soul.h5 on the config's schedule, validating
-    on val."""
-    soul = preflight_train_crgan(run_dir, config)
+    """Train (or resume) the CRGAN on the train patients of ``soul_h5`` (default RUN_DIR/soul.h5) on the config's
+    schedule, validating on val; checkpoints in RUN_DIR."""
+    soul = preflight_train_crgan(run_dir, config, soul_h5)
     c = config.crgan
     seed_everything(config.seed)
     device = select_device(config.device)
@@ -293,7 +295,8 @@ def _sample_quality(cases, samples: list[np.ndarray], seqs: list[PatientSequence
 
 
 def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: LogFn = run_log,
-                   score_on: torch.device | str | None = "auto") -> dict[str, Any]:
+                   score_on: torch.device | str | None = "auto",
+                   soul_h5: str | os.PathLike | None = None) -> dict[str, Any]:
     """Score best.pt on held-out real stages of val + test patients against both baselines:
     the report's 'crgan' section. ``score_on``: where the scores are computed
     (:func:`brvo_models.batched_metrics.metrics_device`; "auto": the GPU on CUDA, else numpy)."""
@@ -302,7 +305,7 @@ def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: L
     best_path = paths.checkpoints(MODEL_NAME) / BEST
     generator, _, device = load_generator(best_path, config.device, config.image_size)
     best_meta = load_checkpoint(best_path)["meta"]
-    seqs = load_sequences(paths.soul_h5)
+    seqs = load_sequences(Path(soul_h5) if soul_h5 is not None else paths.soul_h5)
     cases = heldout_cases(s for s in seqs if s.split in ("val", "test"))
     k = max(2, int(config.crgan.eval_samples))
     seeds = [None] + [config.seed + j for j in range(k)]
@@ -361,10 +364,10 @@ def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: L
 
 def train_crgan_step(ctx: StepContext, preprocess: PreprocessResult) -> TrainedModel:
     """The 'crgan' step: train (resuming only work made for this step's key), then evaluate held out."""
-    return train_and_evaluate(ctx, MODEL_NAME, train_crgan, evaluate_crgan)
+    return train_and_evaluate(ctx, MODEL_NAME, train_crgan, evaluate_crgan, soul_h5=preprocess.path)
 
 
 TRAIN_CRGAN = Step(
     name=MODEL_NAME, uses_device=True, run=train_crgan_step, result_type=TrainedModel, needs=("preprocess",),
-    config_fields=("image_size", "seed", "crgan"), report=MODEL_NAME,
+    reads=("soul_h5",), config_fields=("image_size", "seed", "crgan"), report=MODEL_NAME,
     description="train the CRGAN (patient + stage + noise -> image); held-out stages against baselines")

@@ -1,0 +1,626 @@
+"""Do the synthetic rows help? The usefulness protocol, as plain functions.
+
+The product's promise: train on real + synthetic rows and a model does better on real patients
+than on real rows alone. This module measures it the way longitudinal-synthesis papers do.
+
+**Arms** (data mixes; every one trains the same downstream model with the same frozen recipe):
+
+* ``real_only``: the real rows of the train patients;
+* ``real_plus_synthetic``: the same + the run's synthetic rows of the train patients (accepted ones
+  by default), made by the run's own Pix2Pix and CRGAN (trained on the train patients only);
+* ``synthetic_only``: those synthetic rows alone;
+* ``low_data_<f>_real`` / ``low_data_<f>_real_plus_synthetic``: a fraction ``f`` of the train
+  patients, their real rows alone vs the same rows + synthetic rows of their missing stages made
+  by a labeller and a generator trained **on that subset only** (:class:`SubsetRequest`; the
+  validation patients only select checkpoints, as they select every arm's recipe; test patients
+  never enter). This is where a gain can come from: with many patients a 64 px segmenter is at its
+  ceiling, with few it is not.
+
+Synthetic rows of val/test patients are never trained on. Every arm is scored on the **real rows of
+the held-out test patients** (``eval_split='val'`` scores on the validation patients instead, for
+choosing settings; the test patients are then left untouched). The pipeline runs it as the
+'usefulness' step (:data:`USEFULNESS`); benchmarks/usefulness_study.py runs the full study.
+
+**The mix** (``synthetic_filter``, ``synthetic_labels``, ``synthetic_weight``): which synthetic rows
+enter (accepted, all, or the accepted ones whose label agrees with an independent segmenter's,
+:func:`select_by_agreement`), whose labels they carry (the pipeline's Pix2Pix labels, or those of the
+supervised segmenter trained on the same real rows as the arm, so the relabeller sees no patient the
+arm's own labeller did not), and their loss weight. The report states them beside the verdicts: they
+are what a consumer must copy to get the measured effect.
+
+**Tasks**, both scored on real rows of held-out patients:
+
+* ``segmentation``: vessel segmentation by the project's one supervised segmenter
+  (:mod:`brvo_models.segmenter`: dilated CNN, BCE + soft Dice, best-on-val weights and threshold),
+  Dice (primary) and clDice against the annotations. A competent model matters: a weak one makes any
+  data look useful or useless; its recipe is frozen for every arm (:class:`brvo_models.configs.SegmenterRecipe`).
+* ``response``: treatment-response forecast (:mod:`brvo_models.response` says why a BRVO study asks
+  it), the patient's vessel density at a later stage b from a visit's image and label at stage a < b;
+  mean absolute error (primary, lower is better). Its pairs are every (visit at a, later stage b) of
+  one patient with both present in the arm's rows; a pair is synthetic when either end is.
+
+**Seeds and the rule.** Every arm runs ``seeds`` times; seed s fixes the low-data patient subset
+(and the subset's generator and labeller seed) and the downstream model's initialisation and
+batches, the same for every arm, so arms are compared paired by seed. The rule, fixed before any
+number was seen (:data:`RULE`): a difference is real when the paired mean gain exceeds
+t(0.975, n-1) times its standard error (a two-sided paired t-test at the 5 % level: 4.30 SE with
+3 seeds, 2.78 with 5); the verdict is then ``gain`` or ``loss``, otherwise ``no difference shown``.
+
+The result is a plain dict (:func:`run_protocol`) that the report renders: per arm and task the
+per-seed values, mean and sd; per comparison the per-seed paired gains, their mean, SE, the
+critical value and the verdict.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from brvo_models.configs import AGREEMENT_QUANTILE, UsefulnessConfig
+from storage.paired_format import STAGE_NAMES, read_arrays, read_meta
+
+ALPHA = 0.05
+RULE = ("a difference is real when the paired mean gain over seeds exceeds t(0.975, n-1) x its standard error "
+        "(two-sided paired t-test at the 5 % level; n = seeds); gain = higher Dice / lower forecast error")
+PRIMARY = {"segmentation": ("dice", True), "response": ("mae", False)}  # metric, higher is better
+
+
+# ------------------------------------------------------------------------------------------ rows
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Image/label rows with what the protocol needs of their meta (numpy arrays, aligned)."""
+
+    images: np.ndarray        # uint8 (N, H, W)
+    labels: np.ndarray        # uint8 0/1 (N, H, W)
+    patient_id: np.ndarray    # str (N,)
+    stage: np.ndarray         # int (N,)
+    is_synthetic: np.ndarray  # bool (N,)
+    accepted: np.ndarray      # bool (N,); True on real rows
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def where(self, mask: np.ndarray) -> Rows:
+        mask = np.asarray(mask)
+        return Rows(self.images[mask], self.labels[mask], self.patient_id[mask], self.stage[mask],
+                    self.is_synthetic[mask], self.accepted[mask])
+
+    def of_patients(self, patients: Iterable[str]) -> Rows:
+        return self.where(np.isin(self.patient_id, list(patients)))
+
+    @property
+    def patients(self) -> list[str]:
+        return sorted(set(self.patient_id.tolist()))
+
+    @staticmethod
+    def concat(*parts: Rows) -> Rows:
+        parts = [p for p in parts if len(p)] or list(parts[:1])
+        return Rows(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                      ("images", "labels", "patient_id", "stage", "is_synthetic", "accepted")))
+
+    @staticmethod
+    def from_frame(images: np.ndarray, labels: np.ndarray, meta: pd.DataFrame) -> Rows:
+        n = len(meta)
+        syn = meta["is_synthetic"].to_numpy(bool) if "is_synthetic" in meta else np.zeros(n, bool)
+        acc = meta["accepted"].to_numpy(bool) if "accepted" in meta else np.ones(n, bool)
+        return Rows(np.asarray(images, np.uint8), np.asarray(labels, np.uint8),
+                    meta["patient_id"].astype(str).to_numpy(), meta["stage"].to_numpy(np.int64), syn, acc | ~syn)
+
+
+@dataclass(frozen=True)
+class StudyData:
+    """Everything one protocol run reads: real rows per split, and the run's synthetic train rows."""
+
+    real: dict[str, Rows]   # 'train', 'val', 'test'
+    synthetic_train: Rows   # the run's synthetic rows of train patients (all; the filter is applied later)
+    soul_h5: Path | None = None  # real rows on disk: what a subset maker cuts its sub-run from
+
+
+def load_study_data(augmented_h5: str | Path, soul_h5: str | Path | None = None) -> StudyData:
+    """Real rows by split and the synthetic rows of train patients, from an augmented file."""
+    meta = read_meta(augmented_h5)
+    images, labels = read_arrays(augmented_h5)
+    rows = Rows.from_frame(images, labels, meta)
+    split = meta["split"].to_numpy()
+    real = {s: rows.where(~rows.is_synthetic & (split == s)) for s in ("train", "val", "test")}
+    return StudyData(real=real, synthetic_train=rows.where(rows.is_synthetic & (split == "train")),
+                     soul_h5=Path(soul_h5) if soul_h5 else None)
+
+
+def filter_synthetic(rows: Rows, how: str) -> Rows:
+    """The synthetic rows a mix starts from: the accepted ones (``accepted``, and ``agreement`` before its
+    own selection, :func:`select_by_agreement`) or all of them."""
+    return rows if how == "all" else rows.where(rows.accepted)
+
+
+@dataclass(frozen=True)
+class Relabeller:
+    """The supervised segmenter trained on an arm's real rows (weights and threshold chosen on the validation
+    patients): it relabels synthetic rows (``synthetic_labels="segmenter"``) and judges their labels
+    (``synthetic_filter="agreement"``). It saw exactly the patients the arm's own labeller saw."""
+
+    net: Any
+    threshold: float
+
+    def labels(self, images: np.ndarray) -> np.ndarray:
+        from brvo_models.segmenter import predict_probabilities
+
+        if len(images) == 0:
+            return np.zeros(np.shape(images), np.uint8)
+        return (predict_probabilities(self.net, images) > self.threshold).astype(np.uint8)
+
+
+def fit_relabeller(real: Rows, val: Rows, config: UsefulnessConfig, seed: int, device: str = "auto") -> Relabeller:
+    """The frozen segmenter recipe trained on ``real``'s real rows (synthetic ones are dropped)."""
+    fitted = fit_recipe(real.where(~real.is_synthetic), val, config, seed, device)
+    return Relabeller(fitted.net, float(fitted.threshold))
+
+
+def select_by_agreement(rows: Rows, relabeller: Relabeller, val: Rows,
+                        quantile: float = AGREEMENT_QUANTILE) -> tuple[Rows, dict[str, float]]:
+    """Keep the synthetic rows whose label agrees with an independent labeller's as well as labellers agree
+    on real images.
+
+    Why: a synthetic row can be wrong in its image (off the real distribution) or in its label; both show as
+    disagreement between two labellers trained apart. The bar comes from the data, not a constant: tau = the
+    ``quantile`` of the per-row Dice between the relabeller's labels and the annotations on the real validation
+    rows. A row is kept when Dice(its label, the relabeller's label) >= tau; it keeps its own label.
+    Returns (kept rows, {tau, kept, of}).
+    """
+    from brvo_models.metrics import batch_dice
+
+    if len(val) == 0:
+        raise ValueError("synthetic_filter='agreement' needs real validation rows to set its bar")
+    tau = float(np.quantile(batch_dice(relabeller.labels(val.images), val.labels), quantile))
+    if len(rows) == 0:
+        return rows, {"tau": round(tau, 4), "kept": 0, "of": 0}
+    agreement = batch_dice(rows.labels, relabeller.labels(rows.images))
+    keep = agreement >= tau
+    return rows.where(keep), {"tau": round(tau, 4), "kept": int(keep.sum()), "of": len(rows)}
+
+
+def with_labels(rows: Rows, labels: np.ndarray) -> Rows:
+    """The same rows with other labels (e.g. the supervised segmenter's instead of Pix2Pix's)."""
+    return Rows(rows.images, np.asarray(labels, np.uint8), rows.patient_id, rows.stage, rows.is_synthetic,
+                rows.accepted)
+
+
+# ------------------------------------------------------------------------- low-data subsets
+
+
+def subset_patients(train_patients: Iterable[str], fraction: float, seed: int) -> list[str]:
+    """``fraction`` of the train patients (at least 2), drawn by ``seed``; nested across fractions
+    for one seed (the 25 % subset lies inside the 50 % one)."""
+    pool = sorted(set(train_patients))
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    order = np.random.default_rng([int(seed), 0x5EB5E7]).permutation(len(pool))
+    n = min(len(pool), max(2, int(round(fraction * len(pool)))))
+    return sorted(pool[i] for i in order[:n])
+
+
+@dataclass(frozen=True)
+class SubsetRequest:
+    """Make synthetic rows for ``train_patients``' missing stages from models trained on them alone."""
+
+    soul_h5: Path                       # the run's real rows; only the patients below may be read from it
+    train_patients: tuple[str, ...]     # the subset: the only patients the generator and labeller train on
+    selection_patients: tuple[str, ...]  # validation patients: checkpoint / threshold selection only
+    seed: int
+    work_dir: Path
+
+    def key(self) -> str:
+        blob = json.dumps({"train": list(self.train_patients), "select": list(self.selection_patients),
+                           "seed": self.seed, "soul": str(self.soul_h5)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class SyntheticMaker(Protocol):
+    def __call__(self, request: SubsetRequest) -> Rows: ...
+
+
+# --------------------------------------------------------------------------------- the tasks
+
+
+def density(labels: np.ndarray) -> np.ndarray:
+    return np.asarray(labels, np.float64).reshape(len(labels), -1).mean(axis=1)
+
+
+def response_pairs(rows: Rows, synthetic_weight: float = 1.0) -> dict[str, np.ndarray]:
+    """Every (visit row at stage a, later stage b of the same patient): the input row, a, b, the
+    change from the row's own vessel density to the patient's mean density at b, and a weight
+    (``synthetic_weight`` when the row or stage b is synthetic, else 1)."""
+    dens = density(rows.labels)
+    frame = pd.DataFrame({"p": rows.patient_id, "s": rows.stage, "d": dens, "syn": rows.is_synthetic})
+    stage_density = frame.groupby(["p", "s"])["d"].mean().to_dict()
+    stage_synthetic = frame.groupby(["p", "s"])["syn"].all().to_dict()
+    out: dict[str, list] = {"row": [], "a": [], "b": [], "change": [], "weight": []}
+    for i, (p, a) in enumerate(zip(rows.patient_id, rows.stage)):
+        for b in range(int(a) + 1, len(STAGE_NAMES)):
+            if (p, b) not in stage_density:
+                continue
+            out["row"].append(i)
+            out["a"].append(int(a))
+            out["b"].append(b)
+            out["change"].append(stage_density[(p, b)] - dens[i])
+            syn = bool(rows.is_synthetic[i]) or bool(stage_synthetic[(p, b)])
+            out["weight"].append(synthetic_weight if syn else 1.0)
+    return {"row": np.asarray(out["row"], np.int64), "a": np.asarray(out["a"], np.int64),
+            "b": np.asarray(out["b"], np.int64), "change": np.asarray(out["change"], np.float64),
+            "weight": np.asarray(out["weight"], np.float64)}
+
+
+def _weights(rows: Rows, synthetic_weight: float) -> np.ndarray:
+    return np.where(rows.is_synthetic, synthetic_weight, 1.0)
+
+
+def fit_recipe(train: Rows, val: Rows, config: UsefulnessConfig, seed: int, device: str = "auto",
+               weights: np.ndarray | None = None):
+    """The project's supervised segmenter (brvo_models.segmenter) trained with the protocol's frozen
+    recipe on ``train``; the validation patients' real rows choose its kept weights and threshold."""
+    from brvo_models.segmenter import fit_segmenter
+
+    r = config.segmenter
+    return fit_segmenter(train.images, train.labels, image_size=train.images.shape[-1], steps=r.steps,
+                         val_images=val.images, val_labels=val.labels,
+                         val_every=max(1, r.steps // r.validations), arch=r.arch, width=r.width,
+                         batch_size=r.batch_size, lr=r.lr, seed=seed, device=device, row_weights=weights,
+                         crop=r.crop)
+
+
+def run_segmentation(train: Rows, val: Rows, evaluate: Rows, config: UsefulnessConfig, seed: int,
+                     device: str = "auto") -> dict[str, float]:
+    """Train the frozen segmenter on ``train`` (synthetic rows weighted by ``synthetic_weight``), weights
+    and threshold chosen on ``val`` (real rows); Dice and clDice on ``evaluate``'s real rows."""
+    from brvo_models.segmenter import evaluate_segmenter
+
+    weights = _weights(train, config.synthetic_weight) if train.is_synthetic.any() else None
+    fitted = fit_recipe(train, val, config, seed, device, weights)
+    scores = evaluate_segmenter(fitted.net, evaluate.images, evaluate.labels)
+    return {"dice": scores["dice"], "cldice": scores["cldice"], "threshold": fitted.threshold,
+            "best_step": float(fitted.best_step)}
+
+
+def run_response(train: Rows, evaluate: Rows, config: UsefulnessConfig, seed: int) -> dict[str, float]:
+    """Train the frozen forecaster on ``train``'s pairs; mean absolute error of the later-stage
+    density on ``evaluate``'s real pairs (and the correlation of predicted with true change)."""
+    from brvo_models.response import forecast_change, train_forecaster
+
+    recipe = config.forecaster
+    pairs = response_pairs(train, config.synthetic_weight)
+    test = response_pairs(evaluate)
+    if len(pairs["row"]) == 0 or len(test["row"]) == 0:  # no patient with two stages: nothing to forecast
+        return {"mae": float("nan"), "corr": float("nan"), "n_train_pairs": int(len(pairs["row"])),
+                "n_eval_pairs": int(len(test["row"]))}
+    net = train_forecaster(train.images[pairs["row"]], train.labels[pairs["row"]], pairs["a"], pairs["b"],
+                           pairs["change"], pairs["weight"], recipe, seed)
+    pred = forecast_change(net, evaluate.images[test["row"]], evaluate.labels[test["row"]], test["a"], test["b"],
+                           recipe)
+    err = np.abs(pred - test["change"])
+    corr = float(np.corrcoef(pred, test["change"])[0, 1]) if len(err) > 2 and np.std(pred) > 0 else float("nan")
+    return {"mae": float(err.mean()), "corr": corr, "n_train_pairs": int(len(pairs["row"])),
+            "n_eval_pairs": int(len(err))}
+
+
+def response_references(train: Rows, evaluate: Rows) -> dict[str, float]:
+    """Forecasts that need no model, on the same evaluation pairs: 'no change' and the train rows'
+    mean change per (a, b): a competent forecaster beats both."""
+    tr, ev = response_pairs(train), response_pairs(evaluate)
+    if len(tr["change"]) == 0 or len(ev["change"]) == 0:
+        return {"no_change_mae": float("nan"), "stage_mean_mae": float("nan"), "n_eval_pairs": int(len(ev["change"]))}
+    mean_change = pd.Series(tr["change"]).groupby([tr["a"], tr["b"]]).mean().to_dict()
+    fallback = float(tr["change"].mean()) if len(tr["change"]) else 0.0
+    per_gap = np.array([mean_change.get((a, b), fallback) for a, b in zip(ev["a"], ev["b"])])
+    return {"no_change_mae": float(np.abs(ev["change"]).mean()),
+            "stage_mean_mae": float(np.abs(ev["change"] - per_gap).mean()), "n_eval_pairs": len(ev["change"])}
+
+
+# ------------------------------------------------------------------------------- statistics
+
+
+def paired_verdict(baseline: list[float], arm: list[float], higher_is_better: bool) -> dict[str, Any]:
+    """The declared rule (:data:`RULE`) on per-seed values of two arms, paired by position (seed)."""
+    a, b = np.asarray(baseline, np.float64), np.asarray(arm, np.float64)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired comparison needs equal, non-empty per-seed lists ({a.size} vs {b.size})")
+    gains = (b - a) if higher_is_better else (a - b)
+    n = gains.size
+    mean = float(gains.mean())
+    se = float(gains.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    t_crit = float(stats.t.ppf(1 - ALPHA / 2, n - 1)) if n > 1 else float("nan")
+    if n < 2 or not np.isfinite(se):
+        verdict = "no difference shown"
+    elif se == 0.0:
+        verdict = "gain" if mean > 0 else "loss" if mean < 0 else "no difference shown"
+    elif mean > t_crit * se:
+        verdict = "gain"
+    elif mean < -t_crit * se:
+        verdict = "loss"
+    else:
+        verdict = "no difference shown"
+    return {"per_seed_gain": gains.tolist(), "mean_gain": mean, "se": se, "t_crit": t_crit, "n": n,
+            "verdict": verdict}
+
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    v = np.asarray(values, np.float64)
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0, "per_seed": v.tolist()}
+
+
+# ---------------------------------------------------------------------------------- protocol
+
+
+@dataclass
+class _Arm:
+    name: str
+    rows_for_seed: Callable[[int], Rows]
+    baseline: str | None = None  # the arm it is compared with
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def low_data_infeasible(train_patients: Iterable[str], selection_patients: Iterable[str]) -> str | None:
+    """Why a low-data arm cannot run on this split, or None. Its sub-run trains Pix2Pix and CRGAN on the subset
+    and needs two validation patients (one selects checkpoints, one is the training preflight's test), and a
+    subset smaller than the train patients (else it is the full-data arm again)."""
+    n_train, n_select = len(set(train_patients)), len(set(selection_patients))
+    if n_select < 2:
+        return (f"only {n_select} validation patient(s); a low-data sub-run needs 2 (one selects its checkpoints, "
+                "one is its preflight's test patient)")
+    if n_train <= 2:
+        return f"only {n_train} train patient(s); a low-data subset keeps at least 2, so it would not be smaller"
+    return None
+
+
+def _arms(data: StudyData, config: UsefulnessConfig, maker: SyntheticMaker | None, work_dir: Path,
+          maker_seconds: dict[str, dict[str, float]], device: str, skipped: dict[str, str],
+          selection: dict[str, dict[str, float]]) -> list[_Arm]:
+    real_train, val = data.real["train"], data.real["val"]
+
+    def mixed(rows: Rows, real: Rows, seed: int, tag: str) -> Rows:
+        """The mix's synthetic rows: filtered (config.synthetic_filter), then labelled (config.synthetic_labels)."""
+        rows = filter_synthetic(rows, config.synthetic_filter)
+        needs_relabeller = len(rows) > 0 and (config.synthetic_filter == "agreement"
+                                              or config.synthetic_labels == "segmenter")
+        if not needs_relabeller:
+            return rows
+        relabeller = fit_relabeller(real, val, config, seed, device)
+        if config.synthetic_filter == "agreement":
+            rows, selection[tag] = select_by_agreement(rows, relabeller, val)
+        if config.synthetic_labels == "segmenter":
+            rows = with_labels(rows, relabeller.labels(rows.images))
+        return rows
+
+    full_data = [a for a in config.arms if a != "real_only"]
+    syn = mixed(data.synthetic_train, real_train, 0, "full_data") if full_data else data.synthetic_train
+    arms: list[_Arm] = []
+    if config.arms:  # the full-data arms are compared with real_only, so it runs whenever any of them does
+        arms.append(_Arm("real_only", lambda s: real_train))
+    if "real_plus_synthetic" in config.arms:
+        arms.append(_Arm("real_plus_synthetic", lambda s: Rows.concat(real_train, syn), "real_only"))
+    if "synthetic_only" in config.arms:
+        arms.append(_Arm("synthetic_only", lambda s: syn, "real_only"))
+    made: dict[tuple[float, int], Rows] = {}
+    train_ids, select_ids = real_train.patients, data.real["val"].patients
+
+    def subset_seed(seed: int) -> int:
+        return 0 if config.subset_models == "shared" else seed
+
+    def synthetic_for(fraction: float, seed: int) -> Rows:
+        key = (fraction, subset_seed(seed))
+        if key not in made:
+            if maker is None or data.soul_h5 is None:
+                raise ValueError("low-data arms need a synthetic-row maker and the run's soul.h5")
+            ids = subset_patients(train_ids, fraction, key[1])
+            request = SubsetRequest(soul_h5=data.soul_h5, train_patients=tuple(ids),
+                                    selection_patients=tuple(select_ids), seed=key[1],
+                                    work_dir=work_dir / f"subset_{fraction:g}_seed{key[1]}")
+            w0, c0 = time.perf_counter(), time.process_time()
+            rows = maker(request)
+            maker_seconds[request.work_dir.name] = {"wall_s": round(time.perf_counter() - w0, 1),
+                                                    "cpu_s": round(time.process_time() - c0, 1)}
+            outside = sorted(set(rows.patient_id.tolist()) - set(ids))
+            if outside:
+                raise ValueError(f"synthetic-row maker returned rows of patients outside the subset: {outside[:5]}")
+            subset_real = real_train.of_patients(ids)
+            made[key] = mixed(rows.where(rows.is_synthetic), subset_real, key[1], request.work_dir.name)
+        return made[key]
+
+    infeasible = low_data_infeasible(train_ids, select_ids) if config.low_data_fractions else None
+    for f in config.low_data_fractions:
+        tag = f"low_data_{int(round(f * 100))}"
+        if infeasible:
+            skipped[tag] = infeasible
+            continue
+        real_sub = lambda s, f=f: real_train.of_patients(subset_patients(train_ids, f, subset_seed(s)))
+        arms.append(_Arm(f"{tag}_real", real_sub, None, {"fraction": f}))
+        arms.append(_Arm(f"{tag}_real_plus_synthetic", lambda s, f=f, r=real_sub: Rows.concat(r(s), synthetic_for(f, s)),
+                         f"{tag}_real", {"fraction": f}))
+    return arms
+
+
+def run_protocol(data: StudyData, config: UsefulnessConfig, *, maker: SyntheticMaker | None = None,
+                 work_dir: str | Path = ".", log: Callable[[str], None] = print, device: str = "auto") -> dict[str, Any]:
+    """Every arm x task x seed, then the paired comparisons; returns the plain result dict."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    evaluate = data.real[config.eval_split]
+    val = data.real["val"]
+    maker_seconds: dict[str, dict[str, float]] = {}
+    skipped: dict[str, str] = {}
+    selection: dict[str, dict[str, float]] = {}
+    arms = _arms(data, config, maker, Path(work_dir), maker_seconds, device, skipped, selection)
+    for name, reason in skipped.items():
+        log(f"usefulness: {name} arms skipped: {reason}")
+    seeds = list(range(config.seeds))
+    values: dict[str, dict[str, dict[str, list[float]]]] = {a.name: {t: {} for t in config.tasks} for a in arms}
+    sizes: dict[str, dict[str, list[int]]] = {a.name: {"rows": [], "synthetic_rows": [], "patients": []} for a in arms}
+    for seed in seeds:
+        for arm in arms:
+            rows = arm.rows_for_seed(seed)
+            sizes[arm.name]["rows"].append(len(rows))
+            sizes[arm.name]["synthetic_rows"].append(int(rows.is_synthetic.sum()))
+            sizes[arm.name]["patients"].append(len(rows.patients))
+            for task_name in config.tasks:
+                if len(rows) == 0:  # e.g. synthetic_only when no synthetic row was accepted
+                    out = {PRIMARY[task_name][0]: float("nan")}
+                elif task_name == "segmentation":
+                    out = run_segmentation(rows, val, evaluate, config, seed, device)
+                else:
+                    out = run_response(rows, evaluate, config, seed)
+                for k, v in out.items():
+                    values[arm.name][task_name].setdefault(k, []).append(float(v))
+            log(f"usefulness: seed {seed} {arm.name}: " + "; ".join(
+                f"{t} {PRIMARY[t][0]} {values[arm.name][t][PRIMARY[t][0]][-1]:.4f}" for t in config.tasks))
+    result_arms = {}
+    for arm in arms:
+        tasks = {t: {k: _summary(v) for k, v in values[arm.name][t].items()} for t in config.tasks}
+        result_arms[arm.name] = {"n_rows": sizes[arm.name]["rows"], "n_synthetic_rows": sizes[arm.name]["synthetic_rows"],
+                                 "n_patients": sizes[arm.name]["patients"], "tasks": tasks, **arm.meta}
+    comparisons = []
+    for arm in arms:
+        if arm.baseline is None:
+            continue
+        for t in config.tasks:
+            metric, higher = PRIMARY[t]
+            cmp = paired_verdict(values[arm.baseline][t][metric], values[arm.name][t][metric], higher)
+            comparisons.append({"arm": arm.name, "baseline": arm.baseline, "task": t, "metric": metric, **cmp})
+    references = {"response": response_references(data.real["train"], evaluate)} if "response" in config.tasks else {}
+    return {
+        "rule": RULE,
+        "alpha": ALPHA,
+        "eval_split": config.eval_split,
+        "seeds": seeds,
+        "config": config.model_dump(mode="json"),
+        "patients": {s: len(r.patients) for s, r in data.real.items()},
+        "arms": result_arms,
+        "comparisons": comparisons,
+        "skipped_arms": skipped,  # arm prefix -> why it could not run on this split
+        "agreement_selection": selection,  # synthetic_filter='agreement': per row source, its bar and rows kept
+        "references": references,
+        "synthetic_maker_seconds": maker_seconds,  # per low-data subset: its generator + labeller (0 when cached)
+        "seconds": round(time.perf_counter() - t0, 1),
+        "cpu_seconds": round(time.process_time() - c0, 1),
+    }
+
+
+def _num(value: Any, spec: str) -> str:
+    """A number for a table; 'n/a' for a missing one (NaN is stored as null in a step record: one seed has no SE)."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "n/a"
+    return format(value, spec)
+
+
+def verdict_lines(result: dict[str, Any]) -> list[str]:
+    """One sentence per comparison, e.g. for a log or a report."""
+    out = []
+    for c in result["comparisons"]:
+        base = result["arms"][c["baseline"]]["tasks"][c["task"]][c["metric"]]["mean"]
+        arm = result["arms"][c["arm"]]["tasks"][c["task"]][c["metric"]]["mean"]
+        out.append(f"{c['task']}: {c['arm']} vs {c['baseline']}: {c['metric']} {_num(base, '.4f')} -> "
+                   f"{_num(arm, '.4f')}, paired gain {_num(c['mean_gain'], '+.4f')} (SE {_num(c['se'], '.4f')}, "
+                   f"needs > {_num(c['t_crit'], '.2f')} SE): {c['verdict']}")
+    return out
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The protocol's tables: every arm x task (mean +- sd over seeds), then every comparison's verdict."""
+    tasks = list(next(iter(result["arms"].values()))["tasks"]) if result["arms"] else []
+    cols = []
+    for t in tasks:
+        cols += [(t, "dice"), (t, "cldice")] if t == "segmentation" else [(t, "mae"), (t, "corr")]
+    head = "| arm | rows (synthetic) | patients | " + " | ".join(f"{t} {m}" for t, m in cols) + " |"
+    lines = [head, "|" + "---|" * (3 + len(cols))]
+    for name, arm in result["arms"].items():
+        cells = []
+        for t, m in cols:
+            s = arm["tasks"][t].get(m)
+            cells.append(f"{_num(s['mean'], '.4f')} +- {_num(s['sd'], '.4f')}" if s else "")
+        rows = f"{_num(np.mean(arm['n_rows']), '.0f')} ({_num(np.mean(arm['n_synthetic_rows']), '.0f')})"
+        lines.append(f"| {name} | {rows} | {_num(np.mean(arm['n_patients']), '.0f')} | " + " | ".join(cells) + " |")
+    lines += ["", "| comparison | task | paired gain | SE | needs > | verdict |", "|---|---|---|---|---|---|"]
+    for c in result["comparisons"]:
+        lines.append(f"| {c['arm']} vs {c['baseline']} | {c['task']} ({c['metric']}) | {_num(c['mean_gain'], '+.4f')} | "
+                     f"{_num(c['se'], '.4f')} | {_num(c['t_crit'], '.2f')} SE | **{c['verdict']}** |")
+    ref = result.get("references", {}).get("response")
+    notes = [f"Scored on the real rows of the {result['eval_split']} patients; seeds {result['seeds']}; mixes of "
+             f"{mix_settings(result)}. Rule, declared before any number was seen: {result['rule']}."]
+    cfg = result.get("config") or {}
+    left_out = [a for a in ("real_plus_synthetic", "synthetic_only") if cfg and a not in cfg.get("arms", ())]
+    if cfg and not cfg.get("low_data_fractions"):
+        left_out.append("low-data arms")
+    for name, reason in (result.get("skipped_arms") or {}).items():
+        notes.append(f"**Skipped:** the {name} arms: {reason}.")
+    for source, kept in (result.get("agreement_selection") or {}).items():
+        notes.append(f"Agreement selection ({source}): kept {kept['kept']} of {kept['of']} synthetic rows "
+                     f"(bar: Dice >= {kept['tau']:.3f}).")
+    if left_out:
+        notes.append(f"Not run here (budget): {', '.join(left_out)}; benchmarks/usefulness_study.py runs the full "
+                     "study.")
+    if ref:
+        notes.append(f"Response forecast references on the same pairs: no change MAE "
+                     f"{_num(ref['no_change_mae'], '.4f')}, train mean change per (a, b) MAE "
+                     f"{_num(ref['stage_mean_mae'], '.4f')}.")
+    return "\n".join(lines + [""] + notes)
+
+
+# ------------------------------------------------------------------------------ the pipeline step
+
+
+def mix_comparisons(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The comparisons that ask the product's question: real + synthetic rows vs the same real rows alone
+    (full data and every low-data fraction); synthetic_only vs real_only is context, not the promise."""
+    return [c for c in result.get("comparisons", []) if c["arm"].endswith("real_plus_synthetic")]
+
+
+def rows_help(result: dict[str, Any]) -> bool | None:
+    """The quality bar 'synthetic rows help', declared with the rule: met when at least one real + synthetic
+    mix shows a gain by the rule on some task and none shows a loss on any task; None when no mix ran."""
+    mixes = mix_comparisons(result)
+    if not mixes:
+        return None
+    verdicts = [c["verdict"] for c in mixes]
+    return "gain" in verdicts and "loss" not in verdicts
+
+
+def mix_settings(result: dict[str, Any]) -> str:
+    """How the synthetic rows entered the mixes (what a consumer must copy to get the measured effect)."""
+    cfg = result.get("config") or {}
+    labels = {"pipeline": "their Pix2Pix labels", "segmenter": "relabelled by a supervised segmenter trained on "
+              "the same real rows"}.get(cfg.get("synthetic_labels", "pipeline"), cfg.get("synthetic_labels"))
+    rows = {"accepted": "accepted synthetic rows", "all": "all synthetic rows",
+            "agreement": "accepted synthetic rows whose label agrees with a supervised segmenter's trained on the same "
+                         f"real rows (at least its {AGREEMENT_QUANTILE:.0%}-quantile Dice with the annotations on "
+                         "validation rows)"}.get(cfg.get("synthetic_filter", "accepted"), cfg.get("synthetic_filter"))
+    return f"{rows}, {labels}, loss weight {cfg.get('synthetic_weight', 1.0):g} per synthetic row"
+
+
+def usage_advice(result: dict[str, Any]) -> str:
+    """One paragraph for the dataset card: which mix helped, by how much, with which settings, or that none did."""
+    mixes = mix_comparisons(result)
+    if not mixes:
+        return "No real + synthetic mix was measured in this run."
+    helped = [c for c in mixes if c["verdict"] == "gain"]
+    hurt = [c for c in mixes if c["verdict"] == "loss"]
+
+    def say(c: dict[str, Any]) -> str:
+        return f"{c['arm']} on {c['task']} ({c['metric']} {_num(c['mean_gain'], '+.4f')}, SE {_num(c['se'], '.4f')})"
+
+    parts = [f"Mixes measured with {mix_settings(result)}."]
+    if helped:
+        parts.append("Helped by the declared rule: " + "; ".join(say(c) for c in helped) + ".")
+    if hurt:
+        parts.append("Hurt by the declared rule: " + "; ".join(say(c) for c in hurt) + ".")
+    if not helped:
+        parts.append("No mix helped: train on the real rows alone" + (
+            " (adding these synthetic rows made the model worse on real test patients)." if hurt else
+            "; the synthetic rows made no difference the rule can call real."))
+    return " ".join(parts)

@@ -1,0 +1,78 @@
+"""A pipeline step, declared once: its function, what it reads and writes, and what its result depends on."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+from storage.run_dir import RunPaths
+from tasks.config import PipelineConfig
+from tasks.engine.logs import LogFn, run_log
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What every step function receives besides its upstream results."""
+
+    run_dir: Path
+    config: PipelineConfig
+    source: Path | None = None  # the SOUL directory or manifest CSV (steps with reads_source)
+    log: LogFn = run_log
+    key: str = ""  # the running step's cache key (set by the driver for each step)
+
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths.of(self.run_dir)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pipeline step, declared once.
+
+    ``run(ctx, **needs)`` is the plain step function: it receives a :class:`StepContext` and
+    one keyword argument per name in ``needs`` (that step's result, where it finds its inputs)
+    and returns a pydantic ``result_type``. ``reads`` are the RunPaths attributes of the files
+    it reads, each written by one of its ``needs``; ``writes`` those of the files (or
+    directories) it owns; a result may list further files in an ``output_files()`` method (e.g. checkpoints
+    held outside the run directory by the model registry). ``config_fields`` are the
+    PipelineConfig fields its result depends on (dotted for a model's field, e.g.
+    ``pix2pix.threshold``). ``report`` is the report.json section its result's
+    ``report_section()`` fills. ``cache`` False: the step always runs (cheap steps whose
+    outputs are views of other results, e.g. the documents).
+    """
+
+    name: str
+    run: Callable[..., BaseModel]
+    result_type: type[BaseModel]
+    needs: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    config_fields: tuple[str, ...] = ()
+    reads_source: bool = False
+    report: str | None = None
+    cache: bool = True
+    retries: int = 0
+    description: str = ""
+    uses_device: bool = False  # trains on the run's device: holds a GPU slot (tasks.engine.concurrency) there
+
+    def config_slice(self, config: PipelineConfig) -> dict[str, Any]:
+        data = config.model_dump(mode="json")
+        out: dict[str, Any] = {}
+        for name in self.config_fields:
+            value: Any = data
+            for part in name.split("."):
+                if not isinstance(value, dict) or part not in value:
+                    raise KeyError(f"step {self.name!r} declares unknown config field {name!r}")
+                value = value[part]
+            out[name] = value
+        return out
+
+    def output_paths(self, paths: RunPaths) -> list[Path]:
+        return [getattr(paths, attr) for attr in self.writes]
+
+    def input_paths(self, paths: RunPaths) -> list[Path]:
+        return [getattr(paths, attr) for attr in self.reads]
+
+

@@ -1,0 +1,1 @@
+"""Report rendering: report.json and report.md, the dataset card, markdown tables, figures, UI artifacts."""

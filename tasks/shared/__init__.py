@@ -1,0 +1,1 @@
+"""What several steps share: the trained-model result type, the training preflight, process pools."""
