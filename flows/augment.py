@@ -26,26 +26,14 @@ from storage.errors import BrvoError
 from storage.registry import ModelRegistry, RegisteredModels
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig, load_config, parse_config
-from tasks.export import EXPORT
-from tasks.figures import FIGURES
-from tasks.image_quality import IMAGE_QUALITY
-from tasks.fill import FILL
-from tasks.ingest import INGEST
-from tasks.label import LABEL
+from flows.plans import AUGMENT
 from tasks.shared.trained_model import ModelName, TrainedModel
-from tasks.preprocess import PREPROCESS
 from tasks.rendering.report import bars_summary, warnings_of
 from tasks.engine.logs import in_prefect_run, install_one_line_errors, run_warning
-from tasks.score import SCORE
 from tasks.engine import Executor, PlanRun, Step, StepContext, execute_with_prefect
-from tasks.crgan import TRAIN_CRGAN
-from tasks.pix2pix import TRAIN_PIX2PIX
-from tasks.usefulness import USEFULNESS
 
 
-#: The whole chain when the run trains its own models.
-AUGMENT: tuple[Step, ...] = (INGEST, PREPROCESS, TRAIN_PIX2PIX, TRAIN_CRGAN, FILL, LABEL, SCORE, EXPORT, FIGURES,
-                             IMAGE_QUALITY, USEFULNESS)
+__all__ = ["AUGMENT", "augment", "augment_chain", "augment_plan", "run_augment", "run_demo"]
 
 
 # ----------------------------------------------------------------------------------- registry

@@ -1,9 +1,9 @@
-"""`brvo-augment`: every pipeline step and the whole flow on a run directory.
+"""`brvo-augment`: the whole flow, and the steps that have a command of their own, on a run directory.
 
-Each subcommand checks its inputs first (cheap, no Prefect), so a bad input is a
-one-line ``error: ...`` and exit code 2, never a traceback; then it calls the
-Prefect flow or task, so runs show up in Prefect when a server is configured and
-run ephemerally when not.
+The single-step subcommands come from the step table (each step's ``command``: name, help, preflight).
+Each subcommand checks its inputs first (cheap, no Prefect), so a bad input is a one-line
+``error: ...`` and exit code 2, never a traceback; then it calls the Prefect flow or the step's task,
+so runs show up in Prefect when a server is configured and run ephemerally when not.
 """
 from __future__ import annotations
 
@@ -62,26 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "true non-perfused area) into DIR, outside OUT_DIR, for evaluation only: OUT_DIR's bytes "
                         "do not change and no pipeline step reads DIR (docs/phantom.md)")
 
-    p = sub.add_parser("ingest", help="read a SOUL directory or manifest CSV: manifest.csv, quarantine.csv, stage table")
-    p.add_argument("soul_dir", type=Path)
-    p.add_argument("run_dir", type=Path)
-
-    p = sub.add_parser("preprocess", help="manifest.csv -> RUN_DIR/soul.h5")
-    p.add_argument("run_dir", type=Path)
-    _add_config_args(p)
+    for step in single_step_commands().values():
+        command = step.command
+        p = sub.add_parser(command.name, help=command.help)
+        if step.reads_source:
+            p.add_argument("soul_dir", type=Path)
+        p.add_argument("run_dir", type=Path)
+        if command.config_options:
+            _add_config_args(p)
+        if command.quality_bars:
+            p.add_argument("--require-bars", action="store_true",
+                           help=f"exit with code {EXIT_BARS_MISSED} when the model misses a quality bar "
+                                "(it loses to a baseline); the checkpoints and report are written either way")
 
     p = sub.add_parser("prepare", help="ingest + preprocess (the 'prepare' flow)")
     p.add_argument("soul_dir", type=Path)
     p.add_argument("run_dir", type=Path)
     _add_config_args(p)
-
-    for name, what in (("train-pix2pix", "Pix2Pix (image -> vessel label)"), ("train-crgan", "CRGAN (stage images)")):
-        p = sub.add_parser(name, help=f"train {what} on RUN_DIR/soul.h5 (resumes) and evaluate on held-out patients")
-        p.add_argument("run_dir", type=Path)
-        _add_config_args(p)
-        p.add_argument("--require-bars", action="store_true",
-                       help=f"exit with code {EXIT_BARS_MISSED} when the model misses a quality bar "
-                            "(it loses to a baseline); the checkpoints and report are written either way")
 
     p = sub.add_parser("run", help="the whole augment flow: SOUL_DIR -> RUN_DIR/augmented.h5 + card, report, figures")
     p.add_argument("soul_dir", type=Path)
@@ -103,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def single_step_commands() -> dict:
+    """Subcommand name -> the step of the augment plan it runs alone (every step declaring a ``command``)."""
+    from flows.plans import AUGMENT
+
+    return {step.command.name: step for step in AUGMENT if step.command is not None}
+
+
 def resolve_config(args: argparse.Namespace, run_dir: Path | None = None):
     """Preset/config file from the command line; else the run directory's recorded config; else demo."""
     from tasks.config import load_config
@@ -115,9 +119,8 @@ def resolve_config(args: argparse.Namespace, run_dir: Path | None = None):
     return load_config(getattr(args, "preset", None) or "demo", getattr(args, "config", None))
 
 
-#: Subcommands that talk to Prefect (everything but reading a file).
-PREFECT_COMMANDS = {"phantom", "ingest", "preprocess", "prepare", "train-pix2pix", "train-crgan", "run", "demo",
-                    "serve"}
+#: Subcommands that talk to Prefect: every one but reading a file (inspect).
+OFFLINE_COMMANDS = {"inspect"}
 
 
 def check_prefect_api(timeout_s: float = 5.0) -> None:
@@ -158,16 +161,24 @@ def _print_result_then_outcome(summary: dict) -> None:
     print(summary["outcome"])
 
 
-def _single_step(args: argparse.Namespace, target: str, config, source: Path | None = None) -> int:
-    """Run one step of the augment plan on RUN_DIR (its upstream steps must have run), under the
-    run-directory lock like every command that writes there; print its result."""
-    from flows.augment import AUGMENT
+def _single_step(args: argparse.Namespace, step) -> int:
+    """Run one step of the augment plan alone on RUN_DIR: its preflight first (no Prefect yet), then the step
+    with the results of the steps it needs taken from their records, under the run-directory lock like every
+    command that writes there; print its result."""
+    from flows.plans import AUGMENT
     from flows.run_steps import run_steps
     from storage.run_dir import RunPaths
+    from tasks.engine import StepContext, single_step_plan
 
+    if not step.command.config_options:
+        args.preset = args.config = None
+    config = resolve_config(args, args.run_dir)
+    source = args.soul_dir if step.reads_source else None
+    if step.command.preflight is not None:
+        step.command.preflight(StepContext(run_dir=Path(args.run_dir), config=config, source=source))
     _temporary_server_dies_with_cli()
-    names = [step.name for step in AUGMENT]
-    plan = AUGMENT[: names.index(target) + 1]
+    target = step.name
+    plan = single_step_plan(AUGMENT, target, RunPaths.of(args.run_dir))
     run = run_steps(plan, args.run_dir, config, source=source, only={target})
     print(run.result(target).model_dump_json(indent=2, exclude={"training": {"history"}}))
     if getattr(args, "require_bars", False):
@@ -196,18 +207,8 @@ def _run(args: argparse.Namespace) -> int:
         summary = phantom_task(args.out_dir, config, workers=args.workers, overwrite=args.overwrite,
                                truth_dir=args.truth_dir)
         print(summary)
-    elif cmd == "ingest":
-        from tasks.ingest import check_source
-
-        check_source(args.soul_dir)
-        args.preset = args.config = None
-        return _single_step(args, "ingest", resolve_config(args, args.run_dir), source=args.soul_dir)
-    elif cmd == "preprocess":
-        from tasks.preprocess import preflight_preprocess
-
-        config = resolve_config(args, args.run_dir)
-        preflight_preprocess(args.run_dir)
-        return _single_step(args, "preprocess", config)
+    elif cmd in single_step_commands():
+        return _single_step(args, single_step_commands()[cmd])
     elif cmd == "prepare":
         from flows.prepare import prepare
         from tasks.ingest import check_source
@@ -216,18 +217,6 @@ def _run(args: argparse.Namespace) -> int:
         check_source(args.soul_dir)
         _temporary_server_dies_with_cli()
         print(prepare(str(args.soul_dir), str(args.run_dir), config_json=config.to_json()))
-    elif cmd == "train-pix2pix":
-        from tasks.pix2pix import preflight_train_pix2pix
-
-        config = resolve_config(args, args.run_dir)
-        preflight_train_pix2pix(args.run_dir, config)
-        return _single_step(args, "pix2pix", config)
-    elif cmd == "train-crgan":
-        from tasks.crgan import preflight_train_crgan
-
-        config = resolve_config(args, args.run_dir)
-        preflight_train_crgan(args.run_dir, config)
-        return _single_step(args, "crgan", config)
     elif cmd == "run":
         from flows.augment import run_augment
         from tasks.ingest import check_source
@@ -280,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
     install_one_line_errors()
     try:
-        if args.command in PREFECT_COMMANDS:
+        if args.command not in OFFLINE_COMMANDS:
             check_prefect_api()
         code = _run(args)
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit

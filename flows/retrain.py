@@ -66,12 +66,9 @@ REGISTRY_LOCK_WAIT_S = 10.0  # for another retrain of the same registry
 def retrain_plan() -> tuple[Step, ...]:
     """ingest -> preprocess -> pix2pix, crgan: the steps a retrain runs in its work directory (imported on
     call: the step modules bring torch, which a retrain with nothing to do never needs)."""
-    from tasks.crgan import TRAIN_CRGAN
-    from tasks.ingest import INGEST
-    from tasks.pix2pix import TRAIN_PIX2PIX
-    from tasks.preprocess import PREPROCESS
+    from flows.plans import RETRAIN
 
-    return (INGEST, PREPROCESS, TRAIN_PIX2PIX, TRAIN_CRGAN)
+    return RETRAIN
 
 
 def resolve_dirs(soul_dir: str | None, registry_dir: str | None) -> tuple[Path, Path]:

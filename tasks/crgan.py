@@ -50,7 +50,7 @@ from tasks.config import PipelineConfig
 from tasks.shared.trained_model import TrainedModel, train_and_evaluate
 from tasks.shared.preflight import require_soul_h5
 from tasks.engine.logs import LogFn, run_log
-from tasks.engine import Step, StepContext
+from tasks.engine import Step, StepCommand, StepContext
 
 if TYPE_CHECKING:
     from tasks.preprocess import PreprocessResult
@@ -369,5 +369,8 @@ def train_crgan_step(ctx: StepContext, preprocess: PreprocessResult) -> TrainedM
 
 TRAIN_CRGAN = Step(
     name=MODEL_NAME, uses_device=True, run=train_crgan_step, result_type=TrainedModel, needs=("preprocess",),
+    command=StepCommand("train-crgan", "train CRGAN (stage images) on RUN_DIR/soul.h5 (resumes) and evaluate on "
+                        "held-out patients", quality_bars=True,
+                        preflight=lambda ctx: preflight_train_crgan(ctx.run_dir, ctx.config)),
     reads=("soul_h5",), config_fields=("image_size", "seed", "crgan"), report=MODEL_NAME,
     description="train the CRGAN (patient + stage + noise -> image); held-out stages against baselines")

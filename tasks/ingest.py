@@ -97,7 +97,7 @@ from storage.paired_format import STAGE_NAMES
 from storage.run_dir import RunPaths, ensure_inside, safe_component
 from tasks.config import InputSanityConfig
 from tasks.engine.logs import run_log
-from tasks.engine import Step, StepContext
+from tasks.engine import Step, StepCommand, StepContext
 
 MANIFEST_COLUMNS = ("patient_id", "stage", "stage_name", "exam_id", "subset",
                     "image_path", "label_path", "width", "height")
@@ -829,8 +829,15 @@ def ingest_step(ctx: StepContext) -> IngestResult:
                   max_megapixels=ctx.config.max_megapixels, sanity=ctx.config.input_sanity)
 
 
+def preflight_ingest(ctx: StepContext) -> None:
+    """The 'ingest' command's check before Prefect starts: the source is a SOUL root or a readable manifest."""
+    check_source(ctx.source)
+
+
 INGEST = Step(
     name="ingest", run=ingest_step, result_type=IngestResult, reads_source=True, retries=1,
+    command=StepCommand("ingest", "read a SOUL directory or manifest CSV: manifest.csv, quarantine.csv, stage table",
+                        preflight=preflight_ingest, config_options=False),
     config_fields=("max_file_mb", "max_megapixels", "input_sanity"),
     writes=("manifest", "quarantine", "stage_table", "ingest_json"),
     description="read a SOUL directory or manifest CSV: manifest.csv, quarantine.csv, stage table")

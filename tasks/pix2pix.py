@@ -44,7 +44,7 @@ from tasks.config import PipelineConfig
 from tasks.shared.trained_model import TrainedModel, train_and_evaluate
 from tasks.shared.preflight import require_soul_h5
 from tasks.engine.logs import LogFn, run_log
-from tasks.engine import Step, StepContext
+from tasks.engine import Step, StepCommand, StepContext
 from tasks.shared.workers import process_map
 
 if TYPE_CHECKING:
@@ -310,5 +310,8 @@ def train_pix2pix_step(ctx: StepContext, preprocess: PreprocessResult) -> Traine
 
 TRAIN_PIX2PIX = Step(
     name=MODEL, uses_device=True, run=train_pix2pix_step, result_type=TrainedModel, needs=("preprocess",),
+    command=StepCommand("train-pix2pix", "train Pix2Pix (image -> vessel label) on RUN_DIR/soul.h5 (resumes) and "
+                        "evaluate on held-out patients", quality_bars=True,
+                        preflight=lambda ctx: preflight_train_pix2pix(ctx.run_dir, ctx.config)),
     reads=("soul_h5",), config_fields=("image_size", "seed", "pix2pix", "segmenter_steps"), report=MODEL,
     description="train Pix2Pix (image -> vessel label) on soul.h5; held-out evaluation against baselines")

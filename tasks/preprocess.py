@@ -57,7 +57,7 @@ from storage.run_dir import RunPaths
 from tasks.config import LabelResize, PipelineConfig
 from tasks.engine.logs import LogFn, run_log
 from tasks.rendering.progress import ProgressArtifact
-from tasks.engine import Step, StepContext
+from tasks.engine import Step, StepCommand, StepContext
 from tasks.shared.workers import reset_signals, worker_context
 
 if TYPE_CHECKING:
@@ -497,6 +497,8 @@ def preprocess_step(ctx: StepContext, ingest: IngestResult) -> PreprocessResult:
 
 PREPROCESS = Step(
     name="preprocess", run=preprocess_step, result_type=PreprocessResult, needs=("ingest",), retries=1,
+    command=StepCommand("preprocess", "manifest.csv -> RUN_DIR/soul.h5",
+                        preflight=lambda ctx: preflight_preprocess(ctx.run_dir)),
     reads=("manifest",), writes=("soul_h5",),
     config_fields=("image_size", "label_resize", "compression", "val_fraction", "test_fraction", "seed"),
     description="manifest.csv -> soul.h5: resized pairs, split by patient")

@@ -233,3 +233,69 @@ def test_require_bars_makes_a_missed_quality_bar_a_nonzero_exit_and_still_writes
     assert code == EXIT_BARS_MISSED and "pix2pix_beats_baselines" in err and "report.md" in err
     assert (run / "report.md").exists() and (run / "checkpoints" / "pix2pix" / "best.pt").exists()
     assert _run_main(capsys, "train-pix2pix", str(run), "--preset", "tiny")[0] == 0
+
+
+# ------------------------------------------------------------------------------ single steps from the step table
+
+
+def _subcommands() -> set[str]:
+    from flows.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    return set(sub.choices)
+
+
+def test_the_single_step_commands_come_from_the_step_table():
+    from flows.augment import AUGMENT
+
+    declared = {step.command.name for step in AUGMENT if step.command is not None}
+    assert declared == {"ingest", "preprocess", "train-pix2pix", "train-crgan"}
+    assert declared <= _subcommands()
+
+
+def test_every_command_a_message_tells_the_user_to_run_exists():
+    """'run it first (brvo-augment pix2pix ...)' named a command that does not exist; every hint now names one."""
+    import re
+    from pathlib import Path
+
+    from flows.augment import AUGMENT
+
+    commands = _subcommands()
+    for step in AUGMENT:
+        hint = step.how_to_make("RUN")
+        assert hint.split()[0] == "brvo-augment" and hint.split()[1] in commands, (step.name, hint)
+    root = Path(__file__).resolve().parents[1]
+    for path in [*root.glob("tasks/**/*.py"), *root.glob("flows/*.py"), *root.glob("deployments/*.py")]:
+        for named in re.findall(r"[(`]brvo-augment ([a-z0-9-]+)", path.read_text()):
+            assert named in commands, f"{path.relative_to(root)} tells users to run 'brvo-augment {named}'"
+
+
+def test_a_step_run_alone_names_the_command_that_makes_a_missing_upstream_result(tmp_path):
+    from flows.augment import AUGMENT
+    from storage.errors import BrvoError
+    from tasks.config import preset
+    from tasks.engine import StepContext, run_plan, single_step_plan
+
+    ctx = StepContext(run_dir=tmp_path, config=preset("tiny"), log=lambda _m: None)
+    plan = single_step_plan(AUGMENT, "label", ctx.paths)
+    assert [s.name for s in plan] == ["ingest", "preprocess", "pix2pix", "crgan", "fill", "label"]
+    with pytest.raises(BrvoError, match=r"no finished 'ingest' step .*run it first \(brvo-augment ingest SOUL_DIR "):
+        run_plan(plan, ctx, only={"label"})
+    fill = plan[4]
+    assert fill.command is None and fill.how_to_make(tmp_path) == f"brvo-augment run SOUL_DIR {tmp_path}"
+
+
+def test_train_crgan_after_ingest_and_preprocess_needs_no_pix2pix(prefect_harness, tiny_phantom, tmp_path, capsys):
+    """As a new user would: ingest, preprocess, then train-crgan, on a fresh run directory. It used to fail
+    asking for a 'pix2pix' step that CRGAN does not need, through a command that does not exist."""
+    import json
+
+    run = tmp_path / "run"
+    assert _run_main(capsys, "ingest", str(tiny_phantom), str(run))[0] == 0
+    assert _run_main(capsys, "preprocess", str(run), "--preset", "tiny")[0] == 0
+    code, err = _run_main(capsys, "train-crgan", str(run), "--preset", "tiny")
+    assert code == 0, err
+    report = json.loads((run / "report.json").read_text())
+    assert "crgan" in report and "pix2pix" not in report
+    assert (run / "checkpoints" / "crgan" / "best.pt").exists() and not (run / "checkpoints" / "pix2pix").exists()

@@ -182,7 +182,7 @@ def run_plan(plan: Sequence[Step], ctx: StepContext, *, execute: Executor = exec
             record = read_record(ctx.paths, step.name)
             if record is None or not outputs_intact(ctx.paths, record):
                 raise BrvoError(f"{ctx.run_dir}: no finished '{step.name}' step (or its outputs changed since); "
-                                f"run it first (brvo-augment {step.name.replace('_', '-')} ...)")
+                                f"run it first ({step.how_to_make(ctx.run_dir)})")
             outcomes = [StepOutcome(step.name, load_result(step, record), True, record.seconds, record)]
         else:
             group = [step]
@@ -196,6 +196,37 @@ def run_plan(plan: Sequence[Step], ctx: StepContext, *, execute: Executor = exec
             records[outcome.name] = outcome.record
         i += len(outcomes)
     return run
+
+
+def upstream_of(plan: Sequence[Step], target: str) -> tuple[Step, ...]:
+    """``target`` and every step it needs, directly or through others, in plan order."""
+    by_name = {s.name: s for s in plan}
+    wanted, stack = set(), [target]
+    while stack:
+        name = stack.pop()
+        if name not in wanted:
+            wanted.add(name)
+            stack.extend(by_name[name].needs)
+    return tuple(s for s in plan if s.name in wanted)
+
+
+def single_step_plan(plan: Sequence[Step], target: str, paths: RunPaths) -> tuple[Step, ...]:
+    """What running ``target`` alone on a run directory runs (with ``only={target}``): the steps it needs,
+    whose records must be there, plus the earlier steps of ``plan`` that finished before, so the report
+    rebuilt afterwards keeps their sections. A step it does not need is never required."""
+    needed = {s.name for s in upstream_of(plan, target)}
+    position = [s.name for s in plan].index(target)
+
+    def finished(step: Step) -> bool:
+        record = read_record(paths, step.name)
+        return record is not None and outputs_intact(paths, record)
+
+    chosen: list[Step] = []
+    for i, step in enumerate(plan):
+        taken = {s.name for s in chosen}
+        if step.name in needed or (i < position and set(step.needs) <= taken and finished(step)):
+            chosen.append(step)
+    return tuple(chosen)
 
 
 def check_reads(step: Step, earlier: Mapping[str, Step]) -> None:

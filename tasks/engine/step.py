@@ -27,6 +27,30 @@ class StepContext:
         return RunPaths.of(self.run_dir)
 
 
+#: The command line program every :class:`StepCommand` belongs to.
+PROGRAM = "brvo-augment"
+
+
+@dataclass(frozen=True)
+class StepCommand:
+    """How a user runs one step alone on a run directory: ``brvo-augment NAME [SOUL_DIR] RUN_DIR``.
+
+    The CLI builds its single-step subcommands from these (flows/cli.py), so a command, its help and its
+    preflight are declared beside the step they run. ``preflight(ctx)`` makes the step's cheap input
+    checks (a one-line BrvoError) before Prefect starts; ``config_options``: the command takes
+    ``--preset``/``--config``; ``quality_bars``: it takes ``--require-bars``.
+    """
+
+    name: str
+    help: str
+    preflight: Callable[["StepContext"], object] | None = None
+    config_options: bool = True
+    quality_bars: bool = False
+
+    def usage(self, run_dir: str | Path, reads_source: bool) -> str:
+        return f"{PROGRAM} {self.name} {'SOUL_DIR ' if reads_source else ''}{run_dir}"
+
+
 @dataclass(frozen=True)
 class Step:
     """One pipeline step, declared once.
@@ -56,6 +80,7 @@ class Step:
     retries: int = 0
     description: str = ""
     uses_device: bool = False  # trains on the run's device: holds a GPU slot (tasks.engine.concurrency) there
+    command: StepCommand | None = None  # the CLI subcommand that runs it alone; None: only whole flows run it
 
     def config_slice(self, config: PipelineConfig) -> dict[str, Any]:
         data = config.model_dump(mode="json")
@@ -74,5 +99,11 @@ class Step:
 
     def input_paths(self, paths: RunPaths) -> list[Path]:
         return [getattr(paths, attr) for attr in self.reads]
+
+    def how_to_make(self, run_dir: str | Path) -> str:
+        """The command that makes this step's result in ``run_dir``: its own, else the whole flow's."""
+        if self.command is not None:
+            return self.command.usage(run_dir, self.reads_source)
+        return f"{PROGRAM} run SOUL_DIR {run_dir}"
 
 
