@@ -25,7 +25,7 @@ from flows.settings import registry_dir_setting
 from storage.errors import BrvoError
 from storage.registry import ModelRegistry, RegisteredModels
 from storage.run_dir import RunPaths
-from tasks.config import PipelineConfig, load_config, parse_config
+from tasks.config import PipelineConfig, config_from, load_config
 from flows.plans import AUGMENT
 from tasks.shared.trained_model import ModelName, TrainedModel
 from tasks.rendering.report import bars_summary, warnings_of
@@ -148,10 +148,9 @@ def augment(
     ``registry_dir`` defaults to $BRVO_REGISTRY_DIR where the flow runs (serve or a work-pool
     worker): when it holds published models, they are used instead of training.
     """
-    config = parse_config(config_json) if config_json else load_config(preset)
-    config = config.with_overrides(seed=seed, image_size=image_size, samples_per_missing=samples_per_missing,
-                                   device=device, **{"pix2pix.epochs": pix2pix_epochs,
-                                                     "crgan.epochs": crgan_epochs})
+    config = config_from(preset, config_json, seed=seed, image_size=image_size,
+                         samples_per_missing=samples_per_missing, device=device,
+                         **{"pix2pix.epochs": pix2pix_epochs, "crgan.epochs": crgan_epochs})
     summary = augment_chain(soul_dir, run_dir, config, registry_dir=registry_dir_setting(registry_dir),
                             model_version=model_version, force_retrain=force_retrain)
     # the run's final state says how it went: green 'Completed' alone must not hide a missed bar

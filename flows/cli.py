@@ -216,7 +216,7 @@ def _run(args: argparse.Namespace) -> int:
         config = resolve_config(args, args.run_dir)
         check_source(args.soul_dir)
         _temporary_server_dies_with_cli()
-        print(prepare(str(args.soul_dir), str(args.run_dir), config_json=config.to_json()))
+        print(prepare(str(args.soul_dir), str(args.run_dir), preset=config.preset, config_json=config.to_json()))
     elif cmd == "run":
         from flows.augment import run_augment
         from tasks.ingest import check_source

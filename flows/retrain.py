@@ -25,7 +25,6 @@ fingerprint, times) for monitoring without Prefect.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -50,8 +49,7 @@ from storage.locking import file_lock
 from storage.registry import ModelRegistry
 from storage.run_dir import RunPaths
 from tasks.engine.concurrency import step_task_runner
-from tasks.config import PipelineConfig, flatten_fields
-from tasks.config import preset as preset_config
+from tasks.config import PipelineConfig, config_from
 from tasks.shared.preflight import preflight_registry
 from tasks.engine.logs import in_prefect_run, run_log, run_warning
 
@@ -83,17 +81,9 @@ def resolve_dirs(soul_dir: str | None, registry_dir: str | None) -> tuple[Path, 
 
 
 def make_config(preset: str = "demo", config_json: str | None = None) -> PipelineConfig:
-    """The preset, with the fields of ``config_json`` (a whole config or a partial one) on top."""
-    config = preset_config(preset)
-    if not config_json:
-        return config
-    try:
-        data = json.loads(config_json)
-    except json.JSONDecodeError as exc:
-        raise BrvoError(f"config_json is not valid JSON ({exc}); pass a JSON object of config fields") from None
-    if not isinstance(data, dict):
-        raise BrvoError("config_json must be a JSON object of config fields")
-    return config.with_overrides(**flatten_fields(data))
+    """The preset, with the fields of ``config_json`` (a whole config or a partial one) on top
+    (tasks.config.config_from, as every entry point)."""
+    return config_from(preset, config_json)
 
 
 def config_fingerprint(config: PipelineConfig) -> str:
@@ -160,7 +150,7 @@ def retrain(
     The run's final state message says what happened: 'retrained: latest -> v0004-... (was v0003-...); ...',
     'published v0004-..., not promoted: 2 bars missed (...)' or 'no change since ...'.
     """
-    result = retrain_chain(soul_dir, registry_dir, preset, config_json, work_dir, force, keep_work)
+    result = retrain_chain(soul_dir, registry_dir, make_config(preset, config_json), work_dir, force, keep_work)
     return retrain_final_state(result)
 
 
@@ -178,7 +168,7 @@ def retrain_final_state(result: dict[str, Any]) -> State:
                        data=result)
 
 
-def retrain_chain(soul_dir: str | None, registry_dir: str | None, preset: str, config_json: str | None,
+def retrain_chain(soul_dir: str | None, registry_dir: str | None, config: PipelineConfig,
                   work_dir: str | None, force: bool, keep_work: bool) -> dict:
     """The retrain flow's body (see :func:`retrain`)."""
     from tasks.engine.logs import install_one_line_errors
@@ -188,7 +178,6 @@ def retrain_chain(soul_dir: str | None, registry_dir: str | None, preset: str, c
     t0 = time.perf_counter()
     soul, reg_dir = resolve_dirs(soul_dir, registry_dir)
     check_source(soul)
-    config = make_config(preset, config_json)
     preflight_registry(reg_dir)  # before the fingerprint (cached in the registry), ingest and preprocess
     cfg_hash = config_fingerprint(config)
     registry = ModelRegistry(reg_dir)

@@ -96,6 +96,9 @@ from storage.manifest import read_manifest_table, resolve_listed_path
 from storage.paired_format import STAGE_NAMES
 from storage.run_dir import RunPaths, ensure_inside, safe_component
 from tasks.config import InputSanityConfig
+# files above DEFAULT_MAX_FILE_MB are quarantined before anything is read (an 8 GB file must not fail the
+# ingest); images whose header declares more than DEFAULT_MAX_MEGAPIXELS before decoding (SOUL: 0.09 Mpx)
+from tasks.config.schema import DEFAULT_MAX_FILE_MB, DEFAULT_MAX_MEGAPIXELS
 from tasks.engine.logs import run_log
 from tasks.engine import Step, StepCommand, StepContext
 
@@ -109,10 +112,6 @@ SYSTEM_NAMES = {"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", "__macosx",
 NAME_RE = re.compile(r"^(?P<pid>\d+)_(?P<exam>[^\s]+?)\.(?:jpe?g|png|bmp|tiff?)$", re.IGNORECASE)
 LUMA_MODES = {"1", "L", "P", "PA", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
 INT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
-#: files above this size are quarantined before anything is read (an 8 GB file must not fail the ingest)
-DEFAULT_MAX_FILE_MB = 64.0
-#: images whose header declares more pixels than this are quarantined before decoding (SOUL: 0.09 Mpx)
-DEFAULT_MAX_MEGAPIXELS = 64.0
 _IMAGE_DIRS = ("image", "images", "img")
 _LABEL_DIRS = ("label", "labels", "mask", "masks")
 _STAGE_LIKE = re.compile(r"^s\d+(t\d+)?$", re.IGNORECASE)  # S4, s1t3: meant as SOUL's, so never ignored silently

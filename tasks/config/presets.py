@@ -78,9 +78,29 @@ def preset(name: str) -> PipelineConfig:
     raise BrvoError(f"unknown preset {name!r}; choose tiny, demo or full")
 
 
-def load_config(preset_name: str = "demo", config_file: str | Path | None = None, **overrides) -> PipelineConfig:
-    """Preset, then a JSON config file's fields, then explicit overrides (None = keep)."""
+def config_from(preset_name: str = "demo", overlay: dict | str | None = None, **overrides) -> PipelineConfig:
+    """The one way a run's config is made: a preset, then ``overlay`` (any of its fields, nested or dotted, as
+    a dict or JSON object text: a partial config, or a whole one), then explicit overrides (None = keep).
+
+    Every entry point uses it: the CLI (--preset, --config FILE), and the augment, retrain and prepare flows
+    (``preset``, ``config_json``)."""
     config = preset(preset_name)
+    if isinstance(overlay, str):
+        try:
+            overlay = json.loads(overlay)
+        except json.JSONDecodeError as exc:
+            raise BrvoError(f"config_json is not valid JSON ({exc}); pass a JSON object of config fields") from None
+        if not isinstance(overlay, dict):
+            raise BrvoError("config_json must be a JSON object of config fields")
+    if overlay:
+        config = config.with_overrides(**flatten_fields(overlay))
+    return config.with_overrides(**overrides)
+
+
+def load_config(preset_name: str = "demo", config_file: str | Path | None = None, **overrides) -> PipelineConfig:
+    """Preset, then a JSON config file's fields, then explicit overrides (None = keep): :func:`config_from`
+    with the overlay read from a file."""
+    data = None
     if config_file is not None:
         path = Path(config_file)
         try:
@@ -90,5 +110,4 @@ def load_config(preset_name: str = "demo", config_file: str | Path | None = None
         if not isinstance(data, dict):
             raise BrvoError(f"{path}: the config file must hold a JSON object of config fields, "
                             f"not a {type(data).__name__}")
-        config = config.with_overrides(**flatten_fields(data))
-    return config.with_overrides(**overrides)
+    return config_from(preset_name, data, **overrides)

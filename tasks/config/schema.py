@@ -9,6 +9,9 @@ from brvo_models.configs import CRGANConfig, Pix2PixConfig, UsefulnessConfig
 from storage.errors import BrvoError
 
 PresetName = Literal["tiny", "demo", "full"]
+#: ingest's bounds on a file before it is decoded (the config's defaults, and ingest's when called without one)
+DEFAULT_MAX_FILE_MB = 64.0
+DEFAULT_MAX_MEGAPIXELS = 64.0
 LabelResize = Literal["nearest", "max", "area"]
 
 
@@ -60,9 +63,11 @@ class PipelineConfig(BaseModel):
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="share of patients held out for validation")
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="share of patients held out for testing")
     workers: int = Field(2, ge=1, le=64, description="processes for JPEG decoding in preprocess")
-    max_file_mb: float = Field(64.0, gt=0, description="ingest quarantines a file larger than this (MB) unread")
-    max_megapixels: float = Field(64.0, gt=0, description="ingest quarantines an image whose header declares more "
-                                                          "pixels than this (millions), before decoding it")
+    max_file_mb: float = Field(DEFAULT_MAX_FILE_MB, gt=0,
+                               description="ingest quarantines a file larger than this (MB) unread")
+    max_megapixels: float = Field(DEFAULT_MAX_MEGAPIXELS, gt=0,
+                                  description="ingest quarantines an image whose header declares more "
+                                              "pixels than this (millions), before decoding it")
     input_sanity: InputSanityConfig = Field(InputSanityConfig(), description="ingest's bounds on image size, "
                                             "aspect ratio, grey range and label density (quarantined outside them)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
