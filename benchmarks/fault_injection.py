@@ -43,7 +43,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tasks.rendering.markdown_tables import markdown_table  # noqa: E402
+from tasks.shared.markdown_tables import markdown_table  # noqa: E402
 
 CLI = ROOT / ".venv" / "bin" / "brvo-augment"
 PYTHON = ROOT / ".venv" / "bin" / "python"

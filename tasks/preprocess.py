@@ -1,32 +1,8 @@
-"""Preprocess: RUN_DIR/manifest.csv -> RUN_DIR/soul.h5 ('brvo-paired' v1, docs/design.md section 5).
+"""The 'preprocess' step: ingest's manifest.csv -> RUN_DIR/soul.h5 ('brvo-paired', docs/design.md section 5).
 
-Why it is shaped like this:
-
-* **Streamed.** Rows are decoded in chunks by a process pool and each chunk is written
-  as soon as it arrives; at most ``4 * workers`` chunks are in flight, so memory is
-  bounded by the chunk size, not by the number of images.
-* **Both cores.** Decoding, resizing *and* gzip compression run in ``config.workers``
-  processes; the parent only stores the finished chunk bytes (``write_direct_chunk``).
-  Compressing a 256 px pair costs about as much as decoding it, so leaving it to the
-  parent made the parent the bottleneck (lzf, which has no Python encoder, still does).
-* **Atomic.** :class:`storage.paired_format.PairedDatasetWriter` writes beside the target
-  and renames on success; a failed or killed run never leaves a half file at RUN_DIR/soul.h5
-  and an older soul.h5 stays as it was.
-* **Images**: grayscale uint8, resized with Lanczos (antialiased). For JPEGs that are
-  at least twice the target size, PIL's draft mode lets libjpeg decode at 1/2, 1/4 or 1/8
-  scale first (DCT-domain averaging), which halves the cost at 64 px with no loss
-  measured against a full decode (benchmarks/preprocess_bench.py).
-* **Labels**: binarised at 127 at full resolution first (SOUL labels are lossy JPEGs),
-  then resized by ``config.label_resize``, so values stay exactly 0/1: ``nearest`` (default)
-  samples one annotated pixel per output pixel (unbiased vessel density, but a vessel
-  thinner than the scale factor becomes a broken line of dots while the antialiased image
-  shows it as a faint continuous one); ``max`` marks an output pixel vessel when any
-  annotated vessel pixel falls in its footprint (thin vessels stay connected, widths and
-  density grow); ``area`` when vessels cover at least half of it (thin vessels vanish).
-  Both the coverage rules use PIL's exact box filter on the 0/1 mask.
-* **Rows without a label** (a manifest-CSV source may lack them) are skipped and counted:
-  the format pairs every image with a label. Pix2Pix can label them later.
-* **Split by patient**, seeded, see :func:`split_patients`.
+Streamed in chunks over a process pool that decodes, resizes and compresses (memory bounded by the
+chunk size, both cores busy), split by patient, resized by ``label_resize``. Why it is shaped like
+this: docs/steps.md.
 """
 from __future__ import annotations
 
@@ -56,7 +32,7 @@ from storage.paired_format import (
 from storage.run_dir import RunPaths
 from tasks.config import LabelResize, PipelineConfig
 from tasks.engine.logs import LogFn, run_log
-from tasks.rendering.progress import ProgressArtifact
+from tasks.shared.progress import ProgressArtifact
 from tasks.engine import Step, StepCommand, StepContext
 from tasks.shared.workers import reset_signals, worker_context
 

@@ -199,7 +199,7 @@ def test_timeline_montage_captions_fit_on_the_picture(tmp_path):
 
 def test_live_training_table_marks_the_best_validation_and_fits_the_page():
     """What a researcher follows in the UI during a long run: the latest validations, the best one marked."""
-    from tasks.rendering.progress import TrainingProgress
+    from tasks.shared.progress import TrainingProgress
 
     progress = TrainingProgress("pix2pix")
     for step, score in ((100, 0.4), (200, 0.6), (300, 0.5)):

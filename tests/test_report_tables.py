@@ -99,7 +99,7 @@ def test_report_and_card_tables_parse_back_with_the_density_rule_in_one_cell():
 
 
 def test_a_pipe_or_a_line_break_inside_any_cell_stays_in_that_cell():
-    from tasks.rendering.markdown_tables import markdown_table
+    from tasks.shared.markdown_tables import markdown_table
 
     cells = ["|z| <= 3", "a\\|b", "two\nlines", ">= 0.5", "- not a list", "", None, 7]
     table = markdown_table(["what", "value"], [[f"row {i}", c] for i, c in enumerate(cells)])
@@ -137,7 +137,7 @@ def test_per_stage_kid_table_keeps_its_reasons_below_it_so_no_column_runs_off_th
 
 def test_ui_result_and_live_training_tables_parse_back(tmp_path):
     from tasks.rendering.artifacts import result_markdown
-    from tasks.rendering.progress import TrainingProgress
+    from tasks.shared.progress import TrainingProgress
 
     report = _full_report()
     report["bars"] = {"pix2pix_beats_baselines": False}

@@ -3,7 +3,7 @@
 A retrain publishes every version it trains (its files say what it scored), but ``latest``, which
 every later augment run uses, moves only when the new models (the challenger)
 
-* meet their quality bars, the ones the run's report checks (:func:`tasks.rendering.report.bar_checks`):
+* meet their quality bars, the ones the run's report checks (:func:`tasks.analyses.quality_bars.bar_checks`):
   Pix2Pix above every label baseline, CRGAN above both image baselines and closer to its own
   patient than to the others; and
 * score no worse than the current ``latest`` (the champion) on the same held-out data: the
@@ -32,7 +32,7 @@ from storage.errors import BrvoError
 from storage.registry import ModelRegistry, RegisteredModels
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
-from tasks.rendering.report import bar_checks
+from tasks.analyses.quality_bars import bar_checks
 from tasks.engine.logs import LogFn, run_log
 
 #: What each model is compared on, higher is better: (metric key, name in a sentence).

@@ -25,7 +25,7 @@ PROJECT_PACKAGES = ("flows", "tasks", "brvo_models", "storage", "deployments")
 #: logging, Prefect adapter) and the live training progress in the UI. A name covers its submodules. Leaving
 #: them out keeps, e.g., a new config field from retraining every model.
 RESULT_NEUTRAL_MODULES = frozenset({"tasks.config", "brvo_models.configs", "tasks.engine",
-                                    "tasks.rendering.progress"})
+                                    "tasks.shared.progress"})
 
 
 def is_result_neutral(name: str) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from storage.run_dir import RunPaths
-from tasks.rendering.markdown_tables import markdown_table, ui_table_rows
+from tasks.shared.markdown_tables import markdown_table, ui_table_rows
 from tasks.rendering.report import acceptance_thresholds, bars_summary, warnings_of
 
 THUMBNAIL_WIDTH = 900

@@ -10,11 +10,12 @@ from typing import Any, Sequence
 
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
-from tasks.rendering.markdown_tables import markdown_table
+from tasks.shared.markdown_tables import markdown_table
 from tasks.score import AcceptanceThresholds
 from tasks.analyses.stage_trend import render_trend, trend_warnings
 from tasks.engine import PlanRun, Step
-from tasks.analyses.usefulness_protocol import render_markdown, rows_help, usage_advice
+from tasks.analyses.quality_bars import BAR_MEANING, bar_checks
+from tasks.analyses.usefulness_protocol import render_markdown, usage_advice
 
 PAPER_CONTEXT = ("The SOUL paper's segmenters (pre-trained on ROSE-1) reach Dice 0.72 (U-Net) to 0.77 (OCTA-Net) "
                  "on real SOUL labels. That is a different dataset from this run's input when it is the phantom.")
@@ -29,49 +30,11 @@ def _fmt(v: Any) -> str:
 
 
 def _table(rows: dict[str, dict[str, Any]], keys: list[str]) -> str:
-    """One row per name, one column per key (tasks.rendering.markdown_tables escapes what the cells say)."""
+    """One row per name, one column per key (tasks.shared.markdown_tables escapes what the cells say)."""
     return markdown_table(["", *keys], [[name, *(_fmt(vals.get(k, "")) for k in keys)] for name, vals in rows.items()])
 
 
 #: What each quality bar asks, in the words a WARNING line uses.
-BAR_MEANING = {
-    "pix2pix_beats_baselines": "Pix2Pix labels must beat every label baseline in Dice and clDice on test patients",
-    "crgan_beats_baselines": "CRGAN images must beat nearest-stage copy and neighbour mean in SSIM and PSNR",
-    "crgan_patient_specific": "a CRGAN sample must be closer to its own patient than to the others",
-    "synthetic_rows_help": "a model trained on real + synthetic rows must beat the same real rows alone on real "
-                           "test patients by the usefulness protocol's declared rule (a gain in at least one "
-                           "mix and task, a loss in none)",
-}
-
-
-def bar_checks(report: dict[str, Any]) -> dict[str, bool]:
-    """The project's quality bars, checked on this run's numbers (absent sections are left out).
-
-    pix2pix_beats_baselines: higher Dice and clDice than every label baseline of the run (Otsu, Frangi and
-    the supervised segmenter) on the test patients;
-    crgan_beats_baselines: higher mean SSIM and PSNR than nearest-stage copy and neighbour mean;
-    crgan_patient_specific: a sample is more similar to its own patient than to the others;
-    synthetic_rows_help: the usefulness protocol's real + synthetic mixes show a gain by its rule in at least
-    one mix and task and a loss in none (tasks.analyses.usefulness_protocol.rows_help).
-    """
-    bars: dict[str, bool] = {}
-    p2p = report.get("pix2pix") or {}
-    if p2p.get("test") and p2p.get("baselines"):
-        bars["pix2pix_beats_baselines"] = all(
-            p2p["test"][m] > b[m] for b in p2p["baselines"].values() for m in ("dice", "cldice"))
-    crg = (report.get("crgan") or {}).get("heldout") or {}
-    if crg.get("model") and crg.get("baselines"):
-        bars["crgan_beats_baselines"] = all(
-            crg["model"][m] > b[m] for b in crg["baselines"].values() for m in ("ssim", "psnr"))
-    own = ((report.get("crgan") or {}).get("sample_quality") or {}).get("own_vs_other_ssim") or {}
-    if "own" in own and "other" in own:
-        bars["crgan_patient_specific"] = bool(own["own"] > own["other"])
-    helps = rows_help(report.get("usefulness") or {})
-    if helps is not None:
-        bars["synthetic_rows_help"] = helps
-    return bars
-
-
 def bars_summary(report: dict[str, Any]) -> str:
     """'N of M quality bars met' (the flow run's final state message)."""
     bars = bar_checks(report)

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from storage.errors import BrvoError
 from tasks.config import PipelineConfig
-from tasks.rendering.progress import training_progress
+from tasks.shared.progress import training_progress
 from tasks.engine import StepContext, claim_partial_work
 
 ModelName = Literal["pix2pix", "crgan"]

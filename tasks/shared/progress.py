@@ -69,7 +69,7 @@ class TrainingProgress:
         # bookkeeping the header line already says (or nobody follows live) stays out, so the table fits the page
         hidden = (self.clock, self.total_key, "seconds", "epoch", "seconds_validating", "lr_factor")
         columns = [self.clock] + [k for k in self.rows[-1] if k not in hidden] + ["seconds"]
-        from tasks.rendering.markdown_tables import markdown_table
+        from tasks.shared.markdown_tables import markdown_table
 
         rows = [[_num(r.get(c)) for c in columns] for r in self.rows[-self.rows_shown:]]
         for r, row in zip(self.rows[-self.rows_shown:], rows):
