@@ -1,27 +1,9 @@
-"""The 'retrain' flow: when the SOUL data changed, retrain both models into the model registry.
+"""The 'retrain' flow: when the SOUL data or the config changed, retrain both models into the model registry.
 
-Scheduled weekly by ``brvo-augment serve``. It fingerprints the source (contents,
-cached by size and mtime, so an unchanged directory costs only ``stat`` calls) and
-compares it, with the config hash, to what the registry's ``latest`` version was
-trained on: the same means a quick ``no change`` result. Otherwise it runs ingest ->
-preprocess -> train Pix2Pix -> train CRGAN in a work directory and publishes the
-checkpoints as a new registry version. Champion and challenger (tasks/analyses/promotion.py):
-every version is published, but ``latest`` moves only when the new models meet their
-quality bars and score no worse than the current ``latest`` on this run's held-out
-data; otherwise the result says "published vNNNN, not promoted: <why>" and the version's
-promotion.json, report.json and report.md keep the scores. The work directory is named
-after the fingerprint and config, so a retrain that crashed resumes training from its
-last checkpoint when the schedule (or a user) runs it again; it is deleted after a
-publish, so every WARNING names the version's files instead.
-
-The registry is checked first (tasks.shared.preflight.preflight_registry: writable, a sane
-``latest``), before the fingerprint, ingest and preprocess, so a registry the retrain
-could not publish to is one line and costs nothing. "No change" compares with the
-newest version, promoted or not: the same data and config would train the same models
-and reach the same decision.
-
-Every run also writes REGISTRY/last_retrain.json (status, version, promotion,
-fingerprint, times) for monitoring without Prefect.
+Scheduled weekly by ``brvo-augment serve``. An unchanged source (its content fingerprint) and config
+is a quick 'no change'; otherwise ingest -> preprocess -> pix2pix -> crgan run in a resumable work
+directory and the models are published as a new version, which becomes ``latest`` only when it wins
+(tasks/analyses/promotion.py). REGISTRY/last_retrain.json records every run. Details: docs/steps.md.
 """
 from __future__ import annotations
 

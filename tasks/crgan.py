@@ -1,24 +1,8 @@
-"""Step 4: train the CRGAN on soul.h5 and evaluate it on held-out real stages against baselines.
+"""The 'crgan' step: train the CRGAN on soul.h5 and evaluate it on held-out real stages against baselines.
 
-* **Data.** soul.h5 is small, so the real rows are read once and grouped into one sequence
-  per patient (0..n images per stage). Training uses the train-split patients only; each
-  gets an embedding row. Val and test patients are never trained on: they are generated
-  with the 'unknown patient' row, from their own observed images (the context).
-* **Training** goes through :func:`brvo_models.training.fit`: atomic checkpoints with a
-  sha256 at every validation (RUN_DIR/checkpoints/crgan/last.pt, best.pt on the validation score),
-  exact resume (batches, hiding and noise are drawn from (seed, epoch)), CUDA with bf16
-  autocast when present. The validation score is the held-out reconstruction SSIM on the
-  val patients (each observed stage hidden in turn and regenerated from the others).
-* **Held-out evaluation** (:func:`evaluate_crgan`), on val + test patients (test alone also
-  reported): for every observed stage of a patient with another observed stage, hide it,
-  generate it from the rest, and compare with EACH real image of that stage (metrics
-  averaged over the stage's images, then over cases). The model's prediction is its
-  zero-noise sample (z = 0, pixel noise 0): the L1-trained estimate of the patient's anatomy
-  at that stage. K random samples per case are scored too (model_single_sample), and give
-  the diversity figure. Baselines, same cases, same comparison, each
-  stage entering as the mean of its real images (as in the model's context): (a) copy the
-  nearest observed stage (tie: the earlier); (b) the mean of the nearest earlier and later
-  observed stages (the nearest one where only one side exists).
+Trained on the train patients only (val and test patients are generated from their own observed
+images with the 'unknown patient' row), through brvo_models.training.fit (atomic checkpoints, exact
+resume); evaluated against nearest-stage copy and neighbour mean. Details: docs/steps.md.
 """
 from __future__ import annotations
 

@@ -1,75 +1,9 @@
-"""Ingest: read SOUL (or a clinic's manifest CSV) into a checked list of image/label pairs.
+"""The 'ingest' step: a SOUL directory or a clinic's manifest CSV -> a checked list of image/label pairs.
 
-Every later step trusts ``RUN_DIR/manifest.csv``, so ingest decodes every file
-once and sets aside (quarantines) whatever would break or silently bias them,
-without ever losing a valid neighbour of a bad file. It writes, atomically:
-
-* ``manifest.csv``   one row per usable pair: patient_id, stage (0..5),
-  stage_name, exam_id, subset, image_path, label_path ('' = no label, manifest
-  input only), width, height; sorted by patient (numeric), stage, exam.
-* ``quarantine.csv`` path, reason: one row per rejected file.
-* ``stage_counts.csv`` images per patient x stage, with totals (also logged),
-  so users can check our reading against their copy (paper Table 3).
-* ``ingest.json``    the summary: counts, duplicates, conversions, warnings,
-  skipped hidden files and the clinical sheet's status.
-
-Input: a SOUL folder (``S1/s1t1/image/<pid>/<pid>_<examid>.jpg`` with its twin
-under ``label/``, through ``S3/s3t2``, plus ``Infomation.xlsx`` (sic) or
-``Information.xlsx``), or the folder that holds one such tree; or a manifest
-CSV (patient_id, stage as 0..5 or a name like s1t1, image_path, optional
-label_path and exam_id; relative paths resolve against the CSV's folder;
-comma, semicolon or tab separated, UTF-8 with or without BOM), read by
-storage.manifest, the one reader the source fingerprint shares.
-
-Decisions (what users can rely on):
-
-* **Pixel formats.** Every manifest path opens with PIL and
-  ``Image.open(p).convert("L")`` gives the right 8-bit grayscale image (the
-  contract for preprocess). RGB/RGBA/LA/P/1/CMYK files stay where they are:
-  ``convert("L")`` already takes the luminance and drops alpha. 16-bit (and
-  32-bit integer) files are *not* handled correctly by ``convert("L")`` (it
-  clips), so ingest writes an 8-bit PNG copy under ``RUN_DIR/converted/`` and
-  the manifest points there: images are scaled by 255/65535 (kept as they are
-  when no value exceeds 255; a 12-bit image stored in 16 bits comes out dark,
-  so rescale those first), labels become 255 where nonzero. Float images are
-  quarantined. Each conversion is listed in ingest.json and the log.
-* **Size before decoding.** A file over ``max_file_mb`` (default 64 MB), or whose
-  header declares more than ``max_megapixels`` (default 64 Mpx; SOUL's are 0.09),
-  is quarantined with its size in the reason before it is read or decoded, so one
-  huge or hostile file costs a quarantine row, never the memory of the whole ingest.
-* **Converted copies** are named from sanitised ids (storage.run_dir.safe_component)
-  and checked to stay under ``RUN_DIR/converted``: an id is text, not a path.
-* **Duplicates.** The same exam (same patient and exam id, or byte-identical
-  image of the same patient, or the same file listed twice) keeps the copy at
-  the earliest stage; the others go to quarantine.csv with reason
-  ``duplicate of <kept path> (...)`` and to ``IngestResult.duplicates``.
-* **Hidden and system files** (``.DS_Store``, ``._foo``, ``Thumbs.db``,
-  ``desktop.ini``, ``__MACOSX/``, ``~$`` lock files, any dot-name) are skipped
-  and counted, not quarantined.
-* **Symlinks** are followed only when they resolve inside the root and not to a
-  folder that holds them; others (outside, broken, loops such as ``S1/self -> .``)
-  are reported in quarantine.csv and not followed, so no tree makes the walk endless.
-* **Folders ingest does not read** never swallow a pair silently: every file under
-  an unknown stage folder (``S1/s1t3``), a misplaced one (``S1/s2t1``), a stray
-  folder beside image/ and label/, or a top-level ``S4``/``s1t3`` gets a quarantine
-  row naming the folder; so does a loose file under S1..S3 or a stage folder.
-* **Pairs.** An image and its label pair by patient folder and file stem (the
-  extension may differ). When one of them is rejected, its twin goes to
-  quarantine too (reason ``its image/label was rejected (...)``); nothing
-  else near it is affected.
-* **Labels with no pixel above 127** are quarantined with their image: they
-  would be empty after preprocess binarises at 127 (e.g. 0/1 masks).
-* **Degenerate pairs** are quarantined with the bound they break (the config's
-  ``input_sanity``, which says why each default is safe for SOUL and the phantom):
-  an image under ``min_image_side`` px on a side, one whose long side exceeds
-  ``max_aspect_ratio`` times its short side (preprocess would squash it into a
-  square), a constant one (grey levels spanning under ``min_grey_range``), or a
-  label whose vessel share lies outside ``min_label_density``..``max_label_density``
-  (empty, all-vessel or inverted).
-* **Fatal input** (missing, empty or non-SOUL root; unreadable manifest or one
-  without its required columns; nothing usable left) raises
-  :class:`~storage.errors.InputDataError` with a one-line message. A missing
-  or unreadable clinical sheet is only a warning.
+Writes manifest.csv (the pairs every later step trusts), quarantine.csv (each rejected file and why),
+stage_counts.csv and ingest.json. A bad file is quarantined with its reason and never costs a valid
+neighbour. The decisions it makes (pixel formats, sizes, duplicates, hidden files, symlinks, unread
+folders, pairing) are listed in docs/steps.md.
 """
 from __future__ import annotations
 

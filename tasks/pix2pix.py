@@ -1,20 +1,8 @@
-"""Step 3: train Pix2Pix (image -> vessel label) on soul.h5 and evaluate it on held-out patients.
+"""The 'pix2pix' step: train Pix2Pix (image -> vessel label) on soul.h5 and evaluate it on held-out patients
+against Otsu, Frangi and a supervised segmenter (report.json['pix2pix']).
 
-* **Data in memory.** soul.h5 is small (about 1,000 pairs; 4 MB at 64 px, 65 MB at 256 px as
-  uint8), so the train and val splits are read once into uint8 tensors and batches are cut
-  from them with seeded augmentation (exact resume). benchmarks/train_bench.py measures this
-  path at thousands of img/s, far above the training step (~110 img/s at 64 px on 2 cores).
-* **Exact resume.** Shuffling and augmentation draw from a ``torch.Generator`` seeded by
-  (config.seed, epoch), and :func:`brvo_models.training.fit` saves the torch RNG (dropout)
-  with every checkpoint, so a killed and resumed CPU run ends with the weights of an
-  uninterrupted one.
-* **Checkpoints** (RUN_DIR/checkpoints/pix2pix/last.pt, best.pt on val Dice) are written by
-  ``fit``: atomic, sha256 beside them, refused when from another config or image size.
-* **Held-out evaluation** (:func:`evaluate_pix2pix`) on the test patients, against three label
-  baselines computed in the same run on the same images: Otsu, Frangi (scales and threshold
-  tuned on train/val patients only) and a plain supervised segmenter
-  (:mod:`brvo_models.segmenter`, ``config.segmenter_steps`` steps on the same train rows, its
-  weights and threshold chosen on the val patients). Written to report.json['pix2pix'].
+The splits are read once into memory and batched with seeded augmentation, so a resumed CPU run is
+exact. Details: docs/steps.md.
 """
 from __future__ import annotations
 

@@ -1,35 +1,8 @@
-"""Score every synthetic sample, and accept or reject it by thresholds calibrated on real rows (or fixed).
+"""The 'score' step: four scores per synthetic sample, and its acceptance by thresholds calibrated on
+held-out real rows (or fixed).
 
-Per sample (the metrics of docs/design.md, section 7):
-- consistency_ssim: SSIM to the mean image of the patient's nearest real stage
-  (ties go to the earlier stage): does it still look like this patient?
-- realism: the CRGAN discriminator's probability that it is real, given (patient, stage);
-- density_z: vessel density of its Pix2Pix label minus the patient's mean real label
-  density, in units of the population's spread of real densities: plausible anatomy?
-- label_confidence: mean per-pixel confidence of the Pix2Pix label (from the label step).
-
-Where the thresholds come from (config ``acceptance``):
-- 'calibrated' (default): the same scores are computed for held-out real rows, the validation
-  patients' real images, each against the patient's nearest *other* real stage (as a synthetic image
-  of a missing stage is scored against the nearest observed one) and labelled by the same Pix2Pix.
-  Each calibrated bound is that real distribution's ``acceptance_quantile`` (consistency and label
-  confidence: lower bounds; |density_z|: upper bound at 1 - quantile), so a sample is accepted when it
-  is as consistent, as plausibly dense and as confidently labelled as nearly all real images are.
-  Realism keeps its configured bound: the CRGAN discriminator was trained to tell exactly these
-  synthetic images from these real ones, so its two score distributions differ by construction (on
-  the demo phantom, 97 % of synthetic samples fall below the real rows' 5th percentile) and a bound
-  taken from the real rows would reject the set for what the discriminator learned, not for what a
-  segmenter would see.
-- 'fixed': the configured ``min_*`` / ``max_*`` constants for all four.
-Too few real calibration rows (under MIN_CALIBRATION_ROWS, even with the train patients added) falls
-back to the constants with a WARNING.
-
-Whatever the thresholds, a degenerate label is never accepted (:func:`label_density_failures`): an
-empty label, an all-vessel label, or one whose vessel density lies outside the range of the training
-annotations. The calibrated bounds are only as good as the Pix2Pix that labelled the real rows; this
-floor does not depend on that model.
-
-Rejected samples stay in the output with accepted = False, so users choose.
+The scores (consistency_ssim, realism, density_z, label_confidence), where the thresholds come from,
+and why a degenerate label is never accepted: docs/steps.md and docs/design.md section 7.
 """
 from __future__ import annotations
 

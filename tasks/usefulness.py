@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from pydantic import BaseModel
 
 from storage.run_dir import RunPaths
+from tasks.analyses.usefulness_subsets import SUBSET_PLAN, PipelineSubsetMaker
 from tasks.analyses.usefulness_protocol import (SyntheticMaker, load_study_data, rows_help, run_protocol,
                                                 usage_advice, verdict_lines)
 from tasks.config import PipelineConfig
@@ -28,8 +29,6 @@ def measure_usefulness(run_dir: str | Path, config: PipelineConfig, *, maker: Sy
     """The protocol on a finished run (``augmented_h5`` + ``soul_h5``, default RUN's) with ``config.usefulness``.
     Low-data arms train their generator and labeller in sub-runs under RUN/usefulness/ (cached there by the
     step engine's rules)."""
-    from tasks.analyses.usefulness_subsets import PipelineSubsetMaker
-
     paths = RunPaths.of(run_dir)
     data = load_study_data(augmented_h5 if augmented_h5 is not None else paths.augmented_h5,
                            soul_h5 if soul_h5 is not None else paths.soul_h5)
@@ -59,14 +58,14 @@ def usefulness_step(ctx: StepContext, preprocess: PreprocessResult, export: Expo
                                                        augmented_h5=export.augmented_h5, soul_h5=preprocess.path))
 
 
-#: Config fields the result depends on: the protocol's own, and (through the low-data arms, which train a
-#: labeller and a generator on each patient subset) everything that makes synthetic rows.
+#: Config fields the result depends on: the protocol's own, and (through the low-data arms, whose synthetic rows
+#: the sub-run plan makes) those of every step of that plan.
+CONFIG_FIELDS = tuple(dict.fromkeys(("seed", "image_size", "device", "usefulness")
+                                    + tuple(f for step in SUBSET_PLAN for f in step.config_fields)))
+
 USEFULNESS = Step(
     name="usefulness", run=usefulness_step, result_type=UsefulnessResult, needs=("preprocess", "export"),
-    reads=("soul_h5", "augmented_h5"),
-    config_fields=("seed", "image_size", "usefulness", "pix2pix", "crgan", "samples_per_missing",
-                   "acceptance", "acceptance_quantile", "min_consistency_ssim", "min_realism", "max_abs_density_z",
-                   "min_label_confidence"),
+    reads=("soul_h5", "augmented_h5"), config_fields=CONFIG_FIELDS,
     report="usefulness",
     description="the usefulness protocol: models trained on real / real + synthetic / synthetic / low-data mixes, "
                 "scored on real test patients, paired by seed")

@@ -200,7 +200,7 @@ def _crashes(ctx: StepContext) -> Out:
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_expected_errors_log_one_line_in_prefect_unexpected_keep_their_traceback(tmp_path):
-    """Issue 15 #11: a BrvoError in a step is one line in the run log, like on the console."""
+    """A BrvoError in a step is one line in the run log, like on the console."""
     import logging
 
     from prefect import flow

@@ -1,25 +1,8 @@
 """Champion and challenger: whether a retrain's new models may replace the registry's ``latest``.
 
-A retrain publishes every version it trains (its files say what it scored), but ``latest``, which
-every later augment run uses, moves only when the new models (the challenger)
-
-* meet their quality bars, the ones the run's report checks (:func:`tasks.analyses.quality_bars.bar_checks`):
-  Pix2Pix above every label baseline, CRGAN above both image baselines and closer to its own
-  patient than to the others; and
-* score no worse than the current ``latest`` (the champion) on the same held-out data: the
-  champion's Pix2Pix labels this run's test patients, and its CRGAN regenerates this run's
-  held-out stages, scored by the functions that scored the challenger (Dice and clDice; SSIM and
-  PSNR of the zero-noise estimate on the test patients' cases, all held-out cases when there
-  are none).
-
-The champion's own metrics.json cannot stand in: it was measured on the data the champion was
-trained with, and a retrain runs because the data or the config changed. Scoring the champion
-costs one inference pass over those images, no training. "No worse" is literal (>=): the same
-data and config train the same weights on the CPU, which tie and are promoted. When the split
-moves (new patients), some of this run's test patients may have been the champion's training
-patients; that favours the champion, so the comparison errs towards keeping the models in use.
-A champion that cannot be compared (another image size, a damaged file) is left out, and the
-decision rests on the bars; the decision says so.
+Every retrained version is published; ``latest`` moves to it only when its models meet their quality
+bars (tasks.analyses.quality_bars) and score no worse than the current ``latest`` on the same held-out
+data. The rules in full: docs/steps.md.
 """
 from __future__ import annotations
 

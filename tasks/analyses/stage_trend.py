@@ -1,33 +1,8 @@
-"""Does the treatment effect survive in the synthetic rows? A check of their vessel density across stages.
+"""Does the treatment effect survive in the synthetic rows? Vessel density across stages, within patients.
 
-Why: a BRVO researcher fills a patient's missing treatment stages to study how the retina responds
-to anti-VEGF injections; vessel density (reperfusion) is the biomarker. Image scores (SSIM to the
-nearest real stage, realism, KID) can all look fine while the generated timeline is flat: a
-generator that copies the patient's nearest real stage scores well on each image and still erases
-the effect the researcher is after. Measured on three phantoms (docs/usefulness.md), exactly that
-made the synthetic rows hurt the vessel-density forecast.
-
-What is compared, all within patients (so anatomy cancels):
-
-* **real**: every ordered pair of a patient's observed real stages (a < b): the change of the mean
-  label density, against the gap b - a. The real treatment effect is the slope of a line through
-  the origin (density per stage), with its standard error clustered by patient.
-* **synthetic**: every (patient, missing stage) with synthetic rows in use (the accepted ones, or
-  all of them when none is accepted): the mean density of their labels minus that of the
-  patient's nearest real stage (the one consistency_ssim compares with, the earlier on a tie),
-  against the signed gap. A least-squares line ``bias + slope * gap``: the slope is the effect the
-  synthetic rows carry, the bias their density offset at zero gap.
-
-The verdicts (rules fixed with this check; they hold for any label rule and resolution since both
-are in density units of the same labels):
-
-* ``flat``: the real data show an effect (|real slope| > 2 SE) and the synthetic slope carries less
-  than half of it (slope / real slope < 0.5);
-* ``offset``: the synthetic density is off by more than one stage's worth of real change
-  (|bias| > |real slope|).
-
-Either one is a WARNING (log, report.md, card, UI): the rows are then unfit for longitudinal
-analysis whatever their image scores say. Pure functions over arrays; no Prefect.
+Image scores can all look fine while a filled timeline is flat, which erases what a BRVO researcher
+fills it for. The real effect per stage and the synthetic rows' slope and offset against it are the
+report's 'synthetic.stage_trend'; a flat or offset trend is a WARNING. docs/steps.md has the method.
 """
 from __future__ import annotations
 

@@ -1,54 +1,10 @@
 """Do the synthetic rows help? The usefulness protocol, as plain functions.
 
-The product's promise: train on real + synthetic rows and a model does better on real patients
-than on real rows alone. This module measures it the way longitudinal-synthesis papers do.
-
-**Arms** (data mixes; every one trains the same downstream model with the same frozen recipe):
-
-* ``real_only``: the real rows of the train patients;
-* ``real_plus_synthetic``: the same + the run's synthetic rows of the train patients (accepted ones
-  by default), made by the run's own Pix2Pix and CRGAN (trained on the train patients only);
-* ``synthetic_only``: those synthetic rows alone;
-* ``low_data_<f>_real`` / ``low_data_<f>_real_plus_synthetic``: a fraction ``f`` of the train
-  patients, their real rows alone vs the same rows + synthetic rows of their missing stages made
-  by a labeller and a generator trained **on that subset only** (:class:`SubsetRequest`; the
-  validation patients only select checkpoints, as they select every arm's recipe; test patients
-  never enter). This is where a gain can come from: with many patients a 64 px segmenter is at its
-  ceiling, with few it is not.
-
-Synthetic rows of val/test patients are never trained on. Every arm is scored on the **real rows of
-the held-out test patients** (``eval_split='val'`` scores on the validation patients instead, for
-choosing settings; the test patients are then left untouched). The pipeline runs it as the
-'usefulness' step (:data:`USEFULNESS`); benchmarks/usefulness_study.py runs the full study.
-
-**The mix** (``synthetic_filter``, ``synthetic_labels``, ``synthetic_weight``): which synthetic rows
-enter (accepted, all, or the accepted ones whose label agrees with an independent segmenter's,
-:func:`select_by_agreement`), whose labels they carry (the pipeline's Pix2Pix labels, or those of the
-supervised segmenter trained on the same real rows as the arm, so the relabeller sees no patient the
-arm's own labeller did not), and their loss weight. The report states them beside the verdicts: they
-are what a consumer must copy to get the measured effect.
-
-**Tasks**, both scored on real rows of held-out patients:
-
-* ``segmentation``: vessel segmentation by the project's one supervised segmenter
-  (:mod:`brvo_models.segmenter`: dilated CNN, BCE + soft Dice, best-on-val weights and threshold),
-  Dice (primary) and clDice against the annotations. A competent model matters: a weak one makes any
-  data look useful or useless; its recipe is frozen for every arm (:class:`brvo_models.configs.SegmenterRecipe`).
-* ``response``: treatment-response forecast (:mod:`brvo_models.response` says why a BRVO study asks
-  it), the patient's vessel density at a later stage b from a visit's image and label at stage a < b;
-  mean absolute error (primary, lower is better). Its pairs are every (visit at a, later stage b) of
-  one patient with both present in the arm's rows; a pair is synthetic when either end is.
-
-**Seeds and the rule.** Every arm runs ``seeds`` times; seed s fixes the low-data patient subset
-(and the subset's generator and labeller seed) and the downstream model's initialisation and
-batches, the same for every arm, so arms are compared paired by seed. The rule, fixed before any
-number was seen (:data:`RULE`): a difference is real when the paired mean gain exceeds
-t(0.975, n-1) times its standard error (a two-sided paired t-test at the 5 % level: 4.30 SE with
-3 seeds, 2.78 with 5); the verdict is then ``gain`` or ``loss``, otherwise ``no difference shown``.
-
-The result is a plain dict (:func:`run_protocol`) that the report renders: per arm and task the
-per-seed values, mean and sd; per comparison the per-seed paired gains, their mean, SE, the
-critical value and the verdict.
+Arms (data mixes) train the same downstream models (a vessel segmenter, a treatment-response
+forecaster) with frozen recipes and are scored on real rows of held-out test patients, paired by
+seed; a difference is real only by the rule declared before any number (:data:`RULE`).
+:func:`run_protocol` returns the dict the report renders. docs/steps.md describes the arms, the
+mix, the tasks and the rule; docs/usefulness.md has the measurements.
 """
 from __future__ import annotations
 

@@ -39,10 +39,10 @@ def preset(name: str) -> PipelineConfig:
             # Schedules: adaptive, so a dataset smaller than the phantom still gets min_steps optimiser steps
             # and a larger one proportionally more (up to max_steps). On the 53-patient phantom the budget is
             # today's compute: Pix2Pix 16 epochs x 75 steps = 1,200, CRGAN 100 epochs x 5 steps = 500.
-            # lambda_dice 1000 and lr 2e-3 (issue 11): chosen on validation patients of four 64 px phantoms (24 and
+            # lambda_dice 1000 and lr 2e-3: chosen on validation patients of four 64 px phantoms (24 and
             # 53 patients, 1-2 and 3-8 images per visit) among the demo, + pixel BCE and a tenth of the GAN weight
             # (docs/robustness-grid.md): mean val Dice 0.854 vs the earlier 100 / 2e-4's 0.832, higher on all four.
-            # flip_average (issue 11): chosen on validation patients of nine generators this recipe trained (53 and
+            # flip_average: chosen on validation patients of nine generators this recipe trained (53 and
             # 24 patients, full and subset models): val Dice higher on all nine, +0.0062 on average.
             pix2pix=Pix2PixConfig(ngf=32, ndf=32, norm="instance", batch_size=8, lambda_dice=1000.0, lr=2e-3,
                                   schedule="adaptive", epochs=16, min_steps=1200, max_steps=4800, val_every=100,

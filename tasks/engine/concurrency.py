@@ -1,24 +1,9 @@
-"""Which steps run at once, on which GPU, and how many trainings share a GPU.
+"""Which steps run at once, and on which GPU.
 
-* **At once, on CUDA only.** The two trainings need nothing from each other. When the run's
-  device is CUDA (``concurrent_steps`` "auto", the default) :func:`group_executor` gives the
-  step driver (:func:`tasks.engine.driver.run_plan`) a group executor, and it submits such steps together
-  to the flow's task runner. The augment and retrain flows run on
-  :func:`step_task_runner`, a Prefect ``ProcessPoolTaskRunner``: each submitted step gets a
-  process of its own, so the trainings do not share the global torch RNG (each stays
-  reproducible on its own, as when run alone), nor the GIL (batch-1 Pix2Pix is bound by the
-  host's kernel launches, which two threads of one process would serialise). On the CPU the
-  order stays sequential: two trainings on the same cores gain nothing and the results stay
-  bit-for-bit those of every earlier run. ``concurrent_steps`` "on"/"off" force it either way.
-* **One GPU each where there are several** (:func:`spread_over_gpus`): with ``device`` "auto" or
-  "cuda" and two or more GPUs, the i-th device step of a group trains on cuda:i. One GPU: shared.
-* **A GPU's slots across runs** (tasks.engine.device_slots): a training holds one slot of the Prefect
-  global concurrency limit ``brvo-gpu-<index>`` while it computes, so several runs on one
-  machine (deployments, sweeps) share a GPU as the user decides:
-  ``prefect gcl create brvo-gpu-0 --limit 2``. Without that limit there is nothing to hold:
-  Prefect's ``concurrency()`` would log a WARNING and go on (``strict=False``) or fail
-  (``strict=True``); here the missing limit is looked up first and reported on one INFO line,
-  so a run needs no server-side setup and WARNING lines keep meaning a missed quality bar.
+On CUDA (``concurrent_steps`` "auto"), steps that need nothing from each other (the two trainings) go to
+the flow's task runner together, a process each (:func:`step_task_runner`), one GPU each where there
+are several (:func:`spread_over_gpus`); on the CPU the order stays sequential and bit-reproducible.
+The reasons, and the GPU slots across runs (tasks.engine.device_slots): docs/steps.md.
 """
 from __future__ import annotations
 
