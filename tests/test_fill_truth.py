@@ -145,13 +145,13 @@ def test_no_pipeline_step_reads_the_truth(tiny_truth, tmp_path):
         str(Path(p).resolve()) for p in tree)
     assert not any(str(truth_dir.resolve()) in str(Path(p).resolve()) for p in manifest["image_path"])
 
-    writers = {REPO / "tasks" / "phantom.py", REPO / "flows" / "cli.py"}
+    writers = {REPO / "flows" / "phantom.py", REPO / "flows" / "cli.py"}
     pattern = re.compile(r"phantom\.truth|phantom import .*truth|write_truth|read_truth|truth_dir|fill_truth")
     readers = [p.relative_to(REPO).as_posix() for folder in ("tasks", "flows") for p in (REPO / folder).rglob("*.py")
                if p not in writers and pattern.search(p.read_text())]
     assert readers == []
     # the phantom step writes the truth and never reads it back
-    assert "read_truth" not in (REPO / "tasks" / "phantom.py").read_text()
+    assert "read_truth" not in (REPO / "flows" / "phantom.py").read_text()
 
 
 def test_cli_truth_dir_inside_the_tree_is_one_line_exit_2(tmp_path, capsys):
