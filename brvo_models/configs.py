@@ -181,6 +181,16 @@ class CRGANConfig(TrainingSchedule):
         "blend", description="what the decoder's output is a correction of: 'blend', a learned per-pixel mix of "
         "the nearest visible stage before and after the target and the mean of all visible stages; 'nearest', the "
         "nearest visible stage alone (a tie to the earlier), so the decoder predicts the change from it")
+    estimate_form: Literal["correction", "gain"] = Field(
+        "correction", description="how the decoder turns the reference blend into the estimate: 'correction', a "
+        "full-resolution additive correction (inside the Tanh); 'gain', the blend times a smooth gain field the "
+        "decoder predicts at 1/8 of the image side (at least 8x8) and upsamples bilinearly: it can carry a "
+        "regional change such as reperfusion but cannot fit a scan's pixel noise")
+    population_course: bool = Field(
+        False, description="move the references (the nearest visible stage before and after the target) to the "
+        "target stage with the population course (brvo_models.course_model): a smooth gain learned before "
+        "training from every within-patient pair of the training patients' observed stages, so the estimate "
+        "starts from the disease's course instead of a copy of the nearest visit")
     texture_fit: Literal["adversarial", "moments"] = Field(
         "adversarial", description="how the two texture amplitudes are set: 'adversarial', learned by the "
         "discriminator; 'moments', fixed to the spread of the training patients' repeat scans around their "

@@ -62,6 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from brvo_models.configs import CRGANConfig
+from brvo_models.course_model import PopulationCourse, fit_population_course, gaussian_blur
 from brvo_models.crgan_data import N_STAGES, PatientSequence, heldout_cases, pixel_noise, to_model
 from brvo_models import batched_metrics
 from brvo_models.crgan_sampling import predict_heldout, score_cases
@@ -88,6 +89,11 @@ def unet_levels(image_size: int) -> int:
     if image_size < 32 or 2 ** (levels + 2) != image_size:
         raise ValueError(f"image_size must be a power of two >= 32, got {image_size}")
     return levels
+
+
+def gain_resolution(image_size: int) -> int:
+    """Side of the coarse gain map of estimate_form 'gain': 1/8 of the image side, at least 8."""
+    return max(8, image_size // 8)
 
 
 def _gn(c: int) -> nn.GroupNorm:
@@ -174,9 +180,16 @@ class CRGANGenerator(nn.Module):
             c_in = w_out + (widths[i - 1] if i > 0 else 3)  # concat the skip (or the raw references)
         self.head = nn.Conv2d(c_in, 1, 3, 1, 1)
         self.mix = nn.Conv2d(c_in, 3, 3, 1, 1)
+        # estimate_form 'gain': a log-gain map read from the up path at gain_resolution(image_size)
+        self.gain_level = int(round(math.log2(gain_resolution(image_size) / 8)))
+        gain_width = (widths[L - 2 - self.gain_level] if L - 2 - self.gain_level >= 0 else c.ngf) * 2
+        self.gain_head = nn.Conv2d(gain_width, 1, 3, 1, 1) if c.estimate_form == "gain" else None
+        self.course = PopulationCourse() if c.population_course else None  # fitted by CRGAN, then frozen
         # log amplitudes of multiplicative speckle and of scan-line offsets (see forward)
         self.texture = nn.ParameterDict({"log_amp": nn.Parameter(torch.tensor([-3.0, -4.0]))}) if c.texture else None
         _init(self)
+        if self.gain_head is not None:  # gain 1 at init: the estimate starts as the blend of the references
+            nn.init.zeros_(self.gain_head.weight)
 
     # -- pieces ---------------------------------------------------------------------------
 
@@ -232,7 +245,12 @@ class CRGANGenerator(nn.Module):
         if counts is not None:
             m = m * counts.to(context.dtype)
         pooled = (context * m[:, :, None, None, None]).sum(1) / m.sum(1).clamp_min(1e-6)[:, None, None, None]
-        refs = torch.cat([context[sel_b, before_i], context[sel_b, after_i], pooled[sel_b]], dim=1)  # (N, 3, H, W)
+        ref_before, ref_after = context[sel_b, before_i], context[sel_b, after_i]
+        if self.course is not None:  # each neighbour moved to the target stage by the population course
+            ref_before = (self.course.project((ref_before + 1) / 2, before_i, sel_t) * 2 - 1).to(context.dtype)
+            ref_after = (self.course.project((ref_after + 1) / 2, after_i, sel_t) * 2 - 1).to(context.dtype)
+        ref_pool = pooled[sel_b]
+        refs = torch.cat([ref_before, ref_after, ref_pool], dim=1)  # (N, 3, H, W)
         refs = refs * (has_b | has_a).to(refs.dtype)[:, None, None, None]
         t = sel_t.to(torch.float32)
         gaps = torch.stack([
@@ -248,8 +266,11 @@ class CRGANGenerator(nn.Module):
         B, C = x.shape[:2]
         x = self.fuse(torch.cat([x, self.to_map(cond).view(B, C, 4, 4)], dim=1))
         skips = skips[:-1][::-1] + [refs]
-        for block, skip in zip(self.up, skips):
+        gain_features = None
+        for level, (block, skip) in enumerate(zip(self.up, skips)):
             x = torch.cat([block(x, cond), skip], dim=1)
+            if level == self.gain_level:
+                gain_features = x
         # Residual on the references: a learned per-pixel blend of the three reference images
         # (equal weights at init) enters the Tanh's pre-activation, so the decoder learns the
         # correction (where the stage changed, what is noise) rather than the copy.
@@ -259,8 +280,14 @@ class CRGANGenerator(nn.Module):
         else:
             w = torch.softmax(self.mix(x), dim=1)
             base = (w * refs).sum(1, keepdim=True)
-        pre = self.head(x) + torch.atanh(0.98 * base)
-        mean = torch.tanh(pre)
+        if self.gain_head is not None:
+            # A regional change only: the blend times a smooth gain (exp of a coarse log-gain map, 1 at init)
+            log_gain = F.interpolate(self.gain_head(gain_features), size=base.shape[-2:], mode="bilinear",
+                                     align_corners=False)
+            mean = (((base + 1) / 2) * log_gain.exp()).clamp(0, 1) * 2 - 1
+        else:
+            pre = self.head(x) + torch.atanh(0.98 * base)
+            mean = torch.tanh(pre)
         if self.texture is None:
             return (mean, mean) if return_mean else mean
         # Texture, after the Tanh: multiplicative speckle (white noise scaled by intensity)
@@ -319,7 +346,8 @@ class CRGAN:
     def __init__(self, config: CRGANConfig, image_size: int, patient_ids: Sequence[str],
                  device: torch.device | str = "cpu", val_seqs: Sequence[PatientSequence] = (),
                  score_on: torch.device | str | None = "auto",
-                 texture_amplitudes: tuple[float, float] | None = None) -> None:
+                 texture_amplitudes: tuple[float, float] | None = None,
+                 train_seqs: Sequence[PatientSequence] = (), seed: int = 0) -> None:
         self.config = config
         self.image_size = int(image_size)
         self.device = torch.device(device)
@@ -327,6 +355,14 @@ class CRGAN:
         n = len(self.patient_ids)
         self.generator = CRGANGenerator(config, image_size, n).to(self.device)
         self.generator.patient_ids = list(self.patient_ids)
+        self.course_summary: dict | None = None
+        if self.generator.course is not None:
+            # The population course, fitted once on the training patients' stage pairs, then frozen: the GAN
+            # learns what the course does not explain. Deterministic given the training data and seed.
+            course, self.course_summary = fit_population_course(
+                ({s: seq.stage_mean(s) for s in seq.observed} for seq in train_seqs), seed=seed)
+            self.generator.course.load_state_dict(course.state_dict())
+            self.generator.course.requires_grad_(False)
         self.discriminator = CRGANDiscriminator(config, image_size, n).to(self.device)
         betas = (config.beta1, config.beta2)
         texture = set(self.generator.texture.parameters()) if self.generator.texture is not None else set()
@@ -516,17 +552,7 @@ def change_weight_map(targets: torch.Tensor, context: torch.Tensor, visible: tor
     """
     ref = context[sel_b, nearest_visible(visible, sel_b, sel_t)].float()  # (N, 1, H, W)
     sigma = max(CHANGE_BLUR * targets.shape[-1], 0.5)
-    radius = int(math.ceil(3 * sigma))
-    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=targets.device, dtype=torch.float32)
-                             / sigma) ** 2)
-    taps = taps / taps.sum()
-
-    def blur(x: torch.Tensor) -> torch.Tensor:  # separable Gaussian, edges replicated
-        x = F.pad(x.float(), (radius, radius, radius, radius), mode="replicate")
-        x = F.conv2d(x, taps.view(1, 1, 1, -1))
-        return F.conv2d(x, taps.view(1, 1, -1, 1))
-
-    d = (blur(targets) - blur(ref)).abs() / 2  # [0, 1] intensity units
+    d = (gaussian_blur(targets, sigma) - gaussian_blur(ref, sigma)).abs() / 2  # [0, 1] intensity units
     scale = d.amax(dim=(1, 2, 3), keepdim=True).clamp_min(CHANGE_FLOOR)
     return (1 + weight * d / scale).detach()
 

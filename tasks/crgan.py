@@ -149,7 +149,11 @@ def train_crgan(
     val = [s for s in seqs if s.split == "val"]
     amplitudes = texture_amplitudes(train) if c.texture and c.texture_fit == "moments" else None
     model = CRGAN(c, config.image_size, [s.patient_id for s in train], device, val_seqs=val,
-                  texture_amplitudes=amplitudes)
+                  texture_amplitudes=amplitudes, train_seqs=train, seed=config.seed)
+    if model.course_summary is not None:
+        cs = model.course_summary
+        log(f"crgan: population course fitted on {cs['pairs']} within-patient stage pairs"
+            + (f" (low-pass log-ratio MSE {cs['loss']:.5f})" if cs["fitted"] else ": none, so it stays the identity"))
     log(f"crgan: {len(train)} train patients ({sum(len(s.observed) for s in train)} observed stages), "
         f"{len(model.val_cases)} val held-out cases, {config.image_size} px, device {device}, ngf {c.ngf} "
         f"ndf {c.ndf}, batch {c.batch_size}")

@@ -200,3 +200,34 @@ def test_nearest_residual_base_makes_the_output_a_change_from_the_nearest_visibl
             _, mean = gen(*args, return_mean=True)
         nearest = context[0, [1, 1, 4, 4]]  # stages 0, 2 -> 1; 3, 5 -> 4
         assert torch.allclose(mean, 0.98 * nearest, atol=1e-5) == expect_nearest
+
+
+def test_the_gain_estimate_starts_as_the_blend_and_can_only_change_it_smoothly():
+    from brvo_models.crgan import CRGANGenerator, gain_resolution
+
+    size = 64
+    cfg = TINY.crgan.model_copy(update={"estimate_form": "gain", "texture": False})
+    torch.manual_seed(0)
+    g = CRGANGenerator(cfg, size, 2).eval()
+    context = torch.rand(1, 6, 1, size, size) * 1.2 - 0.6  # [0.2, 0.8] on the [0, 1] scale: no clipping
+    visible = torch.tensor([[True, False, True, False, False, False]])
+    args = (context, visible, torch.tensor([0]), torch.zeros(1, cfg.z_dim), torch.zeros(1, 2, size, size),
+            torch.tensor([0]), torch.tensor([4]))
+    with torch.no_grad():
+        at_init = g(*args)
+        nearest = context[0, 2]
+        # after the last visit both neighbours are stage 2; the blend mixes them with the pool of 0 and 2
+        pool = (context[0, 0] + context[0, 2]) / 2
+        lo, hi = torch.minimum(nearest, pool), torch.maximum(nearest, pool)
+        assert bool(((at_init[0] >= lo - 1e-5) & (at_init[0] <= hi + 1e-5)).all())  # gain 1: a blend
+        torch.nn.init.normal_(g.gain_head.weight, 0, 0.05)
+        changed = g(*args)
+    ratio = ((changed + 1) / (at_init + 1).clamp_min(1e-3))[0, 0]
+    assert float((ratio - 1).abs().mean()) > 0.01  # the gain moved the estimate
+    # ... but only at the gain map's resolution: the log ratio is smooth (no pixel-to-pixel jumps beyond
+    # what bilinear upsampling of a gain_resolution grid allows)
+    step = size // gain_resolution(size)
+    log_ratio = ratio.clamp_min(1e-3).log()
+    valid = ((changed > -1 + 1e-3) & (changed < 1 - 1e-3))[0, 0]
+    jump = (log_ratio[:, 1:] - log_ratio[:, :-1]).abs()[valid[:, 1:] & valid[:, :-1]]
+    assert float(jump.max()) < float(log_ratio[valid].abs().max()) * 2 / step + 1e-4
