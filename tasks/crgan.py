@@ -20,6 +20,7 @@ from brvo_models.crgan import CRGAN, MODEL_NAME, load_generator, unet_levels
 from brvo_models.crgan_data import (N_STAGES, PatientSequence, heldout_cases, make_train_batches,
                                     sequences_from_arrays, texture_amplitudes)
 from brvo_models import batched_metrics
+from brvo_models.heldout_gaps import heldout_by_gap
 from brvo_models.crgan_sampling import predict_heldout, score_cases
 from brvo_models.identity import CheckpointIdentity
 from brvo_models.metrics import mean_scores, ssim
@@ -322,6 +323,8 @@ def evaluate_crgan(run_dir: str | os.PathLike, config: PipelineConfig, *, log: L
         scored["nearest"].append(got["nearest"][0])
         scored["neighbour_mean"].append(got["neighbour_mean"][0])
     heldout = _heldout_section(cases, scored)
+    # by gap kind, with the course each carries: what the run can say about its fill without any truth
+    heldout["per_gap"] = heldout_by_gap(cases, [p[0] for p in preds], scored)
     test_idx = [i for i, (seq, _) in enumerate(cases) if seq.split == "test"]
     if test_idx:
         test_tab = _table({k_: [v[i] for i in test_idx] for k_, v in scored.items()})

@@ -195,6 +195,9 @@ def test_evaluate_returns_the_heldout_section(trained):
     for table in (h["model"], h["baselines"]["nearest"], h["baselines"]["neighbour_mean"]):
         assert set(table) == {"mse", "psnr", "ssim", "cosine"}
     assert h["per_stage"] and all({"n", "model", "nearest", "neighbour_mean"} <= set(v) for v in h["per_stage"].values())
+    # every held-out case is in exactly one gap kind, and each kind says how much of the course it carries
+    assert sum(g["n"] for g in h["per_gap"].values()) == h["n"]
+    assert all({"model", "nearest", "neighbour_mean", "course"} <= set(g) for g in h["per_gap"].values())
     q = section["sample_quality"]
     assert q["diversity"] >= 0 and {"own", "other"} <= set(q["own_vs_other_ssim"])
 
