@@ -13,7 +13,8 @@ per pair through :func:`brvo_models.crgan_sampling.generate`), plus the zero-noi
 Pix2Pix and are not measured here: the label inputs ``evaluate_pair`` asks for are filled with the nearest
 stage's real label and its label and vessel-density outputs are dropped.
 
-Prints one line per gap kind and writes OUT/NAME.json.
+Prints one line per gap kind, and the run's own truth-free held-out check by gap kind (what a clinic's run
+reports, to set beside the truth), and writes OUT/NAME.json.
 """
 from __future__ import annotations
 
@@ -81,6 +82,24 @@ def summary_line(kind: str, s: dict, val_ssim: float) -> str:
             f"off {est['offset']:+.2f} samples {fmt(smp['slope_through_origin'], True)} off {smp['offset']:+.2f} "
             f"(true {course['true_change_mean']:+.2f}, quarter stage {course['true_change_per_stage'] / 4:.2f}) | "
             f"|one-rep| {abs(ss['one_sample'] - ss['repeat_scan']):.3f} | val {val_ssim:.4f}")
+
+
+def truth_free_heldout(generator, soul: Path, device) -> dict:
+    """What the run itself reports without truth: its val + test patients' observed stages hidden in turn, by gap
+    kind (:func:`brvo_models.heldout_gaps.heldout_by_gap`), to set beside the truth."""
+    from brvo_models.crgan_data import heldout_cases
+    from brvo_models.crgan_sampling import predict_heldout, score_cases
+    from brvo_models.heldout_gaps import heldout_by_gap
+    from brvo_models.stage_baselines import baseline_predictions
+    from tasks.crgan import load_sequences
+
+    cases = heldout_cases(s for s in load_sequences(soul) if s.split in ("val", "test"))
+    preds = predict_heldout(generator, cases, seeds=[None], device=device)[:, 0]
+    reals = [seq.images[s] for seq, s in cases]
+    scored = {"model": score_cases(list(preds), reals)}
+    for name in ("nearest", "neighbour_mean"):
+        scored[name] = score_cases([baseline_predictions(seq, s)[name] for seq, s in cases], reals)
+    return heldout_by_gap(cases, preds, scored)
 
 
 def _train(work: Path, config, out_dir: Path, name: str, resume: bool):
@@ -178,13 +197,18 @@ def run_experiment(run_dir: Path, truth_dir: Path, name: str, overrides: dict, s
         return summary, rows_out
 
     summary, rows_out = judge()
+    heldout = truth_free_heldout(generator, soul, device)
+    for kind, h in heldout.items():
+        log(f"{name}: held-out {kind:12s} n={h['n']:2d} SSIM model {h['model']['ssim']:.3f} near "
+            f"{h['nearest']['ssim']:.3f} nbr {h['neighbour_mean']['ssim']:.3f} | course carried "
+            f"{fmt(h['course']['carried'], True)} off {h['course']['offset']:+.2f} (real {h['course']['real_change_mean']:+.2f})")
     texture = generator.texture["log_amp"].exp().tolist() if generator.texture is not None else None
     gen_s = time.perf_counter() - t1
     out = {"name": name, "run_dir": str(run_dir), "truth_dir": str(truth_dir), "seed": seed, "overrides": overrides,
            "crgan": config.crgan.model_dump(mode="json"), "best_val_ssim": result.best_val_ssim,
            "best_step": result.best_step, "steps": result.steps, "stopped_early": result.stopped_early,
            "texture_amplitudes": texture, "train_seconds": round(train_s, 1), "fill_seconds": round(gen_s, 1),
-           "threads": torch.get_num_threads(), "summary": summary, "pairs": rows_out}
+           "threads": torch.get_num_threads(), "summary": summary, "pairs": rows_out, "heldout_by_gap": heldout}
     for kind, s in summary.items():
         log(f"{name}: " + summary_line(kind, s, result.best_val_ssim))
     if generator.texture is not None and config.crgan.texture_fit == "adversarial":
