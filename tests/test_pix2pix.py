@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -224,7 +225,8 @@ def test_aligned_augmentation_moves_image_and_label_together():
 
 def test_step_trains_checkpoints_and_evaluates_held_out(tmp_path):
     run = _run_dir(tmp_path)
-    model = train_pix2pix_step(StepContext(run_dir=run, config=TINY, log=_quiet, key="k1"), preprocess=None)
+    preprocess = SimpleNamespace(path=str(RunPaths.of(run).soul_h5))  # the preprocess result it trains on
+    model = train_pix2pix_step(StepContext(run_dir=run, config=TINY, log=_quiet, key="k1"), preprocess=preprocess)
     result = Pix2PixResult.model_validate(model.training)
     assert result.epochs == 2 and len(result.history) == 2
     assert {"val_dice", "val_cldice", "G_L1", "D_real", "seconds"} <= set(result.history[0])

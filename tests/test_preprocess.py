@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 
 from storage.errors import BrvoError, InputDataError
 from storage.paired_format import STAGE_NAMES, read_arrays, read_meta, validate
+from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig, preset
 from tasks.engine import StepContext
 from tasks.preprocess import (
@@ -390,7 +392,8 @@ def test_killed_run_never_leaves_a_half_file(tmp_path):
 
 def test_step_wraps_the_plain_function(tmp_path):
     write_run(tmp_path, {"1": {0: 1, 1: 1}, "2": {0: 1, 2: 1}, "3": {0: 1}}, size=40)
-    result = preprocess_step(StepContext(run_dir=tmp_path, config=CONFIG, log=lambda _m: None), ingest=None)
+    ingest = SimpleNamespace(paths={"manifest": str(RunPaths.of(tmp_path).manifest)})  # the ingest result it reads
+    result = preprocess_step(StepContext(run_dir=tmp_path, config=CONFIG, log=lambda _m: None), ingest=ingest)
     assert result.n_rows == 5 and Path(result.path).exists()
     assert PREPROCESS.name == "preprocess" and PREPROCESS.retries == 1 and PREPROCESS.writes == ("soul_h5",)
 
