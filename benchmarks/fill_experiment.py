@@ -5,9 +5,9 @@ fill every missed (patient, stage) and judge the fill against a phantom's truth 
     brvo-augment ingest SOUL RUN && brvo-augment preprocess RUN --preset demo
     python benchmarks/fill_experiment.py RUN TRUTH --name suffix --set crgan.hide_suffix_prob=0.5 [--seed 0]
 
-Training is the pipeline's own (:func:`tasks.train_crgan.train_crgan`: train split, best.pt chosen on the
+Training is the pipeline's own (:func:`tasks.crgan.train_crgan`: train split, best.pt chosen on the
 val patients' held-out stages) in a scratch run directory holding a copy of RUN/soul.h5, so RUN is never
-written. The fill is the pipeline's too (:func:`tasks.fill_stages.missing_stages`, ``sample_seed``, K samples
+written. The fill is the pipeline's too (:func:`tasks.fill.missing_stages`, ``sample_seed``, K samples
 per pair through :func:`brvo_models.crgan_sampling.generate`), plus the zero-noise estimate
 (``generate_batch``, seed None). :mod:`brvo_models.fill_truth` judges each pair. Labels and KID need
 Pix2Pix and are not measured here: the label inputs ``evaluate_pair`` asks for are filled with the nearest

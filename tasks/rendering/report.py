@@ -222,8 +222,9 @@ def _how_step_ran(report: dict[str, Any], step: str, cached: list[str]) -> str:
 
 
 #: How the truth-free held-out estimates tracked the truth of the missed visits on phantoms (docs/fill-truth.md).
-TRACKING_NOTE = ("On phantoms, where the missed visits can be rendered, this held-out estimate rests on few cases and "
-                 "tracked the fill's true course only loosely; treat it as a direction, not a measurement.")
+TRACKING_NOTE = ("On four phantoms, where the missed visits can be rendered, this held-out share correlated +0.60 with "
+                 "the share the fill carried against the truth, off by 45 points on average (16 runs, 4-8 held-out "
+                 "cases each): read it as a direction, not a measurement.")
 GAP_TITLES = {"interior": "between two visits", "after_last": "after the last visit", "before_first": "before the first"}
 
 
