@@ -53,9 +53,7 @@ def lowpass(images01: torch.Tensor) -> torch.Tensor:
 
 
 class PopulationCourse(nn.Module):
-    """(source image, its stage, a target stage) -> smooth log-gain map that moves the source to the target.
-
-    """
+    """(source image, its stage, a target stage) -> smooth log-gain map that moves the source to the target."""
 
     def __init__(self, hidden: int = 32) -> None:
         super().__init__()
@@ -68,11 +66,7 @@ class PopulationCourse(nn.Module):
     def features(source01: torch.Tensor, source_stage: torch.Tensor, target_stage: torch.Tensor) -> torch.Tensor:
         """(N, h, w, 3) on the coarse grid (:func:`coarse`): the low-pass signal relative to the image's perfused
         level, and both stages on [0, 1]."""
-        return PopulationCourse.coarse_features(coarse(lowpass(source01)), source_stage, target_stage)
-
-    @staticmethod
-    def coarse_features(lp_coarse: torch.Tensor, source_stage: torch.Tensor, target_stage: torch.Tensor) -> torch.Tensor:
-        lp = lp_coarse[:, 0]
+        lp = coarse(lowpass(source01))[:, 0]
         level = torch.quantile(lp.flatten(1), PERFUSED_QUANTILE, dim=1).clamp_min(EPS)
         u = (lp / level[:, None, None]).clamp(0, 2)
         s = (source_stage.float() / (N_STAGES - 1))[:, None, None].expand_as(u)
@@ -90,9 +84,10 @@ class PopulationCourse(nn.Module):
         return (source01 * self.log_gain(source01, source_stage, target_stage).exp()).clamp(0, 1)
 
 
-def stage_pairs(stage_means: Iterable[dict[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every ordered pair s != t of each patient's observed stages: (sources (P, H, W), s (P,), t (P,)) and the
-    targets, from per-patient {stage: mean image on [0, 1]}."""
+def stage_pairs(stage_means: Iterable[dict[int, np.ndarray]]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every ordered pair s != t of each patient's observed stages, from per-patient {stage: mean image on [0, 1]}:
+    (sources (P, H, W), targets (P, H, W), s (P,), t (P,))."""
     sources, targets, s_idx, t_idx = [], [], [], []
     for means in stage_means:
         for s, source in means.items():
@@ -112,14 +107,15 @@ def fit_population_course(stage_means: Iterable[dict[int, np.ndarray]], seed: in
                           batch_pixels: int = 4096, lr: float = 1e-2) -> tuple[PopulationCourse, dict]:
     """Least-squares fit of the course on the low-pass log ratios of every within-patient stage pair.
 
-    Returns the model (frozen, CPU) and a summary: pairs, pixels, final loss, and the mean log-gain it predicts
-    one stage later (negative = the signal falls). With no pair (every patient seen at one stage) the model
-    stays the identity (gain 1) and the summary says so.
+    Returns the model (frozen, CPU) and a summary: pairs, pixels, the final loss over every pixel, and whether it
+    was fitted. With no pair (every patient seen at one stage) the model stays the identity (gain 1) and the
+    summary says so.
     """
     sources, targets, s_idx, t_idx = stage_pairs(stage_means)
-    model = PopulationCourse()
     summary = {"pairs": int(len(sources)), "pixels": 0, "loss": None, "fitted": False}
-    if len(sources):
+    if not len(sources):
+        model = PopulationCourse()
+    else:
         g = torch.Generator().manual_seed(int(seed))
         torch.manual_seed(int(seed))
         model = PopulationCourse()

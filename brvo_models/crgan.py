@@ -181,9 +181,12 @@ class CRGANGenerator(nn.Module):
         self.head = nn.Conv2d(c_in, 1, 3, 1, 1)
         self.mix = nn.Conv2d(c_in, 3, 3, 1, 1)
         # estimate_form 'gain': a log-gain map read from the up path at gain_resolution(image_size)
-        self.gain_level = int(round(math.log2(gain_resolution(image_size) / 8)))
-        gain_width = (widths[L - 2 - self.gain_level] if L - 2 - self.gain_level >= 0 else c.ngf) * 2
-        self.gain_head = nn.Conv2d(gain_width, 1, 3, 1, 1) if c.estimate_form == "gain" else None
+        self.gain_level: int | None = None
+        self.gain_head: nn.Conv2d | None = None
+        if c.estimate_form == "gain":
+            self.gain_level = int(round(math.log2(gain_resolution(image_size) / 8)))
+            gain_width = (widths[L - 2 - self.gain_level] if L - 2 - self.gain_level >= 0 else c.ngf) * 2
+            self.gain_head = nn.Conv2d(gain_width, 1, 3, 1, 1)
         self.course = PopulationCourse() if c.population_course else None  # fitted by CRGAN, then frozen
         # log amplitudes of multiplicative speckle and of scan-line offsets (see forward)
         self.texture = nn.ParameterDict({"log_amp": nn.Parameter(torch.tensor([-3.0, -4.0]))}) if c.texture else None
@@ -249,8 +252,7 @@ class CRGANGenerator(nn.Module):
         if self.course is not None:  # each neighbour moved to the target stage by the population course
             ref_before = (self.course.project((ref_before + 1) / 2, before_i, sel_t) * 2 - 1).to(context.dtype)
             ref_after = (self.course.project((ref_after + 1) / 2, after_i, sel_t) * 2 - 1).to(context.dtype)
-        ref_pool = pooled[sel_b]
-        refs = torch.cat([ref_before, ref_after, ref_pool], dim=1)  # (N, 3, H, W)
+        refs = torch.cat([ref_before, ref_after, pooled[sel_b]], dim=1)  # (N, 3, H, W)
         refs = refs * (has_b | has_a).to(refs.dtype)[:, None, None, None]
         t = sel_t.to(torch.float32)
         gaps = torch.stack([

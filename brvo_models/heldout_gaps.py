@@ -34,7 +34,7 @@ def heldout_by_gap(cases: Sequence[tuple[PatientSequence, int]], estimates: Sequ
 
     ``estimates``: the zero-noise estimate of each case (float [0, 1] or uint8); ``scored``: per method
     ('model', 'nearest', 'neighbour_mean') one score row per case, as the held-out evaluation computed them.
-    Kinds with no case are left out. ``course`` is None where the real change is zero for every case.
+    Kinds with no case are left out. ``course.carried`` is None where the real change is zero for every case.
     """
     kinds = [gap_kind([o for o in seq.observed if o != s], s) for seq, s in cases]
     out: dict[str, dict] = {}
