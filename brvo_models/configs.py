@@ -192,6 +192,11 @@ class CRGANConfig(TrainingSchedule):
         "target stage with the population course (brvo_models.course_model): a smooth gain learned before "
         "training from every within-patient pair of the training patients' observed stages, so the estimate "
         "starts from the disease's course instead of a copy of the nearest visit")
+    course_anchor: bool = Field(
+        False, description="with population_course: the estimate's low-pass (regional level) is set to the moved "
+        "references' (the two neighbours moved to the target stage, weighted by their distance to it), so the "
+        "generator supplies vessels and texture and cannot undo the course; without it the decoder blends in "
+        "the unmoved pooled visits and keeps about 40 % of the course its references carry (docs/fill-truth.md)")
     texture_fit: Literal["adversarial", "moments"] = Field(
         "adversarial", description="how the two texture amplitudes are set: 'adversarial', learned by the "
         "discriminator; 'moments', fixed to the spread of the training patients' repeat scans around their "

@@ -62,7 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from brvo_models.configs import CRGANConfig
-from brvo_models.course_model import PopulationCourse, fit_population_course, gaussian_blur
+from brvo_models.course_model import LOWPASS_SIGMA, PopulationCourse, fit_population_course, gaussian_blur
 from brvo_models.crgan_data import N_STAGES, PatientSequence, heldout_cases, pixel_noise, to_model
 from brvo_models import batched_metrics
 from brvo_models.crgan_sampling import predict_heldout, score_cases
@@ -227,6 +227,25 @@ class CRGANGenerator(nn.Module):
         after = torch.where(after == N_STAGES, torch.full_like(after, -1), after)
         return before, after
 
+    @staticmethod
+    def _anchor_lowpass(mean: torch.Tensor, ref_before: torch.Tensor, ref_after: torch.Tensor, before: torch.Tensor,
+                        after: torch.Tensor, target: torch.Tensor, has_b: torch.Tensor,
+                        has_a: torch.Tensor) -> torch.Tensor:
+        """``mean`` (N, 1, H, W) in [-1, 1] with its low-pass replaced by the moved references': the two
+        neighbours (already moved to the target stage) weighted by closeness, one of them where the target lies
+        outside the visits. A correction of the low-pass only, so vessels and texture are the
+        generator's and the regional level, which carries the course, is the population course's. Additive, not
+        a gain: a gain cannot lift a region the decoder left black."""
+        span = (after - before).clamp_min(1).to(mean.dtype)
+        w_after = torch.where(has_b & has_a, (target - before).to(mean.dtype) / span,
+                              has_a.to(mean.dtype) * (~has_b).to(mean.dtype))
+        w_after = w_after[:, None, None, None]
+        anchor01 = (((1 - w_after) * ref_before + w_after * ref_after) + 1) / 2
+        mean01 = (mean + 1) / 2
+        sigma = max(LOWPASS_SIGMA * mean.shape[-1], 0.5)
+        shift = gaussian_blur(anchor01, sigma) - gaussian_blur(mean01, sigma)
+        return ((mean01 + shift.to(mean.dtype)).clamp(0, 1) * 2 - 1).to(mean.dtype)
+
     def forward(self, context: torch.Tensor, visible: torch.Tensor, patient: torch.Tensor, z: torch.Tensor,
                 pix: torch.Tensor, sel_b: torch.Tensor, sel_t: torch.Tensor, return_mean: bool = False,
                 counts: torch.Tensor | None = None):
@@ -290,6 +309,8 @@ class CRGANGenerator(nn.Module):
         else:
             pre = self.head(x) + torch.atanh(0.98 * base)
             mean = torch.tanh(pre)
+        if self.course is not None and self.config.course_anchor:
+            mean = self._anchor_lowpass(mean, ref_before, ref_after, before, after, sel_t, has_b, has_a)
         if self.texture is None:
             return (mean, mean) if return_mean else mean
         # Texture, after the Tanh: multiplicative speckle (white noise scaled by intensity)

@@ -114,3 +114,42 @@ def test_the_course_moves_the_estimate_of_a_later_missing_stage():
     gain = ((outs[True] - outs[False]) / 2).numpy()
     assert gain[disc].mean() > 0.02 and gain[disc].mean() > 2 * abs(gain[~disc].mean())
 
+
+
+def test_course_anchor_gives_the_estimate_the_moved_references_low_pass_whatever_the_decoder_does():
+    """With course_anchor the regional level of the estimate is the population course's: a decoder that tries to
+    darken the whole image (here: a head bias) cannot undo the course, while the detail (high-pass) stays its
+    own."""
+    from brvo_models.crgan import CRGANGenerator
+    from brvo_models.crgan_data import pixel_noise
+
+    cfg = preset("tiny").crgan.model_copy(update={"population_course": True, "texture": False})
+    g = torch.Generator().manual_seed(0)
+    context = torch.rand(1, 6, 1, SIZE, SIZE, generator=g) * 0.8 - 0.6  # [0.2, 0.6] on [0, 1]: no clipping
+    visible = torch.tensor([[False, True, False, True, False, False]])
+    sel_b, sel_t = torch.zeros(3, dtype=torch.long), torch.tensor([2, 4, 5])  # interior, after the last (x2)
+    args = (context, visible, torch.tensor([0]), torch.zeros(1, cfg.z_dim), pixel_noise(3, SIZE, g), sel_b, sel_t)
+    torch.manual_seed(0)
+    plain = CRGANGenerator(cfg, SIZE, 2).eval()
+    anchored = CRGANGenerator(cfg.model_copy(update={"course_anchor": True}), SIZE, 2).eval()
+    with torch.no_grad():
+        for gen in (plain, anchored):
+            gen.course.net[-1].bias.fill_(0.2)  # a course that brightens every region by exp(0.2)
+        anchored.load_state_dict(plain.state_dict())
+        for gen in (plain, anchored):
+            gen.head.bias.fill_(-0.4)
+        out_plain, out_anchor = plain(*args), anchored(*args)
+        moved = plain.course.project((context[0, [1, 3]] + 1) / 2, torch.tensor([1, 3]), torch.tensor([2, 2]))
+    expected = [0.5 * (moved[0] + moved[1]),  # stage 2 sits halfway between the visits 1 and 3
+                plain.course.project((context[0, [3]] + 1) / 2, torch.tensor([3]), torch.tensor([4]))[0],
+                plain.course.project((context[0, [3]] + 1) / 2, torch.tensor([3]), torch.tensor([5]))[0]]
+    for i, want in enumerate(expected):
+        lp_want = lowpass(want[None]).squeeze()
+        lp_anchor = lowpass(((out_anchor[i] + 1) / 2)[None]).squeeze()
+        lp_plain = lowpass(((out_plain[i] + 1) / 2)[None]).squeeze()
+        err_anchor = float((lp_anchor - lp_want).abs().mean())
+        assert err_anchor < 0.02, (i, err_anchor)
+        assert float((lp_plain - lp_want).abs().mean()) > 3 * err_anchor
+    # the detail (high-pass) is the decoder's, the same with and without the anchor
+    hp = lambda x: x - lowpass(x)
+    assert float((hp((out_anchor + 1) / 2) - hp((out_plain + 1) / 2)).abs().mean()) < 0.01
