@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speckle, additive noise and motion lines multiplier, 0..3 (default 1; 0 = clean)")
     p.add_argument("--non-perfusion-size", type=float, default=None, metavar="X",
                    help="non-perfused area multiplier, 0..3 (default 1; 0 = no occluded sector)")
+    p.add_argument("--attendance-follows-response", type=float, default=None, metavar="W",
+                   help="course-dependent attendance, 0..1: poor responders stop coming earlier (default 0 = "
+                        "attendance ignores the course; the stage shares stay --attendance's)")
     p.add_argument("--workers", type=int, default=2, help="rendering processes (the bytes do not depend on it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing phantom in OUT_DIR")
     p.add_argument("--truth-dir", type=Path, default=None, metavar="DIR",
@@ -199,7 +202,7 @@ def _run(args: argparse.Namespace) -> int:
             base, n_patients=args.patients, seed=args.seed, image_size=args.image_size,
             images_per_visit=args.images_per_visit, attendance=args.attendance, vessel_density=args.vessel_density,
             vessel_width=args.vessel_width, contrast=args.contrast, noise=args.noise,
-            non_perfusion_size=args.non_perfusion_size)
+            non_perfusion_size=args.non_perfusion_size, attendance_follows_response=args.attendance_follows_response)
         from flows.phantom import phantom_task, preflight_phantom
 
         preflight_phantom(args.out_dir, args.workers, args.overwrite, args.truth_dir)

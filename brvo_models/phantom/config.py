@@ -54,6 +54,10 @@ class PhantomConfig(BaseModel):
     non_perfusion_size: float = Field(
         1.0, ge=0.0, le=3.0, description="multiplies each patient's non-perfused image fraction (12-26 % at full "
         "extent in the demo, shrinking as the patient reperfuses); 0 = no occluded sector")
+    attendance_follows_response: float = Field(
+        0.0, ge=0.0, le=1.0, description="course-dependent attendance: the weight of a patient's response (their "
+        "reperfusion rate's rank) in who keeps coming, against chance. 0 = attendance ignores the course (the "
+        "demo); 1 = poor responders are the first to stop coming. The stage counts stay `attendance`'s")
 
     @field_validator("images_per_visit", mode="before")
     @classmethod

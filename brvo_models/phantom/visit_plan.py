@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from brvo_models.phantom.anatomy import sample_params
 from brvo_models.phantom.config import SOUL_ATTENDANCE, PhantomConfig
 from brvo_models.phantom.soul_layout import MAX_EXAMS, PAPER_IMAGES, PAPER_PATIENTS
 
@@ -24,7 +25,20 @@ def stage_patient_counts(n_patients: int, attendance: tuple[float, ...] = SOUL_A
     return tuple(int(min(n_patients, max(floor, round(share * n_patients)))) for share in attendance)
 
 
-def plan_attendance(n_patients: int, seed: int, attendance: tuple[float, ...] = SOUL_ATTENDANCE) -> np.ndarray:
+def reperfusion_rates(config: PhantomConfig) -> np.ndarray:
+    """Each patient's reperfusion rate, as their anatomy draws it (the first draws of ``(seed, patient)``)."""
+    return np.array([sample_params(np.random.default_rng([config.seed, p]), config.non_perfusion_size).rate
+                     for p in range(config.n_patients)])
+
+
+def _response_rank(rates: np.ndarray) -> np.ndarray:
+    """Each patient's place among the cohort by response, in (0, 1): the poorest responder lowest."""
+    order = np.argsort(np.argsort(rates, kind="stable"), kind="stable")
+    return (order + 0.5) / len(rates)
+
+
+def plan_attendance(n_patients: int, seed: int, attendance: tuple[float, ...] = SOUL_ATTENDANCE,
+                    response: np.ndarray | None = None, follows_response: float = 0.0) -> np.ndarray:
     """Bool (n_patients, 6): who attends which stage.
 
     Each patient has a latent 'retention'; a stage takes its quota of patients with the
@@ -32,10 +46,19 @@ def plan_attendance(n_patients: int, seed: int, attendance: tuple[float, ...] = 
     strictly, nested (SOUL's s2t1 has more patients than s1t2). Then every patient
     gets at least one stage and the most retained patient gets all six, by swaps that
     keep the per-stage counts.
+
+    Course-dependent attendance: with ``follows_response`` w > 0 the retention is
+    (1 - w) x chance + w x the patient's rank by ``response`` (higher = better), so poor
+    responders stop coming first, as in real follow-up; the quotas, hence the stage
+    shares, do not change. w = 0 draws and decides exactly as before.
     """
     counts = stage_patient_counts(n_patients, attendance)
     rng = np.random.default_rng([seed, _PLAN_TAG, n_patients])
     retention = rng.random(n_patients)
+    if follows_response > 0:
+        if response is None or len(response) != n_patients:
+            raise ValueError(f"course-dependent attendance needs one response per patient ({n_patients})")
+        retention = (1.0 - follows_response) * retention + follows_response * _response_rank(np.asarray(response))
     score = retention[:, None] + 0.25 * rng.random((n_patients, 6))
     att = np.zeros((n_patients, 6), dtype=bool)
     for s, c in enumerate(counts):
@@ -92,7 +115,9 @@ class VisitPlan:
 def plan_visits(config: PhantomConfig) -> VisitPlan:
     """Attendance, scan counts and exam ids for ``config``; exam ids grow with time (stage-major, then patient)."""
     n = config.n_patients
-    attendance = plan_attendance(n, config.seed, config.attendance)
+    follows = config.attendance_follows_response
+    attendance = plan_attendance(n, config.seed, config.attendance,
+                                 reperfusion_rates(config) if follows > 0 else None, follows)
     counts = plan_exam_counts(attendance, config.seed, config.images_per_visit)
     ids: list[list[tuple[str, ...]]] = [[() for _ in range(6)] for _ in range(n)]
     next_id = FIRST_EXAM_ID
