@@ -92,6 +92,12 @@ def preflight_train_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig,
             f"{soul}: {real['patient_id'].nunique()} patient(s), split train/val/test "
             f"{counts['train']}/{counts['val']}/{counts['test']}; Pix2Pix needs at least one patient in each "
             f"for a held-out evaluation: add patients or change val_fraction/test_fraction and re-run preprocess")
+    if config.labelled_train_patients is not None:
+        train_ids = set(real.loc[real["split"] == "train", "patient_id"].astype(str))
+        outside = sorted(set(config.labelled_train_patients) - train_ids)
+        if outside:
+            raise BrvoError(f"{soul}: labelled_train_patients names {len(outside)} patient(s) not in the train split "
+                            f"({', '.join(outside[:5])}); name train patients of this soul.h5")
     expect = CheckpointIdentity(MODEL, config.pix2pix, config.image_size, config.seed).meta
     ckpt_dir = paths.checkpoints(MODEL)
     for name in (LAST, BEST):
@@ -103,10 +109,14 @@ def preflight_train_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig,
 # ------------------------------------------------------------------------------------ data
 
 
-def load_split(soul: Path, splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, Any]:
-    """uint8 images and 0/1 labels of the real rows in ``splits``, plus their meta rows."""
+def load_split(soul: Path, splits: tuple[str, ...],
+               patients: tuple[str, ...] | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
+    """uint8 images and 0/1 labels of the real rows in ``splits`` (of ``patients`` only, when given), plus their
+    meta rows."""
     meta = read_meta(soul)
     keep = meta["split"].isin(splits).to_numpy() & ~meta["is_synthetic"].to_numpy(dtype=bool)
+    if patients is not None:
+        keep &= meta["patient_id"].astype(str).isin(patients).to_numpy()
     rows = np.flatnonzero(keep)
     images, labels = read_arrays(soul, rows)
     return images, labels, meta.iloc[rows]
@@ -149,14 +159,15 @@ def train_pix2pix(
     max_validations_this_call: int | None = None,
     soul_h5: str | os.PathLike | None = None,
 ) -> Pix2PixResult:
-    """Train (or resume) Pix2Pix on the train split of ``soul_h5`` (default RUN_DIR/soul.h5) on the config's
-    schedule, validating on val; checkpoints in RUN_DIR."""
+    """Train (or resume) Pix2Pix on the train split of ``soul_h5`` (default RUN_DIR/soul.h5; only the rows of
+    ``config.labelled_train_patients`` when it names them) on the config's schedule, validating on val;
+    checkpoints in RUN_DIR."""
     soul = preflight_train_pix2pix(run_dir, config, soul_h5)
     p = config.pix2pix
     seed_everything(config.seed)
     device = select_device(config.device)
     t0 = time.perf_counter()
-    train_x, train_y, _ = load_split(soul, ("train",))
+    train_x, train_y, _ = load_split(soul, ("train",), config.labelled_train_patients)
     val_x, val_y, _ = load_split(soul, ("val",))
     log(f"pix2pix: {len(train_x)} train / {len(val_x)} val images at {config.image_size} px, device {device}, "
         f"ngf {p.ngf} ndf {p.ndf}, batch {p.batch_size} (data loaded in {time.perf_counter() - t0:.1f} s)")
@@ -218,7 +229,9 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
     generator, device = load_labeller(best_path, config.device, config.image_size)
     best_meta = load_checkpoint(best_path)["meta"]
     test_x, test_y, test_meta = load_split(soul, ("test",))
-    fit_x, fit_y, _ = load_split(soul, ("train", "val"))
+    labelled_x, labelled_y, _ = load_split(soul, ("train",), config.labelled_train_patients)
+    val_x, val_y, _ = load_split(soul, ("val",))
+    fit_x, fit_y = np.concatenate([labelled_x, val_x]), np.concatenate([labelled_y, val_y])
     threshold = config.pix2pix.threshold
     threshold = float(generator.label_threshold) if threshold is None else float(threshold)
     _, masks = label_images(generator, test_x, threshold, batch_size=64, device=device)
@@ -272,7 +285,7 @@ def segmenter_baseline(soul: Path, test_images: np.ndarray, config: PipelineConf
     what this minute of ordinary supervised training gives. The flip-averaged masks (threshold
     chosen again on the val patients from averaged probabilities) are for the reader, not the bar:
     they show how much of Pix2Pix's margin its own flip averaging explains."""
-    train_x, train_y, _ = load_split(soul, ("train",))
+    train_x, train_y, _ = load_split(soul, ("train",), config.labelled_train_patients)
     val_x, val_y, _ = load_split(soul, ("val",))
     steps = int(config.segmenter_steps)
     fit = fit_segmenter(train_x, train_y, image_size=config.image_size, steps=steps, val_images=val_x,
@@ -301,5 +314,6 @@ TRAIN_PIX2PIX = Step(
     command=StepCommand("train-pix2pix", "train Pix2Pix (image -> vessel label) on RUN_DIR/soul.h5 (resumes) and "
                         "evaluate on held-out patients", quality_bars=True,
                         preflight=lambda ctx: preflight_train_pix2pix(ctx.run_dir, ctx.config)),
-    reads=("soul_h5",), config_fields=("image_size", "seed", "pix2pix", "segmenter_steps"), report=MODEL,
+    reads=("soul_h5",), config_fields=("image_size", "seed", "pix2pix", "segmenter_steps", "labelled_train_patients"),
+    report=MODEL,
     description="train Pix2Pix (image -> vessel label) on soul.h5; held-out evaluation against baselines")

@@ -97,12 +97,24 @@ class PipelineConfig(BaseModel):
         "(brvo_models/segmenter.py)")
     usefulness: UsefulnessConfig = Field(UsefulnessConfig(), description="the usefulness protocol's arms, tasks, "
                                          "seeds, mix and downstream recipes (tasks/usefulness.py)")
+    labelled_train_patients: tuple[str, ...] | None = Field(
+        None, description="the train patients whose annotations may be used (a clinic with many scans and few "
+        "annotated): Pix2Pix and its label baselines train on their rows only, the other train patients' images "
+        "stay unlabelled and CRGAN still trains on every train image. None (default): every train patient is "
+        "labelled")
 
     @field_validator("image_size")
     @classmethod
     def _power_of_two(cls, value: int) -> int:
         if value & (value - 1):
             raise ValueError(f"must be a power of two (32, 64, 128, 256, 512 or 1024), got {value}")
+        return value
+
+    @field_validator("labelled_train_patients")
+    @classmethod
+    def _some_patient_labelled(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and not value:
+            raise ValueError("names no patient; leave it out (None) when every train patient is labelled")
         return value
 
     @model_validator(mode="after")
