@@ -88,3 +88,119 @@ def test_the_labelled_patients_are_part_of_pix2pix_identity_and_not_of_crgans(tm
     pix_keys = {k[0] for k in keys.values()}
     crgan_keys = {k[1] for k in keys.values()}
     assert len(pix_keys) == 3 and len(crgan_keys) == 1
+
+
+# ------------------------------------------------------------------------------------------- the study
+
+
+@pytest.fixture(scope="module")
+def blob_study(tmp_path_factory):
+    path = write_blob_dataset(tmp_path_factory.mktemp("blob") / "soul.h5", n_patients=16, image_size=32,
+                              missing_prob=0.2)
+    return load_study_data(path, path)
+
+
+def test_labelled_patients_are_seeded_nested_and_at_least_one():
+    from tasks.analyses.label_scarce import labelled_patients
+
+    pool = [f"{i:03d}" for i in range(37)]
+    ten, quarter = labelled_patients(pool, 0.1, seed=2), labelled_patients(pool, 0.25, seed=2)
+    assert len(ten) == 4 and len(quarter) == 9 and set(ten) <= set(quarter)
+    assert ten == labelled_patients(reversed(pool), 0.1, seed=2) and ten != labelled_patients(pool, 0.1, seed=3)
+    assert len(labelled_patients(pool[:3], 0.1, seed=0)) == 1
+
+
+class FakeMaker:
+    """Synthetic rows = the train patients' real images shifted 1 px, half of them not accepted; pseudo-labels =
+    the unlabelled patients' images with their annotations flipped left-right (so a test can tell them apart)."""
+
+    def __init__(self, real_train: Rows):
+        self.real_train = real_train
+        self.calls = []
+
+    def __call__(self, labelled, seed):
+        from tasks.analyses.label_scarce import LabelScarceRows
+
+        self.calls.append((tuple(labelled), seed))
+        r = self.real_train
+        n = len(r)
+        synthetic = Rows(np.roll(r.images, 1, axis=2), r.labels, r.patient_id, r.stage, np.ones(n, bool),
+                         np.arange(n) % 2 == 0)
+        unlabelled = r.where(~np.isin(r.patient_id, list(labelled)))
+        pseudo = Rows(unlabelled.images, unlabelled.labels[:, :, ::-1].copy(), unlabelled.patient_id,
+                      unlabelled.stage, unlabelled.is_synthetic, unlabelled.accepted)
+        return LabelScarceRows(synthetic, pseudo, int(np.isin(r.patient_id, list(labelled)).sum()),
+                               len(r.patients))
+
+
+def test_the_arms_hold_what_their_names_say(blob_study):
+    from tasks.analyses.label_scarce import (
+        LABELLED_ONLY, PLUS_BOTH, PLUS_PSEUDO, PLUS_SYNTHETIC, REPEATED, arm_rows, labelled_patients)
+
+    train = blob_study.real["train"]
+    labelled = labelled_patients(train.patients, 0.25, seed=0)
+    made = FakeMaker(train)(labelled, 0)
+    arms = arm_rows(train, labelled, made, seed=0)
+    only = arms[LABELLED_ONLY]
+    assert set(only.patients) == set(labelled) and not only.is_synthetic.any()
+    pseudo = arms[PLUS_PSEUDO]
+    assert len(pseudo) == len(train) and not pseudo.is_synthetic.any()
+    accepted = int(made.synthetic.accepted.sum())
+    assert len(arms[PLUS_SYNTHETIC]) == len(only) + accepted and arms[PLUS_SYNTHETIC].accepted.all()
+    assert len(arms[PLUS_BOTH]) == len(train) + accepted
+    repeated = arms[REPEATED]
+    assert len(repeated) == len(arms[PLUS_SYNTHETIC]) and set(repeated.patients) == set(labelled)
+    counts = np.unique(np.searchsorted(np.arange(len(only)), np.arange(len(only))), return_counts=True)[1]
+    assert counts.min() >= 1  # every labelled row is in the control
+
+
+def test_the_study_compares_paired_by_seed_with_the_baselines_role(blob_study, tmp_path):
+    from tasks.analyses import label_scarce as ls
+
+    config = UsefulnessConfig(seeds=2, tasks=("segmentation",),
+                              segmenter=SegmenterRecipe(width=8, steps=20, batch_size=8, validations=2, crop=None))
+    maker = FakeMaker(blob_study.real["train"])
+    original = ls.BUDGETS
+    ls.BUDGETS = (10, 20)  # budget_recipe reads it: keep the test fast
+    try:
+        parts = [ls.measure_seeds(blob_study, config, [0.25], maker, [s], log=lambda _: None) for s in (1, 0)]
+    finally:
+        ls.BUDGETS = original
+    result = ls.judge(ls.merge_measured(parts), config)
+    assert [c[1] for c in maker.calls] == [1, 0]
+    assert result["seeds"] == [0, 1]
+    assert set(result["arms"]) == {f"labels_25_{a}" for a in ls.ARMS}
+    assert all(len(a["dice"]) == 2 for a in result["arms"].values())
+    roles = {(c["arm"], c["baseline"]): c["baseline_role"] for c in result["comparisons"] if c["primary"]}
+    assert roles[("labels_25_plus_synthetic", "labels_25_plus_pseudo_labels")] == "same_information_alternative"
+    assert roles[("labels_25_plus_synthetic", "labels_25_labelled_only")] == "real_only"
+    for c in result["comparisons"]:
+        assert {"arm", "baseline", "task", "metric", "mean_gain", "se", "t_crit", "n", "verdict"} <= set(c)
+        assert c["n"] == 2
+    assert "labels_25 " not in ls.render_markdown(result) and "plus_pseudo_labels" in ls.render_markdown(result)
+    with pytest.raises(ValueError, match="measured twice"):
+        ls.merge_measured(parts + parts[:1])
+
+
+@pytest.mark.slow
+def test_the_pipeline_sub_run_labels_with_the_labelled_patients_only(tmp_path):
+    """The maker against the real steps (tiny preset): Pix2Pix saw the labelled rows, CRGAN every train patient,
+    no test patient is in the sub-run, and a second labelled set in the same seed's sub-run reuses CRGAN."""
+    from tasks.analyses.label_scarce import PipelineLabelScarceMaker
+    from tasks.config import preset
+
+    soul = write_blob_dataset(tmp_path / "soul.h5", n_patients=12, image_size=32, missing_prob=0.4)
+    real, train, val = _train_and_val(soul)
+    maker = PipelineLabelScarceMaker(preset("tiny"), soul, train, val, tmp_path / "work")
+    made = maker(train[:1], seed=0)
+    assert made.pix2pix_train_rows == int(real["patient_id"].isin(train[:1]).sum())
+    assert made.crgan_train_patients == len(train)
+    assert set(made.pseudo_labelled.patient_id) == set(train[1:])
+    assert set(made.synthetic.patient_id) <= set(train) and len(made.synthetic) > 0
+    sub_soul = read_meta(tmp_path / "work" / "seed0" / "soul.h5")
+    test_ids = set(real.loc[real["split"] == "test", "patient_id"])
+    assert not set(sub_soul["patient_id"]) & test_ids
+    again = PipelineLabelScarceMaker(preset("tiny"), soul, train, val, tmp_path / "work")
+    again(train[:2], seed=0)
+    assert {"preprocess", "crgan", "fill"} <= set(again.last_run.cached)
+    assert not {"pix2pix", "label", "score"} & set(again.last_run.cached)
