@@ -93,6 +93,18 @@ class DilatedBNCNN(nn.Module):
         return self.body(x)
 
 
+def output_loss(out: torch.Tensor, y: torch.Tensor, arch: str) -> torch.Tensor:
+    """BCE + soft Dice of a net's raw output against 0/1 labels ``y`` (logits, or tanh output for the U-Net)."""
+    out = out.float()
+    if arch in LOGIT_ARCHS:
+        p = torch.sigmoid(out)
+        bce = F.binary_cross_entropy_with_logits(out, y)
+    else:
+        p = ((out + 1.0) * 0.5).clamp(1e-5, 1 - 1e-5)
+        bce = F.binary_cross_entropy(p, y)
+    return bce + soft_dice_loss(p, y)  # probabilities in [0, 1] and 0/1 labels (brvo_models.losses)
+
+
 class VesselSegmenter(nn.Module):
     """Image in [-1, 1] (B, 1, H, W) -> vessel probability in [0, 1]; threshold stored as a buffer."""
 
@@ -115,14 +127,7 @@ class VesselSegmenter(nn.Module):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """BCE + soft Dice against 0/1 labels ``y``; BCE on logits where the net has them (stabler)."""
-        out = self.net(x).float()
-        if self.arch in LOGIT_ARCHS:
-            p = torch.sigmoid(out)
-            bce = F.binary_cross_entropy_with_logits(out, y)
-        else:
-            p = ((out + 1.0) * 0.5).clamp(1e-5, 1 - 1e-5)
-            bce = F.binary_cross_entropy(p, y)
-        return bce + soft_dice_loss(p, y)  # probabilities in [0, 1] and 0/1 labels (brvo_models.losses)
+        return output_loss(self.net(x), y, self.arch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.probabilities(x)
@@ -266,3 +271,179 @@ def evaluate_segmenter(net: VesselSegmenter, images: np.ndarray, labels: np.ndar
     threshold = float(net.label_threshold) if threshold is None else float(threshold)
     probs = predict_probabilities(net, images)
     return mean_scores([label_scores(p > threshold, t) for p, t in zip(probs, np.asarray(labels))])
+
+
+# ------------------------------------------------------------------------------ seeds as one batched net
+
+
+class SeedGroupedNet(nn.Module):
+    """S dilated segmenter nets of one arch side by side as the channel groups of one net.
+
+    Why: the usefulness protocol trains one recipe under S seeds, and these nets are so small that a step
+    is mostly per-operation overhead. A convolution with ``groups=S`` computes every seed's convolution on
+    its own channel group in one call; batch norm normalises each channel over (batch, H, W), so each
+    seed's channels see exactly its own batch's statistics and keep their own running stats. Seed s's
+    output (channel s) depends only on seed s's input (channel s) and weights, so the gradient of the
+    summed loss with respect to seed s's weights is that of seed s's loss alone, and Adam, elementwise,
+    updates each seed's slice as it would alone. (vmap over stacked modules does the same arithmetic
+    through a convolution batching rule; benchmarks/usefulness_batching.py times both.)
+    """
+
+    def __init__(self, nets: list[VesselSegmenter]):
+        super().__init__()
+        if not nets or any(n.arch != nets[0].arch for n in nets) or nets[0].arch not in LOGIT_ARCHS:
+            raise ValueError(f"SeedGroupedNet needs one or more nets of one of {LOGIT_ARCHS}")
+        self.arch, self.seeds = nets[0].arch, len(nets)
+        bodies = [n.net.body for n in nets]
+        layers: list[nn.Module] = []
+        with torch.no_grad():
+            for i, layer in enumerate(bodies[0]):
+                if isinstance(layer, nn.Conv2d):
+                    grouped: nn.Module = nn.Conv2d(
+                        layer.in_channels * self.seeds, layer.out_channels * self.seeds, layer.kernel_size,
+                        padding=layer.padding, dilation=layer.dilation, groups=self.seeds, bias=layer.bias is not None)
+                elif isinstance(layer, nn.BatchNorm2d):
+                    grouped = nn.BatchNorm2d(layer.num_features * self.seeds, eps=layer.eps, momentum=layer.momentum)
+                elif isinstance(layer, nn.ReLU):
+                    grouped = nn.ReLU(inplace=layer.inplace)
+                else:
+                    raise ValueError(f"SeedGroupedNet cannot group a {type(layer).__name__}")
+                for name, tensor in grouped.state_dict().items():
+                    parts = [b[i].state_dict()[name] for b in bodies]
+                    tensor.copy_(parts[0] if name == "num_batches_tracked" else torch.cat(parts))
+                layers.append(grouped)
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, H, W): seed s's input in channel s -> (B, S, H, W) logits, seed s's in channel s."""
+        return self.body(x)
+
+    def seed_state(self, seed_index: int) -> dict[str, torch.Tensor]:
+        """Seed ``seed_index``'s weights and running stats as a :class:`VesselSegmenter` state_dict (copies)."""
+        out: dict[str, torch.Tensor] = {}
+        for i, layer in enumerate(self.body):
+            for name, tensor in layer.state_dict().items():
+                part = tensor if name == "num_batches_tracked" else tensor.chunk(self.seeds)[seed_index]
+                out[f"net.body.{i}.{name}"] = part.detach().clone()
+        return out
+
+
+def predict_probabilities_grouped(net: SeedGroupedNet, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Every seed's vessel probabilities float32 (S, N, H, W) of uint8 images (N, H, W); eval mode, no grad."""
+    x_all = _as_input(images)
+    dev = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    out = np.zeros((net.seeds,) + x_all.shape[:1] + x_all.shape[2:], np.float32)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(x_all), batch_size):
+                x = (x_all[start:start + batch_size].to(dev) * 2 - 1).expand(-1, net.seeds, -1, -1)
+                with autocast(dev):
+                    p = torch.sigmoid(net(x).float())
+                out[:, start:start + batch_size] = p.permute(1, 0, 2, 3).cpu().numpy()
+    finally:
+        net.train(was_training)
+    return out
+
+
+def _check_rows(images: np.ndarray, labels: np.ndarray, image_size: int,
+                row_weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    images, labels = np.asarray(images), np.asarray(labels)
+    if len(images) == 0 or images.shape != labels.shape or images.shape[1:] != (image_size, image_size):
+        raise ValueError(f"need non-empty images and labels of shape (N, {image_size}, {image_size}); "
+                         f"got {images.shape} and {labels.shape}")
+    if row_weights is not None:
+        row_weights = np.asarray(row_weights, np.float64)
+        if row_weights.shape != (len(images),) or not np.isfinite(row_weights).all() or (row_weights < 0).any() \
+                or row_weights.sum() <= 0:
+            raise ValueError(f"row_weights must be {len(images)} finite non-negative numbers, not all zero")
+    return images, labels, row_weights
+
+
+def fit_segmenter_seeds(images: list[np.ndarray], labels: list[np.ndarray], *, seeds: list[int], image_size: int,
+                        steps: int, val_images: np.ndarray | None = None, val_labels: np.ndarray | None = None,
+                        val_every: int | None = None, arch: Arch = "dilated", width: int = 8, batch_size: int = 8,
+                        lr: float = 3e-3, device: str | torch.device = "auto",
+                        row_weights: list[np.ndarray | None] | None = None,
+                        crop: int | None = None) -> list[SegmenterFit]:
+    """:func:`fit_segmenter` for several seeds at once: one :class:`SegmenterFit` per seed, the same (within
+    float rounding) as ``fit_segmenter(images[i], labels[i], seed=seeds[i], row_weights=row_weights[i], ...)``.
+
+    Each seed keeps its own rows, initial weights (drawn after ``torch.manual_seed(seed)``, as alone), batch
+    generator, augmentation, crops, best-on-val weights and threshold; only the arithmetic is shared, in one
+    :class:`SeedGroupedNet`. The U-Net arch is not grouped: it trains seed by seed. ``seconds`` of each fit
+    is the batch's wall time divided by the number of seeds.
+    """
+    n = len(seeds)
+    row_weights = [None] * n if row_weights is None else list(row_weights)
+    if n == 0 or len(images) != n or len(labels) != n or len(row_weights) != n:
+        raise ValueError(f"need one images, labels (and row_weights) entry per seed: {n} seeds, "
+                         f"{len(images)} images, {len(labels)} labels, {len(row_weights)} row_weights")
+    options = dict(image_size=image_size, steps=steps, val_images=val_images, val_labels=val_labels,
+                   val_every=val_every, arch=arch, width=width, batch_size=batch_size, lr=lr, device=device, crop=crop)
+    if arch not in LOGIT_ARCHS:
+        return [fit_segmenter(x, y, seed=s, row_weights=w, **options)
+                for x, y, s, w in zip(images, labels, seeds, row_weights)]
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    rows = [_check_rows(x, y, image_size, w) for x, y, w in zip(images, labels, row_weights)]
+    has_val = val_images is not None and len(val_images) > 0
+    val_every = max(1, steps // 20) if val_every is None else max(1, int(val_every))
+    t0 = time.perf_counter()
+    dev = device if isinstance(device, torch.device) else select_device(str(device))
+    nets = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        nets.append(VesselSegmenter(arch, image_size, width).to(dev))
+    grouped = SeedGroupedNet(nets).to(dev)
+    opt = torch.optim.Adam(grouped.parameters(), lr=lr, betas=(0.9, 0.999))
+    x_all = [_as_input(x) for x, _, _ in rows]
+    y_all = [torch.from_numpy(y.astype(np.float32))[:, None] for _, y, _ in rows]
+    gens = [torch.Generator().manual_seed(seed) for seed in seeds]
+    draw_p = [None if w is None else torch.as_tensor(w / w.sum()) for _, _, w in rows]
+    history: list[list[dict[str, float]]] = [[] for _ in seeds]
+    best = [{"step": 0, "dice": float("-inf"), "threshold": 0.5, "state": None} for _ in seeds]
+    grouped.train()
+    for step in range(1, steps + 1):
+        xs, ys = [], []
+        for i, g in enumerate(gens):
+            if draw_p[i] is None:
+                idx = torch.randint(0, len(x_all[i]), (batch_size,), generator=g)
+            else:
+                idx = torch.multinomial(draw_p[i], batch_size, replacement=True, generator=g)
+            x, y = aligned_augment(x_all[i][idx], y_all[i][idx], g)
+            if crop is not None and crop < image_size:
+                x, y = random_windows(x, y, crop, g)
+            xs.append(x)
+            ys.append(y)
+        x, y = torch.cat(xs, 1).to(dev) * 2 - 1, torch.cat(ys, 1).to(dev)
+        with autocast(dev):
+            out = grouped(x)
+            losses = torch.stack([output_loss(out[:, i:i + 1], y[:, i:i + 1], arch) for i in range(n)])
+        opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        opt.step()
+        if has_val and (step % val_every == 0 or step == steps):
+            probs = predict_probabilities_grouped(grouped, val_images)
+            step_losses = losses.detach().tolist()
+            for i in range(n):
+                threshold, val_dice = choose_threshold(probs[i], val_labels)
+                history[i].append({"step": step, "loss": float(step_losses[i]), "val_dice": val_dice,
+                                   "threshold": threshold})
+                if val_dice > best[i]["dice"]:
+                    best[i] = {"step": step, "dice": val_dice, "threshold": threshold,
+                               "state": grouped.seed_state(i)}
+    seconds = (time.perf_counter() - t0) / n
+    fits = []
+    for i, net in enumerate(nets):
+        chosen = best[i]
+        if chosen["state"] is not None:
+            net.load_state_dict({**chosen["state"], "label_threshold": torch.tensor(chosen["threshold"])})
+        else:
+            net.load_state_dict({**grouped.seed_state(i), "label_threshold": torch.tensor(0.5)})
+            chosen = {"step": steps, "dice": float("nan"), "threshold": 0.5}
+        fits.append(SegmenterFit(net=net.eval(), steps=steps, best_step=int(chosen["step"]),
+                                 best_val_dice=float(chosen["dice"]), threshold=float(chosen["threshold"]),
+                                 seconds=seconds, history=history[i]))
+    return fits

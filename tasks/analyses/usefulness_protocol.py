@@ -247,6 +247,34 @@ def run_segmentation(train: Rows, val: Rows, evaluate: Rows, config: UsefulnessC
             "best_step": float(fitted.best_step)}
 
 
+def run_segmentation_seeds(trains: list[Rows], val: Rows, evaluate: Rows, config: UsefulnessConfig,
+                           seeds: list[int], device: str = "auto") -> list[dict[str, float]]:
+    """:func:`run_segmentation` for every seed of one arm at once (``trains[i]`` trained with ``seeds[i]``),
+    the seeds' segmenters trained as one grouped net (brvo_models.segmenter.fit_segmenter_seeds): the same
+    per-seed results within float rounding, at about the cost of one. A seed with no rows gets a NaN Dice."""
+    from brvo_models.segmenter import evaluate_segmenter, fit_segmenter_seeds
+
+    if len(trains) != len(seeds):
+        raise ValueError(f"one train set per seed: {len(trains)} train sets, {len(seeds)} seeds")
+    out: list[dict[str, float]] = [{"dice": float("nan")} for _ in seeds]
+    used = [i for i, rows in enumerate(trains) if len(rows)]
+    if not used:
+        return out
+    r = config.segmenter
+    fits = fit_segmenter_seeds(
+        [trains[i].images for i in used], [trains[i].labels for i in used], seeds=[seeds[i] for i in used],
+        image_size=trains[used[0]].images.shape[-1], steps=r.steps, val_images=val.images, val_labels=val.labels,
+        val_every=max(1, r.steps // r.validations), arch=r.arch, width=r.width, batch_size=r.batch_size, lr=r.lr,
+        device=device, crop=r.crop,
+        row_weights=[_weights(trains[i], config.synthetic_weight) if trains[i].is_synthetic.any() else None
+                     for i in used])
+    for i, fitted in zip(used, fits):
+        scores = evaluate_segmenter(fitted.net, evaluate.images, evaluate.labels)
+        out[i] = {"dice": scores["dice"], "cldice": scores["cldice"], "threshold": fitted.threshold,
+                  "best_step": float(fitted.best_step)}
+    return out
+
+
 def run_response(train: Rows, evaluate: Rows, config: UsefulnessConfig, seed: int) -> dict[str, float]:
     """Train the frozen forecaster on ``train``'s pairs; mean absolute error of the later-stage
     density on ``evaluate``'s real pairs (and the correlation of predicted with true change)."""
