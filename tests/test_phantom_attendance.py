@@ -8,7 +8,11 @@ import pytest
 
 from brvo_models.phantom.anatomy import build_anatomy
 from brvo_models.phantom.config import PhantomConfig
-from brvo_models.phantom.visit_plan import plan_visits, reperfusion_rates, stage_patient_counts
+from brvo_models.phantom.visit_plan import (
+    plan_visits,
+    reperfusion_rates,
+    stage_patient_counts,
+)
 
 #: The shares of the truth phantoms C-F (SOUL's shape with more patients kept early).
 CLINIC = (0.9056603773584906, 0.6792452830188679, 0.6981132075471698, 0.49056603773584906, 0.37735849056603776,
