@@ -64,7 +64,7 @@ COMPARISONS = (
 )
 METRICS = ("dice", "cldice")  # dice is the protocol's primary metric: the verdicts that count
 #: The step budgets an arm chooses from on the validation patients (see :func:`budget_recipe`)
-BUDGETS = (300, 600, 1200)
+BUDGETS = (300, 600)
 BUDGET_RULE = ("each arm's step budget is chosen on the validation patients' real rows, per seed, among "
                f"{'/'.join(str(b) for b in BUDGETS)} steps: one fit of {max(BUDGETS)} steps validated every "
                f"{min(BUDGETS) // 10} steps keeps the weights of the best validation Dice (the protocol's recipe at a "
