@@ -106,7 +106,8 @@ def publish_task(run: PlanRun, work: Path, registry_dir: Path, config: PipelineC
     registry = ModelRegistry(registry_dir)
     version = registry.publish(
         {name: m.checkpoint_path for name, m in models.items()}, config, source,
-        metrics={name: m.report_section() for name, m in models.items()}, promotion=promotion,
+        metrics={name: m.report_section().model_dump(mode="json", exclude_unset=True) for name, m in models.items()},
+        promotion=promotion,
         documents={"report.json": documents.report_json, "report.md": documents.report_md})
     promoted = registry.latest_version() == version
     run_log(f"published models {version} to {registry_dir} "

@@ -11,7 +11,6 @@ like ``/../../../tmp/x/ESCAPED`` must never name a file outside the run director
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import unicodedata
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.errors import UnsafePathError
+from storage.report_schema import load_report
 
 #: longest component safe_component returns, in UTF-8 bytes (file systems allow 255)
 MAX_COMPONENT_BYTES = 120
@@ -160,5 +160,7 @@ class RunPaths:
 
 
 def read_report(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """RUN_DIR/report.json's content, validated by its schema (storage.report_schema.load_report: an invalid
+    file is a one-line error); {} when the run has none. For typed access, call load_report itself."""
     path = RunPaths.of(run_dir).report_json
-    return json.loads(path.read_text()) if path.exists() else {}
+    return load_report(path).to_json() if path.exists() else {}

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from storage.hashing import file_sha256
 from storage.paired_format import STAGE_NAMES, PairedDatasetWriter, meta_frame, validate
+from storage.report_schema import SyntheticSection
 from storage.run_dir import RunPaths
 from storage.work_files import read_work_array, read_work_table
 from tasks.config import PipelineConfig
@@ -107,8 +108,8 @@ class ExportResult(BaseModel):
     synthetic: dict
     seconds: float
 
-    def report_section(self) -> dict:
-        return self.synthetic
+    def report_section(self) -> SyntheticSection:
+        return SyntheticSection.model_validate(self.synthetic)
 
 
 class ExportInputs(BaseModel):

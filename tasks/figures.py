@@ -9,6 +9,7 @@ import h5py
 from pydantic import BaseModel
 
 from storage.paired_format import read_meta
+from storage.report_schema import FiguresSection
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
 from tasks.engine import Step, StepContext
@@ -23,8 +24,8 @@ class FiguresResult(BaseModel):
     figures: list[str]
     seconds: float
 
-    def report_section(self) -> list[str]:
-        return self.figures
+    def report_section(self) -> FiguresSection:
+        return FiguresSection(self.figures)
 
 
 def write_figures(run_dir: Path, config: PipelineConfig, pix2pix: TrainedModel, crgan: TrainedModel,

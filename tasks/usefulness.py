@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel
 
+from storage.report_schema import UsefulnessSection
 from storage.run_dir import RunPaths
 from tasks.analyses.usefulness_subsets import SUBSET_PLAN, PipelineSubsetMaker
 from tasks.analyses.usefulness_protocol import (SyntheticMaker, load_study_data, rows_help, run_protocol,
@@ -48,8 +49,8 @@ class UsefulnessResult(BaseModel):
 
     section: dict[str, Any]
 
-    def report_section(self) -> dict[str, Any]:
-        return self.section
+    def report_section(self) -> UsefulnessSection:
+        return UsefulnessSection.model_validate(self.section)
 
 
 def usefulness_step(ctx: StepContext, preprocess: PreprocessResult, export: ExportResult) -> UsefulnessResult:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+from storage import report_schema
 from storage.paired_format import read_meta
 from storage.run_dir import RunPaths
 from tasks.engine import Step, StepCommand, StepContext
@@ -17,13 +18,22 @@ from tasks.shared.preflight import require_soul_h5
 CALLS: list[Path] = []
 
 
+# 6. its report section: a model in storage/report_schema.py and a field of Report named as the section
+class StageRowsSection(report_schema.Section):
+    rows_per_stage: dict[int, int]
+
+
+class ReportWithStageRows(report_schema.Report):
+    stage_rows: StageRowsSection | None = None
+
+
 # 1. its module: a result type, the plain function (inputs from the results it is handed), the declaration
 class StageRows(BaseModel):
     csv: str
     rows_per_stage: dict[int, int]
 
-    def report_section(self) -> dict:
-        return {"rows_per_stage": self.rows_per_stage}
+    def report_section(self) -> StageRowsSection:
+        return StageRowsSection(rows_per_stage=self.rows_per_stage)
 
 
 def stage_rows_step(ctx: StepContext, preprocess) -> StageRows:
@@ -45,10 +55,11 @@ STAGE_ROWS = Step(
 
 @pytest.fixture
 def toy_step(monkeypatch):
-    """Steps 2 and 4: its file as a RunPaths property, its place in the augment plan."""
+    """Steps 2, 4 and 6: its file as a RunPaths property, its place in the augment plan, its report section."""
     import flows.augment
     import flows.plans
 
+    monkeypatch.setattr(report_schema, "Report", ReportWithStageRows)
     monkeypatch.setattr(RunPaths, "stage_rows_csv", property(lambda self: self.root / "stage_rows.csv"), raising=False)
     plan = flows.plans.AUGMENT + (STAGE_ROWS,)
     monkeypatch.setattr(flows.plans, "AUGMENT", plan)

@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from storage.paired_format import read_arrays, read_meta
+from storage.report_schema import ImageQualitySection
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
 from tasks.engine.logs import run_log
@@ -46,8 +47,8 @@ class ImageQualityResult(BaseModel):
     extractors: dict[str, dict[str, dict[str, Any]]]
     seconds: float
 
-    def report_section(self) -> dict[str, Any]:
-        return self.model_dump()
+    def report_section(self) -> ImageQualitySection:
+        return ImageQualitySection.model_validate(self.model_dump())
 
 
 def measure_image_quality(run_dir: Path, config: PipelineConfig, pix2pix_checkpoint: Path, *,

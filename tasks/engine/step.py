@@ -7,6 +7,10 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
+#: What a result's ``report_section()`` returns: the pydantic model of its section in
+#: storage.report_schema (a field of ``Report``, named by ``Step.report``).
+ReportSection = BaseModel
+
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
 from tasks.engine.logs import LogFn, run_log
@@ -62,9 +66,11 @@ class Step:
     directories) it owns; a result may list further files in an ``output_files()`` method (e.g. checkpoints
     held outside the run directory by the model registry). ``config_fields`` are the
     PipelineConfig fields its result depends on (dotted for a model's field, e.g.
-    ``pix2pix.threshold``). ``report`` is the report.json section its result's
-    ``report_section()`` fills. ``cache`` False: the step always runs (cheap steps whose
-    outputs are views of other results, e.g. the documents).
+    ``pix2pix.threshold``). ``report`` is the report.json section its result fills: a field of
+    :class:`storage.report_schema.Report`, and ``result_type.report_section()`` returns that
+    field's model (:data:`ReportSection`); a section Report does not declare is refused when the
+    report is built. ``cache`` False: the step always runs (cheap steps whose outputs are views of
+    other results, e.g. the documents).
     """
 
     name: str

@@ -1,6 +1,7 @@
 """report.json, report.md and DATASET_CARD.md: built from the step results at the end of every run.
 
-report.json is the single source of the numbers; report.md and the card render it.
+report.json is the single source of the numbers; report.md and the card render it. Its schema is
+storage.report_schema: each step's section model, assembled here into a validated ``Report``.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from storage import report_schema
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig
 from tasks.shared.markdown_tables import markdown_table
@@ -27,6 +29,13 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
     return str(v)
+
+
+def _num(v: Any, spec: str) -> str:
+    """``v`` formatted by ``spec``; 'n/a' where it was not measured (NaN in memory, null in report.json)."""
+    if v is None or (isinstance(v, float) and v != v):
+        return "n/a"
+    return format(v, spec)
 
 
 def _table(rows: dict[str, dict[str, Any]], keys: list[str]) -> str:
@@ -147,7 +156,7 @@ def _threshold_source(t: dict[str, Any]) -> str:
                 f"{cal.get('split')} split), scored as the synthetic samples are: consistency_ssim, density_z and "
                 f"label_confidence each reject {cal.get('quantile', 0):.0%} of those real rows; together with "
                 f"realism's fixed bound and the label-density floor they accept "
-                f"{cal.get('real_pass_rate', float('nan')):.0%} of them.")
+                f"{_num(cal.get('real_pass_rate'), '.0%')} of them.")
     if cal.get("fallback_reason"):
         return f"Fixed thresholds (calibration fell back: {cal['fallback_reason']})."
     return "Fixed thresholds (config acceptance = 'fixed')." if t else ""
@@ -237,7 +246,7 @@ def _gap_lines(per_gap: dict[str, Any] | None) -> list[str]:
         course = g.get("course") or {}
         carried = course.get("carried")
         rows.append([GAP_TITLES.get(kind, kind), g["n"], *(_fmt(g[k]["ssim"]) for k in ("model", "nearest", "neighbour_mean")),
-                     f"{course.get('real_change_mean', float('nan')):+.2f}", f"{course.get('model_change_mean', float('nan')):+.2f}",
+                     _num(course.get('real_change_mean'), '+.2f'), _num(course.get('model_change_mean'), '+.2f'),
                      "n/a" if carried is None else f"{100 * carried:.0f} %"])
     return ["By kind of gap (SSIM; the course: change in the non-perfusion index, percentage points, from the nearest "
             "other observed stage, real stage and estimate, and the share of the real change the estimate carries):", "",
@@ -417,24 +426,24 @@ def _card_evidence(report: dict[str, Any]) -> list[str]:
     lines = ["## How good is it (measured in this run; details in report.md)"]
     p2p = report.get("pix2pix") or {}
     if p2p.get("test"):
-        base = "; ".join(f"{k} {v['dice']:.3f}" for k, v in (p2p.get("baselines") or {}).items())
+        base = "; ".join(f"{k} {_num(v['dice'], '.3f')}" for k, v in (p2p.get("baselines") or {}).items())
         objective = f" Generator objective: {p2p['objective']}." if p2p.get("objective") else ""
         objective += _labelling_text(p2p)
-        lines.append(f"- Pix2Pix labels on held-out real test patients: Dice {p2p['test']['dice']:.3f} "
+        lines.append(f"- Pix2Pix labels on held-out real test patients: Dice {_num(p2p['test']['dice'], '.3f')} "
                      f"(baselines: {base}).{objective}")
     crg = (report.get("crgan") or {}).get("heldout") or {}
     if crg.get("model"):
-        base = "; ".join(f"{k} {v['ssim']:.3f}" for k, v in (crg.get("baselines") or {}).items())
-        lines.append(f"- CRGAN on real stages hidden and regenerated: SSIM {crg['model']['ssim']:.3f} "
+        base = "; ".join(f"{k} {_num(v['ssim'], '.3f')}" for k, v in (crg.get("baselines") or {}).items())
+        lines.append(f"- CRGAN on real stages hidden and regenerated: SSIM {_num(crg['model']['ssim'], '.3f')} "
                      f"(baselines: {base}).")
         after = (crg.get("per_gap") or {}).get("after_last")
         if after and after.get("course"):
             carried = after["course"].get("carried")
             lines.append(f"- After the last visit (SOUL's common gap; {after['n']} held-out stages): SSIM "
-                         f"{after['model']['ssim']:.3f} against {after['nearest']['ssim']:.3f} for a copy of the "
+                         f"{_num(after['model']['ssim'], '.3f')} against {_num(after['nearest']['ssim'], '.3f')} for a copy of the "
                          f"last visit; the estimate carries "
                          f"{'an undefined share' if carried is None else f'{100 * carried:.0f} %'} of the real change "
-                         f"in non-perfusion ({after['course']['real_change_mean']:+.2f} points). {TRACKING_NOTE}")
+                         f"in non-perfusion ({_num(after['course']['real_change_mean'], '+.2f')} points). {TRACKING_NOTE}")
     quality = ((report.get("image_quality") or {}).get("extractors") or {}).get("random_cnn", {}).get("all")
     if quality and quality.get("baseline"):
         lines.append(f"- Synthetic vs held-out real images (random-CNN features, all stages): KID "
@@ -454,41 +463,51 @@ def _card_evidence(report: dict[str, Any]) -> list[str]:
 # ------------------------------------------------------------------------------- writing them
 
 
-def build_report(plan: Sequence[Step], run: PlanRun, config: PipelineConfig) -> dict[str, Any]:
-    """report.json from this run's step results: each step's declared section, timings, config, versions.
+def build_report(plan: Sequence[Step], run: PlanRun, config: PipelineConfig) -> report_schema.Report:
+    """report.json from this run's step results: each step's declared section (its typed model), timings,
+    config, versions and the quality bars, validated as one :class:`storage.report_schema.Report`.
 
     Rebuilt from the step records at the end of every run, so it can never be stale or partial
-    because a step was served from its cache (it is nobody's input)."""
+    because a step was served from its cache (it is nobody's input). A step whose section the
+    schema does not declare is refused here, so no section is written untyped."""
     from tasks.engine.run_record import versions
 
-    report: dict[str, Any] = {}
+    schema = report_schema.Report  # looked up at call time: the one schema, wherever it is extended
+    sections: dict[str, Any] = {}
     for step in plan:
         if step.report and step.name in run.outcomes:
-            report[step.report] = run.result(step.name).report_section()
-    report["timings_s"] = run.timings()
-    report["config"] = config.model_dump(mode="json")
-    report["versions"] = versions()
-    bars = bar_checks(report)
-    if bars:
-        report["bars"] = bars
-    return report
+            if step.report not in schema.model_fields:
+                raise ValueError(f"step {step.name!r} fills report section {step.report!r}, which "
+                                 f"storage.report_schema.Report does not declare: add a model for it there")
+            sections[step.report] = run.result(step.name).report_section()
+    fields = {**sections, "timings_s": run.timings(), "config": config.model_dump(mode="json"), "versions": versions()}
+    bars = bar_checks(report_dict(schema.model_validate(fields)))  # the bars read the sections' numbers
+    return schema.model_validate({**fields, "bars": bars} if bars else fields)
+
+
+def report_dict(report: report_schema.Report) -> dict[str, Any]:
+    """The report as the renderers and the flows read it: report.json's content, with NaN where a number was
+    not measured (report.json itself writes null)."""
+    return report.model_dump(mode="json", exclude_unset=True)
 
 
 def write_documents(run_dir: Path, plan: Sequence[Step], run: PlanRun, config: PipelineConfig,
                     data_source: str, log_warnings: bool = True) -> dict[str, Any]:
-    """Write report.json, and report.md + DATASET_CARD.md once augmented.h5 exists; return the report.
+    """Write report.json (strict JSON, validated by its schema), and report.md + DATASET_CARD.md once
+    augmented.h5 exists; return the report's content (:func:`report_dict`).
     ``log_warnings`` False: the caller logs the WARNINGs itself (a retrain, once it knows where the
     documents will live: its work directory is deleted)."""
-    from storage.atomic import write_json_atomic, write_text_atomic
+    from storage.atomic import write_text_atomic
     from storage.paired_format import validate
 
     from tasks.engine.logs import run_warning
 
     paths = RunPaths.of(run_dir)
-    report = build_report(plan, run, config)
+    typed = build_report(plan, run, config)
+    report = report_dict(typed)
     for warning in warnings_of(report) if log_warnings else ():
         run_warning(f"{warning}; see {paths.report_md}")
-    write_json_atomic(paths.report_json, report)
+    write_text_atomic(paths.report_json, report_schema.report_text(typed))
     write_text_atomic(paths.report_md, render_report(report, data_source))
     if "export" in run.outcomes:
         write_text_atomic(paths.dataset_card, render_card(report, validate(paths.augmented_h5).attrs, data_source))

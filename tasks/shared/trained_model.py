@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Literal
 from pydantic import BaseModel
 
 from storage.errors import BrvoError
+from storage.report_schema import CrganSection, Pix2PixSection
 from tasks.config import PipelineConfig
 from tasks.shared.progress import training_progress
 from tasks.engine import StepContext, claim_partial_work
@@ -43,13 +44,13 @@ class TrainedModel(BaseModel):
     def output_files(self) -> list[Path]:
         return [self.checkpoint_path]
 
-    def report_section(self) -> dict[str, Any]:
+    def report_section(self) -> Pix2PixSection | CrganSection:
         section = dict(self.evaluation)
         if self.registry_version:
             section["registry_version"] = self.registry_version
         if self.training:
             section["training"] = {k: v for k, v in self.training.items() if k != "history"}
-        return section
+        return (Pix2PixSection if self.model == "pix2pix" else CrganSection).model_validate(section)
 
 
 def train_and_evaluate(ctx: StepContext, model: ModelName, train: Callable[..., Any],
