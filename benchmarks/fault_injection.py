@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tasks.shared.markdown_tables import markdown_table  # noqa: E402
+from storage.report_schema import load_report  # noqa: E402
 
 CLI = ROOT / ".venv" / "bin" / "brvo-augment"
 PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -733,7 +734,7 @@ def case_degenerate_labels_never_accepted(h: Harness, d: Path) -> Outcome:
     from storage.paired_format import read_arrays, read_meta
 
     run = h.tiny_run.path
-    report = json.loads((run / "report.json").read_text())
+    report = load_report(run / "report.json")
     meta, (_, labels) = read_meta(run / "soul.h5"), read_arrays(run / "soul.h5")
     train = labels[meta["split"].to_numpy() == "train"].reshape(-1, labels[0].size).mean(axis=1)
     lo, hi = float(train.min()), float(train.max())
@@ -752,13 +753,13 @@ def case_degenerate_labels_never_accepted(h: Harness, d: Path) -> Outcome:
     synthetic = kept_meta["is_synthetic"].to_numpy()
     degenerate_kept = int(((density[synthetic] < lo) | (density[synthetic] > hi) | (density[synthetic] <= 0)
                            | (density[synthetic] >= 1)).sum())
-    syn = report.get("synthetic") or {}
-    n_degenerate = syn.get("degenerate_labels")
+    n_degenerate = report.synthetic.degenerate_labels if report.synthetic else None
+    degenerate_by = report.synthetic.degenerate_by if report.synthetic else None
     warned = "labeller failed" in card or "degenerate" in card
     all_meta = read_meta(run / "augmented.h5")
     held = degenerate_kept == 0 and n_degenerate is not None and (n_degenerate == 0 or warned)
     return Outcome(f"{int(all_meta['is_synthetic'].sum())} synthetic rows, {n_degenerate} degenerate labels "
-                   f"({syn.get('degenerate_by')}); the card's snippet keeps {int(synthetic.sum())} synthetic, "
+                   f"({degenerate_by}); the card's snippet keeps {int(synthetic.sum())} synthetic, "
                    f"{degenerate_kept} outside the train annotations' density {lo:.3f}..{hi:.3f}; card WARNING: "
                    f"{'yes' if warned else 'no'}", held)
 
@@ -1003,7 +1004,7 @@ def case_markdown_tables(h: Harness, d: Path) -> Outcome:
     from storage.paired_format import read_meta
 
     run = h.tiny_run.path
-    report = json.loads((run / "report.json").read_text())
+    report = load_report(run / "report.json").to_json()  # the renderers read report.json's content
     meta = read_meta(run / "augmented.h5")
     with h5py.File(run / "augmented.h5", "r") as f:
         summary = {"augmented_h5": str(run / "augmented.h5"), "n_real": int(f.attrs["n_real"]),
@@ -1024,7 +1025,7 @@ def case_markdown_tables(h: Harness, d: Path) -> Outcome:
 
 def case_final_state_named(h: Harness, d: Path) -> Outcome:
     fx = h.tiny_run
-    bars = json.loads((fx.path / "report.json").read_text())["bars"]
+    bars = load_report(fx.path / "report.json").bars or {}
     missed = [b for b, met in bars.items() if not met]
     name = "Completed" if not missed else f"Completed: {len(missed)} bar{'s' if len(missed) > 1 else ''} missed"
     finished = [line for line in fx.proc.err.splitlines() if "Finished in state" in line and "Flow run" in line]

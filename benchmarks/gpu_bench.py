@@ -55,6 +55,8 @@ import brvo_models.pix2pix as pix2pix_module
 from brvo_models.crgan import CRGAN
 from brvo_models.crgan_data import N_STAGES, PatientSequence, make_train_batches
 from brvo_models.pix2pix import Pix2Pix
+from storage.report_schema import load_report
+from storage.run_dir import RunPaths
 from tasks.config import preset
 
 SECTIONS = ("peak", "pix2pix", "crgan", "graphs", "checkpoint", "eval", "flow")
@@ -348,17 +350,19 @@ def flow_timings(run_dir: Path) -> dict[str, Any]:
     """Per-step wall time of a run: report.json's timings_s, each step record's seconds, and the model steps'
     training / evaluation / Frangi seconds."""
     out: dict[str, Any] = {}
-    report_path = run_dir / "report.json"
+    report_path = RunPaths.of(run_dir).report_json
     if report_path.exists():
-        report = json.loads(report_path.read_text())
-        out["timings_s"] = report.get("timings_s")
-        for model in ("pix2pix", "crgan"):
-            section = report.get(model) or {}
-            training = section.get("training") or {}
+        report = load_report(report_path)
+        out["timings_s"] = report.timings_s.model_dump(exclude_unset=True) if report.timings_s else None
+        for model, section in (("pix2pix", report.pix2pix), ("crgan", report.crgan)):
+            if section is None:
+                continue
+            training = section.training or {}
+            frangi = getattr(section, "frangi_params", None) or {}
             out[f"{model}_detail"] = {
                 "train_seconds": training.get("seconds"), "steps": training.get("steps"),
-                "epochs": training.get("epochs"), "eval_seconds": section.get("seconds"),
-                "frangi_seconds": (section.get("frangi_params") or {}).get("seconds"),
+                "epochs": training.get("epochs"), "eval_seconds": section.seconds,
+                "frangi_seconds": frangi.get("seconds"),
             }
     records = {}
     for path in sorted((run_dir / ".steps").glob("*.json")):
