@@ -93,6 +93,9 @@ class Pix2PixConfig(TrainingSchedule):
     beta1: float = Field(0.5, ge=0.0, lt=1.0)
     beta2: float = Field(0.999, ge=0.0, lt=1.0)
     batch_size: int = Field(1, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="autocast in training and validation: auto = bf16 on CUDA, fp32 on the CPU "
+        "(bit-reproducible); fp32 or bf16 on any device (brvo_models.runtime; docs/performance.md)")
     threshold: float | None = Field(
         None, ge=0.0, le=1.0, description="probability above which a pixel is labelled vessel; None (default): "
         "chosen for the best Dice on the validation patients at every validation and stored with the generator "
@@ -133,6 +136,9 @@ class CRGANConfig(TrainingSchedule):
     beta1: float = Field(0.5, ge=0.0, lt=1.0)
     beta2: float = Field(0.999, ge=0.0, lt=1.0)
     batch_size: int = Field(8, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="autocast in training and validation: auto = bf16 on CUDA, fp32 on the CPU "
+        "(bit-reproducible); fp32 or bf16 on any device (brvo_models.runtime; docs/performance.md)")
     hide_prob: float = Field(0.5, ge=0.0, le=1.0,
                              description="chance of hiding each observed stage from the context in a training step")
     visible_l1_weight: float = Field(0.5, ge=0.0,
@@ -220,6 +226,9 @@ class SegmenterRecipe(_Frozen):
     width: int = Field(16, ge=1, le=256, description="channels of every hidden layer")
     steps: int = Field(600, ge=1, le=1_000_000, description="optimiser steps (batches sampled with replacement)")
     batch_size: int = Field(16, ge=1, le=4096)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="autocast in training and validation: auto = bf16 on CUDA, fp32 on the CPU "
+        "(bit-reproducible); fp32 or bf16 on any device (brvo_models.runtime; docs/performance.md)")
     lr: float = Field(3e-3, gt=0.0, le=1.0)
     validations: int = Field(10, ge=1, le=1000, description="validations over the run (the best one is kept)")
     crop: int | None = Field(32, ge=8, description="train on random square windows of this side (fully "

@@ -24,7 +24,7 @@ augmented with the same aligned flips and rotations Pix2Pix uses
 scored every ``val_every`` steps and the best ones kept (the same rule as Pix2Pix's best.pt),
 and the labelling threshold is chosen on the validation patients from the grid Pix2Pix uses;
 it travels with the weights in the ``label_threshold`` buffer. On CPU a seed gives the same
-weights every time (no autocast, no dropout, one RNG stream).
+weights every time (fp32 unless ``precision='bf16'`` is asked for, no dropout, one RNG stream).
 
 Plain functions, no Prefect; 'auto' picks CUDA when present.
 """
@@ -154,7 +154,7 @@ def _as_input(images: np.ndarray) -> torch.Tensor:
 
 
 def predict_probabilities(net: VesselSegmenter, images: np.ndarray, batch_size: int = 64,
-                          flip_average: bool = False) -> np.ndarray:
+                          flip_average: bool = False, precision: str | None = None) -> np.ndarray:
     """Vessel probabilities float32 (N, H, W) of uint8 images (N, H, W); eval mode, no grad.
 
     ``flip_average``: the mean over the four flips of each image (:func:`brvo_models.flips.flip_averaged`),
@@ -168,7 +168,7 @@ def predict_probabilities(net: VesselSegmenter, images: np.ndarray, batch_size: 
         with torch.no_grad():
             for start in range(0, len(x_all), batch_size):
                 x = x_all[start:start + batch_size].to(dev) * 2 - 1
-                with autocast(dev):
+                with autocast(dev, precision):
                     p = flip_averaged(net.probabilities, x) if flip_average else net.probabilities(x)
                 out[start:start + batch_size] = p.float()[:, 0].cpu().numpy()
     finally:
@@ -188,7 +188,8 @@ def fit_segmenter(images: np.ndarray, labels: np.ndarray, *, image_size: int, st
                   val_images: np.ndarray | None = None, val_labels: np.ndarray | None = None,
                   val_every: int | None = None, arch: Arch = "dilated", width: int = 8, batch_size: int = 8,
                   lr: float = 3e-3, seed: int = 0, device: str | torch.device = "auto",
-                  row_weights: np.ndarray | None = None, crop: int | None = None) -> SegmenterFit:
+                  row_weights: np.ndarray | None = None, crop: int | None = None,
+                  precision: str | None = None) -> SegmenterFit:
     """Train for exactly ``steps`` optimiser steps; with val images keep the best-on-val weights.
 
     ``images`` uint8 (N, H, W) of side ``image_size``, ``labels`` 0/1 of the same shape.
@@ -199,7 +200,8 @@ def fit_segmenter(images: np.ndarray, labels: np.ndarray, *, image_size: int, st
     synthetic rows); None draws uniformly (the same batches as before the option existed).
     ``crop``: train on a random ``crop`` x ``crop`` window of each augmented pair (the dilated nets are fully
     convolutional, so they still segment whole images; a quarter of the pixels makes a step about four times
-    cheaper on a CPU); None trains on whole images.
+    cheaper on a CPU); None trains on whole images. ``precision``: 'auto', 'fp32' or 'bf16' autocast
+    (brvo_models.runtime; None: the surrounding :func:`~brvo_models.runtime.precision_scope`'s).
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -235,13 +237,14 @@ def fit_segmenter(images: np.ndarray, labels: np.ndarray, *, image_size: int, st
         if crop is not None and crop < image_size:
             x, y = random_windows(x, y, crop, g)
         x, y = x.to(dev) * 2 - 1, y.to(dev)
-        with autocast(dev):
+        with autocast(dev, precision):
             loss = net.loss(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if has_val and (step % val_every == 0 or step == steps):
-            threshold, val_dice = choose_threshold(predict_probabilities(net, val_images), val_labels)
+            threshold, val_dice = choose_threshold(predict_probabilities(net, val_images, precision=precision),
+                                                   val_labels)
             history.append({"step": step, "loss": float(loss.item()), "val_dice": val_dice, "threshold": threshold})
             if val_dice > best["dice"]:
                 best = {"step": step, "dice": val_dice, "threshold": threshold,
@@ -328,7 +331,8 @@ class SeedGroupedNet(nn.Module):
         return out
 
 
-def predict_probabilities_grouped(net: SeedGroupedNet, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def predict_probabilities_grouped(net: SeedGroupedNet, images: np.ndarray, batch_size: int = 64,
+                                  precision: str | None = None) -> np.ndarray:
     """Every seed's vessel probabilities float32 (S, N, H, W) of uint8 images (N, H, W); eval mode, no grad."""
     x_all = _as_input(images)
     dev = next(net.parameters()).device
@@ -339,7 +343,7 @@ def predict_probabilities_grouped(net: SeedGroupedNet, images: np.ndarray, batch
         with torch.no_grad():
             for start in range(0, len(x_all), batch_size):
                 x = (x_all[start:start + batch_size].to(dev) * 2 - 1).expand(-1, net.seeds, -1, -1)
-                with autocast(dev):
+                with autocast(dev, precision):
                     p = torch.sigmoid(net(x).float())
                 out[:, start:start + batch_size] = p.permute(1, 0, 2, 3).cpu().numpy()
     finally:
@@ -366,7 +370,7 @@ def fit_segmenter_seeds(images: list[np.ndarray], labels: list[np.ndarray], *, s
                         val_every: int | None = None, arch: Arch = "dilated", width: int = 8, batch_size: int = 8,
                         lr: float = 3e-3, device: str | torch.device = "auto",
                         row_weights: list[np.ndarray | None] | None = None,
-                        crop: int | None = None) -> list[SegmenterFit]:
+                        crop: int | None = None, precision: str | None = None) -> list[SegmenterFit]:
     """:func:`fit_segmenter` for several seeds at once: one :class:`SegmenterFit` per seed, the same (within
     float rounding) as ``fit_segmenter(images[i], labels[i], seed=seeds[i], row_weights=row_weights[i], ...)``.
 
@@ -381,7 +385,8 @@ def fit_segmenter_seeds(images: list[np.ndarray], labels: list[np.ndarray], *, s
         raise ValueError(f"need one images, labels (and row_weights) entry per seed: {n} seeds, "
                          f"{len(images)} images, {len(labels)} labels, {len(row_weights)} row_weights")
     options = dict(image_size=image_size, steps=steps, val_images=val_images, val_labels=val_labels,
-                   val_every=val_every, arch=arch, width=width, batch_size=batch_size, lr=lr, device=device, crop=crop)
+                   val_every=val_every, arch=arch, width=width, batch_size=batch_size, lr=lr, device=device, crop=crop,
+                   precision=precision)
     if arch not in LOGIT_ARCHS:
         return [fit_segmenter(x, y, seed=s, row_weights=w, **options)
                 for x, y, s, w in zip(images, labels, seeds, row_weights)]
@@ -418,14 +423,14 @@ def fit_segmenter_seeds(images: list[np.ndarray], labels: list[np.ndarray], *, s
             xs.append(x)
             ys.append(y)
         x, y = torch.cat(xs, 1).to(dev) * 2 - 1, torch.cat(ys, 1).to(dev)
-        with autocast(dev):
+        with autocast(dev, precision):
             out = grouped(x)
             losses = torch.stack([output_loss(out[:, i:i + 1], y[:, i:i + 1], arch) for i in range(n)])
         opt.zero_grad(set_to_none=True)
         losses.sum().backward()
         opt.step()
         if has_val and (step % val_every == 0 or step == steps):
-            probs = predict_probabilities_grouped(grouped, val_images)
+            probs = predict_probabilities_grouped(grouped, val_images, precision=precision)
             step_losses = losses.detach().tolist()
             for i in range(n):
                 threshold, val_dice = choose_threshold(probs[i], val_labels)

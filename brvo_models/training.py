@@ -34,6 +34,9 @@ metrics with a ``score`` (higher is better). :func:`fit` owns everything around 
   boundaries, so the host builds batch n+1 while the GPU trains on batch n. Batches are pure
   functions of the epoch and ``stage`` draws from no global RNG, so prefetching changes no
   result (tested on CPU against the sequential loop, bit for bit).
+* **Precision from the model's config.** A model whose ``config`` has a ``precision`` ('auto', 'fp32',
+  'bf16'; brvo_models.runtime) trains and validates under it: fit sets it around the loop, and every
+  ``autocast(device)`` inside follows it.
 * **Exact resume.** ``batches(epoch)`` is a pure function of the epoch (seeded), so a resume
   at step s replays epoch s // steps_per_epoch and skips the batches already trained on; with
   the RNG, optimiser and early-stopping state restored, a run killed mid-schedule and resumed
@@ -53,6 +56,7 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 
 from brvo_models.identity import CheckpointIdentity
+from brvo_models.runtime import precision_scope
 from storage.checkpoints import load_checkpoint, save_checkpoint, state_must_fit
 from storage.errors import BrvoError, CheckpointError
 
@@ -236,8 +240,9 @@ def fit(
     source = _Prefetcher(batches, getattr(model, "stage", None), epoch, skip, prefetch) if prefetch > 0 else None
     try:
         writer = _CheckpointWriter(last_path, best_path, checkpoint_every_s, clock)
-        _train(model, batches if source is None else source.epoch, schedule, identity, progress, epoch, skip,
-               base_lrs, writer, on_validation, log, max_validations_this_call)
+        with precision_scope(getattr(getattr(model, "config", None), "precision", None)):
+            _train(model, batches if source is None else source.epoch, schedule, identity, progress, epoch, skip,
+                   base_lrs, writer, on_validation, log, max_validations_this_call)
     finally:
         if source is not None:
             source.close()

@@ -265,7 +265,7 @@ def run_segmentation_seeds(trains: list[Rows], val: Rows, evaluate: Rows, config
         [trains[i].images for i in used], [trains[i].labels for i in used], seeds=[seeds[i] for i in used],
         image_size=trains[used[0]].images.shape[-1], steps=r.steps, val_images=val.images, val_labels=val.labels,
         val_every=max(1, r.steps // r.validations), arch=r.arch, width=r.width, batch_size=r.batch_size, lr=r.lr,
-        device=device, crop=r.crop,
+        device=device, crop=r.crop, precision=r.precision,
         row_weights=[_weights(trains[i], config.synthetic_weight) if trains[i].is_synthetic.any() else None
                      for i in used])
     for i, fitted in zip(used, fits):
