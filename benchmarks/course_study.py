@@ -26,7 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from brvo_models.course_study import PatientCourse, across_seeds, markdown_table, study  # noqa: E402
+from brvo_models.course_study import (PatientCourse, across_seeds, markdown_table, patient_table,  # noqa: E402
+                                      study)
 from brvo_models.fill_truth import non_perfusion_index, vessel_density  # noqa: E402
 from brvo_models.phantom.truth import Truth, read_truth  # noqa: E402
 from storage.errors import BrvoError  # noqa: E402
@@ -133,7 +134,8 @@ def run_study(run_dirs: list[Path], truth_dir: Path, *, log=print) -> dict:
         fill_counts = {"filled_pairs": sum(len(p.crgan_all) for p in cohorts["non_perfusion"]),
                        "pairs_with_accepted": sum(len(p.crgan_accepted) for p in cohorts["non_perfusion"])}
         per_run.append({"run_dir": str(run_dir), "seed": config.seed, "image_size": config.image_size,
-                        **fill_counts, "results": {b: study(c) for b, c in cohorts.items()}})
+                        **fill_counts, "results": {b: study(c) for b, c in cohorts.items()},
+                        "observed": {p.patient_id: sorted(p.observed) for p in cohorts["non_perfusion"]}})
         log(f"course_study: {run_dir} (seed {config.seed}): {fill_counts['filled_pairs']} filled pairs, "
             f"{fill_counts['pairs_with_accepted']} with an accepted row")
     verdicts = {b: across_seeds([r["results"][b] for r in per_run]) for b in BIOMARKERS}
@@ -160,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         for biomarker, res in run["results"].items():
             print(f"## {biomarker} - {run['run_dir']} (seed {run['seed']}, {run['image_size']} px)\n")
             print(markdown_table(res))
+    runs = result["runs"]
+    print("## non_perfusion - per patient: course MAE over the missed stages (pp)\n")
+    print(patient_table([r["results"]["non_perfusion"] for r in runs], [r["seed"] for r in runs], runs[0]["observed"]))
     print("## verdicts across seeds (the declared rule)\n")
     for biomarker, verdicts in result["verdicts_across_seeds"].items():
         for name, measures in verdicts.items():

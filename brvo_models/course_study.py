@@ -327,3 +327,22 @@ def markdown_table(result: dict, unit: str = "pp") -> str:
             cells += [f"{_f(v['mean'], 3)} +- {_f(v['se'], 3)}", v["verdict"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def patient_table(results: Sequence[dict], seeds: Sequence[int], observed: Mapping[str, Sequence[int]]) -> str:
+    """Per patient with a missed stage: the stages seen, and each filling method's course MAE over the missed
+    stages in every run (runs of one phantom, e.g. two training seeds; LOCF and interpolation do not depend
+    on the run, so they are shown once)."""
+    fills = ("crgan_accepted", "crgan_all")
+    head = ["patient", "seen", NAMES["locf"], NAMES["interpolation"]]
+    head += [f"{NAMES[m]}, seed {s}" for m in fills for s in seeds]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    first = results[0]["patient"]
+    for pid, errors in first.items():
+        if errors["locf"]["filled"] is None:
+            continue
+        cells = [pid, "".join(str(s) for s in observed[pid]), _f(errors["locf"]["filled"]),
+                 _f(errors["interpolation"]["filled"])]
+        cells += [_f(r["patient"][pid][m]["filled"]) for m in fills for r in results]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -151,3 +151,14 @@ def test_benchmark_reads_a_finished_run_and_its_truth(tiny_augment_run, tmp_path
     assert bench.main([str(run_dir), str(tmp_path / "other"), "--json", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not this run's phantom" in err and err.count("\n") == 1
+
+
+def test_patient_table_lists_each_patient_with_a_missed_stage_once_per_run():
+    from brvo_models.course_study import patient_table
+
+    cohort = [_patient("1", [20, 18, 16, 14, 12, 10], seen=[0, 2], fill="truth"), _patient("2", [9] * 6, seen=range(6))]
+    runs = [study(cohort, n_resamples=50), study(cohort, n_resamples=50)]
+    table = patient_table(runs, [0, 1], {"1": [0, 2], "2": list(range(6))})
+    rows = [line for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    # LOCF: 20, 16, 16, 16 against 18, 14, 12, 10; interpolation: 18, 16, 16, 16
+    assert rows == ["| 1 | 02 | 3.50 | 3.00 | 0.00 | 0.00 | 0.00 | 0.00 |"]
