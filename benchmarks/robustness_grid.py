@@ -1,4 +1,4 @@
-"""Robustness grid (issue 11 item 3): the demo recipe on phantoms unlike the demo's, through the product's code.
+"""Robustness grid: the demo recipe on phantoms unlike the demo's, through the product's steps.
 
     python benchmarks/robustness_grid.py run --data DATA_DIR --out grid.jsonl
         [--patients 12 24 53 120] [--visits 1-2 3-8] [--seeds 0 1] [--sizes 64 128]
@@ -10,15 +10,18 @@
 
 One *configuration* is (patients, images per visit, image size); each runs on two *seeds*: seed s
 makes the phantom (``generate_phantom(seed=s)``), splits its patients (``preprocess``) and trains
-the models (``config.seed = s``). Per (configuration, seed), in a fresh run directory under DATA_DIR:
+the models (``config.seed = s``). Every step is the product's, run by the step engine's driver
+(``tasks.engine.run_plan``, as the usefulness sub-runs are) under the same cache rules as any run:
 
-* the dataset: ``generate_phantom`` (at the phantom's own 304 px, as ``make demo`` makes it) -> ``ingest``
-  -> ``preprocess`` (resized to the configuration's size; what ``flows.cli phantom`` and ``prepare`` run,
-  without Prefect), made once and reused (its soul.h5 is the cache);
-* Pix2Pix: ``train_pix2pix`` then ``evaluate_pix2pix`` (best.pt and its threshold chosen on the val
-  patients; Otsu, Frangi and the supervised segmenter scored on the same test images in the same call);
-* CRGAN: ``train_crgan`` then ``evaluate_crgan`` (held-out real stages of val + test patients against
-  nearest-stage copy and neighbour mean).
+* the dataset, DATA_DIR/<name>/: ``generate_phantom`` (at the phantom's own 304 px, as ``make demo`` makes
+  it, once) -> the ``ingest`` and ``preprocess`` steps (resized to the configuration's size), each served
+  from its record while nothing it depends on changed;
+* the row, a sub-run in DATA_DIR/rows/<name>/<variant and device>: a copy of the dataset's soul.h5 (its
+  'preprocess', whose source is the request naming it by sha256), then the ``pix2pix`` step (train, then
+  the held-out evaluation: best.pt and its threshold chosen on the val patients; Otsu, Frangi and the
+  supervised segmenter scored on the same test images) and the ``crgan`` step (held-out real stages of val
+  + test patients against nearest-stage copy and neighbour mean). A row whose steps are served from their
+  records says so (``cached_steps``) and keeps the times of the run that computed them.
 
 The config is the demo preset at the configuration's image size (``--variant`` overrides fields, as a
 config file would); the schedules are the preset's (adaptive: counted in optimiser steps). Each
@@ -70,22 +73,20 @@ def dataset_name(patients: int, visits: str, seed: int, size: int, label_resize:
     return f"ph{patients}_v{visits}_s{seed}_{size}px{rule}"
 
 
-def prepare_dataset(data_dir: Path, patients: int, visits: str, seed: int, size: int,
-                    label_resize: str = "nearest") -> Path:
-    """DATA_DIR/<name>/soul.h5 for this configuration, seed and label rule (a variant's ``label_resize``), made
-    with the product's phantom, ingest and preprocess on first use; returns the run directory."""
-    from tasks.config import load_config
-    from tasks.ingest import ingest
-    from flows.phantom import generate_phantom
-    from tasks.preprocess import preprocess
-    from brvo_models.phantom.config import phantom_config
+#: How long a row waits for another process that is making or using the same run directory.
+LOCK_WAIT_S = 6 * 3600.0
+REQUEST_DIR = "request"
+REQUEST_FILE = "dataset.json"
 
-    run = data_dir / dataset_name(patients, visits, seed, size, label_resize)
-    if (run / "soul.h5").exists():
-        return run
+
+def _phantom_source(data_dir: Path, patients: int, visits: str, seed: int) -> Path:
+    """DATA_DIR/sources/ph<P>_v<V>_s<S>: the phantom at its own (SOUL's 304 px) size, as `make demo` makes it,
+    written once; preprocess resizes it, so the 64 and 128 px datasets of a (patients, visits, seed) show the
+    same eyes."""
+    from brvo_models.phantom.config import phantom_config
+    from flows.phantom import generate_phantom
+
     lo, hi = (int(v) for v in visits.split("-"))
-    # the phantom at its own (SOUL's 304 px) size, as `make demo` makes it; preprocess resizes it to `size`,
-    # so the 64 and 128 px datasets of a (patients, visits, seed) show the same eyes
     source = data_dir / "sources" / f"ph{patients}_v{visits}_s{seed}"
     if not (source / "S1").exists():
         source.parent.mkdir(parents=True, exist_ok=True)
@@ -96,48 +97,150 @@ def prepare_dataset(data_dir: Path, patients: int, visits: str, seed: int, size:
             shutil.rmtree(source, ignore_errors=True)
             (tmp_source / "phantom").rename(source)
         shutil.rmtree(tmp_source, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run.name}-", dir=data_dir))
-    try:
-        staging = tmp / "run"
-        ingest(source, staging, log=quiet, workers=1)
-        preprocess(staging, load_config("demo", image_size=size, seed=seed, label_resize=label_resize), log=quiet,
-                   workers=1)
-        if run.exists():
-            shutil.rmtree(run)
-        staging.rename(run)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return run
+    return source
+
+
+def dataset_config(size: int, seed: int, label_resize: str = "nearest", **fields):
+    """The demo preset at the configuration's size and seed (one worker: rows run side by side)."""
+    from tasks.config import load_config
+
+    return load_config("demo", image_size=size, seed=seed, label_resize=label_resize, workers=1, **fields)
+
+
+def prepare_dataset_run(data_dir: Path, patients: int, visits: str, seed: int, size: int,
+                        label_resize: str = "nearest"):
+    """DATA_DIR/<name>/ for this configuration, seed and label rule: the product's ingest and preprocess steps
+    run by the step engine (tasks.engine.run_plan) on the phantom, each served from its record while nothing it
+    depends on changed. Returns the plan's run (its 'preprocess' result names soul.h5)."""
+    from storage.locking import run_dir_lock
+    from tasks.engine import StepContext, execute_plainly, run_plan
+    from tasks.ingest import INGEST
+    from tasks.preprocess import PREPROCESS
+
+    source = _phantom_source(data_dir, patients, visits, seed)
+    run_dir = data_dir / dataset_name(patients, visits, seed, size, label_resize)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = StepContext(run_dir=run_dir, config=dataset_config(size, seed, label_resize), source=source, log=quiet)
+    with run_dir_lock(run_dir, timeout_s=LOCK_WAIT_S):
+        return run_plan((INGEST, PREPROCESS), ctx, execute=execute_plainly)
+
+
+def prepare_dataset(data_dir: Path, patients: int, visits: str, seed: int, size: int,
+                    label_resize: str = "nearest") -> Path:
+    """DATA_DIR/<name>/soul.h5 for this configuration, seed and label rule (:func:`prepare_dataset_run`);
+    returns the run directory."""
+    run = prepare_dataset_run(data_dir, patients, visits, seed, size, label_resize)
+    return Path(run.result("preprocess").path).parent
+
+
+# ------------------------------------------------------------------------------- a row's sub-run
+
+
+def write_dataset_request(row_dir: Path, preprocess) -> Path:
+    """ROW_DIR/request/dataset.json, the row sub-run's source: the dataset's soul.h5 by path and sha256 and its
+    preprocess result. Rewritten only when it changes, so a rebuilt dataset retrains the row and nothing else
+    does."""
+    from storage.atomic import write_json_atomic
+
+    folder = row_dir / REQUEST_DIR
+    blob = {"soul_h5": preprocess.path, "soul_h5_sha256": preprocess.sha256,
+            "preprocess": preprocess.model_dump(mode="json")}
+    path = folder / REQUEST_FILE
+    if not path.is_file() or json.loads(path.read_text()) != blob:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, blob)
+    return folder
+
+
+def dataset_soul_step(ctx):
+    """The row sub-run's 'preprocess': a copy of the requested dataset's soul.h5 (checked by sha256)."""
+    from storage.atomic import atomic_path
+    from storage.hashing import file_sha256
+    from tasks.preprocess import PreprocessResult
+
+    blob = json.loads((Path(ctx.source) / REQUEST_FILE).read_text())
+    if file_sha256(blob["soul_h5"]) != blob["soul_h5_sha256"]:
+        raise RuntimeError(f"{blob['soul_h5']} changed since the row was requested; run the row again")
+    with atomic_path(ctx.paths.soul_h5) as tmp:
+        shutil.copyfile(blob["soul_h5"], tmp)
+    return PreprocessResult.model_validate({**blob["preprocess"], "path": str(ctx.paths.soul_h5)})
+
+
+def fit_pix2pix_step(ctx, preprocess):
+    """'pix2pix_fit' (--val-only rows): Pix2Pix trained as the 'pix2pix' step trains it, no test patient labelled."""
+    from tasks.pix2pix import train_pix2pix
+    from tasks.shared.trained_model import train_and_evaluate
+
+    return train_and_evaluate(ctx, "pix2pix", train_pix2pix, lambda *_args, **_kw: {}, soul_h5=preprocess.path)
+
+
+def row_steps(models: list[str], val_only: bool) -> tuple:
+    """The row sub-run's plan: its dataset, then the product's training steps (train + held-out evaluation);
+    --val-only: Pix2Pix's training alone.
+
+    This file's own two steps are taken from it imported as ``benchmarks.robustness_grid``, so the step engine
+    keys them on this file's code and what it imports (run as a script, ``__main__`` has no source to key)."""
+    import importlib
+
+    from tasks.crgan import TRAIN_CRGAN
+    from tasks.engine import Step
+    from tasks.pix2pix import TRAIN_PIX2PIX
+    from tasks.preprocess import PreprocessResult
+    from tasks.shared.trained_model import TrainedModel
+
+    this = importlib.import_module("benchmarks.robustness_grid")
+    dataset = Step(name="preprocess", run=this.dataset_soul_step, result_type=PreprocessResult, reads_source=True,
+                   writes=("soul_h5",), description="the dataset's soul.h5, copied into the row's sub-run")
+    if val_only:
+        return (dataset, Step(name="pix2pix_fit", run=this.fit_pix2pix_step, result_type=TrainedModel,
+                              needs=("preprocess",), reads=("soul_h5",), config_fields=TRAIN_PIX2PIX.config_fields,
+                              uses_device=True))
+    return (dataset,) + tuple(step for step in (TRAIN_PIX2PIX, TRAIN_CRGAN) if step.name in models)
+
+
+def row_dir_of(data_dir: Path, dataset: str, device: str, variant: dict, val_only: bool) -> Path:
+    """DATA_DIR/rows/<dataset>/<variant and device digest>[-val]: one sub-run per row kind, kept as its cache."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps({"variant": variant, "device": device}, sort_keys=True).encode()).hexdigest()
+    return data_dir / "rows" / dataset / (digest[:12] + ("-val" if val_only else ""))
 
 
 def run_row(data_dir: Path, patients: int, visits: str, seed: int, size: int, *, device: str, models: list[str],
             variant: dict, val_only: bool) -> dict:
-    """Train and score one (configuration, seed) through the product's step functions."""
+    """Train and score one (configuration, seed) with the product's steps, run by the step engine's driver on a
+    sub-run directory under the same cache rules as any run (what tasks.analyses.usefulness_subsets does)."""
     import torch
 
-    from tasks.config import flatten_fields, load_config
-    from tasks.crgan import evaluate_crgan, train_crgan
-    from tasks.pix2pix import evaluate_pix2pix, train_pix2pix
+    from storage.locking import run_dir_lock
+    from tasks.config import flatten_fields
+    from tasks.engine import StepContext, execute_plainly, run_plan
 
     t0 = time.perf_counter()
-    dataset = prepare_dataset(data_dir, patients, visits, seed, size, variant.get("label_resize", "nearest"))
+    label_resize = variant.get("label_resize", "nearest")
+    prepared = prepare_dataset_run(data_dir, patients, visits, seed, size, label_resize)
     row: dict = {"patients": patients, "visits": visits, "seed": seed, "size": size, "variant": variant,
                  "device": device, "val_only": val_only, "prepare_s": round(time.perf_counter() - t0, 1)}
-    config = load_config("demo", image_size=size, seed=seed, device=device, **flatten_fields(variant))
-    with tempfile.TemporaryDirectory(prefix="grid-", dir=data_dir) as tmp:
-        shutil.copy2(dataset / "soul.h5", Path(tmp) / "soul.h5")
-        if "pix2pix" in models:
-            t = time.perf_counter()
-            trained = train_pix2pix(tmp, config, log=quiet)
-            row["pix2pix_train_s"] = round(time.perf_counter() - t, 1)
-            row["pix2pix_fit"] = {"n_train": trained.n_train, "n_val": trained.n_val, "steps": trained.steps,
-                                  "planned_steps": trained.planned_steps, "best_step": trained.best_step,
-                                  "stopped_early": trained.stopped_early, "val_dice": trained.best_val_dice,
-                                  "val_cldice": trained.best_val_cldice}
-            if not val_only:
-                t = time.perf_counter()
-                section = evaluate_pix2pix(tmp, config, log=quiet)
-                row["pix2pix_eval_s"] = round(time.perf_counter() - t, 1)
+    config = dataset_config(size, seed, **{"device": device, **flatten_fields(variant)})
+    row_dir = row_dir_of(data_dir, dataset_name(patients, visits, seed, size, label_resize), device, variant, val_only)
+    row_dir.mkdir(parents=True, exist_ok=True)
+    with run_dir_lock(row_dir, timeout_s=LOCK_WAIT_S):
+        source = write_dataset_request(row_dir, prepared.result("preprocess"))
+        ctx = StepContext(run_dir=row_dir, config=config, source=source, log=quiet)
+        run = run_plan(row_steps(models, val_only), ctx, execute=execute_plainly)
+    row["cached_steps"] = run.cached  # a served step keeps the times of the run that computed it
+    for name in ("pix2pix", "pix2pix_fit"):
+        if name in run.outcomes:
+            trained = run.result(name)
+            fit = trained.training
+            row["pix2pix_train_s"] = round(fit["seconds"], 1)
+            row["pix2pix_fit"] = {"n_train": fit["n_train"], "n_val": fit["n_val"], "steps": fit["steps"],
+                                  "planned_steps": fit["planned_steps"], "best_step": fit["best_step"],
+                                  "stopped_early": fit["stopped_early"], "val_dice": fit["best_val_dice"],
+                                  "val_cldice": fit["best_val_cldice"]}
+            if name == "pix2pix":
+                section = trained.evaluation
+                row["pix2pix_eval_s"] = round(section["seconds"], 1)
                 row["labels"] = {"pix2pix": section["test"], **section["baselines"]}
                 row["labels_n_test_patients"] = section["n_test_patients"]
                 row["threshold"] = section["threshold"]
@@ -145,18 +248,16 @@ def run_row(data_dir: Path, patients: int, visits: str, seed: int, size: int, *,
                 flipped = (row["segmenter_params"] or {}).get("flip_averaged_test")
                 if flipped:  # for the reader, not a bar: how much Pix2Pix's flip averaging alone would give
                     row["labels"][SEGMENTER_FLIPPED] = flipped
-        if "crgan" in models and not val_only:
-            t = time.perf_counter()
-            trained_c = train_crgan(tmp, config, log=quiet)
-            row["crgan_train_s"] = round(time.perf_counter() - t, 1)
-            t = time.perf_counter()
-            section = evaluate_crgan(tmp, config, log=quiet)
-            row["crgan_eval_s"] = round(time.perf_counter() - t, 1)
-            row["crgan_fit"] = {"steps": trained_c.steps, "planned_steps": trained_c.planned_steps,
-                                "best_step": trained_c.best_step, "stopped_early": trained_c.stopped_early}
-            heldout = section["heldout"]
-            row["images"] = {"crgan": heldout["model"], **heldout["baselines"]}
-            row["images_n"] = heldout["n"]
+    if "crgan" in run.outcomes:
+        trained_c = run.result("crgan")
+        fit, section = trained_c.training, trained_c.evaluation
+        row["crgan_train_s"] = round(fit["seconds"], 1)
+        row["crgan_eval_s"] = round(section["seconds"], 1)
+        row["crgan_fit"] = {"steps": fit["steps"], "planned_steps": fit["planned_steps"],
+                            "best_step": fit["best_step"], "stopped_early": fit["stopped_early"]}
+        heldout = section["heldout"]
+        row["images"] = {"crgan": heldout["model"], **heldout["baselines"]}
+        row["images_n"] = heldout["n"]
     row["wall_s"] = round(time.perf_counter() - t0, 1)
     row["torch_threads"] = torch.get_num_threads()
     return row

@@ -70,6 +70,13 @@ def test_one_row_runs_the_product_and_the_table_shows_what_was_not_run(grid, tmp
     assert row["pix2pix_fit"]["steps"] == 3 and row["crgan_fit"]["steps"] == 3
     assert row["segmenter_params"]["steps"] == 3 and row["labels"]["pix2pix"]["n"] > 0
     assert (tmp_path / "data" / "ph12_v1-2_s0_64px" / "soul.h5").exists()
+    # the row ran the product's steps with the step engine: a second run of the cell is served from their records
+    assert row["cached_steps"] == []
+    assert grid.main(["one", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "again.jsonl"), "--device",
+                      "cpu", "--threads", "1", "--variant", json.dumps(tiny), "--cell", "12", "1-2", "0", "64"]) == 0
+    (again,) = grid.read_rows(tmp_path / "again.jsonl")
+    assert again["cached_steps"] == ["preprocess", "pix2pix", "crgan"]
+    assert again["labels"] == row["labels"] and again["images"] == row["images"]
     # a variant with another label rule gets its own dataset (same phantom), never the cached nearest-rule one
     assert grid.main(["one", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "max.jsonl"), "--device", "cpu",
                       "--threads", "1", "--variant", json.dumps({**tiny, "label_resize": "max"}), "--models", "pix2pix",
