@@ -392,10 +392,6 @@ class Report(Section):
         return without_nan(self.model_dump(mode="json", exclude_unset=True))
 
 
-#: Every section name a step may declare (Step.report), with its model.
-SECTIONS: dict[str, Any] = {name: field.annotation for name, field in Report.model_fields.items()}
-
-
 def without_nan(value: Any) -> Any:
     """``value`` with every NaN or infinity replaced by None (strict JSON has neither)."""
     if isinstance(value, float):

@@ -22,6 +22,7 @@ def _train_and_val(soul):
 # --------------------------------------------------------------------------- the product's config field
 
 
+@pytest.mark.slow
 def test_pix2pix_trains_on_labelled_patients_only_and_crgan_on_every_train_image(tmp_path):
     """The step functions themselves (tiny preset): Pix2Pix and its segmenter baseline see the labelled train
     patients' rows and no other train patient's; CRGAN trains on every train patient."""
@@ -158,6 +159,7 @@ def test_the_arms_hold_what_their_names_say(blob_study):
     assert set(times.values()) <= {whole, whole + 1}  # as evenly as the count allows
 
 
+@pytest.mark.slow
 def test_the_study_compares_paired_by_seed_with_the_baselines_role(blob_study, tmp_path):
     from tasks.analyses import label_scarce as ls
 
