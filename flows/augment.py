@@ -24,6 +24,7 @@ from flows.final_state import final_state, outcome_state, summary_line
 from flows.settings import registry_dir_setting
 from storage.errors import BrvoError
 from storage.registry import ModelRegistry, RegisteredModels
+from storage.report_schema import Report
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig, config_from, load_config
 from flows.plans import AUGMENT
@@ -120,11 +121,13 @@ def augment_chain(soul_dir: str | Path, run_dir: str | Path, config: PipelineCon
 
 def _summary(run_dir: Path, run: PlanRun, report: dict[str, Any]) -> dict[str, Any]:
     exported = run.result("export")
+    typed = Report.model_validate(report)
+    test = typed.pix2pix.test if typed.pix2pix else None
     return {"run_dir": str(run_dir), "augmented_h5": exported.augmented_h5, "n_real": exported.n_real,
             "n_synthetic": exported.n_synthetic, "n_accepted": exported.n_accepted,
-            "timings_s": report["timings_s"], "report": str(RunPaths.of(run_dir).report_md),
-            "pix2pix_dice": (report.get("pix2pix") or {}).get("test", {}).get("dice"),
-            "bars": report.get("bars", {}), "bars_summary": bars_summary(report), "warnings": warnings_of(report)}
+            "timings_s": typed.timings_s.model_dump(exclude_unset=True) if typed.timings_s else {},
+            "report": str(RunPaths.of(run_dir).report_md), "pix2pix_dice": test.dice if test else None,
+            "bars": typed.bars or {}, "bars_summary": bars_summary(report), "warnings": warnings_of(report)}
 
 
 @flow(name="augment", log_prints=True, task_runner=step_task_runner())
