@@ -53,11 +53,23 @@ def measure(args: argparse.Namespace) -> dict:
     maker = PipelineLabelScarceMaker(pipeline, paths.soul_h5, data.real["train"].patients,
                                      data.real["val"].patients, work_dir)
     seeds = args.only_seeds if args.only_seeds is not None else list(range(config.seeds))
-    partial = args.out.with_suffix(".partial.json") if args.out else None
+    about = {"config": config.model_dump(mode="json"), "subrun_config": json.loads(args.subrun_config),
+             "patients": {s: len(r.patients) for s, r in data.real.items()}}
+    partial = args.out.with_suffix(".partial.json") if args.out else None  # after every arm: a part `merge` reads
     measured = measure_seeds(data, config, args.fractions, maker, seeds, log=_log, device=args.device,
-                             on_progress=(lambda m: write_json_atomic(partial, m)) if partial else None)
-    return {"measured": measured, "config": config.model_dump(mode="json"),
-            "subrun_config": json.loads(args.subrun_config), "patients": {s: len(r.patients) for s, r in data.real.items()}}
+                             on_progress=(lambda m: write_json_atomic(partial, {"measured": m, **about}))
+                             if partial else None)
+    return {"measured": measured, **about}
+
+
+def read_part(path: Path) -> dict:
+    """A part written by ``run`` (or its .partial.json; one written before the partial carried the config is the
+    bare measurement, made with the default UsefulnessConfig of 3 seeds)."""
+    part = json.loads(path.read_text())
+    if "measured" not in part:
+        part = {"measured": part, "config": UsefulnessConfig(seeds=3).model_dump(mode="json"), "subrun_config": None,
+                "patients": None}
+    return part
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         part = measure(args)
         parts = [part]
     else:
-        parts = [json.loads(p.read_text()) for p in args.parts]
+        parts = [read_part(p) for p in args.parts]
     configs = {json.dumps(p["config"], sort_keys=True) for p in parts}
     if len(configs) > 1:
         raise SystemExit("error: the parts were measured with different configs; they cannot be paired")

@@ -210,3 +210,22 @@ def test_the_pipeline_sub_run_labels_with_the_labelled_patients_only(tmp_path):
     again(train[:2], seed=0)
     assert {"preprocess", "crgan", "fill"} <= set(again.last_run.cached)
     assert not {"pix2pix", "label", "score"} & set(again.last_run.cached)
+
+
+def test_an_unfinished_study_pairs_the_seeds_both_arms_have_and_names_what_is_missing():
+    from tasks.analyses.label_scarce import judge, render_markdown
+
+    def arm(name, dice):
+        return {"fraction": 0.1, "arm": name, "per_seed": {
+            str(s): {"n_rows": 10, "n_synthetic_rows": 0, "n_pseudo_rows": 0, "n_patients": 1, "budget_step": 300,
+                     "dice": d, "cldice": d} for s, d in dice.items()}}
+
+    measured = {"arms": {"labels_10_labelled_only": arm("labelled_only", {0: 0.60, 1: 0.61, 2: 0.62}),
+                         "labels_10_plus_pseudo_labels": arm("plus_pseudo_labels", {2: 0.70, 0: 0.68})},
+                "subruns": {}}
+    result = judge(measured, UsefulnessConfig())
+    [dice] = [c for c in result["comparisons"] if c["primary"]]
+    assert dice["arm"] == "labels_10_plus_pseudo_labels" and dice["seeds"] == [0, 2] and dice["n"] == 2
+    assert dice["per_seed_gain"] == pytest.approx([0.08, 0.08])
+    assert "labels_10_plus_synthetic vs labels_10_plus_pseudo_labels" in result["not_measured"]
+    assert "Not measured (the study did not finish)" in render_markdown(result)

@@ -249,36 +249,42 @@ def merge_measured(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
 def judge(measured: dict[str, Any], config: UsefulnessConfig) -> dict[str, Any]:
     """The arms' per-seed lists (sorted by seed) and every comparison by the protocol's rule; the same shape as
     the protocol's result (``arms``, ``comparisons`` with arm, baseline, task, metric, mean_gain, se, t_crit, n,
-    verdict), each comparison also naming its baseline's role."""
+    verdict), each comparison also naming its baseline's role. A comparison pairs the seeds both arms were
+    measured on; one whose arms are not both measured is listed in ``not_measured`` (an unfinished study)."""
     arms: dict[str, dict[str, Any]] = {}
     for name, arm in measured["arms"].items():
         seeds = sorted(arm["per_seed"], key=int)
         rows = [arm["per_seed"][s] for s in seeds]
         arms[name] = {"fraction": arm["fraction"], "arm": arm["arm"], "seeds": [int(s) for s in seeds],
                       **{k: [r[k] for r in rows] for k in rows[0]}}
-    seed_sets = {tuple(a["seeds"]) for a in arms.values()}
-    if len(seed_sets) > 1:
-        raise ValueError(f"arms measured on different seeds: {sorted(seed_sets)}; a paired comparison needs the same")
     fractions = sorted({a["fraction"] for a in arms.values()})
-    comparisons = []
+    comparisons, not_measured = [], []
     for fraction in fractions:
         for arm, baseline, role in COMPARISONS:
-            a, b = arms[f"{tag(fraction)}_{arm}"], arms[f"{tag(fraction)}_{baseline}"]
+            a, b = arms.get(f"{tag(fraction)}_{arm}"), arms.get(f"{tag(fraction)}_{baseline}")
+            common = sorted(set(a["seeds"]) & set(b["seeds"])) if a and b else []
+            if not common:
+                not_measured.append(f"{tag(fraction)}_{arm} vs {tag(fraction)}_{baseline}")
+                continue
             for metric in METRICS:
+                pick = [dict(zip(x["seeds"], x[metric])) for x in (b, a)]
                 comparisons.append({"arm": f"{tag(fraction)}_{arm}", "baseline": f"{tag(fraction)}_{baseline}",
                                     "baseline_role": role, "task": "segmentation", "metric": metric,
                                     "primary": metric == PRIMARY["segmentation"][0], "fraction": fraction,
-                                    **paired_verdict(b[metric], a[metric], higher_is_better=True)})
+                                    "seeds": common,
+                                    **paired_verdict([pick[0][s] for s in common], [pick[1][s] for s in common],
+                                                     higher_is_better=True)})
     return {
         "rule": RULE,
         "budget_rule": BUDGET_RULE,
         "eval_split": config.eval_split,
-        "seeds": sorted(seed_sets.pop()) if seed_sets else [],
+        "seeds": sorted({s for a in arms.values() for s in a["seeds"]}),
         "fractions": fractions,
         "config": config.model_dump(mode="json"),
         "arms": arms,
         "subruns": measured["subruns"],
         "comparisons": comparisons,
+        "not_measured": not_measured,
         "synthetic_rows_beat_self_training": beats_self_training(comparisons),
     }
 
@@ -328,7 +334,9 @@ def render_markdown(result: dict[str, Any]) -> str:
     for c in result["comparisons"]:
         verdict = f"**{c['verdict']}**" if c["primary"] else c["verdict"]
         lines.append(f"| {c['arm']} vs {c['baseline']} | {c['baseline_role']} | {c['metric']} | "
-                     f"{c['mean_gain']:+.4f} ({c['se']:.4f}) | {c['t_crit']:.2f} SE | {verdict} |")
+                     f"{c['mean_gain']:+.4f} ({c['se']:.4f}) | {c['t_crit']:.2f} SE (n {c['n']}) | {verdict} |")
     lines += ["", f"Scored on the real rows of the {result['eval_split']} patients; seeds {result['seeds']}. Rule: "
               f"{result['rule']}. Budget: {result['budget_rule']}."]
+    if result.get("not_measured"):
+        lines.append(f"**Not measured (the study did not finish):** {'; '.join(result['not_measured'])}.")
     return "\n".join(lines)
