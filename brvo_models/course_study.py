@@ -146,21 +146,28 @@ def _bootstrap_indices(n: int, n_resamples: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
 
 
-def population_mae_bootstrap(patients: Sequence[PatientCourse], methods: Sequence[str] = METHODS,
-                             n_resamples: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
-    """The mean over stages of |population error| for each method, on the same patient resamples (so methods
-    are paired by patient): method -> (n_resamples,) values."""
+def population_bootstrap(patients: Sequence[PatientCourse], methods: Sequence[str] = METHODS,
+                         n_resamples: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
+    """Each method's population error per stage (method's mean - the truth's) on the same patient resamples (so
+    methods are paired by patient): method -> (n_resamples, 6), NaN at a stage nobody in a resample attended
+    (complete case)."""
     stacks = {m: np.stack([courses(p)[m] for p in patients]) for m in methods}
     truth = np.stack([np.asarray(p.truth, np.float64) for p in patients])
-    out = {m: np.empty(n_resamples) for m in methods}
+    out = {m: np.empty((n_resamples, N_STAGES)) for m in methods}
     for b, idx in enumerate(_bootstrap_indices(len(patients), n_resamples, seed)):
         true_mean = truth[idx].mean(0)
         for m in methods:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # a stage nobody in the resample attended
-                mean = np.nanmean(stacks[m][idx], 0)
-            out[m][b] = float(np.nanmean(np.abs(mean - true_mean))) if not np.isnan(mean).all() else math.nan
+                out[m][b] = np.nanmean(stacks[m][idx], 0) - true_mean
     return out
+
+
+def _mean_abs(errors: np.ndarray) -> np.ndarray:
+    """Mean |error| over the stages of each resample (NaN stages left out)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.abs(errors), axis=-1)
 
 
 def paired(differences: Sequence[float], multiple: float = SE_MULTIPLE) -> dict:
@@ -195,8 +202,8 @@ def study(patients: Sequence[PatientCourse], *, responder_share: float = RESPOND
 
     - ``patient``: per patient and method, MAE over the missed stages and over all six;
     - ``course_error``: per method, the mean over patients with a missed stage of those MAEs;
-    - ``population``: per method, the population mean course, its error per stage and the mean |error|
-      over stages, with a patient-bootstrap SE;
+    - ``population``: per method, the population mean course, its error per stage with a patient-bootstrap
+      SE (``biased`` where |error| > 2 SE), and the mean |error| over stages with its bootstrap SE;
     - ``responders``: per method, the call's accuracy against the truth's (complete-case: over the
       patients seen at the first and the last stage only, the only ones it can call);
     - ``paired``: per comparison (A, B), :func:`paired` on the per-patient filled-stage MAE, on the
@@ -219,12 +226,17 @@ def study(patients: Sequence[PatientCourse], *, responder_share: float = RESPOND
     responders = {m: {"n_called": sum(v is not None for v in correct[m].values()),
                       "accuracy": _share([v for v in correct[m].values() if v is not None])} for m in METHODS}
 
-    boot = population_mae_bootstrap(patients, METHODS, n_resamples, seed)
+    per_stage = population_bootstrap(patients, METHODS, n_resamples, seed)
+    boot = {m: _mean_abs(v) for m, v in per_stage.items()}
     true_course = true_population_course(patients)
     population = {}
     for m in METHODS:
         err = population_error(patients, m)
+        error_se = [_nan_std(per_stage[m][:, s]) for s in range(N_STAGES)]
         population[m] = {"course": population_course(patients, m).tolist(), "error": err.tolist(),
+                         "error_se": error_se,
+                         "biased": [None if se is None or math.isnan(e) else bool(abs(e) > SE_MULTIPLE * se)
+                                    for e, se in zip(err, error_se)],
                          "mae": float(np.nanmean(np.abs(err))) if not np.isnan(err).all() else None,
                          "mae_se": _nan_std(boot[m])}
 

@@ -159,6 +159,13 @@ def test_patient_table_lists_each_patient_with_a_missed_stage_once_per_run():
     cohort = [_patient("1", [20, 18, 16, 14, 12, 10], seen=[0, 2], fill="truth"), _patient("2", [9] * 6, seen=range(6))]
     runs = [study(cohort, n_resamples=50), study(cohort, n_resamples=50)]
     table = patient_table(runs, [0, 1], {"1": [0, 2], "2": list(range(6))})
-    rows = [line for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    rows = [line for line in table.splitlines() if line.startswith(("| 1 ", "| 2 "))]
     # LOCF: 20, 16, 16, 16 against 18, 14, 12, 10; interpolation: 18, 16, 16, 16
     assert rows == ["| 1 | 02 | 3.50 | 3.00 | 0.00 | 0.00 | 0.00 | 0.00 |"]
+
+
+def test_complete_case_bias_is_flagged_per_stage_and_a_correct_course_is_not():
+    result = study(_attrition_cohort(fill="truth"), n_resamples=300)
+    cc, fill = result["population"]["complete_case"], result["population"]["crgan_all"]
+    assert cc["biased"][:2] == [False, False] and all(cc["biased"][2:])  # the non-responders left after s1t2
+    assert not any(fill["biased"])
