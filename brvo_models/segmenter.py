@@ -282,14 +282,15 @@ def evaluate_segmenter(net: VesselSegmenter, images: np.ndarray, labels: np.ndar
 class SeedGroupedNet(nn.Module):
     """S dilated segmenter nets of one arch side by side as the channel groups of one net.
 
-    Why: the usefulness protocol trains one recipe under S seeds, and these nets are so small that a step
-    is mostly per-operation overhead. A convolution with ``groups=S`` computes every seed's convolution on
+    Why: the usefulness protocol trains one recipe under S seeds; one call per layer for all of them saves
+    the per-call overhead of S (on a CPU little, about 10 %, the step being compute-bound; more where small
+    nets are launch-bound, as on a GPU). A convolution with ``groups=S`` computes every seed's convolution on
     its own channel group in one call; batch norm normalises each channel over (batch, H, W), so each
     seed's channels see exactly its own batch's statistics and keep their own running stats. Seed s's
     output (channel s) depends only on seed s's input (channel s) and weights, so the gradient of the
     summed loss with respect to seed s's weights is that of seed s's loss alone, and Adam, elementwise,
     updates each seed's slice as it would alone. (vmap over stacked modules does the same arithmetic
-    through a convolution batching rule; benchmarks/usefulness_batching.py times both.)
+    through a convolution batching rule, slower on a CPU: benchmarks/usefulness_batching.py, docs/performance.md.)
     """
 
     def __init__(self, nets: list[VesselSegmenter]):
