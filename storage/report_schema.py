@@ -318,6 +318,12 @@ class UsefulnessComparison(BaseModel):
     t_crit: Number = None
     n: int | None = None
     verdict: str
+    #: what may be claimed is ``verdict``; ``rule_verdict`` is the paired rule's own before the learning-curve gate
+    rule_verdict: str | None = None
+    baseline_role: str = "real_only"  # or "same_information_alternative" (self-training, interpolation)
+    group: str | None = None  # the gated group of arms: "full_data", "low_data_25", ...
+    adds_synthetic: bool | None = None
+    gate: dict[str, Any] | None = None  # the gate's entry for the group and task: measurable, reason, gain, SE
 
 
 class UsefulnessArm(BaseModel):
@@ -357,6 +363,9 @@ class UsefulnessSection(BaseModel):
     cpu_seconds: Number = None
     verdicts: list[str] = []
     rows_help: bool | None = None
+    rows_help_status: dict[str, str] | None = None  # the bar: status (met / missed / not shown / not measurable), reason
+    gate: dict[str, Any] | None = None  # the learning-curve gate: the real-only curve, measurable groups, saturation
+    generators: str | None = None  # which trained generators the verdicts rest on
     advice: str | None = None
 
 

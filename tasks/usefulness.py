@@ -14,8 +14,8 @@ from pydantic import BaseModel
 from storage.report_schema import UsefulnessSection
 from storage.run_dir import RunPaths
 from tasks.analyses.usefulness_subsets import SUBSET_PLAN, PipelineSubsetMaker
-from tasks.analyses.usefulness_protocol import (SyntheticMaker, load_study_data, rows_help, run_protocol,
-                                                usage_advice, verdict_lines)
+from tasks.analyses.usefulness_protocol import (SyntheticMaker, gate_lines, load_study_data, rows_help,
+                                                rows_help_status, run_protocol, usage_advice, verdict_lines)
 from tasks.config import PipelineConfig
 from tasks.engine import Step, StepContext
 
@@ -37,8 +37,9 @@ def measure_usefulness(run_dir: str | Path, config: PipelineConfig, *, maker: Sy
                           work_dir=paths.usefulness_work, log=log, device=config.device)
     result["verdicts"] = verdict_lines(result)
     result["rows_help"] = rows_help(result)
+    result["rows_help_status"] = rows_help_status(result)
     result["advice"] = usage_advice(result)
-    for line in result["verdicts"]:
+    for line in gate_lines(result) + result["verdicts"]:
         log(f"usefulness: {line}")
     log(f"usefulness: {result['advice']} ({result['seconds']} s)")
     return result

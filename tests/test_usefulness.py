@@ -20,6 +20,7 @@ from tasks.analyses.usefulness_protocol import (
     paired_verdict,
     render_markdown,
     response_pairs,
+    gated,
     rows_help,
     run_protocol,
     subset_patients,
@@ -64,7 +65,7 @@ def test_rule_reports_its_numbers_and_needs_paired_lists():
     assert out["verdict"] == "no difference shown"  # 0.02 < 4.30 x 0.0058
     with pytest.raises(ValueError):
         paired_verdict([0.5, 0.6], [0.5], True)
-    assert paired_verdict([0.5], [0.9], True)["verdict"] == "no difference shown"  # one seed decides nothing
+    assert paired_verdict([0.5], [0.9], True)["verdict"] == "not enough seeds"  # one seed decides nothing
 
 
 # ----------------------------------------------------------------------------------- the rows
@@ -127,7 +128,7 @@ def test_a_mix_with_wrong_labels_measures_a_loss(blob_study):
     result = run_protocol(data, config, log=lambda _: None)
     (cmp,) = result["comparisons"]
     assert cmp["arm"] == "real_plus_synthetic" and cmp["baseline"] == "real_only"
-    assert cmp["verdict"] == "loss", cmp
+    assert cmp["rule_verdict"] == "loss", cmp  # the paired rule; the gate may still withhold the claim
     real_dice = result["arms"]["real_only"]["tasks"]["segmentation"]["dice"]["mean"]
     assert real_dice > 0.6  # the downstream model learned the clean task (else a loss means nothing)
 
@@ -363,21 +364,32 @@ LOSS = ([0.60, 0.61, 0.62], [0.55, 0.561, 0.569])
 NOISE = ([0.60, 0.61, 0.62], [0.61, 0.60, 0.62])
 
 
+MEASURABLE = {"measurable": True, "patients": 9, "reason": "real-only still improves (constructed)"}
+
+
+def _measurable(c: dict, role: str = "real_only") -> dict:
+    """A comparison in an arm the learning-curve gate calls measurable, against a baseline of ``role``."""
+    return gated({**c, "baseline_role": role, "group": c["arm"], "adds_synthetic": c["arm"] != "synthetic_only"},
+                 MEASURABLE if c["arm"] != "synthetic_only" else None)
+
+
 @pytest.mark.parametrize("verdicts, expected", [
-    ((GAIN, NOISE), True),           # one mix gains, none loses
+    ((GAIN, NOISE), True),           # one mix gains over real-only and the alternative, none loses
     ((GAIN, LOSS), False),           # a gain does not excuse a loss elsewhere
     ((NOISE, NOISE), False),         # no difference the rule can call real is not help
 ])
 def test_the_bar_follows_the_declared_rule_on_constructed_numbers(verdicts, expected):
     first, second = verdicts
-    result = {"comparisons": [_comparison("low_data_25_real_plus_synthetic", "segmentation", *first),
-                              _comparison("real_plus_synthetic", "segmentation", *second)]}
+    mix = _comparison("low_data_25_real_plus_synthetic", "segmentation", *first)
+    result = {"comparisons": [_measurable(mix), _measurable(mix, "same_information_alternative"),
+                              _measurable(_comparison("real_plus_synthetic", "segmentation", *second))]}
     assert rows_help(result) is expected
 
 
 def test_synthetic_only_is_context_not_the_bar_and_no_mix_means_no_bar():
-    result = {"comparisons": [_comparison("synthetic_only", "segmentation", *LOSS),
-                              _comparison("real_plus_synthetic", "segmentation", *GAIN)]}
+    mix = _comparison("real_plus_synthetic", "segmentation", *GAIN)
+    result = {"comparisons": [_measurable(_comparison("synthetic_only", "segmentation", *LOSS)), _measurable(mix),
+                              _measurable(mix, "same_information_alternative")]}
     assert rows_help(result) is True
     assert rows_help({"comparisons": [_comparison("synthetic_only", "segmentation", *LOSS)]}) is None
     from tasks.rendering.report import bar_checks
@@ -407,7 +419,7 @@ def test_a_missed_usefulness_bar_is_a_warning_in_report_and_card():
     use = {"rule": "a difference is real when ...", "eval_split": "test", "seeds": [0, 1, 2],
            "config": {"arms": ["real_only", "real_plus_synthetic"], "low_data_fractions": []},
            "arms": {"real_only": arm(0.61), "real_plus_synthetic": arm(0.56)},
-           "comparisons": [_comparison("real_plus_synthetic", "segmentation", *LOSS)], "references": {}}
+           "comparisons": [_measurable(_comparison("real_plus_synthetic", "segmentation", *LOSS))], "references": {}}
     report = {"usefulness": use}
     assert bar_checks(report) == {"synthetic_rows_help": False}
     (warning,) = warnings_of(report)
@@ -484,7 +496,7 @@ def test_agreement_filter_in_a_mix_removes_the_harm_of_wrong_labels(blob_study):
     selection = result["agreement_selection"]["full_data"]
     assert selection["of"] == len(data.synthetic_train) and selection["kept"] < 0.2 * selection["of"], selection
     (cmp,) = result["comparisons"]
-    assert cmp["verdict"] != "loss", cmp
+    assert cmp["rule_verdict"] != "loss", cmp
     assert "agrees with a supervised segmenter" in mix_settings(result)
     assert (f"Agreement selection (full_data): kept {selection['kept']} of {selection['of']} synthetic rows"
             in render_markdown(result))
@@ -496,7 +508,7 @@ def test_row_weights_keep_down_weighted_wrong_labels_from_hurting(blob_study):
     config = UsefulnessConfig(seeds=3, arms=("real_plus_synthetic",), low_data_fractions=(),
                               tasks=("segmentation",), synthetic_weight=1e-6, **FAST)
     (cmp,) = run_protocol(data, config, log=lambda _: None)["comparisons"]
-    assert cmp["verdict"] != "loss" and abs(cmp["mean_gain"]) < 0.02, cmp
+    assert cmp["rule_verdict"] != "loss" and abs(cmp["mean_gain"]) < 0.02, cmp
 
 
 def test_fit_segmenter_refuses_bad_row_weights():
@@ -523,6 +535,6 @@ def test_a_one_seed_result_read_back_from_a_step_record_renders():
            "real_plus_synthetic": arm(0.7)}, "comparisons": [cmp], "references": {}}
     table = render_markdown(use)
     assert "| real_plus_synthetic vs real_only | segmentation (dice) | +0.1000 | n/a | n/a SE | " \
-           "**no difference shown** |" in table
+           "**not enough seeds** |" in table
     assert "| real_only | 10 (0) | 4 | 0.6000 +- 0.0000 | n/a +- n/a |" in table
     assert "n/a" in render_report({"usefulness": use}, "phantom") and "n/a" in render_card({"usefulness": use}, {}, "x")

@@ -27,6 +27,17 @@ ALPHA = 0.05
 RULE = ("a difference is real when the paired mean gain over seeds exceeds t(0.975, n-1) x its standard error "
         "(two-sided paired t-test at the 5 % level; n = seeds); gain = higher Dice / lower forecast error")
 PRIMARY = {"segmentation": ("dice", True), "response": ("mae", False)}  # metric, higher is better
+NO_DIFFERENCE = "no difference shown"
+NOT_ENOUGH_SEEDS = "not enough seeds"
+NOT_MEASURABLE = "not measurable here"
+GATE_RULE = ("an arm is measurable on a task when real-only at the full train split beats real-only at the arm's size "
+             "by the same paired rule (paired by seed, mean gain > t(0.975, n-1) x SE); for a full-data arm, whose "
+             "size is the whole split, half the split stands in for the arm's size. Where it does not, real-only is "
+             "saturated there and no added data can show a gain: the verdict is 'not measurable here'")
+FULL_DATA = "full_data"
+#: What a comparison's baseline is: the same real rows alone, or the cheapest use of the same information without
+#: a generator (self-training for segmentation, interpolation for the course); the bar needs a gain over both.
+BASELINE_ROLES = ("real_only", "same_information_alternative")
 
 
 # ------------------------------------------------------------------------------------------ rows
@@ -322,16 +333,16 @@ def paired_verdict(baseline: list[float], arm: list[float], higher_is_better: bo
     mean = float(gains.mean())
     se = float(gains.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
     t_crit = float(stats.t.ppf(1 - ALPHA / 2, n - 1)) if n > 1 else float("nan")
-    if n < 2 or not np.isfinite(se):
-        verdict = "no difference shown"
+    if n < 2 or not np.isfinite(se) or not np.isfinite(mean):  # no SE: neither a difference nor its absence
+        verdict = NOT_ENOUGH_SEEDS
     elif se == 0.0:
-        verdict = "gain" if mean > 0 else "loss" if mean < 0 else "no difference shown"
+        verdict = "gain" if mean > 0 else "loss" if mean < 0 else NO_DIFFERENCE
     elif mean > t_crit * se:
         verdict = "gain"
     elif mean < -t_crit * se:
         verdict = "loss"
     else:
-        verdict = "no difference shown"
+        verdict = NO_DIFFERENCE
     return {"per_seed_gain": gains.tolist(), "mean_gain": mean, "se": se, "t_crit": t_crit, "n": n,
             "verdict": verdict}
 
@@ -339,6 +350,148 @@ def paired_verdict(baseline: list[float], arm: list[float], higher_is_better: bo
 def _summary(values: list[float]) -> dict[str, Any]:
     v = np.asarray(values, np.float64)
     return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0, "per_seed": v.tolist()}
+
+
+# ------------------------------------------------------------------------- the learning-curve gate
+
+
+def _share(fraction: float) -> str:
+    return f"{100 * fraction:g} %"
+
+
+def low_data_tag(fraction: float) -> str:
+    return f"low_data_{int(round(fraction * 100))}"
+
+
+def gate_sizes(config: UsefulnessConfig) -> dict[str, float]:
+    """Per group of arms that add data, the train fraction whose real-only run the full split must beat:
+    half the split for the full-data arms (their own size is the split), the arm's fraction otherwise."""
+    groups = {FULL_DATA: 0.5} if any(a != "real_only" for a in config.arms) else {}
+    return {**groups, **{low_data_tag(f): float(f) for f in config.low_data_fractions}}
+
+
+def curve_fractions(groups: dict[str, float], extra: Iterable[float] = ()) -> list[float]:
+    """The real-only curve's sizes: each gated size, twice it (capped at the split), the full split, and ``extra``."""
+    points = {1.0, *(float(f) for f in extra)}
+    for f in groups.values():
+        points |= {f, min(2 * f, 1.0)}
+    bad = [f for f in points if not 0 < f <= 1]
+    if bad:
+        raise ValueError(f"learning-curve sizes must lie in (0, 1], got {sorted(bad)}")
+    return sorted(points)
+
+
+def real_only_at(train: Rows, fraction: float, seed: int, subset_models: str) -> Rows:
+    """Real-only train rows at ``fraction`` of the train patients: the same draw as the low-data arm of that size."""
+    if fraction >= 1.0:
+        return train
+    return train.of_patients(subset_patients(train.patients, fraction, 0 if subset_models == "shared" else seed))
+
+
+def measure_curve(train: Rows, val: Rows, evaluate: Rows, config: UsefulnessConfig, fractions: Iterable[float], *,
+                  known: dict[float, dict[str, Any]] | None = None, device: str = "auto",
+                  log: Callable[[str], None] = print) -> dict[float, dict[str, Any]]:
+    """Real-only per seed at each fraction: {fraction: {'patients': [...], task: [primary metric per seed]}}.
+    ``known`` holds sizes an arm already measured (the same rows, recipe and seeds), reused as they are."""
+    curve = dict(known or {})
+    for seed in range(config.seeds):
+        for f in fractions:
+            if f in (known or {}):
+                continue
+            rows = real_only_at(train, f, seed, config.subset_models)
+            point = curve.setdefault(f, {"patients": [], **{t: [] for t in config.tasks}})
+            point["patients"].append(len(rows.patients))
+            for t in config.tasks:
+                out = (run_segmentation(rows, val, evaluate, config, seed, device) if t == "segmentation"
+                       else run_response(rows, evaluate, config, seed))
+                point[t].append(float(out[PRIMARY[t][0]]))
+            log(f"usefulness: seed {seed} real-only at {_share(f)} of the train patients ({len(rows.patients)}): "
+                + "; ".join(f"{t} {PRIMARY[t][0]} {point[t][-1]:.6f}" for t in config.tasks))
+    return curve
+
+
+def judge_gate(curve: dict[float, dict[str, Any]], groups: dict[str, float], tasks: Iterable[str]) -> dict[str, Any]:
+    """The gate's verdicts from a measured curve (:data:`GATE_RULE`): the curve per task with each size's
+    paired gain of the full split over it, per group and task whether its arms are measurable, and where
+    real-only stops improving."""
+    full = curve[1.0]
+    out: dict[str, Any] = {"rule": GATE_RULE, "curve": {}, "groups": {}, "stops_improving": {}}
+    for t in tasks:
+        metric, higher = PRIMARY[t]
+        points = []
+        for f in sorted(curve):
+            v = np.asarray(curve[f][t], np.float64)
+            n = v.size
+            sd = float(v.std(ddof=1)) if n > 1 else float("nan")
+            point = {"fraction": f, "patients": float(np.mean(curve[f]["patients"])), "metric": metric,
+                     "mean": float(v.mean()), "sd": sd, "se": sd / np.sqrt(n) if n > 1 else float("nan"),
+                     "per_seed": v.tolist()}
+            if f < 1.0:
+                point["full_split_vs_this"] = paired_verdict(curve[f][t], full[t], higher)
+            points.append(point)
+        out["curve"][t] = points
+        out["stops_improving"][t] = _stops_improving(points)
+    for group, f in groups.items():
+        entry: dict[str, Any] = {"fraction": 1.0 if group == FULL_DATA else f, "compared_fraction": f, "tasks": {}}
+        for t in tasks:
+            point = next(p for p in out["curve"][t] if p["fraction"] == f)
+            cmp = point["full_split_vs_this"]
+            n_small, n_full = point["patients"], out["curve"][t][-1]["patients"]
+            if cmp["verdict"] == NOT_ENOUGH_SEEDS:
+                measurable, reason = None, (f"{NOT_ENOUGH_SEEDS}: the real-only curve has {cmp['n']} seed(s) "
+                                            "or a missing value, so its SE is undefined")
+            elif cmp["verdict"] == "gain":
+                measurable, reason = True, (f"real-only still improves: the full split ({n_full:.0f} patients) beats "
+                                            f"{n_small:.0f} patients by {_num(cmp['mean_gain'], '+.4f')} "
+                                            f"(SE {_num(cmp['se'], '.4f')})")
+            else:
+                measurable, reason = False, (f"real-only is saturated at {n_small:.0f} patients: the full split "
+                                             f"({n_full:.0f} patients) is not better by the rule "
+                                             f"({_num(cmp['mean_gain'], '+.4f')}, SE {_num(cmp['se'], '.4f')})")
+            entry["tasks"][t] = {"measurable": measurable, "reason": reason, "patients": n_small,
+                                 "full_split_patients": n_full, **{k: cmp[k] for k in ("mean_gain", "se", "verdict")}}
+        out["groups"][group] = entry
+    return out
+
+
+def _stops_improving(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """The smallest size from which on the full split beats no size below it by the rule."""
+    below = [p for p in points if p["fraction"] < 1.0]
+    if not below:
+        return {"patients": None, "text": "no size below the full split was measured"}
+    if any(p["full_split_vs_this"]["verdict"] == NOT_ENOUGH_SEEDS for p in below):
+        return {"patients": None, "text": NOT_ENOUGH_SEEDS}
+    flat = None
+    for p in reversed(below):
+        if p["full_split_vs_this"]["verdict"] == "gain":
+            break
+        flat = p
+    if flat is None:
+        return {"patients": None, "text": f"still improving at the full split ({points[-1]['patients']:.0f} patients)"}
+    return {"patients": flat["patients"], "fraction": flat["fraction"],
+            "text": f"stops improving at {flat['patients']:.0f} patients ({_share(flat['fraction'])} of the train split)"}
+
+
+def gated(comparison: dict[str, Any], gate_task: dict[str, Any] | None) -> dict[str, Any]:
+    """A comparison whose arm adds data, with the gate's say on it: ``rule_verdict`` is the paired rule's own,
+    ``verdict`` what may be claimed (the rule's where the arm is measurable, else 'not measurable here: ...' or
+    'not enough seeds'). ``gate_task`` is the gate's entry for the arm's group and task (None: no gate applies)."""
+    out = {**comparison, "rule_verdict": comparison["verdict"], "gate": gate_task}
+    if comparison["verdict"] == NOT_ENOUGH_SEEDS or gate_task is None or gate_task["measurable"]:
+        return out
+    if gate_task["measurable"] is None:
+        return {**out, "verdict": NOT_ENOUGH_SEEDS}
+    return {**out, "verdict": f"{NOT_MEASURABLE}: real-only is saturated at {gate_task['patients']:.0f} patients"}
+
+
+def run_gate(data: StudyData, config: UsefulnessConfig, *, extra_fractions: Iterable[float] = (),
+             device: str = "auto", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The learning-curve gate alone, on real rows only (what the arms of ``config`` would be gated by)."""
+    groups = gate_sizes(config)
+    fractions = curve_fractions(groups, extra_fractions)
+    curve = measure_curve(data.real["train"], data.real["val"], data.real[config.eval_split], config, fractions,
+                          device=device, log=log)
+    return judge_gate(curve, groups, config.tasks)
 
 
 # ---------------------------------------------------------------------------------- protocol
@@ -390,9 +543,10 @@ def _arms(data: StudyData, config: UsefulnessConfig, maker: SyntheticMaker | Non
     if config.arms:  # the full-data arms are compared with real_only, so it runs whenever any of them does
         arms.append(_Arm("real_only", lambda s: real_train))
     if "real_plus_synthetic" in config.arms:
-        arms.append(_Arm("real_plus_synthetic", lambda s: Rows.concat(real_train, syn), "real_only"))
+        arms.append(_Arm("real_plus_synthetic", lambda s: Rows.concat(real_train, syn), "real_only",
+                         {"group": FULL_DATA, "adds_synthetic": True}))
     if "synthetic_only" in config.arms:
-        arms.append(_Arm("synthetic_only", lambda s: syn, "real_only"))
+        arms.append(_Arm("synthetic_only", lambda s: syn, "real_only", {"group": FULL_DATA, "adds_synthetic": False}))
     made: dict[tuple[float, int], Rows] = {}
     train_ids, select_ids = real_train.patients, data.real["val"].patients
 
@@ -421,14 +575,14 @@ def _arms(data: StudyData, config: UsefulnessConfig, maker: SyntheticMaker | Non
 
     infeasible = low_data_infeasible(train_ids, select_ids) if config.low_data_fractions else None
     for f in config.low_data_fractions:
-        tag = f"low_data_{int(round(f * 100))}"
+        tag = low_data_tag(f)
         if infeasible:
             skipped[tag] = infeasible
             continue
-        real_sub = lambda s, f=f: real_train.of_patients(subset_patients(train_ids, f, subset_seed(s)))
+        real_sub = lambda s, f=f: real_only_at(real_train, f, s, config.subset_models)
         arms.append(_Arm(f"{tag}_real", real_sub, None, {"fraction": f}))
         arms.append(_Arm(f"{tag}_real_plus_synthetic", lambda s, f=f, r=real_sub: Rows.concat(r(s), synthetic_for(f, s)),
-                         f"{tag}_real", {"fraction": f}))
+                         f"{tag}_real", {"fraction": f, "group": tag, "adds_synthetic": True}))
     return arms
 
 
@@ -469,6 +623,15 @@ def run_protocol(data: StudyData, config: UsefulnessConfig, *, maker: SyntheticM
         tasks = {t: {k: _summary(v) for k, v in values[arm.name][t].items()} for t in config.tasks}
         result_arms[arm.name] = {"n_rows": sizes[arm.name]["rows"], "n_synthetic_rows": sizes[arm.name]["synthetic_rows"],
                                  "n_patients": sizes[arm.name]["patients"], "tasks": tasks, **arm.meta}
+    ran = {a.meta.get("group") for a in arms if a.meta.get("adds_synthetic")}
+    groups = {g: f for g, f in gate_sizes(config).items() if g in ran}  # a skipped arm needs no gate
+    known: dict[float, dict[str, Any]] = {}
+    for name, fraction in [("real_only", 1.0), *((f"{low_data_tag(f)}_real", f) for f in config.low_data_fractions)]:
+        if name in values:  # the same rows, recipe and seeds as the curve's point: measured once
+            known[fraction] = {"patients": sizes[name]["patients"],
+                               **{t: values[name][t][PRIMARY[t][0]] for t in config.tasks}}
+    gate = judge_gate(measure_curve(data.real["train"], val, evaluate, config, curve_fractions(groups), known=known,
+                                    device=device, log=log), groups, config.tasks) if groups else None
     comparisons = []
     for arm in arms:
         if arm.baseline is None:
@@ -476,7 +639,11 @@ def run_protocol(data: StudyData, config: UsefulnessConfig, *, maker: SyntheticM
         for t in config.tasks:
             metric, higher = PRIMARY[t]
             cmp = paired_verdict(values[arm.baseline][t][metric], values[arm.name][t][metric], higher)
-            comparisons.append({"arm": arm.name, "baseline": arm.baseline, "task": t, "metric": metric, **cmp})
+            cmp = {"arm": arm.name, "baseline": arm.baseline, "baseline_role": "real_only", "task": t, "metric": metric,
+                   "group": arm.meta.get("group"), "adds_synthetic": bool(arm.meta.get("adds_synthetic")), **cmp}
+            # synthetic rows in place of real ones are not added data: the gate does not apply to them
+            gate_task = gate["groups"][cmp["group"]]["tasks"][t] if gate and cmp["adds_synthetic"] else None
+            comparisons.append(gated(cmp, gate_task))
     references = {"response": response_references(data.real["train"], evaluate)} if "response" in config.tasks else {}
     return {
         "rule": RULE,
@@ -487,6 +654,8 @@ def run_protocol(data: StudyData, config: UsefulnessConfig, *, maker: SyntheticM
         "patients": {s: len(r.patients) for s, r in data.real.items()},
         "arms": result_arms,
         "comparisons": comparisons,
+        "gate": gate,  # the learning-curve gate (GATE_RULE): real-only per size, and which arms are measurable
+        "generators": generator_setting(config),
         "skipped_arms": skipped,  # arm prefix -> why it could not run on this split
         "agreement_selection": selection,  # synthetic_filter='agreement': per row source, its bar and rows kept
         "references": references,
@@ -515,6 +684,16 @@ def verdict_lines(result: dict[str, Any]) -> list[str]:
     return out
 
 
+def gate_lines(result: dict[str, Any]) -> list[str]:
+    """One sentence per gated group of arms and task (measurable or not, and why), and where real-only stops
+    improving, e.g. for a log."""
+    gate = result.get("gate") or {}
+    out = [f"gate: {group} arms on {task}: "
+           + {True: "measurable", False: "not measurable", None: NOT_ENOUGH_SEEDS}[g["measurable"]] + f" ({g['reason']})"
+           for group, entry in (gate.get("groups") or {}).items() for task, g in entry["tasks"].items()]
+    return out + [f"gate: real-only on {task} {s['text']}" for task, s in (gate.get("stops_improving") or {}).items()]
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     """The protocol's tables: every arm x task (mean +- sd over seeds), then every comparison's verdict."""
     tasks = list(next(iter(result["arms"].values()))["tasks"]) if result["arms"] else []
@@ -533,10 +712,17 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += ["", "| comparison | task | paired gain | SE | needs > | verdict |", "|---|---|---|---|---|---|"]
     for c in result["comparisons"]:
         lines.append(f"| {c['arm']} vs {c['baseline']} | {c['task']} ({c['metric']}) | {_num(c['mean_gain'], '+.4f')} | "
-                     f"{_num(c['se'], '.4f')} | {_num(c['t_crit'], '.2f')} SE | **{c['verdict']}** |")
+                     f"{_num(c['se'], '.4f')} | {_num(c['t_crit'], '.2f')} SE | **{c['verdict']}**"
+                     + _rule_alone(c) + " |")
+    lines += render_gate(result.get("gate"))
     ref = result.get("references", {}).get("response")
     notes = [f"Scored on the real rows of the {result['eval_split']} patients; seeds {result['seeds']}; mixes of "
              f"{mix_settings(result)}. Rule, declared before any number was seen: {result['rule']}."]
+    if result.get("generators"):
+        notes.append(f"Generators behind the verdicts: {result['generators']}.")
+    status = rows_help_status(result)
+    if status:
+        notes.append(f"Bar synthetic_rows_help: **{status['status']}** ({status['reason']}).")
     cfg = result.get("config") or {}
     left_out = [a for a in ("real_plus_synthetic", "synthetic_only") if cfg and a not in cfg.get("arms", ())]
     if cfg and not cfg.get("low_data_fractions"):
@@ -556,23 +742,125 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines + [""] + notes)
 
 
+def _rule_alone(c: dict[str, Any]) -> str:
+    """Beside a verdict the gate withheld: what the paired rule alone said (a loss stays visible)."""
+    alone = c.get("rule_verdict")
+    return f" (by the rule alone: {alone})" if alone and alone != c["verdict"] and alone != NOT_ENOUGH_SEEDS else ""
+
+
+def render_gate(gate: dict[str, Any] | None) -> list[str]:
+    """The learning-curve gate's tables: real-only per size and task, then which arms are measurable."""
+    if not gate:
+        return []
+    lines = ["", "Learning-curve gate, real-only by train size (paired by seed; the full split's gain over each size):",
+             "", "| task | share of train patients | patients | mean | SE | full split's gain (SE) | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for task, points in gate["curve"].items():
+        for p in points:
+            vs = p.get("full_split_vs_this")
+            lines.append(f"| {task} ({p['metric']}) | {_share(p['fraction'])} | {p['patients']:.0f} | "
+                         f"{_num(p['mean'], '.4f')} | {_num(p['se'], '.4f')} | "
+                         + (f"{_num(vs['mean_gain'], '+.4f')} ({_num(vs['se'], '.4f')}) | {vs['verdict']} |" if vs
+                            else "(the full split) | |"))
+    lines += ["", "| arms | task | measurable | why |", "|---|---|---|---|"]
+    for group, entry in gate["groups"].items():
+        for task, g in entry["tasks"].items():
+            said = {True: "yes", False: "**no**", None: f"**{NOT_ENOUGH_SEEDS}**"}[g["measurable"]]
+            lines.append(f"| {group} | {task} | {said} | {g['reason']} |")
+    stops = "; ".join(f"{task}: {s['text']}" for task, s in (gate.get("stops_improving") or {}).items())
+    lines += ["", f"Where real-only stops improving: {stops}. Gate rule, declared before any number: {gate['rule']}."]
+    return lines
+
+
 # ------------------------------------------------------------------------------ the pipeline step
 
 
 def mix_comparisons(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The comparisons that ask the product's question: real + synthetic rows vs the same real rows alone
     (full data and every low-data fraction); synthetic_only vs real_only is context, not the promise."""
-    return [c for c in result.get("comparisons", []) if c["arm"].endswith("real_plus_synthetic")]
+    return [c for c in result.get("comparisons", []) if adds_synthetic(c)]
+
+
+def adds_synthetic(comparison: dict[str, Any]) -> bool:
+    """Whether the comparison's arm adds synthetic rows to real ones (records made before the field: by its name)."""
+    return bool(comparison.get("adds_synthetic", comparison["arm"].endswith("real_plus_synthetic")))
+
+
+def rows_help_status(result: dict[str, Any]) -> dict[str, str] | None:
+    """The quality bar 'synthetic rows help' (docs/usefulness.md, declared with the gate): {'status', 'reason'}.
+
+    met: in an arm the gate calls measurable, a mix beats real-only and the same-information alternative by the
+    rule on a task, and no measurable mix loses to real-only; 'not shown' when a measurable mix beats real-only
+    but no alternative arm was run; 'not measurable' when no mix is measurable (or has enough seeds); else
+    missed. None when no mix ran. Only 'met' counts as met."""
+    mixes = [c for c in result.get("comparisons", []) if adds_synthetic(c)]
+    if not mixes:
+        return None
+    role = lambda c: c.get("baseline_role", "real_only")  # noqa: E731
+    measurable = [c for c in mixes if (c.get("gate") or {}).get("measurable") and c["verdict"] != NOT_ENOUGH_SEEDS]
+    if not measurable:
+        if all(c["verdict"] == NOT_ENOUGH_SEEDS for c in mixes):
+            return {"status": "not measurable", "reason": f"{NOT_ENOUGH_SEEDS}: a verdict needs at least 2 seeds "
+                                                          f"with defined values ({len(result.get('seeds') or [])} run)"}
+        why = sorted({f"{c.get('group') or c['arm']} on {c['task']}: "
+                      + ((c.get("gate") or {}).get("reason") or "no learning-curve gate was run") for c in mixes})
+        return {"status": "not measurable", "reason": "no mix is in an arm the learning-curve gate calls measurable ("
+                                                      + "; ".join(why) + ")"}
+    losses = [c for c in measurable if role(c) == "real_only" and c["verdict"] == "loss"]
+    if losses:
+        return {"status": "missed", "reason": "a measurable mix loses to real-only: " + "; ".join(
+            f"{c['arm']} on {c['task']} ({c['metric']} {_num(c['mean_gain'], '+.4f')}, SE {_num(c['se'], '.4f')})"
+            for c in losses)}
+    beats_real = [c for c in measurable if role(c) == "real_only" and c["verdict"] == "gain"]
+    if not beats_real:
+        return {"status": "missed", "reason": "no measurable mix beats real-only by the rule"}
+    for c in beats_real:
+        rivals = [a for a in measurable if role(a) == "same_information_alternative" and a["arm"] == c["arm"]
+                  and a["task"] == c["task"]]
+        if any(a["verdict"] == "gain" for a in rivals):
+            return {"status": "met", "reason": f"{c['arm']} on {c['task']} beats real-only and the same-information "
+                                               "alternative by the rule, and no measurable mix loses"}
+    if any(a for a in mixes if role(a) == "same_information_alternative"):
+        return {"status": "missed", "reason": "a measurable mix beats real-only but not the same-information "
+                                              "alternative by the rule"}
+    return {"status": "not shown", "reason": "no same-information alternative was run: "
+            + "; ".join(f"{c['arm']} on {c['task']} beats real-only by the rule" for c in beats_real)}
 
 
 def rows_help(result: dict[str, Any]) -> bool | None:
-    """The quality bar 'synthetic rows help', declared with the rule: met when at least one real + synthetic
-    mix shows a gain by the rule on some task and none shows a loss on any task; None when no mix ran."""
-    mixes = mix_comparisons(result)
-    if not mixes:
-        return None
-    verdicts = [c["verdict"] for c in mixes]
-    return "gain" in verdicts and "loss" not in verdicts
+    """The bar as a quality-bar boolean: True only when :func:`rows_help_status` says met; None when no mix ran."""
+    status = rows_help_status(result)
+    return None if status is None else status["status"] == "met"
+
+
+def generator_setting(config: UsefulnessConfig) -> str:
+    """Which trained generators the verdicts rest on (what the seeds vary)."""
+    full = ("the full-data mixes use the run's one trained Pix2Pix and CRGAN (the seeds vary the downstream "
+            "training)") if any(a != "real_only" for a in config.arms) else ""
+    low = ""
+    if config.low_data_fractions:
+        low = ("the low-data arms train their own Pix2Pix and CRGAN per seed, each seed on its own patient subset "
+               "(subset_models: per_seed)" if config.subset_models == "per_seed" else
+               "the low-data arms share one subset and one trained Pix2Pix and CRGAN across seeds (subset_models: "
+               "shared; the seeds vary the downstream training only)")
+    return "; ".join(p for p in (full, low) if p) or "no mix with synthetic rows"
+
+
+def usefulness_warnings(result: dict[str, Any]) -> list[str]:
+    """WARNING lines: every gated arm that is not measurable (and why), and the bar when it cannot be called."""
+    out = []
+    gate = result.get("gate") or {}
+    for group, entry in (gate.get("groups") or {}).items():
+        for task, g in (entry.get("tasks") or {}).items():
+            if not g.get("measurable"):
+                out.append(f"usefulness: the {group} arms on {task} are not measurable: {g['reason']}")
+    if any(adds_synthetic(c) and not c.get("gate") for c in result.get("comparisons") or []):
+        out.append("usefulness: a mix was compared without the learning-curve gate (a result made before it), so "
+                   "its verdict on added data is not gated")
+    status = rows_help_status(result)
+    if status and status["status"] in ("not measurable", "not shown"):
+        out.append(f"usefulness: synthetic_rows_help {status['status']}: {status['reason']}")
+    return out
 
 
 def mix_settings(result: dict[str, Any]) -> str:
@@ -594,6 +882,8 @@ def usage_advice(result: dict[str, Any]) -> str:
         return "No real + synthetic mix was measured in this run."
     helped = [c for c in mixes if c["verdict"] == "gain"]
     hurt = [c for c in mixes if c["verdict"] == "loss"]
+    unmeasurable = [c for c in mixes if c["verdict"].startswith(NOT_MEASURABLE)]
+    too_few = [c for c in mixes if c["verdict"] == NOT_ENOUGH_SEEDS]
 
     def say(c: dict[str, Any]) -> str:
         return f"{c['arm']} on {c['task']} ({c['metric']} {_num(c['mean_gain'], '+.4f')}, SE {_num(c['se'], '.4f')})"
@@ -603,8 +893,18 @@ def usage_advice(result: dict[str, Any]) -> str:
         parts.append("Helped by the declared rule: " + "; ".join(say(c) for c in helped) + ".")
     if hurt:
         parts.append("Hurt by the declared rule: " + "; ".join(say(c) for c in hurt) + ".")
+    if unmeasurable:
+        parts.append("Not measurable here (real-only is already saturated, so no added data could show a gain): "
+                     + "; ".join(f"{say(c)}: {c['verdict']}{_rule_alone(c)}" for c in unmeasurable) + ".")
+    if too_few:
+        parts.append(f"{NOT_ENOUGH_SEEDS.capitalize()} for a verdict: " + "; ".join(say(c) for c in too_few) + ".")
     if not helped:
-        parts.append("No mix helped: train on the real rows alone" + (
-            " (adding these synthetic rows made the model worse on real test patients)." if hurt else
-            "; the synthetic rows made no difference the rule can call real."))
+        if hurt:
+            parts.append("No mix helped: train on the real rows alone (adding these synthetic rows made the model "
+                         "worse on real test patients).")
+        elif len(unmeasurable) + len(too_few) == len(mixes):
+            parts.append("No verdict on whether the rows help could be made here.")
+        else:
+            parts.append("No mix helped: train on the real rows alone; the synthetic rows made no difference the "
+                         "rule can call real.")
     return " ".join(parts)

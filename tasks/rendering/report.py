@@ -17,7 +17,7 @@ from tasks.score import AcceptanceThresholds
 from tasks.analyses.stage_trend import render_trend, trend_warnings
 from tasks.engine import PlanRun, Step
 from tasks.analyses.quality_bars import BAR_MEANING, bar_checks
-from tasks.analyses.usefulness_protocol import render_markdown, usage_advice
+from tasks.analyses.usefulness_protocol import render_markdown, usage_advice, usefulness_warnings
 
 PAPER_CONTEXT = ("The SOUL paper's segmenters (pre-trained on ROSE-1) reach Dice 0.72 (U-Net) to 0.77 (OCTA-Net) "
                  "on real SOUL labels. That is a different dataset from this run's input when it is the phantom.")
@@ -87,6 +87,7 @@ def warnings_of(report: dict[str, Any]) -> list[str]:
         out.append(f"acceptance thresholds not calibrated on real rows: {fallback}")
     for name, reason in ((report.get("usefulness") or {}).get("skipped_arms") or {}).items():
         out.append(f"usefulness: the {name} arms were not run: {reason}")
+    out += usefulness_warnings(report.get("usefulness") or {})
     out += trend_warnings(syn.get("stage_trend"))
     out += _degenerate_warnings(syn)
     return out
