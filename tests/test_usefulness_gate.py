@@ -128,6 +128,7 @@ def test_saturation_is_named_at_the_smallest_size_the_full_split_no_longer_beats
     curve = {0.25: ([0.50, 0.52, 0.49], 9), 0.5: ([0.681, 0.689, 0.672], 18), 1.0: ([0.682, 0.688, 0.671], 37)}
     gate = judge_gate(_curve(curve), {"low_data_25": 0.25, "low_data_50": 0.5}, ("segmentation",))
     assert gate["stops_improving"]["segmentation"]["patients"] == 18
+    assert gate["stops_improving"]["segmentation"]["text"] == "stops improving at 18 patients (50 % of the train split)"
     assert gate["groups"]["low_data_25"]["tasks"]["segmentation"]["measurable"] is True
     assert gate["groups"]["low_data_50"]["tasks"]["segmentation"]["measurable"] is False
 
@@ -197,5 +198,6 @@ def test_report_card_and_ui_say_which_arms_were_measurable_and_why_not(tmp_path)
     for doc in (render_report(report, "x"), render_card(report, {}, "x")):
         assert "| full_data | segmentation | **no** | real-only is saturated at 18 patients" in doc
         assert "**not measurable here: real-only is saturated at 18 patients** (by the rule alone: loss)" in doc
-        assert "Where real-only stops improving: segmentation: stops improving at 9 patients" in doc
+        assert ("Where real-only stops improving: segmentation: stops improving at or below 9 patients (25 % of the "
+                "train split, the smallest size measured)") in doc
         assert "Generators behind the verdicts: the full-data mixes use the run's one trained" in doc

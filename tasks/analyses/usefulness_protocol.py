@@ -468,8 +468,10 @@ def _stops_improving(points: list[dict[str, Any]]) -> dict[str, Any]:
         flat = p
     if flat is None:
         return {"patients": None, "text": f"still improving at the full split ({points[-1]['patients']:.0f} patients)"}
+    where = "at or below" if flat is below[0] else "at"  # the curve says nothing about sizes it did not measure
     return {"patients": flat["patients"], "fraction": flat["fraction"],
-            "text": f"stops improving at {flat['patients']:.0f} patients ({_share(flat['fraction'])} of the train split)"}
+            "text": f"stops improving {where} {flat['patients']:.0f} patients ({_share(flat['fraction'])} of the train "
+                    "split" + (", the smallest size measured)" if flat is below[0] else ")")}
 
 
 def gated(comparison: dict[str, Any], gate_task: dict[str, Any] | None) -> dict[str, Any]:
