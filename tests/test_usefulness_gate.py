@@ -116,6 +116,10 @@ def test_a_flat_curve_makes_the_arm_not_measurable_and_names_where_it_saturates(
     status = rows_help_status(result)
     assert status["status"] == "not measurable" and "saturated at 9 patients" in status["reason"]
     assert "by the rule alone: loss" in usage_advice(result)
+    noise = gated({**cmp, **paired_verdict([0.68, 0.69, 0.67], [0.681, 0.689, 0.671], True)},
+                  gate["groups"]["low_data_25"]["tasks"]["segmentation"])
+    assert noise["rule_verdict"] == "no difference shown"
+    assert "no difference" not in usage_advice({"comparisons": [noise], "gate": gate}).lower()
 
 
 def test_a_rising_curve_makes_every_arm_measurable():

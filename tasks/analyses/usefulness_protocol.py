@@ -745,9 +745,10 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 
 def _rule_alone(c: dict[str, Any]) -> str:
-    """Beside a verdict the gate withheld: what the paired rule alone said (a loss stays visible)."""
+    """Beside a verdict the gate withheld: a gain or loss the paired rule alone called (a loss stays visible; its
+    absence is not restated, since a flat curve's verdict is never 'no difference')."""
     alone = c.get("rule_verdict")
-    return f" (by the rule alone: {alone})" if alone and alone != c["verdict"] and alone != NOT_ENOUGH_SEEDS else ""
+    return f" (by the rule alone: {alone})" if alone in ("gain", "loss") and alone != c["verdict"] else ""
 
 
 def render_gate(gate: dict[str, Any] | None) -> list[str]:
