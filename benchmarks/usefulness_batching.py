@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/usefulness_batching.py steps
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/usefulness_batching.py step STUDY.h5 [--reps 2]
+    .venv/bin/python benchmarks/usefulness_batching.py noise STUDY.h5 [--seeds 0]
 
 * ``steps``: one training step (forward, backward, Adam) of the protocol's segmenter recipe (the demo
   preset's: dilated_bn, width 16, batch 16, 32 px windows) for S seeds: S nets one by one (contiguous and channels-last), the grouped
@@ -12,6 +13,9 @@
   batched: ``run_segmentation_seeds``) and the response forecaster per seed (unchanged, timed in both).
   The two variants alternate, ``--reps`` times each; the ratio of their least CPU times is printed, with the
   per-seed Dice of both, and a JSON line.
+
+* ``noise``: the one-by-one recipe's own float noise, the same seed's real-only test Dice on 1 and 2 threads:
+  the yardstick for the differences between batched and one-by-one training.
 
 CPU seconds of this process (``time.process_time``) with one thread: the machine is shared by many jobs, and
 wall time there mostly measures the scheduler.
@@ -198,6 +202,25 @@ def run_step(args) -> dict:
             "speedup": ratio, "uptime": uptimes}
 
 
+def run_noise(args) -> dict:
+    """The one-by-one recipe's own float noise: the same seed trained on 1 and on 2 threads (the same code)."""
+    from tasks.analyses import usefulness_protocol as up
+    from tasks.config import preset
+
+    config = preset("demo").usefulness
+    data = up.load_study_data(args.study)
+    val, evaluate = data.real["val"], data.real[config.eval_split]
+    out = {}
+    for seed in args.seeds:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out[f"seed{seed}_threads{threads}"] = up.run_segmentation(data.real["train"], val, evaluate, config,
+                                                                      seed, "cpu")["dice"]
+            print(f"real_only seed {seed}, {threads} thread(s): test Dice {out[f'seed{seed}_threads{threads}']:.5f}",
+                  flush=True)
+    return {"section": "noise", "study": str(args.study), "dice": out, "uptime": uptime()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="section", required=True)
@@ -213,12 +236,15 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--response-once", action="store_true",
                    help="train the forecasters in the one-by-one runs only (unchanged code) and count them in both")
-    for q in (s, p):
+    n = sub.add_parser("noise")
+    n.add_argument("study", type=Path, help="an augmented.h5")
+    n.add_argument("--seeds", type=int, nargs="+", default=[0])
+    for q in (s, p, n):
         q.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS')}; {uptime()}")
-    result = run_steps(args) if args.section == "steps" else run_step(args)
+    result = {"steps": run_steps, "step": run_step, "noise": run_noise}[args.section](args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 
