@@ -205,3 +205,17 @@ def test_report_card_and_ui_say_which_arms_were_measurable_and_why_not(tmp_path)
         assert ("Where real-only stops improving: segmentation: stops improving at or below 9 patients (25 % of the "
                 "train split, the smallest size measured)") in doc
         assert "Generators behind the verdicts: the full-data mixes use the run's one trained" in doc
+
+
+def test_label_scarce_comparisons_plug_into_the_bar_by_name_role_and_primary_metric():
+    """The label-scarce study's comparisons (labels_10_plus_synthetic / _plus_both vs labelled-only and vs
+    self-training, several metrics) are read by the bar: only the primary metric decides, and its roles count."""
+    def c(arm, role, values, metric="dice"):
+        return gated({"arm": arm, "baseline": "b", "baseline_role": role, "task": "segmentation", "metric": metric,
+                      **paired_verdict(*values, True)}, {"measurable": True, "patients": 4, "reason": "constructed"})
+
+    both = [c("labels_10_plus_both", "real_only", GAIN), c("labels_10_plus_both", "same_information_alternative", GAIN),
+            c("labels_10_plus_both", "real_only", LOSS, metric="cldice")]  # a secondary metric does not decide
+    assert rows_help_status({"comparisons": both})["status"] == "met"
+    only_real = [c("labels_10_plus_synthetic", "real_only", GAIN)]
+    assert rows_help_status({"comparisons": only_real})["status"] == "not shown"
