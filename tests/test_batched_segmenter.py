@@ -110,3 +110,26 @@ def test_protocol_seeds_batched_score_as_one_by_one():
         assert batched[i].keys() == alone.keys()
         for k in alone:
             assert batched[i][k] == pytest.approx(alone[k], abs=1e-5), (i, k)
+
+
+def test_the_protocol_trains_an_arms_seeds_together(monkeypatch):
+    """run_protocol fits an arm's segmenters in one grouped fit, never seed by seed."""
+    import brvo_models.segmenter as segmenter
+    from brvo_models.configs import SegmenterRecipe, UsefulnessConfig
+    from tasks.analyses.usefulness_protocol import StudyData, run_protocol
+
+    grouped_fit, calls = segmenter.fit_segmenter_seeds, []
+
+    def recording(*args, **kwargs):
+        calls.append(list(kwargs["seeds"]))
+        return grouped_fit(*args, **kwargs)
+
+    monkeypatch.setattr(segmenter, "fit_segmenter", lambda *a, **k: pytest.fail("a seed was trained alone"))
+    monkeypatch.setattr(segmenter, "fit_segmenter_seeds", recording)
+    config = UsefulnessConfig(seeds=2, arms=("real_only",), low_data_fractions=(), tasks=("segmentation",),
+                              segmenter=SegmenterRecipe(steps=4, validations=1, width=4, batch_size=4, crop=16))
+    data = StudyData(real={"train": _rows(10, 0), "val": _rows(4, 1), "test": _rows(4, 2)},
+                     synthetic_train=_rows(0, 3, synthetic=True))
+    result = run_protocol(data, config, log=lambda _m: None, device="cpu")
+    assert calls == [[0, 1]]
+    assert len(result["arms"]["real_only"]["tasks"]["segmentation"]["dice"]["per_seed"]) == 2

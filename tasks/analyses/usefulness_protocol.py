@@ -394,7 +394,11 @@ def measure_curve(train: Rows, val: Rows, evaluate: Rows, config: UsefulnessConf
     """Real-only per seed at each fraction: {fraction: {'patients': [...], task: [primary metric per seed]}}.
     ``known`` holds sizes an arm already measured (the same rows, recipe and seeds), reused as they are."""
     curve = dict(known or {})
-    for seed in range(config.seeds):
+    fractions, seeds = list(fractions), list(range(config.seeds))
+    segmentation = {f: run_segmentation_seeds([real_only_at(train, f, s, config.subset_models) for s in seeds], val,
+                                              evaluate, config, seeds, device)
+                    for f in fractions if f not in (known or {})} if "segmentation" in config.tasks else {}
+    for seed in seeds:
         for f in fractions:
             if f in (known or {}):
                 continue
@@ -402,8 +406,7 @@ def measure_curve(train: Rows, val: Rows, evaluate: Rows, config: UsefulnessConf
             point = curve.setdefault(f, {"patients": [], **{t: [] for t in config.tasks}})
             point["patients"].append(len(rows.patients))
             for t in config.tasks:
-                out = (run_segmentation(rows, val, evaluate, config, seed, device) if t == "segmentation"
-                       else run_response(rows, evaluate, config, seed))
+                out = segmentation[f][seed] if t == "segmentation" else run_response(rows, evaluate, config, seed)
                 point[t].append(float(out[PRIMARY[t][0]]))
             log(f"usefulness: seed {seed} real-only at {_share(f)} of the train patients ({len(rows.patients)}): "
                 + "; ".join(f"{t} {PRIMARY[t][0]} {point[t][-1]:.6f}" for t in config.tasks))
@@ -601,6 +604,9 @@ def run_protocol(data: StudyData, config: UsefulnessConfig, *, maker: SyntheticM
     for name, reason in skipped.items():
         log(f"usefulness: {name} arms skipped: {reason}")
     seeds = list(range(config.seeds))
+    # an arm's seeds train as one grouped segmenter: the per-seed results of run_segmentation, within float rounding
+    segmentation = {a.name: run_segmentation_seeds([a.rows_for_seed(s) for s in seeds], val, evaluate, config, seeds,
+                                                   device) for a in arms} if "segmentation" in config.tasks else {}
     values: dict[str, dict[str, dict[str, list[float]]]] = {a.name: {t: {} for t in config.tasks} for a in arms}
     sizes: dict[str, dict[str, list[int]]] = {a.name: {"rows": [], "synthetic_rows": [], "patients": []} for a in arms}
     for seed in seeds:
@@ -613,7 +619,7 @@ def run_protocol(data: StudyData, config: UsefulnessConfig, *, maker: SyntheticM
                 if len(rows) == 0:  # e.g. synthetic_only when no synthetic row was accepted
                     out = {PRIMARY[task_name][0]: float("nan")}
                 elif task_name == "segmentation":
-                    out = run_segmentation(rows, val, evaluate, config, seed, device)
+                    out = segmentation[arm.name][seed]
                 else:
                     out = run_response(rows, evaluate, config, seed)
                 for k, v in out.items():
