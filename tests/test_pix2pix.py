@@ -46,7 +46,7 @@ def _ckpt(run: Path, name: str = "last.pt") -> Path:
 
 
 def report_flag(model) -> bool:
-    return model.report_section()["flip_average"] is True
+    return model.report_section().flip_average is True
 
 
 def _innermost_conv(gen: UnetGenerator) -> nn.Conv2d:
@@ -244,7 +244,7 @@ def test_step_trains_checkpoints_and_evaluates_held_out(tmp_path):
     assert device.type == "cpu" and not gen.training
     assert all(torch.equal(v, stored[k]) for k, v in gen.state_dict().items())
     assert model.checkpoint == result.best_path and model.sha256 == result.best_sha256
-    report = model.report_section()
+    report = model.report_section().model_dump()  # the section as report.json holds it
     keys = {"dice", "iou", "cldice", "mse", "ssim", "cosine", "n"}
     assert set(report["test"]) == keys
     assert set(report["baselines"]) == {"otsu", "frangi", "segmenter"}
