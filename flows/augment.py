@@ -24,7 +24,7 @@ from flows.final_state import final_state, outcome_state, summary_line
 from flows.settings import registry_dir_setting
 from storage.errors import BrvoError
 from storage.registry import ModelRegistry, RegisteredModels
-from storage.report_schema import Report
+from storage.report_schema import load_report
 from storage.run_dir import RunPaths
 from tasks.config import PipelineConfig, config_from, load_config
 from flows.plans import AUGMENT
@@ -121,7 +121,7 @@ def augment_chain(soul_dir: str | Path, run_dir: str | Path, config: PipelineCon
 
 def _summary(run_dir: Path, run: PlanRun, report: dict[str, Any]) -> dict[str, Any]:
     exported = run.result("export")
-    typed = Report.model_validate(report)
+    typed = load_report(RunPaths.of(run_dir).report_json)  # the file just written, validated as any reader does
     test = typed.pix2pix.test if typed.pix2pix else None
     return {"run_dir": str(run_dir), "augmented_h5": exported.augmented_h5, "n_real": exported.n_real,
             "n_synthetic": exported.n_synthetic, "n_accepted": exported.n_accepted,
