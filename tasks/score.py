@@ -106,6 +106,31 @@ def density_z_scores(densities: np.ndarray, patient_means: np.ndarray, populatio
     return (np.asarray(densities, np.float64) - np.asarray(patient_means, np.float64)) / max(population_std, 1e-6)
 
 
+def readable_annotations(meta: pd.DataFrame, labelled_train_patients: tuple[str, ...] | None) -> np.ndarray:
+    """Bool per real row: may a step read its annotation? Every row, unless the run names its labelled train
+    patients (a label-scarce clinic): then the other train patients' annotations do not exist for the run,
+    though their images do (validation and test rows keep theirs: selection and evaluation need them)."""
+    if labelled_train_patients is None:
+        return np.ones(len(meta), bool)
+    train = meta["split"].to_numpy() == "train"
+    return ~train | meta["patient_id"].isin(set(labelled_train_patients)).to_numpy()
+
+
+def annotation_statistics(meta: pd.DataFrame, densities: np.ndarray, readable: np.ndarray
+                          ) -> tuple[pd.Series, float, dict[str, Any]]:
+    """From the annotations a step may read (``readable``): each patient's mean vessel density (a patient
+    with none readable gets the readable rows' mean, so density_z compares them with the population),
+    the population's spread, and the label floor (:func:`label_floor_fields`)."""
+    densities = np.asarray(densities, np.float64)
+    readable = np.asarray(readable, bool)
+    known = pd.Series(densities[readable]).groupby(meta["patient_id"].to_numpy()[readable]).mean()
+    fallback = float(densities[readable].mean()) if readable.any() else 0.0
+    patients = pd.unique(meta["patient_id"].to_numpy())
+    patient_density = known.reindex(patients).fillna(fallback)
+    population_std = float(densities[readable].std()) if readable.any() else 0.0
+    return patient_density, population_std, label_floor_fields(meta[readable], densities[readable])
+
+
 def annotation_density_range(meta: pd.DataFrame, densities: np.ndarray) -> tuple[float, float, str]:
     """(min, max, where from) of the vessel densities of the train patients' annotations in soul.h5.
 
@@ -226,9 +251,8 @@ def score_samples(run_dir: Path, config: PipelineConfig, crgan_checkpoint: Path,
     real_meta = read_meta(soul)
     real_images, real_labels = read_arrays(soul)
     real_density = real_labels.reshape(len(real_labels), -1).mean(axis=1)
-    population_std = float(real_density.std())
-    label_floor = label_floor_fields(real_meta, real_density)
-    patient_density = pd.Series(real_density).groupby(real_meta["patient_id"].to_numpy()).mean()
+    patient_density, population_std, label_floor = annotation_statistics(
+        real_meta, real_density, readable_annotations(real_meta, config.labelled_train_patients))
 
     stage_means: dict[tuple[str, int], np.ndarray] = {}
     for (pid, stage), rows in real_meta.groupby(["patient_id", "stage"]).groups.items():
@@ -348,7 +372,7 @@ def score_step(ctx: StepContext, preprocess: PreprocessResult, fill: FillResult,
 
 SCORE = Step(
     name="score", run=score_step, result_type=ScoreResult, needs=("preprocess", "fill", "label", "crgan", "pix2pix"),
-    reads=("soul_h5", "synthetic_h5", "synthetic_labels_h5"), writes=("scores_csv",), config_fields=("acceptance", "acceptance_quantile", "min_consistency_ssim", "min_realism",
+    reads=("soul_h5", "synthetic_h5", "synthetic_labels_h5"), writes=("scores_csv",), config_fields=("labelled_train_patients", "acceptance", "acceptance_quantile", "min_consistency_ssim", "min_realism",
                                            "max_abs_density_z", "min_label_confidence", "pix2pix.threshold",
                                            "image_size", "device"),
     description="score every synthetic sample; accept or reject it by thresholds calibrated on held-out real rows")

@@ -129,3 +129,39 @@ def test_too_few_real_rows_fall_back_to_the_constants_with_a_warning():
     assert t.source == "config" and t.min_label_confidence == cfg.min_label_confidence
     assert "2 real rows" in t.calibration["fallback_reason"]
     assert [level for level, _ in logged] == [logging.WARNING] and "not calibrated" in logged[0][1]
+
+
+def _scarce_meta():
+    meta = pd.DataFrame({"patient_id": ["a", "a", "b", "b", "c", "c", "v", "t"],
+                         "split": ["train"] * 6 + ["val", "test"]})
+    densities = np.array([0.20, 0.22, 0.30, 0.32, 0.25, 0.27, 0.24, 0.26])
+    return meta, densities
+
+
+def test_a_label_scarce_run_never_reads_an_unlabelled_train_patients_annotations():
+    """With labelled_train_patients set, the acceptance floor, each patient's mean density and the population
+    spread must not depend on the other train patients' annotations: a clinic with few annotated patients has
+    none for them. Their synthetic rows are then judged against the population mean."""
+    from tasks.score import annotation_statistics, readable_annotations
+
+    meta, densities = _scarce_meta()
+    readable = readable_annotations(meta, ("a",))
+    assert readable.tolist() == [True, True, False, False, False, False, True, True]
+    before = annotation_statistics(meta, densities, readable)
+    altered = densities.copy()
+    altered[2:6] = [0.9, 0.01, 0.95, 0.02]  # b's and c's annotations: unreadable, so nothing may move
+    after = annotation_statistics(meta, altered, readable)
+    pd.testing.assert_series_equal(before[0], after[0])
+    assert before[1] == after[1] and before[2] == after[2]
+    readable_mean = densities[readable].mean()
+    assert before[0]["b"] == pytest.approx(readable_mean) and before[0]["a"] == pytest.approx(0.21)
+    assert before[2]["label_density_source"].startswith("2 train annotations of 1 patients")
+
+
+def test_without_labelled_train_patients_every_annotation_is_read_as_before():
+    from tasks.score import annotation_statistics, label_floor_fields, readable_annotations
+
+    meta, densities = _scarce_meta()
+    patient_density, spread, floor = annotation_statistics(meta, densities, readable_annotations(meta, None))
+    assert patient_density["b"] == pytest.approx(0.31) and spread == pytest.approx(densities.std())
+    assert floor == label_floor_fields(meta, densities)
