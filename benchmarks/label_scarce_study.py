@@ -5,6 +5,8 @@
     # or one process per seed (each its own sub-run), then merged
     python benchmarks/label_scarce_study.py run RUN_DIR --only-seeds 1 --out seed1.json
     python benchmarks/label_scarce_study.py merge seed0.json seed1.json seed2.json --out study.json
+    # then the learning-curve gate: the labelled rows alone at each share, twice it and the full split
+    python benchmarks/label_scarce_study.py gate RUN_DIR study.json --out gated.json
 
 RUN_DIR holds soul.h5 and augmented.h5 (a finished `brvo-augment run`); the sub-runs use the run's own config
 (stored in augmented.h5) with ``--subrun-config`` (a partial PipelineConfig overlay, e.g. a shorter Pix2Pix
@@ -30,6 +32,8 @@ from storage.atomic import write_json_atomic  # noqa: E402
 from storage.run_dir import RunPaths  # noqa: E402
 from tasks.analyses.label_scarce import (  # noqa: E402
     PipelineLabelScarceMaker,
+    apply_gate,
+    labelled_curve,
     judge,
     measure_seeds,
     merge_measured,
@@ -85,12 +89,29 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")
     run.add_argument("--config", default="{}", help="JSON fields of UsefulnessConfig")
     run.add_argument("--subrun-config", default="{}", help="JSON overlay of the sub-runs' PipelineConfig")
+    gate = sub.add_parser("gate", help="the learning-curve gate of a judged study: the labelled rows alone at each "
+                          "share, twice it and the full split; rewrites its verdicts where real-only is flat")
+    gate.add_argument("run_dir", type=Path, help="the run the study was measured on (its soul.h5 and augmented.h5)")
+    gate.add_argument("study", type=Path, help="the judged study's JSON (merge --out)")
+    gate.add_argument("--out", type=Path, required=True)
+    gate.add_argument("--device", default="cpu")
     merge = sub.add_parser("merge", help="merge per-seed parts and judge them")
     merge.add_argument("parts", type=Path, nargs="+")
     merge.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     t0, c0 = time.perf_counter(), time.process_time()
+    if args.mode == "gate":
+        study = json.loads(args.study.read_text())
+        paths = RunPaths.of(args.run_dir)
+        config = UsefulnessConfig.model_validate(study["config"])
+        gate = labelled_curve(load_study_data(paths.augmented_h5, paths.soul_h5), config, study["fractions"],
+                              device=args.device, log=_log)
+        result = apply_gate(study, gate)
+        print(render_markdown(result))
+        result["gate_wall_s"], result["gate_cpu_s"] = round(time.perf_counter() - t0, 1), round(time.process_time() - c0, 1)
+        write_json_atomic(args.out, result)
+        return
     if args.mode == "run":
         part = measure(args)
         parts = [part]

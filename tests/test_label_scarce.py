@@ -229,3 +229,26 @@ def test_an_unfinished_study_pairs_the_seeds_both_arms_have_and_names_what_is_mi
     assert dice["per_seed_gain"] == pytest.approx([0.08, 0.08])
     assert "labels_10_plus_synthetic vs labels_10_plus_pseudo_labels" in result["not_measured"]
     assert "Not measured (the study did not finish)" in render_markdown(result)
+
+
+def test_the_gate_withholds_the_label_scarce_verdicts_where_the_labelled_curve_is_flat():
+    """A loss (or gain) against the labelled rows alone is only claimed where all the labels beat the arm's share
+    by the rule; elsewhere the verdict is 'not measurable here', the rule's own kept beside it."""
+    from tasks.analyses.label_scarce import apply_gate
+    from tasks.analyses.usefulness_protocol import judge_gate
+
+    comparison = {"arm": "labels_10_plus_synthetic", "baseline": "labels_10_labelled_only", "baseline_role": "real_only",
+                  "task": "segmentation", "metric": "dice", "primary": True, "fraction": 0.1, "seeds": [0, 1, 2],
+                  "per_seed_gain": [-0.04, -0.05, -0.045], "mean_gain": -0.045, "se": 0.003, "t_crit": 4.3, "n": 3,
+                  "verdict": "loss"}
+    result = {"comparisons": [comparison], "fractions": [0.1]}
+    flat = {0.1: {"patients": [4] * 3, "segmentation": [0.670, 0.672, 0.671]},
+            0.2: {"patients": [7] * 3, "segmentation": [0.671, 0.670, 0.672]},
+            1.0: {"patients": [37] * 3, "segmentation": [0.671, 0.671, 0.670]}}
+    rising = {f: {**p, "segmentation": [v + (0.05 if f == 1.0 else 0.0) + 0.001 * i
+                                        for i, v in enumerate(p["segmentation"])]} for f, p in flat.items()}
+    withheld = apply_gate(result, judge_gate(flat, {"labels_10": 0.1}, ["segmentation"]))["comparisons"][0]
+    assert withheld["verdict"].startswith("not measurable here: real-only is saturated at 4 patients")
+    assert withheld["rule_verdict"] == "loss"
+    claimed = apply_gate(result, judge_gate(rising, {"labels_10": 0.1}, ["segmentation"]))["comparisons"][0]
+    assert claimed["verdict"] == "loss" and claimed["gate"]["measurable"] is True

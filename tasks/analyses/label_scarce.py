@@ -37,9 +37,14 @@ from tasks.analyses.usefulness_protocol import (
     Rows,
     StudyData,
     SubsetRequest,
+    curve_fractions,
     filter_synthetic,
+    gated,
+    judge_gate,
     paired_verdict,
+    render_gate,
     run_segmentation,
+    run_segmentation_seeds,
 )
 
 LABELLED_ONLY = "labelled_only"
@@ -300,6 +305,33 @@ def run_label_scarce(data: StudyData, config: UsefulnessConfig, fractions: Seque
     return result
 
 
+def labelled_curve(data: StudyData, config: UsefulnessConfig, fractions: Sequence[float], *, device: str = "auto",
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The learning-curve gate of the label-scarce arms (usefulness_protocol.GATE_RULE): the labelled rows alone,
+    per seed, at each labelled share, twice it and the full train split (the same draw, recipe and budget rule
+    as the arms), judged by :func:`judge_gate`. An arm is measurable only where all the labels beat its share."""
+    train, val, evaluate = data.real["train"], data.real["val"], data.real[config.eval_split]
+    groups = {tag(f): float(f) for f in fractions}
+    seeds, recipe = list(range(config.seeds)), budget_recipe(config)
+    curve: dict[float, dict[str, Any]] = {}
+    for f in curve_fractions(groups):
+        trains = [train if f >= 1.0 else train.of_patients(labelled_patients(train.patients, f, s)) for s in seeds]
+        out = run_segmentation_seeds(trains, val, evaluate, recipe, seeds, device)
+        curve[f] = {"patients": [len(r.patients) for r in trains], "segmentation": [float(o["dice"]) for o in out]}
+        log(f"label-scarce gate: labelled rows alone at {f:.0%} of the train patients "
+            f"({np.mean(curve[f]['patients']):.0f}): Dice per seed " + ", ".join(f"{d:.4f}" for d in curve[f]["segmentation"]))
+    return judge_gate(curve, groups, ["segmentation"])
+
+
+def apply_gate(result: dict[str, Any], gate: dict[str, Any]) -> dict[str, Any]:
+    """The study's result with the gate's say on every comparison (each adds rows to a smaller-information arm):
+    ``verdict`` what may be claimed, ``rule_verdict`` the paired rule's own (usefulness_protocol.gated)."""
+    comparisons = [gated(c, gate["groups"][tag(c["fraction"])]["tasks"]["segmentation"])
+                   for c in result["comparisons"]]
+    return {**result, "gate": gate, "comparisons": comparisons,
+            "synthetic_rows_beat_self_training": beats_self_training(comparisons)}
+
+
 def beats_self_training(comparisons: list[dict[str, Any]]) -> dict[str, bool]:
     """Per fraction: do the synthetic rows (alone or with the pseudo-labels) gain by the rule, on the primary
     metric, over BOTH the labelled rows alone and self-training? (the restated bar, read for this study)"""
@@ -333,10 +365,14 @@ def render_markdown(result: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|"]
     for c in result["comparisons"]:
         verdict = f"**{c['verdict']}**" if c["primary"] else c["verdict"]
+        if c.get("rule_verdict", c["verdict"]) != c["verdict"]:
+            verdict += f" (the rule alone: {c['rule_verdict']})"
         lines.append(f"| {c['arm']} vs {c['baseline']} | {c['baseline_role']} | {c['metric']} | "
                      f"{c['mean_gain']:+.4f} ({c['se']:.4f}) | {c['t_crit']:.2f} SE (n {c['n']}) | {verdict} |")
     lines += ["", f"Scored on the real rows of the {result['eval_split']} patients; seeds {result['seeds']}. Rule: "
               f"{result['rule']}. Budget: {result['budget_rule']}."]
     if result.get("not_measured"):
         lines.append(f"**Not measured (the study did not finish):** {'; '.join(result['not_measured'])}.")
+    if result.get("gate"):
+        lines += render_gate(result["gate"])
     return "\n".join(lines)
