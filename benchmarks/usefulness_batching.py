@@ -94,26 +94,22 @@ def step_fns(seeds: int, width: int, batch: int, crop: int) -> dict[str, callabl
             loss.backward()
             opt.step()
 
-    grouped = SeedGroupedNet([copy.deepcopy(n) for n in nets]).train()
-    grouped_opt = torch.optim.Adam(grouped.parameters(), lr=3e-3)
+    def grouped_step_in(memory_format: torch.memory_format):
+        """A training step of the seeds as one grouped net, its weights and input in ``memory_format``."""
+        grouped = SeedGroupedNet([copy.deepcopy(n) for n in nets]).train().to(memory_format=memory_format)
+        opt = torch.optim.Adam(grouped.parameters(), lr=3e-3)
+        inputs = x.contiguous(memory_format=memory_format)
 
-    def grouped_step():
-        out = grouped(x)
-        loss = sum(output_loss(out[:, i:i + 1], y[:, i:i + 1], "dilated_bn") for i in range(seeds))
-        grouped_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grouped_opt.step()
+        def step():
+            out = grouped(inputs)
+            loss = sum(output_loss(out[:, i:i + 1], y[:, i:i + 1], "dilated_bn") for i in range(seeds))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
 
-    grouped_cl = SeedGroupedNet([copy.deepcopy(n) for n in nets]).train().to(memory_format=torch.channels_last)
-    grouped_cl_opt = torch.optim.Adam(grouped_cl.parameters(), lr=3e-3)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-
-    def grouped_channels_last_step():
-        out = grouped_cl(x_cl)
-        loss = sum(output_loss(out[:, i:i + 1], y[:, i:i + 1], "dilated_bn") for i in range(seeds))
-        grouped_cl_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grouped_cl_opt.step()
+    grouped_step = grouped_step_in(torch.contiguous_format)
+    grouped_channels_last_step = grouped_step_in(torch.channels_last)
 
     params, buffers = stack_module_state([copy.deepcopy(n.net).train() for n in nets])
     base = copy.deepcopy(nets[0].net).to("meta").train()

@@ -205,15 +205,7 @@ def fit_segmenter(images: np.ndarray, labels: np.ndarray, *, image_size: int, st
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    images, labels = np.asarray(images), np.asarray(labels)
-    if len(images) == 0 or images.shape != labels.shape or images.shape[1:] != (image_size, image_size):
-        raise ValueError(f"need non-empty images and labels of shape (N, {image_size}, {image_size}); "
-                         f"got {images.shape} and {labels.shape}")
-    if row_weights is not None:
-        row_weights = np.asarray(row_weights, np.float64)
-        if row_weights.shape != (len(images),) or not np.isfinite(row_weights).all() or (row_weights < 0).any() \
-                or row_weights.sum() <= 0:
-            raise ValueError(f"row_weights must be {len(images)} finite non-negative numbers, not all zero")
+    images, labels, row_weights = _check_rows(images, labels, image_size, row_weights)
     has_val = val_images is not None and len(val_images) > 0
     val_every = max(1, steps // 20) if val_every is None else max(1, int(val_every))
     t0 = time.perf_counter()
