@@ -23,6 +23,18 @@ def prefect_harness(tmp_path_factory):
         yield
 
 
+def wrongly_labelled_copies(real, copies: int = 3):
+    """``copies`` 'synthetic' copies of each real row (usefulness_protocol.Rows) whose labels belong to other
+    images, shifted 3 px (label noise): rows that must make a segmenter worse."""
+    from tasks.analyses.usefulness_protocol import Rows
+
+    rng = np.random.default_rng(0)
+    wrong = np.roll(np.repeat(real.labels[rng.permutation(len(real))], copies, 0), 3, axis=2)
+    n = copies * len(real)
+    return Rows(np.repeat(real.images, copies, 0), wrong, np.repeat(real.patient_id, copies),
+                np.repeat(real.stage, copies), np.ones(n, bool), np.ones(n, bool))
+
+
 def write_blob_dataset(path: Path, n_patients: int = 8, image_size: int = 32, seed: int = 0,
                        missing_prob: float = 0.3) -> Path:
     """A small, structured 'brvo-paired' file: per-patient blobs that fade with stage, labels = thick lines.

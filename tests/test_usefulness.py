@@ -29,7 +29,7 @@ from tasks.analyses.usefulness_protocol import (
 )
 from tasks.analyses.usefulness_subsets import SUBSET_PLAN, SUBSET_SOUL, PipelineSubsetMaker
 from tasks.engine import Step
-from tests.conftest import write_blob_dataset
+from tests.conftest import wrongly_labelled_copies, write_blob_dataset
 
 FAST = dict(segmenter=SegmenterRecipe(width=8, steps=150, batch_size=8, validations=3),
             forecaster=ForecastRecipe(width=4, steps=20, batch_size=8))
@@ -111,18 +111,9 @@ def blob_study(tmp_path_factory) -> StudyData:
     return load_study_data(path, path)
 
 
-def _wrongly_labelled_copies(real: Rows) -> Rows:
-    """Three 'synthetic' copies of each real row whose labels belong to other images, shifted 3 px (label noise)."""
-    rng = np.random.default_rng(0)
-    wrong = np.roll(np.repeat(real.labels[rng.permutation(len(real))], 3, 0), 3, axis=2)
-    n = 3 * len(real)
-    return Rows(np.repeat(real.images, 3, 0), wrong, np.repeat(real.patient_id, 3), np.repeat(real.stage, 3),
-                np.ones(n, bool), np.ones(n, bool))
-
-
 def test_a_mix_with_wrong_labels_measures_a_loss(blob_study):
     """Synthetic rows whose labels belong to other images, shifted 3 px (label noise), must make segmentation worse."""
-    data = StudyData(real=blob_study.real, synthetic_train=_wrongly_labelled_copies(blob_study.real["train"]))
+    data = StudyData(real=blob_study.real, synthetic_train=wrongly_labelled_copies(blob_study.real["train"]))
     config = UsefulnessConfig(seeds=4, arms=("real_plus_synthetic",), low_data_fractions=(),
                               tasks=("segmentation",), **FAST)
     result = run_protocol(data, config, log=lambda _: None)
@@ -473,7 +464,7 @@ def test_agreement_keeps_rows_whose_label_agrees_and_drops_wrong_labels(blob_stu
     right = blob_study.real["train"]
     right = Rows(right.images, right.labels, right.patient_id, right.stage, np.ones(len(right), bool),
                  np.ones(len(right), bool))
-    wrong = _wrongly_labelled_copies(blob_study.real["train"])
+    wrong = wrongly_labelled_copies(blob_study.real["train"])
     kept, info = select_by_agreement(Rows.concat(right, wrong), _TruthLookup(real), blob_study.real["val"])
     # the relabeller matches the annotations exactly on val, so the bar is Dice 1: only right labels pass
     assert info == {"tau": 1.0, "kept": len(right), "of": len(right) + len(wrong)}
@@ -489,7 +480,7 @@ def test_agreement_keeps_rows_whose_label_agrees_and_drops_wrong_labels(blob_stu
 def test_agreement_filter_in_a_mix_removes_the_harm_of_wrong_labels(blob_study):
     """The mix with wrong labels that measures a loss (above) measures none once rows are selected by agreement:
     a trained relabeller disagrees with the wrong labels, and its bar comes from the validation rows."""
-    data = StudyData(real=blob_study.real, synthetic_train=_wrongly_labelled_copies(blob_study.real["train"]))
+    data = StudyData(real=blob_study.real, synthetic_train=wrongly_labelled_copies(blob_study.real["train"]))
     config = UsefulnessConfig(seeds=3, arms=("real_plus_synthetic",), low_data_fractions=(),
                               tasks=("segmentation",), synthetic_filter="agreement", **FAST)
     result = run_protocol(data, config, log=lambda _: None)
@@ -504,7 +495,7 @@ def test_agreement_filter_in_a_mix_removes_the_harm_of_wrong_labels(blob_study):
 
 def test_row_weights_keep_down_weighted_wrong_labels_from_hurting(blob_study):
     """Synthetic rows with wrong labels at weight 1e-6 are (almost) never drawn: no loss is measured."""
-    data = StudyData(real=blob_study.real, synthetic_train=_wrongly_labelled_copies(blob_study.real["train"]))
+    data = StudyData(real=blob_study.real, synthetic_train=wrongly_labelled_copies(blob_study.real["train"]))
     config = UsefulnessConfig(seeds=3, arms=("real_plus_synthetic",), low_data_fractions=(),
                               tasks=("segmentation",), synthetic_weight=1e-6, **FAST)
     (cmp,) = run_protocol(data, config, log=lambda _: None)["comparisons"]

@@ -23,7 +23,6 @@ def test_an_undefined_se_is_not_enough_seeds():
 from brvo_models.configs import ForecastRecipe, SegmenterRecipe, UsefulnessConfig  # noqa: E402
 from tasks.analyses.usefulness_protocol import (  # noqa: E402
     GATE_RULE,
-    Rows,
     StudyData,
     gated,
     judge_gate,
@@ -35,7 +34,7 @@ from tasks.analyses.usefulness_protocol import (  # noqa: E402
     usage_advice,
     verdict_lines,
 )
-from tests.conftest import write_blob_dataset  # noqa: E402
+from tests.conftest import wrongly_labelled_copies, write_blob_dataset  # noqa: E402
 
 FAST = dict(segmenter=SegmenterRecipe(width=8, steps=60, batch_size=8, validations=2),
             forecaster=ForecastRecipe(width=4, steps=20, batch_size=8))
@@ -48,19 +47,10 @@ def blob_study(tmp_path_factory) -> StudyData:
     return load_study_data(path, path)
 
 
-def _wrong_labels(real: Rows) -> Rows:
-    """'Synthetic' copies of the real rows with labels that belong to other images: a large loss."""
-    rng = np.random.default_rng(0)
-    wrong = np.roll(np.repeat(real.labels[rng.permutation(len(real))], 2, 0), 3, axis=2)
-    n = 2 * len(real)
-    return Rows(np.repeat(real.images, 2, 0), wrong, np.repeat(real.patient_id, 2), np.repeat(real.stage, 2),
-                np.ones(n, bool), np.ones(n, bool))
-
-
 def test_a_one_seed_run_with_a_large_loss_reports_not_enough_seeds_everywhere(blob_study):
     from tasks.rendering.report import bar_checks, render_card, render_report, warnings_of
 
-    data = StudyData(real=blob_study.real, synthetic_train=_wrong_labels(blob_study.real["train"]))
+    data = StudyData(real=blob_study.real, synthetic_train=wrongly_labelled_copies(blob_study.real["train"], copies=2))
     config = UsefulnessConfig(seeds=1, arms=("real_plus_synthetic",), low_data_fractions=(), tasks=("segmentation",),
                               **FAST)
     result = run_protocol(data, config, log=lambda _: None)
