@@ -33,21 +33,34 @@ def test_scale_one_is_the_demo_preset_and_a_scale_shrinks_every_training_budget(
     assert config_from("demo", growth.scaled_config(64, 1.0, 1.0)) == demo
     scaled = config_from("demo", growth.scaled_config(128, 0.05, 0.5))
     assert scaled.image_size == 128
-    assert (scaled.pix2pix.min_steps, scaled.pix2pix.max_steps, scaled.pix2pix.epochs) == (60, 240, 1)
-    assert (scaled.crgan.min_steps, scaled.crgan.max_steps, scaled.crgan.epochs) == (25, 100, 5)
-    assert scaled.segmenter_steps == 100
-    assert (scaled.usefulness.segmenter.steps, scaled.usefulness.forecaster.steps) == (300, 150)
-    # what the scale must not touch: validation cadence, model widths, batch sizes
+    for model, demo_model in ((scaled.pix2pix, demo.pix2pix), (scaled.crgan, demo.crgan)):
+        assert model.min_steps == round(demo_model.min_steps * 0.05)
+        assert model.max_steps == round(demo_model.max_steps * 0.05)
+        assert model.epochs == max(1, round(demo_model.epochs * 0.05))
+    assert scaled.segmenter_steps == round(demo.segmenter_steps * 0.05)
+    assert scaled.usefulness.segmenter.steps == round(demo.usefulness.segmenter.steps * 0.5)
+    assert scaled.usefulness.forecaster.steps == round(demo.usefulness.forecaster.steps * 0.5)
+    # what the scale must not touch: validation cadence, model widths, batch sizes, precision
     assert scaled.pix2pix.val_every == demo.pix2pix.val_every and scaled.crgan.batch_size == demo.crgan.batch_size
+    assert scaled.usefulness.segmenter.precision == demo.usefulness.segmenter.precision
 
 
 def test_full_schedule_steps_follow_the_adaptive_clamp(growth):
-    # the demo's 53-patient phantom: 594 train rows, 37 train patients -> 16 x 75 = 1200 and 100 x 5 = 500 steps
-    assert growth.full_schedule_steps(594, 37) == {"pix2pix": 1200, "crgan": 500, "segmenter": 2000}
+    from tasks.config import preset
+
+    demo = preset("demo")
+    p, c = demo.pix2pix, demo.crgan
+
+    def clamp(epochs_steps, model):
+        return min(max(epochs_steps, model.min_steps), model.max_steps)
+
+    # the demo's 53-patient phantom: 594 train rows (75 batches of 8), 37 train patients (5 batches)
+    assert growth.full_schedule_steps(594, 37) == {"pix2pix": clamp(p.epochs * 75, p), "crgan": clamp(c.epochs * 5, c),
+                                                   "segmenter": demo.segmenter_steps}
     # a small dataset still gets min_steps; a larger one proportionally more, up to max_steps
-    assert growth.full_schedule_steps(40, 8)["pix2pix"] == 1200
-    assert growth.full_schedule_steps(1200, 84) == {"pix2pix": 16 * 150, "crgan": 100 * 11, "segmenter": 2000}
-    assert growth.full_schedule_steps(100_000, 84)["pix2pix"] == 4800
+    assert growth.full_schedule_steps(40, 8)["pix2pix"] == p.min_steps
+    assert growth.full_schedule_steps(1200, 84)["pix2pix"] == clamp(p.epochs * 150, p) > p.min_steps
+    assert growth.full_schedule_steps(100_000, 84)["pix2pix"] == p.max_steps
 
 
 def _report(p2p_steps=1200, crgan_steps=500, seg_steps=2000, cached=()):
