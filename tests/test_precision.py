@@ -105,3 +105,28 @@ def test_segmenter_fp32_is_bit_reproducible_and_bf16_trains_in_bf16():
     weights = c.net.state_dict()["net.body.0.weight"]
     assert weights.dtype == torch.float32 and torch.isfinite(weights).all()
     assert not torch.equal(weights, a.net.state_dict()["net.body.0.weight"])  # bf16 arithmetic really ran
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    from brvo_models.runtime import cpu_has_native_bf16
+
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+    sapphire = "flags\t: fpu avx512f amx_bf16 amx_tile\n"
+    older = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\nbugs\t: avx512_bf16_fake\n"
+    assert cpu_has_native_bf16(zen4) and cpu_has_native_bf16(sapphire)
+    assert not cpu_has_native_bf16(older) and not cpu_has_native_bf16("")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_demo_preset_asks_for_bf16_only_where_the_cpu_has_it(monkeypatch, native):
+    """The demo trains Pix2Pix, CRGAN, the label-baseline segmenter and the usefulness segmenter in bf16 on a CPU
+    with bf16 instructions (and stays 'auto' elsewhere: fp32 on such a CPU, bf16 on CUDA); the tiny preset the
+    tests and CI run keeps 'auto', so their CPU runs stay fp32 and bit-reproducible."""
+    import tasks.config.presets as presets
+
+    monkeypatch.setattr(presets, "cpu_has_native_bf16", lambda: native)
+    demo = presets.preset("demo")
+    want = "bf16" if native else "auto"
+    assert (demo.pix2pix.precision, demo.crgan.precision, demo.usefulness.segmenter.precision) == (want,) * 3
+    tiny = presets.preset("tiny")
+    assert (tiny.pix2pix.precision, tiny.crgan.precision, tiny.usefulness.segmenter.precision) == ("auto",) * 3
