@@ -81,7 +81,7 @@ class CheckpointRef(OpenRecord):
 
 
 class SegmenterParams(OpenRecord):
-    """How the supervised-segmenter baseline was made (tasks.pix2pix.segmenter_baseline)."""
+    """How the supervised-segmenter baseline was made (tasks.shared.label_baselines.segmenter_baseline)."""
 
     arch: str | None = None
     steps: int | None = None

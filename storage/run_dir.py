@@ -126,6 +126,12 @@ class RunPaths:
         return self.root / "usefulness"
 
     @property
+    def label_baselines_cache(self) -> Path:
+        """Otsu / Frangi / segmenter test scores by the key of their own inputs (tasks.shared.label_baselines), so a
+        Pix2Pix retrained on the same data does not make them again."""
+        return self.root / "cache" / "label_baselines"
+
+    @property
     def step_records(self) -> Path:
         """One JSON record per finished step: its cache key, result and output stamps (tasks.engine)."""
         return self.root / ".steps"

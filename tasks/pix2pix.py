@@ -21,8 +21,6 @@ from brvo_models.identity import CheckpointIdentity
 from brvo_models.pix2pix import (Pix2Pix, aligned_augment, label_images, load_labeller, num_downs_for,
                                  objective_text)
 from brvo_models.runtime import seed_everything, select_device, to_model_range
-from brvo_models.segmentation_baselines import FrangiBaseline, otsu_masks
-from brvo_models.segmenter import fit_segmenter, predict_probabilities
 from brvo_models.training import BEST, LAST, Schedule, fit, steps_per_epoch
 from storage.checkpoints import checkpoint_sha256, load_checkpoint
 from storage.errors import BrvoError
@@ -33,7 +31,7 @@ from tasks.shared.trained_model import TrainedModel, train_and_evaluate
 from tasks.shared.preflight import require_soul_h5
 from tasks.engine.logs import LogFn, run_log
 from tasks.engine import Step, StepCommand, StepContext
-from tasks.shared.workers import process_map
+from tasks.shared.label_baselines import label_baselines
 
 if TYPE_CHECKING:
     from tasks.preprocess import PreprocessResult
@@ -229,25 +227,15 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
     generator, device = load_labeller(best_path, config.device, config.image_size)
     best_meta = load_checkpoint(best_path)["meta"]
     test_x, test_y, test_meta = load_split(soul, ("test",))
-    labelled_x, labelled_y, _ = load_split(soul, ("train",), config.labelled_train_patients)
-    val_x, val_y, _ = load_split(soul, ("val",))
-    fit_x, fit_y = np.concatenate([labelled_x, val_x]), np.concatenate([labelled_y, val_y])
     threshold = config.pix2pix.threshold
     threshold = float(generator.label_threshold) if threshold is None else float(threshold)
     _, masks = label_images(generator, test_x, threshold, batch_size=64, device=device)
     scores_device = batched_metrics.metrics_device(device, score_on)
     model_scores = mask_scores(masks, test_y, scores_device)
-    otsu = mask_scores(otsu_masks(test_x), test_y, scores_device)
-    t_frangi = time.perf_counter()
-    with process_map() as parallel_map:  # Frangi is per image and CPU-bound: one process per CPU
-        frangi_model = FrangiBaseline.tune(fit_x, fit_y, seed=config.seed, map_fn=parallel_map)
-        frangi_masks = frangi_model.predict(test_x, map_fn=parallel_map)
-    frangi_seconds = time.perf_counter() - t_frangi
-    frangi = mask_scores(frangi_masks, test_y, scores_device)
-    segmenter, segmenter_flipped, segmenter_params = segmenter_baseline(soul, test_x, config, log=log)
-    segmenter_scores = mask_scores(segmenter, test_y, scores_device)
-    # not a baseline bar: shows whether Pix2Pix's margin comes from its flip averaging or from the model
-    segmenter_params["flip_averaged_test"] = mask_scores(segmenter_flipped, test_y, scores_device)
+    baselines = label_baselines(soul, config, paths.label_baselines_cache, load_split=load_split,
+                                score=lambda m, t: mask_scores(m, t, scores_device),
+                                scored_on=str(scores_device or "numpy"), log=log)
+    otsu, frangi, segmenter_scores = (baselines["scores"][k] for k in ("otsu", "frangi", "segmenter"))
     section = {
         "test": model_scores,
         "baselines": {"otsu": otsu, "frangi": frangi, "segmenter": segmenter_scores},
@@ -259,10 +247,8 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
         "flip_average": bool(generator.flip_average),
         "checkpoint": {"path": str(best_path), "sha256": checkpoint_sha256(best_path),
                        "step": int(best_meta.get("step", -1)), "epoch": float(best_meta.get("epoch", -1))},
-        "frangi_params": {"sigmas": list(frangi_model.sigmas), "threshold": frangi_model.threshold,
-                          "tuned_on": f"{frangi_model.n_tuned} train/val images",
-                          "tuned_dice": round(frangi_model.tuned_dice, 4), "seconds": round(frangi_seconds, 2)},
-        "segmenter_params": segmenter_params,
+        "frangi_params": baselines["frangi_params"],
+        "segmenter_params": baselines["segmenter_params"],
         "metric_notes": METRIC_NOTES,
         "paper_context": PAPER_CONTEXT,
         "seconds": round(time.perf_counter() - t0, 2),
@@ -272,33 +258,6 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
                     for name, s in (("pix2pix", model_scores), ("otsu", otsu), ("frangi", frangi),
                                     ("segmenter", segmenter_scores))))
     return section
-
-
-def segmenter_baseline(soul: Path, test_images: np.ndarray, config: PipelineConfig, *,
-                       log: LogFn = run_log) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """The third label baseline: test masks (uint8 0/1) of a plain supervised segmenter, the same net's
-    flip-averaged test masks, and how it was made.
-
-    Trained on the same train rows as Pix2Pix for ``config.segmenter_steps`` optimiser steps (seed
-    ``config.seed``, the run's device), validated ten times on the val patients, which choose its
-    weights and threshold; the test patients only receive its labels. Pix2Pix must at least match
-    what this minute of ordinary supervised training gives. The flip-averaged masks (threshold
-    chosen again on the val patients from averaged probabilities) are for the reader, not the bar:
-    they show how much of Pix2Pix's margin its own flip averaging explains."""
-    train_x, train_y, _ = load_split(soul, ("train",), config.labelled_train_patients)
-    val_x, val_y, _ = load_split(soul, ("val",))
-    steps = int(config.segmenter_steps)
-    fit = fit_segmenter(train_x, train_y, image_size=config.image_size, steps=steps, val_images=val_x,
-                        val_labels=val_y, val_every=max(1, steps // 10), seed=config.seed, device=config.device)
-    masks = (predict_probabilities(fit.net, test_images) > fit.threshold).astype(np.uint8)
-    flip_threshold, _ = choose_threshold(predict_probabilities(fit.net, val_x, flip_average=True), val_y)
-    flipped = (predict_probabilities(fit.net, test_images, flip_average=True) > flip_threshold).astype(np.uint8)
-    log(f"segmenter baseline: {steps} steps in {fit.seconds:.1f} s, best step {fit.best_step} "
-        f"(val dice {fit.best_val_dice:.3f}, threshold {fit.threshold:.2f})")
-    return masks, flipped, {"arch": "dilated CNN (5 convs, 8 channels), BCE + soft Dice", "steps": steps,
-                            "best_step": fit.best_step, "best_val_dice": round(fit.best_val_dice, 4),
-                            "threshold": fit.threshold, "flip_averaged_threshold": flip_threshold,
-                            "seconds": round(fit.seconds, 2)}
 
 
 # ------------------------------------------------------------------------------------ the step

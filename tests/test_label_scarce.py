@@ -39,19 +39,21 @@ def test_pix2pix_trains_on_labelled_patients_only_and_crgan_on_every_train_image
     n_labelled = int(real["patient_id"].astype(str).isin(labelled).sum())
     assert len(images) == len(labels) == n_labelled
 
+    import tasks.shared.label_baselines as baselines_module
+
     seen_by_segmenter = []
-    original_fit = pix2pix_module.fit_segmenter
+    original_fit = baselines_module.fit_segmenter
 
     def spy(images, labels, **kwargs):
         seen_by_segmenter.append(len(images))
         return original_fit(images, labels, **kwargs)
 
-    pix2pix_module.fit_segmenter = spy
+    baselines_module.fit_segmenter = spy
     try:
         result = pix2pix_module.train_pix2pix(tmp_path / "run", config, log=lambda *_: None, soul_h5=soul)
         pix2pix_module.evaluate_pix2pix(tmp_path / "run", config, log=lambda *_: None, soul_h5=soul)
     finally:
-        pix2pix_module.fit_segmenter = original_fit
+        baselines_module.fit_segmenter = original_fit
     assert result.n_train == n_labelled < int((real["split"] == "train").sum())
     assert seen_by_segmenter == [n_labelled]
     crgan_train = {s.patient_id for s in load_sequences(soul) if s.split == "train"}
