@@ -132,6 +132,12 @@ class RunPaths:
         return self.root / "cache" / "label_baselines"
 
     @property
+    def usefulness_real_only_cache(self) -> Path:
+        """The usefulness protocol's real-only arms and learning-curve points by the key of their own inputs
+        (tasks.analyses.usefulness_protocol.RealOnlyStore): a generator retrained on the same data reuses them."""
+        return self.root / "cache" / "usefulness_real_only"
+
+    @property
     def step_records(self) -> Path:
         """One JSON record per finished step: its cache key, result and output stamps (tasks.engine)."""
         return self.root / ".steps"

@@ -34,7 +34,8 @@ def measure_usefulness(run_dir: str | Path, config: PipelineConfig, *, maker: Sy
     data = load_study_data(augmented_h5 if augmented_h5 is not None else paths.augmented_h5,
                            soul_h5 if soul_h5 is not None else paths.soul_h5)
     result = run_protocol(data, config.usefulness, maker=maker or PipelineSubsetMaker(config),
-                          work_dir=paths.usefulness_work, log=log, device=config.device)
+                          work_dir=paths.usefulness_work, log=log, device=config.device,
+                          real_only_cache=paths.usefulness_real_only_cache)
     result["verdicts"] = verdict_lines(result)
     result["rows_help"] = rows_help(result)
     result["rows_help_status"] = rows_help_status(result)

@@ -1,6 +1,8 @@
 """The learning-curve gate and the verdicts it allows: one seed decides nothing, a flat curve is not 'no difference'."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -209,3 +211,39 @@ def test_label_scarce_comparisons_plug_into_the_bar_by_name_role_and_primary_met
     assert rows_help_status({"comparisons": both})["status"] == "met"
     only_real = [c("labels_10_plus_synthetic", "real_only", GAIN)]
     assert rows_help_status({"comparisons": only_real})["status"] == "not shown"
+
+
+# ------------------------------------------------------------------------------ real-only kept by its inputs
+
+
+def test_a_rerun_with_another_generator_trains_only_the_mixes_and_gives_the_same_result(blob_study, tmp_path,
+                                                                                      monkeypatch):
+    """The real-only arm and the gate's points do not depend on the generator: a second run on the same real rows
+    (another generator's synthetic rows) serves them from the cache and trains only the mix; its real-only
+    numbers are those of a run without the cache. Anything they depend on (here the seeds) computes them again."""
+    import tasks.analyses.usefulness_protocol as protocol
+
+    config = UsefulnessConfig(seeds=2, arms=("real_plus_synthetic",), low_data_fractions=(), **FAST)
+    first_gen = StudyData(real=blob_study.real, synthetic_train=wrongly_labelled_copies(blob_study.real["train"], 1))
+    second_gen = StudyData(real=blob_study.real, synthetic_train=wrongly_labelled_copies(blob_study.real["train"], 2))
+    cache = tmp_path / "real_only"
+    trained = []
+    original = protocol.run_segmentation_seeds
+
+    def counting(trains, *args, **kwargs):
+        trained.append(sum(int(t.is_synthetic.any()) for t in trains))
+        return original(trains, *args, **kwargs)
+
+    monkeypatch.setattr(protocol, "run_segmentation_seeds", counting)
+    uncached = run_protocol(second_gen, config, log=lambda _: None)
+    trained.clear()
+    run_protocol(first_gen, config, log=lambda _: None, real_only_cache=cache)
+    assert trained == [0, 2, 0]  # real-only, the mix, the gate's half split
+    trained.clear()
+    served = run_protocol(second_gen, config, log=lambda _: None, real_only_cache=cache)
+    assert trained == [2]  # only the mix trained
+    same = lambda part: json.dumps(served[part], sort_keys=True) == json.dumps(uncached[part], sort_keys=True)  # NaN too
+    assert same("arms") and same("gate") and same("comparisons")
+    trained.clear()
+    run_protocol(second_gen, config.model_copy(update={"seeds": 3}), log=lambda _: None, real_only_cache=cache)
+    assert trained == [0, 3, 0]

@@ -388,28 +388,93 @@ def real_only_at(train: Rows, fraction: float, seed: int, subset_models: str) ->
     return train.of_patients(subset_patients(train.patients, fraction, 0 if subset_models == "shared" else seed))
 
 
+class RealOnlyStore:
+    """Real-only results by the key of their own inputs, one JSON file per train fraction under ``directory``.
+
+    Why: real-only at the full split and at the gate's sizes depends on the real rows, the protocol's config,
+    the device and the code, never on the generator. A run whose CRGAN (or Pix2Pix) is retrained on the same
+    data would otherwise train those segmenters and forecasters again: about two thirds of the step's work on
+    the demo. The key hashes the real rows' bytes (train, val and the evaluation split), the whole usefulness
+    config, the device and the code of this module's closure, so an entry is only what the current code would
+    compute."""
+
+    def __init__(self, directory: str | Path, data: StudyData, config: UsefulnessConfig, device: str,
+                 log: Callable[[str], None] = print) -> None:
+        from tasks.engine.identity import code_fingerprint
+
+        self.directory, self.log = Path(directory), log
+        h = hashlib.sha256()
+        for split in ("train", "val", config.eval_split):
+            rows = data.real[split]
+            for part in (rows.images, rows.labels, rows.patient_id.astype(str), rows.stage):
+                h.update(np.ascontiguousarray(part).tobytes())
+        h.update(json.dumps({"usefulness": config.model_dump(mode="json"), "device": device}, sort_keys=True).encode())
+        h.update(code_fingerprint(real_only_point).encode())
+        self.prefix = h.hexdigest()
+
+    def _path(self, fraction: float) -> tuple[Path, str]:
+        key = hashlib.sha256(f"{self.prefix}|{fraction!r}".encode()).hexdigest()
+        return self.directory / f"{key}.json", key
+
+    def load(self, fraction: float) -> dict[str, Any] | None:
+        path, key = self._path(fraction)
+        if not path.exists():
+            return None
+        try:
+            entry = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            self.log(f"usefulness: ignoring unreadable real-only cache entry {path.name} ({type(exc).__name__})")
+            return None
+        if entry.get("key") != key:
+            return None
+        self.log(f"usefulness: real-only at {_share(fraction)} of the train patients served from {path}")
+        return entry["point"]
+
+    def save(self, fraction: float, point: dict[str, Any]) -> None:
+        from storage.atomic import write_json_atomic
+
+        path, key = self._path(fraction)
+        write_json_atomic(path, {"key": key, "fraction": fraction, "point": point})
+
+
+def real_only_point(train: Rows, val: Rows, evaluate: Rows, config: UsefulnessConfig, fraction: float, *,
+                    device: str = "auto", store: RealOnlyStore | None = None) -> dict[str, Any]:
+    """Real-only rows at ``fraction`` of the train patients (the low-data arm's draw), every seed and task:
+    {'patients': [per seed], 'tasks': {task: [the task's outputs per seed]}}; from ``store`` when it has them."""
+    if store is not None:
+        hit = store.load(fraction)
+        if hit is not None:
+            return hit
+    seeds = list(range(config.seeds))
+    rows = [real_only_at(train, fraction, s, config.subset_models) for s in seeds]
+    point: dict[str, Any] = {"patients": [len(r.patients) for r in rows], "tasks": {}}
+    for t in config.tasks:
+        if t == "segmentation":
+            point["tasks"][t] = run_segmentation_seeds(rows, val, evaluate, config, seeds, device)
+        else:
+            point["tasks"][t] = [run_response(r, evaluate, config, s) for r, s in zip(rows, seeds)]
+    if store is not None:
+        store.save(fraction, point)
+    return point
+
+
 def measure_curve(train: Rows, val: Rows, evaluate: Rows, config: UsefulnessConfig, fractions: Iterable[float], *,
                   known: dict[float, dict[str, Any]] | None = None, device: str = "auto",
-                  log: Callable[[str], None] = print) -> dict[float, dict[str, Any]]:
+                  log: Callable[[str], None] = print, store: RealOnlyStore | None = None
+                  ) -> dict[float, dict[str, Any]]:
     """Real-only per seed at each fraction: {fraction: {'patients': [...], task: [primary metric per seed]}}.
-    ``known`` holds sizes an arm already measured (the same rows, recipe and seeds), reused as they are."""
+    ``known`` holds sizes an arm already measured (the same rows, recipe and seeds), reused as they are;
+    ``store`` serves and keeps the rest by their inputs."""
     curve = dict(known or {})
-    fractions, seeds = list(fractions), list(range(config.seeds))
-    segmentation = {f: run_segmentation_seeds([real_only_at(train, f, s, config.subset_models) for s in seeds], val,
-                                              evaluate, config, seeds, device)
-                    for f in fractions if f not in (known or {})} if "segmentation" in config.tasks else {}
-    for seed in seeds:
-        for f in fractions:
-            if f in (known or {}):
-                continue
-            rows = real_only_at(train, f, seed, config.subset_models)
-            point = curve.setdefault(f, {"patients": [], **{t: [] for t in config.tasks}})
-            point["patients"].append(len(rows.patients))
-            for t in config.tasks:
-                out = segmentation[f][seed] if t == "segmentation" else run_response(rows, evaluate, config, seed)
-                point[t].append(float(out[PRIMARY[t][0]]))
-            log(f"usefulness: seed {seed} real-only at {_share(f)} of the train patients ({len(rows.patients)}): "
-                + "; ".join(f"{t} {PRIMARY[t][0]} {point[t][-1]:.6f}" for t in config.tasks))
+    for f in fractions:
+        if f in curve:
+            continue
+        point = real_only_point(train, val, evaluate, config, f, device=device, store=store)
+        curve[f] = {"patients": point["patients"],
+                    **{t: [float(out[PRIMARY[t][0]]) for out in point["tasks"][t]] for t in config.tasks}}
+        for seed, n in enumerate(point["patients"]):
+            log(f"usefulness: seed {seed} real-only at {_share(f)} of the train patients ({n}): "
+                + "; ".join(f"{t} {PRIMARY[t][0]} {curve[f][t][seed]:.6f}" for t in config.tasks))
     return curve
 
 
@@ -508,6 +573,7 @@ class _Arm:
     rows_for_seed: Callable[[int], Rows]
     baseline: str | None = None  # the arm it is compared with
     meta: dict[str, Any] = field(default_factory=dict)
+    real_fraction: float | None = None  # real rows alone at this train fraction (a point of the real-only curve)
 
 
 def low_data_infeasible(train_patients: Iterable[str], selection_patients: Iterable[str]) -> str | None:
@@ -546,7 +612,7 @@ def _arms(data: StudyData, config: UsefulnessConfig, maker: SyntheticMaker | Non
     syn = mixed(data.synthetic_train, real_train, 0, "full_data") if full_data else data.synthetic_train
     arms: list[_Arm] = []
     if config.arms:  # the full-data arms are compared with real_only, so it runs whenever any of them does
-        arms.append(_Arm("real_only", lambda s: real_train))
+        arms.append(_Arm("real_only", lambda s: real_train, real_fraction=1.0))
     if "real_plus_synthetic" in config.arms:
         arms.append(_Arm("real_plus_synthetic", lambda s: Rows.concat(real_train, syn), "real_only",
                          {"group": FULL_DATA, "adds_synthetic": True}))
@@ -585,15 +651,18 @@ def _arms(data: StudyData, config: UsefulnessConfig, maker: SyntheticMaker | Non
             skipped[tag] = infeasible
             continue
         real_sub = lambda s, f=f: real_only_at(real_train, f, s, config.subset_models)
-        arms.append(_Arm(f"{tag}_real", real_sub, None, {"fraction": f}))
+        arms.append(_Arm(f"{tag}_real", real_sub, None, {"fraction": f}, real_fraction=f))
         arms.append(_Arm(f"{tag}_real_plus_synthetic", lambda s, f=f, r=real_sub: Rows.concat(r(s), synthetic_for(f, s)),
                          f"{tag}_real", {"fraction": f, "group": tag, "adds_synthetic": True}))
     return arms
 
 
 def run_protocol(data: StudyData, config: UsefulnessConfig, *, maker: SyntheticMaker | None = None,
-                 work_dir: str | Path = ".", log: Callable[[str], None] = print, device: str = "auto") -> dict[str, Any]:
-    """Every arm x task x seed, then the paired comparisons; returns the plain result dict."""
+                 work_dir: str | Path = ".", log: Callable[[str], None] = print, device: str = "auto",
+                 real_only_cache: str | Path | None = None) -> dict[str, Any]:
+    """Every arm x task x seed, then the paired comparisons; returns the plain result dict.
+    ``real_only_cache``: a directory where the real-only arms and the gate's points are kept by their inputs
+    (:class:`RealOnlyStore`), so a rerun with another generator trains only the mixes; None: all computed."""
     t0, c0 = time.perf_counter(), time.process_time()
     evaluate = data.real[config.eval_split]
     val = data.real["val"]
@@ -604,9 +673,13 @@ def run_protocol(data: StudyData, config: UsefulnessConfig, *, maker: SyntheticM
     for name, reason in skipped.items():
         log(f"usefulness: {name} arms skipped: {reason}")
     seeds = list(range(config.seeds))
+    store = RealOnlyStore(real_only_cache, data, config, device, log) if real_only_cache is not None else None
+    real_points = {a.name: real_only_point(data.real["train"], val, evaluate, config, a.real_fraction, device=device,
+                                           store=store) for a in arms if a.real_fraction is not None}
     # an arm's seeds train as one grouped segmenter: the per-seed results of run_segmentation, within float rounding
-    segmentation = {a.name: run_segmentation_seeds([a.rows_for_seed(s) for s in seeds], val, evaluate, config, seeds,
-                                                   device) for a in arms} if "segmentation" in config.tasks else {}
+    segmentation = {a.name: real_points[a.name]["tasks"]["segmentation"] if a.name in real_points
+                    else run_segmentation_seeds([a.rows_for_seed(s) for s in seeds], val, evaluate, config, seeds,
+                                                device) for a in arms} if "segmentation" in config.tasks else {}
     values: dict[str, dict[str, dict[str, list[float]]]] = {a.name: {t: {} for t in config.tasks} for a in arms}
     sizes: dict[str, dict[str, list[int]]] = {a.name: {"rows": [], "synthetic_rows": [], "patients": []} for a in arms}
     for seed in seeds:
@@ -620,6 +693,8 @@ def run_protocol(data: StudyData, config: UsefulnessConfig, *, maker: SyntheticM
                     out = {PRIMARY[task_name][0]: float("nan")}
                 elif task_name == "segmentation":
                     out = segmentation[arm.name][seed]
+                elif arm.name in real_points:
+                    out = real_points[arm.name]["tasks"][task_name][seed]
                 else:
                     out = run_response(rows, evaluate, config, seed)
                 for k, v in out.items():
@@ -639,7 +714,7 @@ def run_protocol(data: StudyData, config: UsefulnessConfig, *, maker: SyntheticM
             known[fraction] = {"patients": sizes[name]["patients"],
                                **{t: values[name][t][PRIMARY[t][0]] for t in config.tasks}}
     gate = judge_gate(measure_curve(data.real["train"], val, evaluate, config, curve_fractions(groups), known=known,
-                                    device=device, log=log), groups, config.tasks) if groups else None
+                                    device=device, log=log, store=store), groups, config.tasks) if groups else None
     comparisons = []
     for arm in arms:
         if arm.baseline is None:
