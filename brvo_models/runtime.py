@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,23 +36,6 @@ def seed_everything(seed: int) -> None:
 #: matmuls in bfloat16, fast where the CPU has native bf16 instructions; docs/performance.md has the verdict).
 PRECISIONS = ("auto", "fp32", "bf16")
 _precision: contextvars.ContextVar[str] = contextvars.ContextVar("brvo_precision", default="auto")
-
-
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU has bfloat16 instructions (``avx512_bf16`` or AMX): where bf16 autocast is fast.
-
-    Without them torch emulates bf16 and a step is slower than fp32, so a preset asks for bf16 on the CPU only
-    where this is True. ``cpuinfo``: the text of /proc/cpuinfo (read when None; False where there is none)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[-1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_precision(device: torch.device, precision: str | None = None) -> str:

@@ -108,7 +108,7 @@ def test_segmenter_fp32_is_bit_reproducible_and_bf16_trains_in_bf16():
 
 
 def test_native_bf16_is_read_from_the_cpu_flags():
-    from brvo_models.runtime import cpu_has_native_bf16
+    from brvo_models.hardware import cpu_has_native_bf16
 
     zen4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
     sapphire = "flags\t: fpu avx512f amx_bf16 amx_tile\n"

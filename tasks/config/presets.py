@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from brvo_models.configs import CRGANConfig, ForecastRecipe, Pix2PixConfig, SegmenterRecipe, UsefulnessConfig
-from brvo_models.runtime import cpu_has_native_bf16
+from brvo_models.hardware import cpu_has_native_bf16
 from storage.errors import BrvoError
 from tasks.config.schema import PipelineConfig, flatten_fields
 
