@@ -18,8 +18,10 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/brvo-augment demo $(RUN_DIR)
 
+# One pytest-xdist worker per CPU, each with its share of torch's threads (tests/conftest.py);
+# `.venv/bin/python -m pytest` alone runs serially.
 test: $(BIN)/.installed
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -n logical
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/preprocess_bench.py

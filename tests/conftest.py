@@ -1,13 +1,32 @@
-"""Shared fixtures. One Prefect test harness per session (it starts a temporary server, ~15 s)."""
+"""Shared fixtures. One Prefect test harness per session (it starts a temporary server, ~15 s).
+
+`make test` runs the suite on pytest-xdist workers (one process per CPU, each its own session): the
+set-up below keeps them from sharing Prefect's database or oversubscribing the cores.
+"""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+# Before Prefect or torch is imported (conftest loads before any test module), so that both, and every
+# command a test starts in a subprocess, see these.
+# A Prefect home per session: the console-script tests start temporary servers whose SQLite database
+# lives in PREFECT_HOME, and two workers must not migrate and write ~/.prefect/prefect.db at once.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="brvo-tests-prefect-home-")
+atexit.register(shutil.rmtree, _PREFECT_HOME, True)
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+# Each worker's share of the cores: torch's default (one thread per core) in every worker oversubscribes them.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _workers)))
 
 from storage.paired_format import PairedDatasetWriter, STAGE_NAMES  # noqa: E402
 
