@@ -32,13 +32,15 @@ def quiet(_message: str) -> None:
     """Per-validation log lines would drown the table; the summary rows carry what matters."""
 
 
-def run_one(soul_h5: Path, preset: str, variant: dict, seed: int) -> dict:
+def run_one(soul_h5: Path, preset: str, variant: dict, seed: int, baselines_cache: Path | None = None) -> dict:
+    """One variant and seed in a fresh directory; ``baselines_cache``: the label baselines shared by the variants
+    (they depend on the data and seed, not on Pix2Pix's recipe, so only the first variant of a seed makes them)."""
     config = load_config(preset, **flatten_fields(variant), seed=seed)
     with tempfile.TemporaryDirectory(prefix="p2p-variant-") as tmp:
         shutil.copy2(soul_h5, Path(tmp) / "soul.h5")
         t0 = time.perf_counter()
         trained = train_pix2pix(tmp, config, log=quiet)
-        section = evaluate_pix2pix(tmp, config, log=quiet)
+        section = evaluate_pix2pix(tmp, config, log=quiet, baselines_cache=baselines_cache)
     return {"seconds": time.perf_counter() - t0, "step": section["checkpoint"]["step"], "steps": trained.steps,
             "val_dice": trained.best_val_dice,
             "threshold": section["threshold"], "model": section["test"],
@@ -56,11 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     variants = [json.loads(v) for v in (args.variant or ["{}"])]
 
     print(f"{'variant':48} seed  best step/steps  thr   val dice  pix2pix dice/cldice  otsu dice/cldice  frangi dice/cldice  seconds")
+    with tempfile.TemporaryDirectory(prefix="p2p-variant-baselines-") as shared:  # one per invocation
+        _run_variants(args, variants, Path(shared))
+    return 0
+
+
+def _run_variants(args: argparse.Namespace, variants: list[dict], baselines_cache: Path) -> None:
     for variant in variants:
         name = json.dumps(variant, separators=(",", ":"))
         rows = []
         for seed in args.seeds:
-            r = run_one(args.soul_h5, args.preset, variant, seed)
+            r = run_one(args.soul_h5, args.preset, variant, seed, baselines_cache)
             rows.append(r)
             m, o, f = r["model"], r["otsu"], r["frangi"]
             print(f"{name:48} {seed:4d}  {r['step']:6d}/{r['steps']:<6d}   {r['threshold']:.2f}  {r['val_dice']:.3f}     "
@@ -73,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
             spread = statistics.stdev(values) if len(values) > 1 else float("nan")
             print(f"{name:48} mean {metric}: {statistics.mean(values):.3f} +- {spread:.3f} over {len(values)} seeds; "
                   f"otsu {rows[0]['otsu'][metric]:.3f}, frangi {rows[0]['frangi'][metric]:.3f}", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -215,11 +215,14 @@ def mask_scores(masks: np.ndarray, labels: np.ndarray, device: torch.device | No
 
 def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log: LogFn = run_log,
                      score_on: torch.device | str | None = "auto",
-                     soul_h5: str | os.PathLike | None = None) -> dict[str, Any]:
+                     soul_h5: str | os.PathLike | None = None,
+                     baselines_cache: str | os.PathLike | None = None) -> dict[str, Any]:
     """Score best.pt on the test patients against Otsu and Frangi: the report's 'pix2pix' section.
 
     ``score_on``: where the scores are computed (:func:`brvo_models.batched_metrics.metrics_device`;
-    "auto": the GPU when the run's device is CUDA, else the numpy path)."""
+    "auto": the GPU when the run's device is CUDA, else the numpy path). ``baselines_cache``: where the
+    label baselines are kept by their own key (default: the run directory's); runs that train several
+    Pix2Pix recipes on the same data in separate directories share one."""
     t0 = time.perf_counter()
     paths = RunPaths.of(run_dir)
     best_path = paths.checkpoints(MODEL) / BEST
@@ -232,7 +235,8 @@ def evaluate_pix2pix(run_dir: str | os.PathLike, config: PipelineConfig, *, log:
     _, masks = label_images(generator, test_x, threshold, batch_size=64, device=device)
     scores_device = batched_metrics.metrics_device(device, score_on)
     model_scores = mask_scores(masks, test_y, scores_device)
-    baselines = label_baselines(soul, config, paths.label_baselines_cache, load_split=load_split,
+    cache = Path(baselines_cache) if baselines_cache is not None else paths.label_baselines_cache
+    baselines = label_baselines(soul, config, cache, load_split=load_split,
                                 score=lambda m, t: mask_scores(m, t, scores_device),
                                 scored_on=str(scores_device or "numpy"), log=log)
     otsu, frangi, segmenter_scores = (baselines["scores"][k] for k in ("otsu", "frangi", "segmenter"))

@@ -78,3 +78,21 @@ def test_a_damaged_cache_entry_is_computed_again_not_served(tmp_path, counted_fi
     assert len(counted_fits) == 2 and any("unreadable cache entry" in line for line in logged)
     assert again["scores"] == first["scores"]  # CPU training is deterministic
     assert json.loads(entry.read_text())["result"]["scores"] == first["scores"]  # rewritten whole
+
+
+def test_pix2pix_recipes_trained_in_separate_directories_share_one_baselines_cache(tmp_path, counted_fits):
+    """benchmarks/pix2pix_variants.py trains each recipe in a fresh directory: with one shared cache the
+    baselines are made once per data and seed, and every recipe is compared with the same numbers."""
+    from tasks.pix2pix import evaluate_pix2pix, train_pix2pix
+
+    soul = write_blob_dataset(tmp_path / "soul.h5", n_patients=8, image_size=32)
+    shared = tmp_path / "shared_baselines"
+    sections = []
+    for name, overrides in (("a", {}), ("b", {"pix2pix.lambda_dice": 3.0})):
+        config = preset("tiny").with_overrides(**overrides)
+        train_pix2pix(tmp_path / name, config, log=lambda *_: None, soul_h5=soul)
+        sections.append(evaluate_pix2pix(tmp_path / name, config, log=lambda *_: None, soul_h5=soul,
+                                         baselines_cache=shared))
+    assert counted_fits == [preset("tiny").seed]
+    assert sections[0]["baselines"] == sections[1]["baselines"]
+    assert not (tmp_path / "a" / "cache").exists()  # the shared cache, not the run's, was used
