@@ -42,6 +42,22 @@ def prefect_harness(tmp_path_factory):
         yield
 
 
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (benchmarks/ is scripts, not a package), registered in sys.modules under
+    NAME: a benchmark's dataclasses look their module up while the class is built."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def wrongly_labelled_copies(real, copies: int = 3):
     """``copies`` 'synthetic' copies of each real row (usefulness_protocol.Rows) whose labels belong to other
     images, shifted 3 px (label noise): rows that must make a segmenter worse."""

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import load_benchmark
 from brvo_models.course_study import (
     PatientCourse,
     across_seeds,
@@ -123,16 +124,13 @@ def test_benchmark_reads_a_finished_run_and_its_truth(tiny_augment_run, tmp_path
     """benchmarks/course_study.py on the session's tiny run and a truth of its phantom: every patient's course
     is the observed value at observed stages, the table and the one-seed WARNING are printed; a truth of another
     phantom is one line and exit 2."""
-    import importlib.util
     import json
 
     from brvo_models.phantom import PhantomConfig
     from brvo_models.phantom.truth import write_truth
 
     _, run_dir, _ = tiny_augment_run
-    spec = importlib.util.spec_from_file_location("course_bench", REPO / "benchmarks" / "course_study.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("course_study")
     write_truth(tmp_path / "truth", PhantomConfig(n_patients=8, seed=0), n_repeats=3)
     out = tmp_path / "course.json"
     assert bench.main([str(run_dir), str(tmp_path / "truth"), "--json", str(out)]) == 0

@@ -2,7 +2,6 @@
 expectation, a row's verdict comes from its check alone, and a cheap case runs the real CLI end to end."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -11,20 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "fault_injection.py"
 
 
 @pytest.fixture(scope="module")
 def fi():
-    spec = importlib.util.spec_from_file_location("fault_injection", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while the class is built
     try:
-        spec.loader.exec_module(module)
-        yield module
+        yield load_benchmark("fault_injection")
     finally:
-        sys.modules.pop(spec.name, None)
+        sys.modules.pop("fault_injection", None)
 
 
 def test_every_item_of_both_passes_has_a_case_with_a_stated_expectation(fi):

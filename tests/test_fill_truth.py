@@ -24,6 +24,7 @@ from storage.errors import BrvoError
 from storage.hashing import file_sha256, json_sha256
 from storage.paired_format import STAGE_NAMES
 from flows.phantom import generate_phantom
+from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 #: 6 patients at 32 px, 1-2 scans per visit, attendance falling off: 3 interior gaps, 11 after the last visit
@@ -404,16 +405,13 @@ def test_benchmark_judges_every_filled_pair_of_a_finished_run(tiny_augment_run, 
     """benchmarks/fill_truth.py on the session's tiny run (8 patients, seed 0) and a truth written for that
     phantom: every filled pair is judged, the table and a WARNING per missed bar are printed, JSON written;
     a truth of another phantom is refused in one line."""
-    import importlib.util
     import json
 
     from storage.paired_format import read_meta
     from tasks.fill import missing_stages
 
     _, run_dir, result = tiny_augment_run
-    spec = importlib.util.spec_from_file_location("fill_truth_bench", REPO / "benchmarks" / "fill_truth.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("fill_truth")
 
     write_truth(tmp_path / "truth", PhantomConfig(n_patients=8, seed=0), n_repeats=3)
     out = tmp_path / "fill_truth.json"

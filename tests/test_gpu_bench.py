@@ -3,24 +3,19 @@
 without losing the others."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 import brvo_models.crgan as crgan_module
 import brvo_models.pix2pix as pix2pix_module
+from conftest import load_benchmark
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_bench.py"
 
 
 @pytest.fixture(scope="module")
 def gpu_bench():
-    spec = importlib.util.spec_from_file_location("gpu_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_bench")
 
 
 def test_tiny_bench_times_both_training_steps_and_keeps_going_after_a_failed_section(gpu_bench, tmp_path):
@@ -68,9 +63,7 @@ def test_flow_timings_come_from_the_runs_report_and_step_records(gpu_bench, tmp_
 
 
 def test_batch_size_check_applies_its_declared_rule_to_seed_pairs():
-    spec = importlib.util.spec_from_file_location("batch_size_check", BENCH.parent / "batch_size_check.py")
-    check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check)
+    check = load_benchmark("batch_size_check")
 
     def run(variant, seed, dice, seconds=10.0):
         return {"variant": variant, "seed": seed, "test_dice": dice, "train_s": seconds}

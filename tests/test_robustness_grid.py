@@ -1,21 +1,16 @@
 """benchmarks/robustness_grid.py: its verdicts follow the rules written in advance, and a row runs the product."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def grid():
-    spec = importlib.util.spec_from_file_location("robustness_grid", ROOT / "benchmarks" / "robustness_grid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("robustness_grid")
 
 
 def _labels(pix, segmenter):
