@@ -417,24 +417,19 @@ class RealOnlyStore:
         return self.directory / f"{key}.json", key
 
     def load(self, fraction: float) -> dict[str, Any] | None:
+        from tasks.shared.keyed_cache import read_entry
+
         path, key = self._path(fraction)
-        if not path.exists():
-            return None
-        try:
-            entry = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            self.log(f"usefulness: ignoring unreadable real-only cache entry {path.name} ({type(exc).__name__})")
-            return None
-        if entry.get("key") != key:
+        entry = read_entry(path, key, self.log, "usefulness: real-only")
+        if entry is None:
             return None
         self.log(f"usefulness: real-only at {_share(fraction)} of the train patients served from {path}")
-        return entry["point"]
+        return entry["result"]
 
     def save(self, fraction: float, point: dict[str, Any]) -> None:
-        from storage.atomic import write_json_atomic
+        from tasks.shared.keyed_cache import write_entry
 
-        path, key = self._path(fraction)
-        write_json_atomic(path, {"key": key, "fraction": fraction, "point": point})
+        write_entry(*self._path(fraction), point)
 
 
 def real_only_point(train: Rows, val: Rows, evaluate: Rows, config: UsefulnessConfig, fraction: float, *,

@@ -16,6 +16,21 @@ from tasks.config import PipelineConfig
 from tasks.engine.logs import LogFn, run_log
 
 
+def config_fields(config: PipelineConfig, names: tuple[str, ...], owner: str = "a cache key") -> dict[str, Any]:
+    """{name: value} of ``config``'s fields ``names`` (dotted for a model's field, e.g. ``pix2pix.precision``),
+    as JSON values; an unknown name is a KeyError naming its ``owner``."""
+    data = config.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for name in names:
+        value: Any = data
+        for part in name.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise KeyError(f"{owner} declares unknown config field {name!r}")
+            value = value[part]
+        out[name] = value
+    return out
+
+
 @dataclass(frozen=True)
 class StepContext:
     """What every step function receives besides its upstream results."""
@@ -89,16 +104,7 @@ class Step:
     command: StepCommand | None = None  # the CLI subcommand that runs it alone; None: only whole flows run it
 
     def config_slice(self, config: PipelineConfig) -> dict[str, Any]:
-        data = config.model_dump(mode="json")
-        out: dict[str, Any] = {}
-        for name in self.config_fields:
-            value: Any = data
-            for part in name.split("."):
-                if not isinstance(value, dict) or part not in value:
-                    raise KeyError(f"step {self.name!r} declares unknown config field {name!r}")
-                value = value[part]
-            out[name] = value
-        return out
+        return config_fields(config, self.config_fields, owner=f"step {self.name!r}")
 
     def output_paths(self, paths: RunPaths) -> list[Path]:
         return [getattr(paths, attr) for attr in self.writes]

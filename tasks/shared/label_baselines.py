@@ -21,10 +21,12 @@ import numpy as np
 from brvo_models.metrics import choose_threshold
 from brvo_models.segmentation_baselines import FrangiBaseline, otsu_masks
 from brvo_models.segmenter import fit_segmenter, predict_probabilities
-from storage.atomic import write_json_atomic
+from storage.hashing import file_sha256
 from tasks.config import PipelineConfig
-from tasks.engine.identity import code_fingerprint, stamp
+from tasks.engine.identity import code_fingerprint
 from tasks.engine.logs import LogFn, run_log
+from tasks.engine.step import config_fields
+from tasks.shared.keyed_cache import read_entry, write_entry
 from tasks.shared.workers import process_map
 
 #: What the baselines' result depends on besides soul.h5 and the code (dotted for a model's field).
@@ -38,15 +40,9 @@ def baselines_key(soul_h5: str | os.PathLike, config: PipelineConfig, scored_on:
     """The cache key of the baselines of ``soul_h5`` under ``config``: data bytes, config slice, where the masks
     are scored (the batched and the per-image metrics agree to 1e-4, not bit for bit), and the code of this
     module and of the ``helpers`` handed to it (the split reader and the scorer)."""
-    data = config.model_dump(mode="json")
-    fields = {}
-    for name in CONFIG_FIELDS:
-        value: Any = data
-        for part in name.split("."):
-            value = value[part]
-        fields[name] = value
+    fields = config_fields(config, CONFIG_FIELDS)
     h = hashlib.sha256()
-    h.update(stamp(Path(soul_h5)).sha256.encode())
+    h.update(file_sha256(soul_h5).encode())
     h.update(json.dumps({**fields, "scored_on": scored_on}, sort_keys=True).encode())
     for fn in (compute_label_baselines, *helpers):
         h.update(code_fingerprint(fn).encode())
@@ -61,20 +57,14 @@ def label_baselines(soul_h5: str | os.PathLike, config: PipelineConfig, cache_di
     ``scored_on``: where ``score`` computes (a device name, or "numpy"), part of the key."""
     key = baselines_key(soul_h5, config, scored_on, load_split, score) if cache_dir is not None else None
     path = Path(cache_dir) / f"{key}.json" if cache_dir is not None else None
-    if path is not None and path.exists():
-        try:
-            entry = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            log(f"label baselines: ignoring unreadable cache entry {path.name} ({type(exc).__name__}); computing")
-        else:
-            if entry.get("key") == key:
-                log(f"label baselines: served from {path} (computed {entry.get('computed_utc')}, "
-                    f"{entry['result']['seconds']} s then)")
-                return entry["result"]
+    entry = read_entry(path, key, log, "label baselines") if path is not None else None
+    if entry is not None:
+        log(f"label baselines: served from {path} (computed {entry.get('computed_utc')}, "
+            f"{entry['result']['seconds']} s then)")
+        return entry["result"]
     result = compute_label_baselines(soul_h5, config, load_split=load_split, score=score, log=log)
     if path is not None:
-        write_json_atomic(path, {"key": key, "computed_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                 "result": result})
+        write_entry(path, key, result)
     return result
 
 
